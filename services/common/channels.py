@@ -1,0 +1,37 @@
+"""Client side of service-to-service calls: long-lived channels and the internal metadata."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.common.errors import Unauthenticated
+from services.common.interceptors import INTERNAL_TOKEN_KEY, REQUEST_ID_KEY, TENANT_KEY
+from services.common.logs import request_id_var
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+]
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    """One channel per peer for the life of the process; stubs on it are cheap."""
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def internal_metadata(token: str, tenant: str) -> tuple[tuple[str, str], ...]:
+    """Metadata a trusted caller sends: who the tenant is, the shared token, the request id."""
+    pairs = [(INTERNAL_TOKEN_KEY, token), (TENANT_KEY, tenant)]
+    if request_id := request_id_var.get():
+        pairs.append((REQUEST_ID_KEY, request_id))
+    return tuple(pairs)
+
+
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    """The tenant the gateway asserted for this call."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_KEY and value:
+            return value
+    raise Unauthenticated(f"missing {TENANT_KEY} metadata: internal services are called through the gateway")

@@ -1,0 +1,50 @@
+"""Domain errors. Services raise these; one interceptor turns them into gRPC status codes.
+
+They carry no gRPC types so that domain code stays plain Python.
+"""
+
+from __future__ import annotations
+
+
+class MaasError(Exception):
+    """Base class: the message is shown to the caller, so write it for a person to act on."""
+
+
+class InvalidArgument(MaasError):
+    """The request itself is malformed: fix the request."""
+
+
+class NotFound(MaasError):
+    """A named resource does not exist (in the caller's tenant)."""
+
+
+class AlreadyExists(MaasError):
+    """A resource with that name exists already."""
+
+
+class FailedPrecondition(MaasError):
+    """The request is well-formed but the system is not in a state to run it."""
+
+
+class PermissionDenied(MaasError):
+    """The caller is known but its role does not allow this."""
+
+
+class Unauthenticated(MaasError):
+    """The caller did not prove who it is."""
+
+
+class ResourceExhausted(MaasError):
+    """A limit or quota was hit."""
+
+
+class Unavailable(MaasError):
+    """A dependency is down; retrying later may succeed."""
+
+
+class DataLoss(MaasError):
+    """Bytes arrived damaged or incomplete (size or checksum mismatch)."""
+
+
+class DeadlineExceeded(MaasError):
+    """The work did not finish within the time it was given."""

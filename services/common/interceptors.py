@@ -1,0 +1,159 @@
+"""The one server interceptor every service runs: request ids, authentication, metrics, logs
+and the mapping of domain errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from services.common import errors
+from services.common.logs import request_id_var
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+INTERNAL_TOKEN_KEY = "x-maas-internal-token"
+TENANT_KEY = "x-maas-tenant"
+
+STATUS_OF_ERROR: dict[type[errors.MaasError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+# Methods anyone may call without credentials: probes and API discovery.
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+REQUESTS = Counter("maas_grpc_requests_total", "gRPC requests handled", ["service", "method", "code"])
+LATENCY = Histogram(
+    "maas_grpc_request_duration_seconds",
+    "gRPC request latency",
+    ["service", "method", "code"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+# Checks the caller of `method` given its metadata; raises Unauthenticated/PermissionDenied.
+Authenticator = Callable[[str, Mapping[str, str]], Awaitable[None]]
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The status code a domain error maps to; anything unexpected is INTERNAL."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF_ERROR:
+            return STATUS_OF_ERROR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def internal_token_authenticator(token: str) -> Authenticator:
+    """Internal services accept only callers that present the shared token (the gateway)."""
+
+    async def authenticate(method: str, metadata: Mapping[str, str]) -> None:
+        given = metadata.get(INTERNAL_TOKEN_KEY, "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise errors.Unauthenticated(
+                "this is an internal port: call the gateway, or send the internal token"
+            )
+
+    return authenticate
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, service: str, authenticate: Authenticator | None = None) -> None:
+        self.service = service
+        self.authenticate = authenticate
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        wrap = self._wrap_stream if handler.response_streaming else self._wrap_unary
+        kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+            "stream" if handler.response_streaming else "unary"
+        )
+        behavior = getattr(handler, kind)
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        return factory(
+            wrap(method, behavior),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> dict[str, str]:
+        metadata = dict(context.invocation_metadata() or ())
+        request_id_var.set(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
+        if self.authenticate and not method.startswith(UNAUTHENTICATED_PREFIXES):
+            await self.authenticate(method, metadata)
+        return metadata
+
+    def _wrap_unary(self, method: str, behavior: Callable[..., Any]):
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._call(method, context):
+                return await behavior(request, context)
+
+        return handle
+
+    def _wrap_stream(self, method: str, behavior: Callable[..., Any]):
+        if not inspect.isasyncgenfunction(behavior):
+            raise TypeError(f"{method}: streaming handlers must be async generators")
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext):
+            async with self._call(method, context):
+                async for response in behavior(request, context):
+                    yield response
+
+        return handle
+
+    @contextlib.asynccontextmanager
+    async def _call(self, method: str, context: grpc.aio.ServicerContext):
+        """Around every call: authenticate, map errors to statuses, record metrics."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            await self._enter(method, context)
+            yield
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            # The handler aborted with a status of its own.
+            code = _as_status(context.code())
+            raise
+        except Exception as exc:
+            code = status_of(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("unhandled error in %s", method)
+                message = f"internal error (request id {request_id_var.get()}); the server log has the details"
+            else:
+                message = str(exc)
+            await context.abort(code, message)
+        finally:
+            elapsed = time.perf_counter() - started
+            REQUESTS.labels(self.service, method, code.name).inc()
+            LATENCY.labels(self.service, method, code.name).observe(elapsed)
+
+
+def _as_status(code: Any) -> grpc.StatusCode:
+    if isinstance(code, grpc.StatusCode):
+        return code
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status
+    return grpc.StatusCode.UNKNOWN

@@ -1,0 +1,137 @@
+"""Server bootstrap written once: gRPC aio server with health, reflection, the interceptor,
+a Prometheus port, and a graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from services.common.interceptors import Authenticator, ServiceInterceptor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Servicer:
+    """One gRPC service to mount: the generated `add_*_to_server` function and its servicer."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    full_name: str  # e.g. "maas.registry.v1.RegistryService"
+
+
+@dataclass
+class ServerSpec:
+    service: str  # short name used in logs and metrics, e.g. "registry"
+    address: str  # host:port; port 0 picks a free one
+    servicers: Sequence[Servicer]
+    authenticate: Authenticator | None = None
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Raw handlers mounted beside the servicers (the gateway's pass-through proxy).
+    generic_handlers: Sequence[grpc.GenericRpcHandler] = field(default_factory=list)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: list[str]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace)
+
+
+async def start_server(spec: ServerSpec) -> RunningServer:
+    """Build and start the server; returns once it listens. Port 0 in spec.address picks one."""
+    options = [
+        ("grpc.max_receive_message_length", spec.max_message_bytes),
+        ("grpc.max_send_message_length", spec.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(spec.service, spec.authenticate)], options=options)
+    for mounted in spec.servicers:
+        mounted.add_to_server(mounted.servicer, server)
+    if spec.generic_handlers:
+        server.add_generic_rpc_handlers(tuple(spec.generic_handlers))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [m.full_name for m in spec.servicers]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(spec.address)
+    if port == 0:
+        raise OSError(f"{spec.service}: cannot listen on {spec.address} (address in use?)")
+    await server.start()
+    running = RunningServer(server, port, health_servicer, names)
+    await running.set_serving(True)
+    log.info("listening", extra={"address": spec.address, "port": port})
+    return running
+
+
+def start_metrics(address: str) -> int:
+    """Serve Prometheus metrics over HTTP on host:port; returns the bound port."""
+    host, _, port = address.rpartition(":")
+    http_server, _ = start_http_server(int(port), addr=host or "127.0.0.1")
+    return http_server.server_port
+
+
+async def serve_until_signalled(app: App, *, metrics_address: str, grace: float) -> None:
+    """Run a service until SIGTERM or SIGINT, then let in-flight RPCs finish within `grace`."""
+    metrics_port = start_metrics(metrics_address)
+    running = await start_server(app.spec)
+    log.info("metrics", extra={"metrics_port": metrics_port})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if app.on_start:
+            await app.on_start(running)
+        await stop.wait()
+        log.info("stopping", extra={"grace_seconds": grace})
+    finally:
+        await running.stop(grace)
+        if app.on_stop:
+            await app.on_stop()
+        log.info("stopped")
+
+
+@dataclass
+class App:
+    """A service ready to serve: its server spec plus start-up and shutdown work."""
+
+    spec: ServerSpec
+    on_start: Callable[[RunningServer], Awaitable[None]] | None = None
+    on_stop: Callable[[], Awaitable[None]] | None = None
+
+
+@contextlib.asynccontextmanager
+async def running(app: App, grace: float = 1.0) -> AsyncIterator[RunningServer]:
+    """Start an app in-process (tests use port 0) and stop it on exit."""
+    server = await start_server(app.spec)
+    try:
+        if app.on_start:
+            await app.on_start(server)
+        yield server
+    finally:
+        await server.stop(grace)
+        if app.on_stop:
+            await app.on_stop()

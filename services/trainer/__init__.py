@@ -1,0 +1,1 @@
+"""Trainer service: training and optimization jobs (the job runner lands with its own issue)."""
