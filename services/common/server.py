@@ -81,7 +81,8 @@ async def start_server(spec: ServerSpec) -> RunningServer:
         raise OSError(f"{spec.service}: cannot listen on {spec.address} (address in use?)")
     await server.start()
     running = RunningServer(server, port, health_servicer, names)
-    await running.set_serving(True)
+    # NOT_SERVING until the app's start-up work is done; the callers flip it.
+    await running.set_serving(False)
     log.info("listening", extra={"address": spec.address, "port": port})
     return running
 
@@ -105,6 +106,7 @@ async def serve_until_signalled(app: App, *, metrics_address: str, grace: float)
     try:
         if app.on_start:
             await app.on_start(running)
+        await running.set_serving(True)
         await stop.wait()
         log.info("stopping", extra={"grace_seconds": grace})
     finally:
@@ -130,6 +132,7 @@ async def running(app: App, grace: float = 1.0) -> AsyncIterator[RunningServer]:
     try:
         if app.on_start:
             await app.on_start(server)
+        await server.set_serving(True)
         yield server
     finally:
         await server.stop(grace)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +28,20 @@ class CommonSettings(BaseSettings):
     max_message_bytes: int = 64 * 1024 * 1024
     # Seconds in-flight RPCs get to finish after SIGTERM.
     shutdown_grace_seconds: float = 10.0
+
+    # Where each service listens (host:port). Peers find each other through the same fields.
+    gateway_addr: str = "127.0.0.1:50051"
+    registry_addr: str = "127.0.0.1:50052"
+    inference_addr: str = "127.0.0.1:50053"
+    trainer_addr: str = "127.0.0.1:50054"
+    # The stack's own redis-server (not the machine's shared one on 6379).
+    redis_url: str = "redis://127.0.0.1:6390/0"
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        # Children run with another working directory; a relative home would move.
+        return home.expanduser().resolve()
 
     def sqlite_url(self, service: str) -> str:
         return f"sqlite:///{self.home / service / f'{service}.db'}"

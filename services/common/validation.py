@@ -41,7 +41,7 @@ class Page:
         if not page_token:
             return cls(size, "")
         try:
-            after = base64.urlsafe_b64decode(page_token.encode()).decode()
+            after = base64.b64decode(page_token.encode(), altchars=b"-_", validate=True).decode()
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise InvalidArgument("invalid page_token: pass back next_page_token unchanged") from None
         return cls(size, after)

@@ -1,0 +1,48 @@
+# `make up` brings the whole stack up on this machine; `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: up down status test test-fast protos lint-protos bench install clean
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel on this disk, not several GB of CUDA builds.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[server,dev]'
+	./scripts/install-system-deps.sh
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/maas up --detach
+
+down:
+	$(BIN)/maas down
+
+status:
+	$(BIN)/maas status
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+# Everything but the suites that start Triton or the whole stack.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+	cd protos && ../.tools/node_modules/.bin/buf format -w && ../.tools/node_modules/.bin/buf lint
+
+lint-protos: $(STAMP)
+	cd protos && ../.tools/node_modules/.bin/buf lint && ../.tools/node_modules/.bin/buf format --exit-code >/dev/null
+	$(BIN)/python scripts/gen_protos.py --check
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .tools

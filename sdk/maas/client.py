@@ -1,0 +1,299 @@
+"""A small typed client for the MaaS gateway: deadlines, retries on UNAVAILABLE, numpy in and out.
+
+    from maas import Client
+    client = Client(api_key="maas_...")            # or MAAS_API_KEY / MAAS_GATEWAY_ADDR
+    outputs = client.predict("digits", {"x": batch})  # {"logits": ndarray}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf import field_mask_pb2
+
+from maas.common.v1 import common_pb2
+from maas.errors import from_rpc_error
+from maas.gateway.v1 import admin_pb2, admin_pb2_grpc
+from maas.inference.v1 import inference_pb2, inference_pb2_grpc
+from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from maas.tensors import from_tensor, to_tensor
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+CHUNK_BYTES = 1024 * 1024
+T = TypeVar("T")
+
+# gRPC's own retry machinery: transient UNAVAILABLE (a restarting service) is retried with backoff.
+_RETRY_POLICY = {
+    "methodConfig": [
+        {
+            "name": [{}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+FORMATS = {
+    "torchscript": registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
+    "onnx": registry_pb2.ARTIFACT_FORMAT_ONNX,
+}
+DEVICES = {"auto": inference_pb2.DEVICE_AUTO, "cpu": inference_pb2.DEVICE_CPU, "gpu": inference_pb2.DEVICE_GPU}
+ROLES = {"reader": admin_pb2.ROLE_READER, "developer": admin_pb2.ROLE_DEVELOPER, "admin": admin_pb2.ROLE_ADMIN}
+
+
+def _call(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from None
+
+
+class Client:
+    """Synchronous client. One instance holds one channel; share it across threads."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        root_certificates: bytes | None = None,
+    ) -> None:
+        self.address = address or os.environ.get("MAAS_GATEWAY_ADDR", DEFAULT_ADDRESS)
+        key = api_key or os.environ.get("MAAS_API_KEY", "")
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        options = [
+            ("grpc.service_config", json.dumps(_RETRY_POLICY)),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+            ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        ]
+        if root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates)
+            self.channel = grpc.secure_channel(self.address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(self.address, options=options)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel)
+        self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _unary(self, method: Callable[..., T], request: Any, timeout: float | None = None) -> T:
+        return _call(lambda: method(request, metadata=self._metadata, timeout=timeout or self.timeout))
+
+    # --- admin -------------------------------------------------------------------------------
+    def whoami(self) -> admin_pb2.ApiKey:
+        return self._unary(self.admin.WhoAmI, admin_pb2.WhoAmIRequest()).api_key
+
+    def create_tenant(self, name: str, display_name: str = "") -> admin_pb2.Tenant:
+        request = admin_pb2.CreateTenantRequest(name=name, display_name=display_name)
+        return self._unary(self.admin.CreateTenant, request).tenant
+
+    def list_tenants(self) -> list[admin_pb2.Tenant]:
+        return self._paged(lambda token: self._unary(
+            self.admin.ListTenants, admin_pb2.ListTenantsRequest(page_token=token)), "tenants")
+
+    def create_api_key(self, tenant: str, role: str = "developer", description: str = "") -> tuple[admin_pb2.ApiKey, str]:
+        """Returns the key's record and its plaintext, which is never shown again."""
+        request = admin_pb2.CreateApiKeyRequest(tenant=tenant, role=ROLES[role], description=description)
+        response = self._unary(self.admin.CreateApiKey, request)
+        return response.api_key, response.plaintext
+
+    def list_api_keys(self, tenant: str) -> list[admin_pb2.ApiKey]:
+        return self._paged(lambda token: self._unary(
+            self.admin.ListApiKeys, admin_pb2.ListApiKeysRequest(tenant=tenant, page_token=token)), "api_keys")
+
+    def revoke_api_key(self, key_id: str) -> admin_pb2.ApiKey:
+        return self._unary(self.admin.RevokeApiKey, admin_pb2.RevokeApiKeyRequest(id=key_id)).api_key
+
+    # --- registry ----------------------------------------------------------------------------
+    def create_model(self, name: str, description: str = "") -> registry_pb2.Model:
+        request = registry_pb2.CreateModelRequest(name=name, description=description)
+        return self._unary(self.registry.CreateModel, request).model
+
+    def get_model(self, name: str) -> registry_pb2.Model:
+        return self._unary(self.registry.GetModel, registry_pb2.GetModelRequest(name=name)).model
+
+    def list_models(self) -> list[registry_pb2.Model]:
+        return self._paged(lambda token: self._unary(
+            self.registry.ListModels, registry_pb2.ListModelsRequest(page_token=token)), "models")
+
+    def delete_model(self, name: str) -> None:
+        self._unary(self.registry.DeleteModel, registry_pb2.DeleteModelRequest(name=name))
+
+    def upload_version(
+        self,
+        model: str,
+        artifact: str | Path,
+        *,
+        format: str,
+        signature: common_pb2.Signature,
+        metrics: Mapping[str, float] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        precision: str = "fp32",
+        progress: Callable[[int], None] | None = None,
+        timeout: float | None = None,
+    ) -> registry_pb2.Version:
+        """Stream a TorchScript or ONNX file to the registry; `progress` gets each chunk's size."""
+        path = Path(artifact)
+        digest = hashlib.sha256()
+        with path.open("rb") as file:
+            for block in iter(lambda: file.read(CHUNK_BYTES), b""):
+                digest.update(block)
+        header = registry_pb2.VersionHeader(
+            model=model,
+            format=FORMATS[format.lower()],
+            signature=signature,
+            sha256=digest.hexdigest(),
+            size_bytes=path.stat().st_size,
+            metrics=dict(metrics or {}),
+            metadata=dict(metadata or {}),
+            precision=precision,
+        )
+
+        def messages() -> Iterator[registry_pb2.UploadVersionRequest]:
+            yield registry_pb2.UploadVersionRequest(header=header)
+            with path.open("rb") as file:
+                for block in iter(lambda: file.read(CHUNK_BYTES), b""):
+                    yield registry_pb2.UploadVersionRequest(chunk=block)
+                    if progress:
+                        progress(len(block))
+
+        response = _call(lambda: self.registry.UploadVersion(
+            messages(), metadata=self._metadata, timeout=timeout or max(self.timeout, 600)))
+        return response.version
+
+    def get_version(self, model: str, version: int | None = None, alias: str = "") -> registry_pb2.Version:
+        request = registry_pb2.GetVersionRequest(model=model, alias=alias)
+        if version is not None:
+            request.version = version
+        return self._unary(self.registry.GetVersion, request).version
+
+    def list_versions(self, model: str) -> list[registry_pb2.Version]:
+        return self._paged(lambda token: self._unary(
+            self.registry.ListVersions, registry_pb2.ListVersionsRequest(model=model, page_token=token)), "versions")
+
+    def set_alias(self, model: str, alias: str, version: int) -> registry_pb2.Alias:
+        request = registry_pb2.SetAliasRequest(model=model, alias=alias, version=version)
+        return self._unary(self.registry.SetAlias, request).alias
+
+    def download_version(self, model: str, version: int, destination: str | Path) -> registry_pb2.Version:
+        """Stream a version's artifact to `destination`; returns the version record."""
+        request = registry_pb2.DownloadVersionRequest(model=model, version=version)
+        target = Path(destination)
+        partial = target.with_name(target.name + ".partial")
+        record = None
+        try:
+            with partial.open("wb") as file:
+                stream = self.registry.DownloadVersion(request, metadata=self._metadata, timeout=max(self.timeout, 600))
+                for part in stream:
+                    if part.HasField("version"):
+                        record = part.version
+                    else:
+                        file.write(part.chunk)
+            partial.replace(target)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            partial.unlink(missing_ok=True)
+        if record is None:
+            raise RuntimeError("the download stream carried no version record")
+        return record
+
+    # --- deployments and prediction ---------------------------------------------------------
+    def create_deployment(
+        self,
+        name: str,
+        model: str,
+        *,
+        version: int | None = None,
+        alias: str = "",
+        instances: int = 1,
+        max_batch_size: int = 8,
+        device: str = "auto",
+        cacheable: bool = False,
+    ) -> inference_pb2.Deployment:
+        deployment = inference_pb2.Deployment(
+            name=name, model=model, instances=instances, max_batch_size=max_batch_size,
+            device=DEVICES[device], cacheable=cacheable,
+        )
+        if alias:
+            deployment.alias = alias
+        elif version is not None:
+            deployment.version = version
+        request = inference_pb2.CreateDeploymentRequest(deployment=deployment)
+        return self._unary(self.inference.CreateDeployment, request).deployment
+
+    def get_deployment(self, name: str) -> inference_pb2.Deployment:
+        return self._unary(self.inference.GetDeployment, inference_pb2.GetDeploymentRequest(name=name)).deployment
+
+    def list_deployments(self) -> list[inference_pb2.Deployment]:
+        return self._paged(lambda token: self._unary(
+            self.inference.ListDeployments, inference_pb2.ListDeploymentsRequest(page_token=token)), "deployments")
+
+    def update_deployment(self, deployment: inference_pb2.Deployment, fields: list[str]) -> inference_pb2.Deployment:
+        request = inference_pb2.UpdateDeploymentRequest(
+            deployment=deployment, update_mask=field_mask_pb2.FieldMask(paths=fields))
+        return self._unary(self.inference.UpdateDeployment, request).deployment
+
+    def delete_deployment(self, name: str) -> None:
+        self._unary(self.inference.DeleteDeployment, inference_pb2.DeleteDeploymentRequest(name=name))
+
+    def wait_ready(self, name: str, timeout: float = 120.0, poll: float = 0.25) -> inference_pb2.Deployment:
+        """Poll until the deployment is READY; raises RuntimeError if it FAILED or time runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            deployment = self.get_deployment(name)
+            if deployment.state == inference_pb2.DEPLOYMENT_STATE_READY:
+                return deployment
+            if deployment.state == inference_pb2.DEPLOYMENT_STATE_FAILED:
+                raise RuntimeError(f"deployment {name} failed: {deployment.message}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"deployment {name} not ready after {timeout:.0f}s: {deployment.message}")
+            time.sleep(poll)
+
+    def predict(
+        self, deployment: str, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        request = inference_pb2.PredictRequest(
+            deployment=deployment,
+            inputs=[to_tensor(name, array) for name, array in inputs.items()],
+            output_names=outputs or [],
+        )
+        response = self._unary(self.inference.Predict, request, timeout)
+        return {tensor.name: from_tensor(tensor) for tensor in response.outputs}
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _paged(self, fetch: Callable[[str], Any], field: str) -> list[Any]:
+        items: list[Any] = []
+        token = ""
+        while True:
+            page = fetch(token)
+            items.extend(getattr(page, field))
+            token = page.next_page_token
+            if not token:
+                return items
+

@@ -1,0 +1,112 @@
+"""Signature checks and request validation shared by the inference service and the gateway."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from maas.common.v1 import common_pb2
+from maas.tensors import from_tensor, signature, to_tensor
+from services.common.errors import InvalidArgument
+from services.common.tensors import CompiledSignature, TensorHeader, check_signature
+
+SIG = signature({"x": ("FP32", [4]), "mask": ("INT64", [-1])}, {"y": ("FP32", [2])})
+
+
+def header(name="x", dtype="FP32", shape=(2, 4), payload: bytes | None = b"\0" * 32) -> TensorHeader:
+    return TensorHeader(name, dtype, shape, payload)
+
+
+def mask(batch=2, length=3) -> TensorHeader:
+    return TensorHeader("mask", "INT64", (batch, length), b"\0" * (8 * batch * length))
+
+
+def test_valid_request_passes() -> None:
+    CompiledSignature(SIG, max_batch_size=8).validate([header(), mask()], ["y"])
+
+
+@pytest.mark.parametrize(
+    "headers, message",
+    [
+        ([header(name="z"), mask()], "unknown input 'z'"),
+        ([header()], "missing input(s) ['mask']"),
+        ([header(), header(), mask()], "given twice"),
+        ([header(dtype="FP64"), mask()], "datatype FP64; the model expects FP32"),
+        ([header(shape=(2, 5), payload=b"\0" * 40), mask()], "expects [batch, 4]"),
+        ([header(shape=(4,), payload=b"\0" * 16), mask()], "expects [batch, 4]"),
+        ([header(payload=b"\0" * 31), mask()], "carries 31 bytes"),
+        ([header(shape=(0, 4), payload=b""), mask(batch=0)], "at least 1"),
+        ([header(shape=(9, 4), payload=b"\0" * 144), mask(batch=9)], "max_batch_size 8"),
+        ([header(), mask(batch=3)], "batch size 3"),
+        ([header(shape=(2, -4), payload=b""), mask()], "expects [batch, 4]"),
+    ],
+)
+def test_bad_requests_are_explained(headers, message) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        CompiledSignature(SIG, max_batch_size=8).validate(headers)
+    assert message in str(caught.value)
+
+
+def test_unknown_output_is_rejected() -> None:
+    with pytest.raises(InvalidArgument, match="unknown output 'nope'"):
+        CompiledSignature(SIG, 8).validate([header(), mask()], ["nope"])
+
+
+def test_typed_contents_skip_the_byte_check() -> None:
+    CompiledSignature(SIG, 8).validate([header(payload=None), mask()])
+
+
+def test_bytes_payloads_are_walked() -> None:
+    sig = signature({"text": ("BYTES", [1])}, {"y": ("FP32", [1])})
+    good = b"".join(struct.pack("<I", len(s)) + s for s in (b"hi", b"there"))
+    CompiledSignature(sig, 8).validate([TensorHeader("text", "BYTES", (2, 1), good)])
+    with pytest.raises(InvalidArgument, match="ends before element 2"):
+        CompiledSignature(sig, 8).validate([TensorHeader("text", "BYTES", (2, 1), good[:6])])
+    with pytest.raises(InvalidArgument, match="elements use"):
+        CompiledSignature(sig, 8).validate([TensorHeader("text", "BYTES", (2, 1), good + b"!")])
+
+
+@pytest.mark.parametrize(
+    "sig, message",
+    [
+        (common_pb2.Signature(), "at least one input and one output"),
+        (signature({"1x": ("FP32", [1])}, {"y": ("FP32", [1])}), "invalid input name"),
+        (signature({"x": ("FP32", [1])}, {"x": ("FP32", [1])}), "appears twice"),
+        (signature({"x": ("FP32", [0])}, {"y": ("FP32", [1])}), "dims are positive"),
+        (common_pb2.Signature(inputs=[common_pb2.TensorSpec(name="x", shape=[1])],
+                              outputs=[common_pb2.TensorSpec(name="y", datatype=8, shape=[1])]), "needs a datatype"),
+    ],
+)
+def test_bad_signatures(sig, message) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        check_signature(sig)
+
+
+@given(
+    name=st.text(max_size=20),
+    dtype=st.sampled_from(["FP32", "FP64", "INT64", "BYTES", "", "fp32"]),
+    shape=st.lists(st.integers(min_value=-(2**40), max_value=2**40), max_size=5),
+    payload=st.one_of(st.none(), st.binary(max_size=64)),
+)
+def test_validation_never_fails_with_anything_but_invalid_argument(name, dtype, shape, payload) -> None:
+    try:
+        CompiledSignature(SIG, 8).validate([TensorHeader(name, dtype, tuple(shape), payload), mask()])
+    except InvalidArgument:
+        pass
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "int32", "uint8", "bool", "float16"])
+def test_sdk_tensor_round_trip(dtype) -> None:
+    array = (np.arange(12).reshape(3, 4) % 2).astype(dtype)
+    back = from_tensor(to_tensor("t", array))
+    assert back.dtype == array.dtype and np.array_equal(back, array)
+
+
+def test_sdk_tensor_converts_big_endian() -> None:
+    array = np.arange(3, dtype=">f4")
+    tensor = to_tensor("t", array)
+    assert tensor.raw == np.arange(3, dtype="<f4").tobytes()
