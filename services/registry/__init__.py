@@ -1,0 +1,1 @@
+"""Registry service: models, their immutable versions, aliases, datasets and artifact blobs."""

@@ -1,0 +1,158 @@
+"""Content-addressed blob storage for artifacts and dataset files.
+
+A write streams into a temp file beside the blobs (same filesystem), hashing as it goes; commit
+checks size and sha256, fsyncs and renames it to sha256/<ab>/<hex> in one atomic step. Readers
+never see a partial blob. The interface is small so an S3-compatible backend can slot in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from services.common.errors import DataLoss
+
+log = logging.getLogger(__name__)
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+# Looks at the verified bytes before they become a blob; raises to refuse them.
+Check = Callable[[Path], None]
+
+
+class BlobWriter(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def commit(self, expected_sha256: str, expected_size: int, check: Check | None = None) -> None:
+        """Publish the bytes as blob `expected_sha256` if they match; otherwise discard them and raise."""
+        ...
+
+    def abort(self) -> None:
+        """Discard everything written; a no-op after commit or a previous abort."""
+        ...
+
+
+class BlobStore(Protocol):
+    def begin_write(self) -> BlobWriter: ...
+
+    def open(self, sha256: str) -> BinaryIO:
+        """The blob for streaming reads; FileNotFoundError when it is absent."""
+        ...
+
+    def delete(self, sha256: str) -> None: ...
+
+
+class LocalBlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.temp_dir = root / "tmp"
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+
+    def path_of(self, sha256: str) -> Path:
+        if not SHA256_HEX.match(sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256[:80]!r}")
+        return self.root / "sha256" / sha256[:2] / sha256
+
+    def sweep_temps(self) -> None:
+        """Remove uploads a crash left half-written; call at start-up, before serving."""
+        for leftover in self.temp_dir.iterdir():
+            log.warning("removing an unfinished upload left by a previous run", extra={"path": str(leftover)})
+            leftover.unlink(missing_ok=True)
+
+    def begin_write(self) -> LocalBlobWriter:
+        return LocalBlobWriter(self.temp_dir / f"{uuid.uuid4().hex}.part", self.path_of)
+
+    def open(self, sha256: str) -> BinaryIO:
+        return self.path_of(sha256).open("rb")
+
+    def delete(self, sha256: str) -> None:
+        self.path_of(sha256).unlink(missing_ok=True)
+
+
+class LocalBlobWriter:
+    def __init__(self, temp_path: Path, path_of: Callable[[str], Path]) -> None:
+        self.temp_path = temp_path
+        self._path_of = path_of
+        self._file: BinaryIO | None = temp_path.open("xb")
+        self._hash = hashlib.sha256()
+        self._size = 0
+        # write() runs in worker threads; abort() may come from a cancelled caller meanwhile.
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, chunk: bytes) -> None:
+        with self._lock:
+            if self._file is None:
+                raise RuntimeError("write after commit or abort")
+            self._file.write(chunk)
+            self._hash.update(chunk)
+            self._size += len(chunk)
+
+    def commit(self, expected_sha256: str, expected_size: int, check: Check | None = None) -> None:
+        with self._lock:
+            if self._file is None:
+                raise RuntimeError("commit after commit or abort")
+            try:
+                self._verify(expected_sha256, expected_size)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                self._file = None
+                if check:
+                    check(self.temp_path)
+                self._publish(self._path_of(expected_sha256))
+            except BaseException:
+                self._discard()
+                raise
+
+    def abort(self) -> None:
+        with self._lock:
+            self._discard()
+
+    def _verify(self, expected_sha256: str, expected_size: int) -> None:
+        if self._size < expected_size:
+            raise DataLoss(
+                f"the upload ended after {self._size} of the {expected_size} bytes its header declared; "
+                "send the whole file"
+            )
+        if self._size > expected_size:
+            raise DataLoss(f"received {self._size} bytes but the header declared size_bytes {expected_size}")
+        digest = self._hash.hexdigest()
+        if digest != expected_sha256:
+            raise DataLoss(
+                f"sha256 mismatch: the header declared {expected_sha256} but the {self._size} bytes "
+                f"received hash to {digest}; the bytes were damaged in transit or the header is wrong"
+            )
+
+    def _publish(self, final: Path) -> None:
+        if final.exists():
+            # Content-addressed: the same bytes are already stored.
+            self.temp_path.unlink()
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.temp_path, final)
+        # Make the rename itself durable.
+        directory = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.temp_path.unlink(missing_ok=True)

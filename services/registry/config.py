@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from services.common.settings import CommonSettings
+
+MIB = 1024 * 1024
+
+
+def _default_database_url(data: dict[str, Any]) -> str:
+    return f"sqlite:///{Path(data['home']) / 'registry' / 'registry.db'}"
+
+
+def _default_blob_dir(data: dict[str, Any]) -> Path:
+    return Path(data["home"]) / "registry" / "blobs"
+
+
+class RegistrySettings(CommonSettings):
+    # registry_addr (where it listens) lives in CommonSettings: its peers read it too.
+    registry_metrics_addr: str = "127.0.0.1:9152"
+    # SQLite under $MAAS_HOME by default; PostgreSQL by URL, e.g.
+    # postgresql+psycopg://postgres@127.0.0.1:5432/registry
+    registry_database_url: str = Field(default_factory=_default_database_url)
+    # Content-addressed artifact and dataset bytes (blobs/sha256/<ab>/<hex>).
+    registry_blob_dir: Path = Field(default_factory=_default_blob_dir)
+    # Size of each chunk DownloadVersion / DownloadDatasetVersion sends.
+    registry_chunk_bytes: int = MIB
+    # Largest artifact or dataset file an upload may declare.
+    registry_max_artifact_bytes: int = 4 * 1024 * MIB
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> RegistrySettings:
+        # A download chunk plus its message framing must fit in one gRPC message.
+        if not 0 < self.registry_chunk_bytes <= self.max_message_bytes // 2:
+            raise ValueError(
+                f"registry_chunk_bytes ({self.registry_chunk_bytes}) must be positive and at most half "
+                f"of max_message_bytes ({self.max_message_bytes})"
+            )
+        if self.registry_max_artifact_bytes < 1:
+            raise ValueError("registry_max_artifact_bytes must be positive")
+        return self

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from maas.registry.v1 import registry_pb2_grpc
+from services.common.database import make_engine, upgrade
+from services.common.interceptors import internal_token_authenticator
+from services.common.server import App, Servicer, ServerSpec
+from services.registry.blobs import LocalBlobStore
+from services.registry.config import RegistrySettings
+from services.registry.service import Registry
+from services.registry.servicer import RegistryServicer
+from services.registry.store import RegistryStore
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+async def create_app(settings: RegistrySettings) -> App:
+    engine = make_engine(settings.registry_database_url)
+    await asyncio.to_thread(upgrade, engine, MIGRATIONS)
+    blobs = LocalBlobStore(settings.registry_blob_dir)
+    blobs.sweep_temps()
+    registry = Registry(
+        RegistryStore(engine),
+        blobs,
+        chunk_bytes=settings.registry_chunk_bytes,
+        max_artifact_bytes=settings.registry_max_artifact_bytes,
+    )
+    servicer = Servicer(
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server,
+        RegistryServicer(registry),
+        "maas.registry.v1.RegistryService",
+    )
+    spec = ServerSpec(
+        service="registry",
+        address=settings.registry_addr,
+        servicers=[servicer],
+        authenticate=internal_token_authenticator(settings.internal_token)
+        if settings.internal_token
+        else None,
+        max_message_bytes=settings.max_message_bytes,
+    )
+
+    async def dispose() -> None:
+        engine.dispose()
+
+    return App(spec, on_stop=dispose)

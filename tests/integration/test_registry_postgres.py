@@ -1,0 +1,148 @@
+"""The registry's SQL paths against a real PostgreSQL: migration, numbering under concurrency,
+aliases, tenant isolation. Each run gets a throwaway database, dropped at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from onnx import TensorProto, helper
+from sqlalchemy import inspect
+
+from maas.common.v1 import common_pb2
+from services.common.database import make_engine, upgrade
+from services.common.errors import FailedPrecondition, NotFound
+from services.registry.blobs import LocalBlobStore
+from services.registry.server import MIGRATIONS
+from services.registry.service import Registry, VersionUpload
+from services.registry.store import ArtifactFormat, RegistryStore
+
+pytestmark = pytest.mark.postgres
+
+SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
+
+
+def admin_connection() -> psycopg.Connection:
+    try:
+        return psycopg.connect(
+            "postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=3
+        )
+    except psycopg.OperationalError as exc:
+        message = f"PostgreSQL is not reachable on 127.0.0.1:5432 as user postgres: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (CI must provide it)")
+        pytest.skip(message)
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    name = f"registry_test_{uuid.uuid4().hex[:12]}"
+    with admin_connection() as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{SERVER}/{name}"
+    finally:
+        with admin_connection() as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def registry(database_url: str, tmp_path: Path) -> Iterator[Registry]:
+    engine = make_engine(database_url)
+    upgrade(engine, MIGRATIONS)
+    upgrade(engine, MIGRATIONS)  # idempotent
+    assert {"models", "versions", "aliases", "datasets", "dataset_versions"} <= set(
+        inspect(engine).get_table_names()
+    )
+    yield Registry(
+        RegistryStore(engine),
+        LocalBlobStore(tmp_path / "blobs"),
+        chunk_bytes=64 * 1024,
+        max_artifact_bytes=1 << 30,
+    )
+    engine.dispose()
+
+
+def onnx_model(weight: float) -> bytes:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+        initializer=[helper.make_tensor("W", TensorProto.FLOAT, [4, 2], [weight] * 8)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def header(model: str, data: bytes) -> VersionUpload:
+    return VersionUpload(
+        model=model,
+        format=ArtifactFormat.ONNX,
+        signature=common_pb2.Signature(
+            inputs=[common_pb2.TensorSpec(name="x", datatype=common_pb2.DATA_TYPE_FP32, shape=[4])],
+            outputs=[common_pb2.TensorSpec(name="y", datatype=common_pb2.DATA_TYPE_FP32, shape=[2])],
+        ),
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        metrics={"accuracy": 0.5},
+        metadata={"note": "postgres"},
+    )
+
+
+async def chunks_of(data: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), 1000):
+        yield data[start : start + 1000]
+
+
+async def upload(registry: Registry, tenant: str, model: str, data: bytes) -> int:
+    version = await registry.upload_version(tenant, header(model, data), chunks_of(data))
+    return version.version
+
+
+async def test_core_flow_on_postgres(registry: Registry) -> None:
+    await registry.create_model("acme", "digits", "on postgres", {"db": "pg"})
+    artifacts = [onnx_model(i / 10) for i in range(8)]
+    numbers = await asyncio.gather(*(upload(registry, "acme", "digits", data) for data in artifacts))
+    assert sorted(numbers) == list(range(1, 9))
+    assert (await registry.get_model("acme", "digits")).latest_version == 8
+
+    first_page, token = await registry.list_versions("acme", "digits", 5, "")
+    second_page, last = await registry.list_versions("acme", "digits", 5, token)
+    assert [v.version for v in first_page + second_page] == list(range(1, 9)) and last == ""
+
+    record, chunks = await registry.download_version("acme", "digits", numbers[3])
+    assert b"".join([chunk async for chunk in chunks]) == artifacts[3]
+    assert record.metrics == {"accuracy": 0.5}
+
+    await registry.set_alias("acme", "digits", "production", 2)
+    assert (await registry.get_version("acme", "digits", None, "production")).version == 2
+    with pytest.raises(FailedPrecondition):
+        await registry.archive_version("acme", "digits", 2)
+    await registry.archive_version("acme", "digits", 1)
+    with pytest.raises(FailedPrecondition):
+        await registry.set_alias("acme", "digits", "staging", 1)
+
+    # Another tenant sees nothing of acme's and may reuse its names.
+    for attempt in (
+        registry.get_model("rival", "digits"),
+        registry.get_version("rival", "digits", 1, ""),
+        registry.download_version("rival", "digits", 1),
+        registry.set_alias("rival", "digits", "production", 1),
+        registry.upload_version("rival", header("digits", artifacts[0]), chunks_of(artifacts[0])),
+    ):
+        with pytest.raises(NotFound):
+            await attempt
+    assert (await registry.list_models("rival", 10, ""))[0] == []
+    await registry.create_model("rival", "digits", "", {})
+    assert await upload(registry, "rival", "digits", artifacts[0]) == 1
+
+    await registry.delete_model("acme", "digits")
+    with pytest.raises(NotFound):
+        await registry.get_model("acme", "digits")
+    assert (await registry.get_model("rival", "digits")).latest_version == 1
