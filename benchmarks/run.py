@@ -1,0 +1,167 @@
+"""`make bench`: Predict through the gateway vs. straight to Triton on the same deployment,
+16 concurrent clients, one run. Writes BENCHMARKS.md.
+
+Every path is driven by the same asyncio client in this process, so the client's own cost is
+in all numbers alike; the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from maas import Client, to_tensor
+from maas.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.stack.ephemeral import EphemeralStack
+from tests.support.digits import SIGNATURE, train_digits_mlp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Result:
+    name: str
+    latencies: list[float]
+    seconds: float
+    errors: int
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies) * 1000
+
+    @property
+    def p99(self) -> float:
+        return float(np.percentile(self.latencies, 99)) * 1000
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies) / self.seconds
+
+
+async def drive(name: str, call: Callable[[], Awaitable[object]], clients: int, seconds: float, warmup: float) -> Result:
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + warmup + seconds
+    measure_from = time.perf_counter() + warmup
+
+    async def client() -> None:
+        nonlocal errors
+        while (start := time.perf_counter()) < stop_at:
+            try:
+                await call()
+            except grpc.aio.AioRpcError:
+                errors += 1
+                continue
+            if start >= measure_from:
+                latencies.append(time.perf_counter() - start)
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return Result(name, latencies, seconds, errors)
+
+
+async def measure(stack: EphemeralStack, api_key: str, batch: np.ndarray, clients: int, seconds: float) -> list[Result]:
+    auth = (("authorization", f"Bearer {api_key}"),)
+    triton_address = f"127.0.0.1:{stack.env['MAAS_TRITON_GRPC_PORT']}"
+    async with grpc.aio.insecure_channel(triton_address) as triton_channel, \
+            grpc.aio.insecure_channel(stack.gateway) as gateway_channel:
+        triton = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
+        index = await triton.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True))
+        triton_model = index.models[0].name
+
+        def infer_request(model: str) -> service_pb2.ModelInferRequest:
+            request = service_pb2.ModelInferRequest(model_name=model)
+            request.inputs.add(name="x", datatype="FP32", shape=list(batch.shape))
+            request.raw_input_contents.append(batch.tobytes())
+            return request
+
+        direct_request = infer_request(triton_model)
+        oip_request = infer_request("digits")
+        predict_request = inference_pb2.PredictRequest(deployment="digits", inputs=[to_tensor("x", batch)])
+        gateway_oip = service_pb2_grpc.GRPCInferenceServiceStub(gateway_channel)
+        gateway_predict = inference_pb2_grpc.InferenceServiceStub(gateway_channel)
+        paths = [
+            ("Triton direct (ModelInfer)", lambda: triton.ModelInfer(direct_request)),
+            ("gateway, Open Inference Protocol", lambda: gateway_oip.ModelInfer(oip_request, metadata=auth)),
+            ("gateway, maas Predict", lambda: gateway_predict.Predict(predict_request, metadata=auth)),
+        ]
+        results = []
+        for name, call in paths:
+            results.append(await drive(name, call, clients, seconds, warmup=2.0))
+        return results
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def report(results: list[Result], clients: int, seconds: float, batch: int) -> str:
+    base = results[0]
+    lines = [
+        f"## Gateway vs. Triton direct — {datetime.date.today().isoformat()}",
+        "",
+        f"Machine: {machine()}. No GPU: Triton runs the python-backend runner on CPU.",
+        f"Model: MLP 64-64-10 (TorchScript) trained on scikit-learn digits, batch {batch} per request, "
+        f"max_batch_size 32, dynamic batching. {clients} concurrent clients (one asyncio process), "
+        f"{seconds:.0f} s per path after a 2 s warm-up; client, gateway and Triton share the same cores.",
+        "",
+        "| path | p50 ms | p99 ms | req/s | errors | p50 ratio | p99 ratio | throughput ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.p50:.2f} | {r.p99:.2f} | {r.throughput:,.0f} | {r.errors} | "
+            f"{r.p50 / base.p50:.2f} | {r.p99 / base.p99:.2f} | {r.throughput / base.throughput:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as scratch, EphemeralStack() as stack:
+        digits = train_digits_mlp(Path(scratch))
+        admin = Client(stack.gateway, stack.admin_key)
+        admin.create_tenant("bench")
+        _, key = admin.create_api_key("bench", "developer")
+        client = Client(stack.gateway, key)
+        client.create_model("digits")
+        client.upload_version("digits", digits.path, format="torchscript", signature=SIGNATURE)
+        client.create_deployment("digits", "digits", version=1, max_batch_size=32)
+        client.wait_ready("digits", timeout=180)
+        results = asyncio.run(measure(stack, key, digits.test_x[: args.batch], args.clients, args.seconds))
+
+    section = report(results, args.clients, args.seconds, args.batch)
+    print(section)
+    header = "# Benchmarks\n\nWritten by `make bench` (benchmarks/run.py). Newest run first.\n\n"
+    previous = args.output.read_text().removeprefix(header) if args.output.exists() else ""
+    args.output.write_text(header + section + ("\n" + previous if previous else ""))
+
+
+if __name__ == "__main__":
+    main()
