@@ -1,0 +1,1 @@
+"""Inference service: deployments (desired state) of registry versions onto NVIDIA Triton, and Predict."""

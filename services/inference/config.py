@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import model_validator
+
+from services.common.settings import CommonSettings
+
+
+class InferenceSettings(CommonSettings):
+    """inference_addr (where this service listens) and registry_addr (where versions and their
+    artifacts come from) are shared with every service in CommonSettings."""
+
+    inference_metrics_addr: str = "127.0.0.1:9153"
+    # Empty: the SQLite file under $MAAS_HOME/inference.
+    inference_database_url: str = ""
+    # host:port of an existing Triton gRPC endpoint. Empty: start our own tritonserver.
+    triton_url: str = ""
+    triton_grpc_port: int = 50061
+    triton_http_port: int = 50062
+    triton_metrics_port: int = 50063
+    # Model repository, backend dir, artifact cache and triton.log. Empty: $MAAS_HOME/inference.
+    # An external Triton must see the model repository at this same path.
+    inference_dir: Path | None = None
+    triton_start_timeout_seconds: float = 60.0
+    model_load_timeout_seconds: float = 300.0
+    # Deployments loading at once: each python-backend model starts a process and imports torch.
+    model_load_concurrency: int = 2
+    # Upper bound for a Predict that carries no deadline of its own.
+    predict_timeout_seconds: float = 60.0
+    # Whether Triton may place models on a GPU. Unset: look for an NVIDIA device on this host.
+    gpu_available: bool | None = None
+
+    @model_validator(mode="after")
+    def _fill_defaults_from_home(self) -> InferenceSettings:
+        if not self.inference_database_url:
+            self.inference_database_url = self.sqlite_url("inference")
+        # Absolute: tritonserver and its stubs run with other working directories.
+        self.inference_dir = (self.inference_dir or self.home / "inference").expanduser().resolve()
+        return self
+
+    @property
+    def triton_address(self) -> str:
+        """host:port of the Triton gRPC endpoint the service drives."""
+        return self.triton_url or f"127.0.0.1:{self.triton_grpc_port}"
+
+    @property
+    def directory(self) -> Path:
+        assert self.inference_dir is not None  # filled in by the validator
+        return self.inference_dir

@@ -1,0 +1,178 @@
+"""Triton's model repository on disk: one directory per deployment, written atomically.
+
+<root>/<triton_model>/config.pbtxt
+<root>/<triton_model>/1/model.py     the generic runner (runner/model.py)
+<root>/<triton_model>/1/model.pt     or model.onnx: the artifact, hard-linked from the cache
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from maas.common.v1 import common_pb2
+from services.common.tensors import BY_PROTO
+
+RUNNER = Path(__file__).parent / "runner" / "model.py"
+ARTIFACT_FILE = {"TORCHSCRIPT": "model.pt", "ONNX": "model.onnx"}
+# Requests wait at most this long for others to join their batch: small, because on a
+# busy server batches form anyway and on an idle one nobody should wait.
+MAX_QUEUE_DELAY_MICROSECONDS = 100
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything config.pbtxt says about one deployment."""
+
+    triton_model: str
+    format: str  # TORCHSCRIPT or ONNX
+    sha256: str
+    signature: common_pb2.Signature
+    max_batch_size: int
+    instances: int
+    device: str  # AUTO, CPU or GPU: what the deployment asked for
+    on_gpu: bool  # where Triton places the instances on this host
+
+
+def signature_json(signature: common_pb2.Signature) -> str:
+    """The signature as the runner reads it: names and datatypes in the model's order."""
+
+    def specs(tensors) -> list[dict]:
+        return [
+            {"name": t.name, "datatype": BY_PROTO[t.datatype].triton, "shape": list(t.shape)} for t in tensors
+        ]
+
+    return json.dumps(
+        {"inputs": specs(signature.inputs), "outputs": specs(signature.outputs)}, separators=(",", ":")
+    )
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _tensor_block(tensors) -> list[str]:
+    lines = []
+    for index, tensor in enumerate(tensors):
+        lines += [
+            "  {",
+            f"    name: {_quoted(tensor.name)}",
+            f"    data_type: {BY_PROTO[tensor.datatype].config}",
+        ]
+        if tensor.shape:
+            lines.append(f"    dims: [ {', '.join(str(d) for d in tensor.shape)} ]")
+        else:
+            # Triton wants at least one dim: a scalar per sample travels as [1] and is reshaped.
+            lines += ["    dims: [ 1 ]", "    reshape: { shape: [ ] }"]
+        lines.append("  }," if index < len(tensors) - 1 else "  }")
+    return lines
+
+
+def config_text(spec: ModelSpec) -> str:
+    """config.pbtxt for one deployment: batching, instances and the runner's parameters."""
+    parameters = {
+        "artifact": ARTIFACT_FILE[spec.format],
+        "format": spec.format,
+        "sha256": spec.sha256,
+        "device": spec.device,
+        "signature": signature_json(spec.signature),
+    }
+    lines = [
+        f"name: {_quoted(spec.triton_model)}",
+        'backend: "python"',
+        f"max_batch_size: {spec.max_batch_size}",
+        "input [",
+        *_tensor_block(spec.signature.inputs),
+        "]",
+        "output [",
+        *_tensor_block(spec.signature.outputs),
+        "]",
+        "instance_group [",
+        "  {",
+        f"    count: {spec.instances}",
+        f"    kind: {'KIND_GPU' if spec.on_gpu else 'KIND_CPU'}",
+        "  }",
+        "]",
+        "dynamic_batching {",
+        f"  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_MICROSECONDS}",
+        "}",
+    ]
+    for key, value in parameters.items():
+        lines += [
+            "parameters: {",
+            f"  key: {_quoted(key)}",
+            f"  value: {{ string_value: {_quoted(value)} }}",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class ModelRepository:
+    """Model directories under `root`; new ones are built in `staging` (same file system) and renamed in."""
+
+    def __init__(self, root: Path, staging: Path) -> None:
+        self.root = root
+        self.staging = staging
+        root.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(parents=True, exist_ok=True)
+
+    def path(self, triton_model: str) -> Path:
+        return self.root / triton_model
+
+    def write(self, spec: ModelSpec, artifact: Path) -> bool:
+        """Write the model directory; returns False when it already holds exactly this spec."""
+        config = config_text(spec)
+        target = self.path(spec.triton_model)
+        if self._holds(target, config, ARTIFACT_FILE[spec.format]):
+            return False
+        build = self.staging / f"{spec.triton_model}-{uuid.uuid4().hex[:8]}"
+        try:
+            version_dir = build / "1"
+            version_dir.mkdir(parents=True)
+            shutil.copyfile(RUNNER, version_dir / "model.py")
+            _link_or_copy(artifact, version_dir / ARTIFACT_FILE[spec.format])
+            (build / "config.pbtxt").write_text(config)
+            # A directory cannot be renamed over a non-empty one: move the old one aside first.
+            if target.exists():
+                retired = self.staging / f"retired-{spec.triton_model}-{uuid.uuid4().hex[:8]}"
+                target.rename(retired)
+                build.rename(target)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                build.rename(target)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+        return True
+
+    def remove(self, triton_model: str) -> None:
+        shutil.rmtree(self.path(triton_model), ignore_errors=True)
+
+    def names(self) -> set[str]:
+        return {entry.name for entry in self.root.iterdir() if entry.is_dir()}
+
+    def clear_staging(self) -> None:
+        """Leftovers of writes that a crash interrupted."""
+        for entry in self.staging.iterdir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+    @staticmethod
+    def _holds(target: Path, config: str, artifact_file: str) -> bool:
+        try:
+            return (
+                (target / "config.pbtxt").read_text() == config
+                and (target / "1" / "model.py").read_bytes() == RUNNER.read_bytes()
+                and (target / "1" / artifact_file).is_file()
+            )
+        except OSError:
+            return False
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from maas.inference.v1 import inference_pb2_grpc
+from services.common.channels import open_channel
+from services.common.database import make_engine, upgrade
+from services.common.interceptors import internal_token_authenticator
+from services.common.server import App, RunningServer, Servicer, ServerSpec
+from services.inference.artifacts import ArtifactCache, Registry
+from services.inference.config import InferenceSettings
+from services.inference.repository import ModelRepository
+from services.inference.service import Deployments, gpu_on_this_host
+from services.inference.servicer import InferenceServicer, RoutingServicer
+from services.inference.store import DeploymentStore
+from services.inference.triton import TritonClient, TritonSupervisor
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+async def create_app(settings: InferenceSettings) -> App:
+    engine = make_engine(settings.inference_database_url)
+    await asyncio.to_thread(upgrade, engine, MIGRATIONS)
+    directory = settings.directory
+    registry_channel = open_channel(settings.registry_addr)
+    registry = Registry(registry_channel, settings.internal_token, settings.model_load_timeout_seconds)
+    triton = TritonClient(settings.triton_address)
+    deployments = Deployments(
+        store=DeploymentStore(engine),
+        registry=registry,
+        artifacts=ArtifactCache(directory / "artifacts", registry),
+        repository=ModelRepository(directory / "models", directory / "staging"),
+        triton=triton,
+        gpu_available=gpu_on_this_host() if settings.gpu_available is None else settings.gpu_available,
+        load_timeout=settings.model_load_timeout_seconds,
+        load_concurrency=settings.model_load_concurrency,
+        predict_timeout=settings.predict_timeout_seconds,
+    )
+    await deployments.restore()
+    supervisor = TritonSupervisor(
+        directory=directory,
+        client=triton,
+        external=bool(settings.triton_url),
+        grpc_port=settings.triton_grpc_port,
+        http_port=settings.triton_http_port,
+        metrics_port=settings.triton_metrics_port,
+        start_timeout=settings.triton_start_timeout_seconds,
+        on_start=deployments.reconcile,
+        on_exit=deployments.triton_down,
+    )
+
+    async def on_start(server: RunningServer) -> None:
+        # Health stays NOT_SERVING until this returns: Triton up, deployments reloading into it.
+        await supervisor.start()
+
+    async def on_stop() -> None:
+        await deployments.close()
+        await supervisor.stop()
+        await triton.close()
+        await registry_channel.close()
+        engine.dispose()
+
+    spec = ServerSpec(
+        service="inference",
+        address=settings.inference_addr,
+        servicers=[
+            Servicer(
+                inference_pb2_grpc.add_InferenceServiceServicer_to_server,
+                InferenceServicer(deployments),
+                "maas.inference.v1.InferenceService",
+            ),
+            Servicer(
+                inference_pb2_grpc.add_RoutingServiceServicer_to_server,
+                RoutingServicer(deployments),
+                "maas.inference.v1.RoutingService",
+            ),
+        ],
+        authenticate=internal_token_authenticator(settings.internal_token)
+        if settings.internal_token
+        else None,
+        max_message_bytes=settings.max_message_bytes,
+    )
+    return App(spec, on_start=on_start, on_stop=on_stop)

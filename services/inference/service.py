@@ -1,0 +1,507 @@
+"""Deployments: the desired state in the table, Triton converged to it in the background, the
+in-memory routing table that Predict and the gateway read, and Predict itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client import Gauge, Histogram
+from tritonclient.grpc import service_pb2
+
+from maas.common.v1 import common_pb2
+from maas.inference.v1 import inference_pb2
+from maas.registry.v1 import registry_pb2
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    MaasError,
+    NotFound,
+    Unavailable,
+)
+from services.common.logs import request_id_var
+from services.common.oip import headers_of_predict, infer_request_of_predict, predict_response_of_infer
+from services.common.tensors import BY_PROTO, CompiledSignature, check_signature
+from services.common.validation import Page, check_name
+from services.inference.artifacts import ArtifactCache, Registry
+from services.inference.repository import ModelRepository, ModelSpec
+from services.inference.store import FAILED, LOADING, READY, Deployment, DeploymentStore, now
+from services.inference.triton import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENTS = Gauge("maas_inference_deployments", "Deployments by state", ["state"])
+LOAD_SECONDS = Histogram(
+    "maas_inference_model_load_seconds",
+    "From the start of a deployment's load (download included) to READY",
+    buckets=(0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300),
+)
+
+DEVICES = ("AUTO", "CPU", "GPU")
+MAX_INSTANCES = 16
+MAX_BATCH_SIZE = 1024
+DEFAULT_INSTANCES = 1
+DEFAULT_MAX_BATCH_SIZE = 8
+UPDATABLE_FIELDS = frozenset({"version", "alias", "instances", "max_batch_size", "device", "cacheable"})
+FORMATS = {registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT: "TORCHSCRIPT", registry_pb2.ARTIFACT_FORMAT_ONNX: "ONNX"}
+# The generic runner feeds numeric tensors to torch and onnxruntime; strings and bfloat16 it cannot.
+UNSERVED_DATATYPES = {common_pb2.DATA_TYPE_BYTES, common_pb2.DATA_TYPE_BF16}
+
+
+class Triton(Protocol):
+    """What the service needs of Triton (services.inference.triton.TritonClient)."""
+
+    address: str
+
+    async def load(self, triton_model: str, timeout: float) -> None: ...
+    async def unload(self, triton_model: str) -> None: ...
+    async def is_ready(self, triton_model: str) -> bool: ...
+    async def loaded_models(self) -> set[str]: ...
+    async def infer(
+        self, request: service_pb2.ModelInferRequest, timeout: float
+    ) -> service_pb2.ModelInferResponse: ...
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """What a caller asks for. Zero values mean "the default"."""
+
+    name: str
+    model: str = ""
+    version: int | None = None
+    alias: str | None = None
+    instances: int = 0
+    max_batch_size: int = 0
+    device: str = ""
+    cacheable: bool = False
+
+
+@dataclass
+class Route:
+    """One deployment as the data path sees it: the latest row, and the revision Triton serves."""
+
+    deployment: Deployment
+    # The row as it was when Triton last finished loading it; None while nothing serves.
+    serving: Deployment | None = None
+    compiled: CompiledSignature | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.serving is not None
+
+    @property
+    def served(self) -> Deployment:
+        """The revision requests reach: the serving one, else the one being loaded."""
+        return self.serving or self.deployment
+
+
+class Deployments:
+    def __init__(
+        self,
+        *,
+        store: DeploymentStore,
+        registry: Registry,
+        artifacts: ArtifactCache,
+        repository: ModelRepository,
+        triton: Triton,
+        gpu_available: bool,
+        load_timeout: float,
+        load_concurrency: int,
+        predict_timeout: float,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.artifacts = artifacts
+        self.repository = repository
+        self.triton = triton
+        self.gpu_available = gpu_available
+        self.load_timeout = load_timeout
+        self.predict_timeout = predict_timeout
+        self._load_slots = asyncio.Semaphore(load_concurrency)
+        self._routes: dict[tuple[str, str], Route] = {}
+        # Bumped on every change to a deployment, so that a load finishing late cannot
+        # overwrite what a newer change decided.
+        self._generations: dict[str, int] = {}
+        self._model_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._changed = asyncio.Event()
+
+    # -- start-up, Triton restarts, shutdown ------------------------------------------------
+
+    async def restore(self) -> None:
+        """Fill the routing table from the table before the server takes requests, and clear
+        what earlier runs left on disk (nothing can be downloading or writing yet)."""
+        deployments = await asyncio.to_thread(self.store.all)
+        for deployment in deployments:
+            self._routes[(deployment.tenant, deployment.name)] = Route(deployment)
+        await asyncio.to_thread(self.repository.clear_staging)
+        await asyncio.to_thread(self.artifacts.prune, {d.sha256 for d in deployments})
+
+    async def reconcile(self) -> None:
+        """Make Triton match the table: load every deployment, unload what is not in it."""
+        deployments = await asyncio.to_thread(self.store.all)
+        loaded = await self.triton.loaded_models()
+        wanted = {d.triton_model for d in deployments}
+        for stray in sorted(loaded - wanted):
+            log.info("unloading a model that no deployment wants", extra={"triton_model": stray})
+            await self.triton.unload(stray)
+        for stray in sorted(self.repository.names() - wanted):
+            await asyncio.to_thread(self.repository.remove, stray)
+        for deployment in deployments:
+            key = (deployment.tenant, deployment.name)
+            route = self._routes.setdefault(key, Route(deployment))
+            if deployment.triton_model not in loaded:
+                route.serving = route.compiled = None
+                deployment = (
+                    await asyncio.to_thread(
+                        self.store.set_state, deployment.id, LOADING, "loading into the model server"
+                    )
+                    or deployment
+                )
+            route.deployment = deployment
+            self._converge_later(deployment)
+        self._notify()
+        log.info("reconciled", extra={"deployments": len(deployments), "unloaded": len(loaded - wanted)})
+
+    async def triton_down(self) -> None:
+        """Triton went away: nothing is served until reconcile() after its restart."""
+        for route in self._routes.values():
+            route.serving = route.compiled = None
+        self._notify()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the API ------------------------------------------------------------------------------
+
+    async def create(self, tenant: str, spec: DeploymentSpec) -> Deployment:
+        check_name("deployment", spec.name)
+        check_name("model", spec.model)
+        if (spec.version is None) == (spec.alias is None):
+            raise InvalidArgument("set exactly one of version and alias: what the deployment serves")
+        _check_target(spec.version, spec.alias)
+        instances = _checked_range("instances", spec.instances or DEFAULT_INSTANCES, MAX_INSTANCES)
+        max_batch_size = _checked_range(
+            "max_batch_size", spec.max_batch_size or DEFAULT_MAX_BATCH_SIZE, MAX_BATCH_SIZE
+        )
+        device = self._checked_device(spec.device)
+        if await asyncio.to_thread(self.store.get, tenant, spec.name):
+            raise AlreadyExists(f"deployment {spec.name!r} already exists")
+        version = await self._deployable_version(tenant, spec.model, spec.version, spec.alias)
+        deployment_id = uuid.uuid4().hex
+        created = now()
+        deployment = Deployment(
+            id=deployment_id,
+            tenant=tenant,
+            name=spec.name,
+            model=spec.model,
+            version=spec.version,
+            alias=spec.alias,
+            resolved_version=version.version,
+            instances=instances,
+            max_batch_size=max_batch_size,
+            device=device,
+            cacheable=spec.cacheable,
+            state=LOADING,
+            message=f"loading version {version.version}",
+            triton_model=f"m_{deployment_id}",
+            sha256=version.sha256,
+            format=FORMATS[version.format],
+            signature=version.signature,
+            create_time=created,
+            update_time=created,
+        )
+        await asyncio.to_thread(self.store.create, deployment)
+        self._routes[(tenant, spec.name)] = Route(deployment)
+        self._notify()
+        self._converge_later(deployment)
+        return deployment
+
+    async def get(self, tenant: str, name: str) -> Deployment:
+        check_name("deployment", name)
+        deployment = await asyncio.to_thread(self.store.get, tenant, name)
+        if deployment is None:
+            raise NotFound(f"deployment {name!r} not found")
+        return deployment
+
+    async def list_page(self, tenant: str, page_size: int, page_token: str) -> tuple[list[Deployment], str]:
+        page = Page.parse(page_size, page_token)
+        rows = await asyncio.to_thread(self.store.list_page, tenant, page)
+        if len(rows) > page.size:
+            rows = rows[: page.size]
+            return rows, Page.token_after(rows[-1].name)
+        return rows, ""
+
+    async def update(self, tenant: str, spec: DeploymentSpec, fields: Collection[str]) -> Deployment:
+        current = await self.get(tenant, spec.name)
+        fields = set(fields)
+        if not fields:
+            raise InvalidArgument(
+                f"update_mask is required: name the fields to change, from {sorted(UPDATABLE_FIELDS)}"
+            )
+        if unknown := fields - UPDATABLE_FIELDS:
+            raise InvalidArgument(
+                f"cannot update {sorted(unknown)}; updatable fields are {sorted(UPDATABLE_FIELDS)}"
+            )
+        if {"version", "alias"} <= fields:
+            raise InvalidArgument("update either version or alias, not both")
+        changes: dict = {}
+        if "instances" in fields:
+            changes["instances"] = _checked_range(
+                "instances", spec.instances or DEFAULT_INSTANCES, MAX_INSTANCES
+            )
+        if "max_batch_size" in fields:
+            changes["max_batch_size"] = _checked_range(
+                "max_batch_size", spec.max_batch_size or DEFAULT_MAX_BATCH_SIZE, MAX_BATCH_SIZE
+            )
+        if "device" in fields:
+            changes["device"] = self._checked_device(spec.device)
+        if "cacheable" in fields:
+            changes["cacheable"] = spec.cacheable
+        if fields & {"version", "alias"}:
+            version, alias = (spec.version, None) if "version" in fields else (None, spec.alias)
+            if version is None and not alias:
+                raise InvalidArgument(
+                    f"set the new {'version' if 'version' in fields else 'alias'} to deploy"
+                )
+            _check_target(version, alias)
+            found = await self._deployable_version(tenant, current.model, version, alias)
+            changes.update(
+                version=version,
+                alias=alias,
+                resolved_version=found.version,
+                sha256=found.sha256,
+                format=FORMATS[found.format],
+                signature=found.signature,
+            )
+        updated = current.replace(**changes, update_time=now())
+        reload = current.state == FAILED or any(
+            getattr(updated, field) != getattr(current, field)
+            for field in ("resolved_version", "sha256", "instances", "max_batch_size", "device")
+        )
+        if reload:
+            route = self._routes.get((tenant, current.name))
+            serving = route.serving if route else None
+            message = f"loading version {updated.resolved_version}"
+            if serving:
+                message += f"; version {serving.resolved_version} serves until it is ready"
+            updated = updated.replace(state=LOADING, message=message)
+        if not await asyncio.to_thread(self.store.save, updated):
+            raise NotFound(f"deployment {spec.name!r} not found")
+        route = self._routes.setdefault((tenant, updated.name), Route(updated))
+        route.deployment = updated
+        self._notify()
+        if reload:
+            self._converge_later(updated)
+        return updated
+
+    async def delete(self, tenant: str, name: str) -> None:
+        check_name("deployment", name)
+        deployment = await asyncio.to_thread(self.store.delete, tenant, name)
+        if deployment is None:
+            raise NotFound(f"deployment {name!r} not found")
+        self._bump(deployment.id)
+        self._routes.pop((tenant, name), None)
+        self._notify()
+        # Waits for a load in flight on this model to finish before taking it away.
+        async with self._model_lock(deployment.triton_model):
+            await self.triton.unload(deployment.triton_model)
+            await asyncio.to_thread(self.repository.remove, deployment.triton_model)
+        self._generations.pop(deployment.id, None)
+        self._model_locks.pop(deployment.triton_model, None)
+
+    async def predict(
+        self, tenant: str, request: inference_pb2.PredictRequest, timeout: float | None = None
+    ) -> inference_pb2.PredictResponse:
+        route = self._routes.get((tenant, request.deployment))
+        if route is None:
+            check_name("deployment", request.deployment)
+            raise NotFound(f"deployment {request.deployment!r} not found")
+        serving, compiled = route.serving, route.compiled
+        if serving is None or compiled is None:
+            if route.deployment.state == FAILED:
+                raise FailedPrecondition(
+                    f"deployment {request.deployment!r} failed: {route.deployment.message}"
+                )
+            raise Unavailable(f"deployment {request.deployment!r} is still loading; retry shortly")
+        compiled.validate(headers_of_predict(request), request.output_names)
+        infer = infer_request_of_predict(request, serving.triton_model, request_id_var.get())
+        response = await self.triton.infer(infer, timeout if timeout is not None else self.predict_timeout)
+        return predict_response_of_infer(response, serving.model, serving.resolved_version)
+
+    async def watch_routes(self) -> AsyncIterator[list[Route]]:
+        """The whole routing table now, then again after every change."""
+        while True:
+            changed = self._changed
+            yield list(self._routes.values())
+            await changed.wait()
+
+    @property
+    def triton_address(self) -> str:
+        return self.triton.address
+
+    # -- converging Triton to one deployment ------------------------------------------------
+
+    def _converge_later(self, deployment: Deployment) -> None:
+        task = asyncio.create_task(self._converge(deployment, self._bump(deployment.id)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _converge(self, deployment: Deployment, generation: int) -> None:
+        """Download, write the model directory, load it, and record READY or FAILED."""
+        async with self._load_slots, self._model_lock(deployment.triton_model):
+            if self._generations.get(deployment.id) != generation:
+                return  # a newer change supersedes this one
+            started = time.perf_counter()
+            try:
+                artifact = await self.artifacts.fetch(
+                    deployment.tenant, deployment.model, deployment.resolved_version, deployment.sha256
+                )
+                changed = await asyncio.to_thread(
+                    self.repository.write, self._model_spec(deployment), artifact
+                )
+                if changed or not await self.triton.is_ready(deployment.triton_model):
+                    await asyncio.wait_for(
+                        self.triton.load(deployment.triton_model, self.load_timeout), self.load_timeout + 5
+                    )
+                if not await self.triton.is_ready(deployment.triton_model):
+                    raise ModelLoadError("the model server reports the model not ready after loading it")
+            except asyncio.CancelledError:
+                raise
+            except (MaasError, ModelLoadError, OSError, TimeoutError) as exc:
+                await self._load_failed(deployment, generation, exc)
+                return
+            except Exception as exc:
+                log.exception(
+                    "unexpected failure loading a deployment", extra={"deployment": deployment.name}
+                )
+                await self._load_failed(deployment, generation, exc)
+                return
+            if self._generations.get(deployment.id) != generation:
+                return
+            stored = await asyncio.to_thread(self.store.set_state, deployment.id, READY, "")
+            route = self._routes.get((deployment.tenant, deployment.name))
+            if stored is None or route is None:
+                return  # deleted meanwhile; delete() unloads it
+            route.deployment = stored
+            route.serving = stored
+            route.compiled = CompiledSignature(stored.signature, stored.max_batch_size)
+            self._notify()
+            seconds = time.perf_counter() - started
+            LOAD_SECONDS.observe(seconds)
+            log.info(
+                "deployment ready",
+                extra={
+                    "deployment": deployment.name,
+                    "version": deployment.resolved_version,
+                    "seconds": round(seconds, 2),
+                },
+            )
+
+    async def _load_failed(self, deployment: Deployment, generation: int, exc: BaseException) -> None:
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            reason = f"the model did not load within {self.load_timeout:.0f} s"
+        route = self._routes.get((deployment.tenant, deployment.name))
+        # A failed reload leaves the previous revision serving in Triton.
+        still_serving = bool(route and route.serving) and await self.triton.is_ready(deployment.triton_model)
+        message = f"version {deployment.resolved_version} failed to load: {reason}"
+        if still_serving and route and route.serving:
+            message += f"; version {route.serving.resolved_version} keeps serving"
+        log.warning("deployment failed", extra={"deployment": deployment.name, "reason": reason})
+        if self._generations.get(deployment.id) != generation:
+            return
+        stored = await asyncio.to_thread(self.store.set_state, deployment.id, FAILED, message)
+        if stored is None or route is None:
+            return
+        route.deployment = stored
+        if not still_serving:
+            route.serving = route.compiled = None
+        self._notify()
+
+    def _model_spec(self, deployment: Deployment) -> ModelSpec:
+        return ModelSpec(
+            triton_model=deployment.triton_model,
+            format=deployment.format,
+            sha256=deployment.sha256,
+            signature=deployment.signature,
+            max_batch_size=deployment.max_batch_size,
+            instances=deployment.instances,
+            device=deployment.device,
+            on_gpu=deployment.device == "GPU" or (deployment.device == "AUTO" and self.gpu_available),
+        )
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    async def _deployable_version(
+        self, tenant: str, model: str, version: int | None, alias: str | None
+    ) -> registry_pb2.Version:
+        found = await self.registry.get_version(tenant, model, version, alias)
+        label = f"version {found.version} of model {model!r}"
+        if found.state == registry_pb2.VERSION_STATE_ARCHIVED:
+            raise FailedPrecondition(f"{label} is archived: deploy a version that is not")
+        if found.format not in FORMATS:
+            raise FailedPrecondition(f"{label} has no TorchScript or ONNX artifact: nothing Triton can serve")
+        try:
+            check_signature(found.signature)
+        except InvalidArgument as exc:
+            raise FailedPrecondition(f"{label} has an unusable signature: {exc}") from None
+        for tensor in [*found.signature.inputs, *found.signature.outputs]:
+            if tensor.datatype in UNSERVED_DATATYPES:
+                raise FailedPrecondition(
+                    f"{label}: tensor {tensor.name!r} is {BY_PROTO[tensor.datatype].triton}; "
+                    "deployments serve numeric tensors (BOOL, integers, FP16, FP32, FP64)"
+                )
+        return found
+
+    def _checked_device(self, device: str) -> str:
+        device = device or "AUTO"
+        if device not in DEVICES:
+            raise InvalidArgument(f"device must be one of {list(DEVICES)}")
+        if device == "GPU" and not self.gpu_available:
+            raise FailedPrecondition(
+                "device GPU was asked for but the inference host has no GPU; use AUTO or CPU"
+            )
+        return device
+
+    def _bump(self, deployment_id: str) -> int:
+        self._generations[deployment_id] = self._generations.get(deployment_id, 0) + 1
+        return self._generations[deployment_id]
+
+    def _model_lock(self, triton_model: str) -> asyncio.Lock:
+        return self._model_locks.setdefault(triton_model, asyncio.Lock())
+
+    def _notify(self) -> None:
+        states = Counter(route.deployment.state for route in self._routes.values())
+        for state in (LOADING, READY, FAILED):
+            DEPLOYMENTS.labels(state).set(states[state])
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+def _check_target(version: int | None, alias: str | None) -> None:
+    if version is not None and version < 1:
+        raise InvalidArgument(f"version must be 1 or more, got {version}")
+    if alias is not None:
+        check_name("alias", alias)
+
+
+def _checked_range(field: str, value: int, maximum: int) -> int:
+    if not 1 <= value <= maximum:
+        raise InvalidArgument(f"{field} must be between 1 and {maximum}, got {value}")
+    return value
+
+
+def gpu_on_this_host() -> bool:
+    """An NVIDIA device node is present (cheaper than importing torch to ask CUDA)."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))

@@ -1,0 +1,348 @@
+"""NVIDIA Triton: the calls the service makes to it, and the supervisor of the tritonserver process.
+
+The binary, the python backend and its stub come from the nvidia-pytriton wheel. Triton listens
+on loopback only: its repository API loads python models, i.e. runs code, so only this service
+may reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import sysconfig
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytriton
+from prometheus_client import Counter
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from services.common import errors
+from services.common.channels import open_channel
+from services.inference.remote_errors import domain_error
+
+log = logging.getLogger(__name__)
+
+WHEEL_DIR = Path(pytriton.__file__).parent / "tritonserver"
+BINARY = WHEEL_DIR / "bin" / "tritonserver"
+RESTARTS = Counter("maas_inference_triton_restarts_total", "Times tritonserver exited and was started again")
+
+
+class ModelLoadError(Exception):
+    """Triton refused to load a model; the message is Triton's reason."""
+
+
+class TritonStartError(Exception):
+    """tritonserver did not come up; the message carries the end of its log."""
+
+
+class TritonClient:
+    """The calls the service makes to one Triton gRPC endpoint, over long-lived channels."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        # Repository and health calls through tritonclient; inference on a raw stub (the hot path).
+        self._control = InferenceServerClient(address)
+        self._channel = open_channel(address)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    async def is_live(self, timeout: float = 1.0) -> bool:
+        try:
+            return bool(await self._control.is_server_live(client_timeout=timeout))
+        except InferenceServerException:
+            return False
+
+    async def load(self, triton_model: str, timeout: float) -> None:
+        """Load (or reload) a model from the repository; returns once it is ready."""
+        try:
+            await self._control.load_model(triton_model, client_timeout=timeout)
+        except InferenceServerException as exc:
+            raise ModelLoadError(_clean(exc.message())) from None
+
+    async def unload(self, triton_model: str) -> None:
+        """Start unloading; Triton finishes it in the background."""
+        with contextlib.suppress(InferenceServerException):
+            await self._control.unload_model(triton_model, client_timeout=30)
+
+    async def is_ready(self, triton_model: str) -> bool:
+        try:
+            return bool(await self._control.is_model_ready(triton_model, client_timeout=5))
+        except InferenceServerException:
+            return False
+
+    async def loaded_models(self) -> set[str]:
+        """Models Triton has loaded or is loading."""
+        index = await self._control.get_model_repository_index(client_timeout=10)
+        return {model.name for model in index.models if model.state in ("READY", "LOADING")}
+
+    async def infer(
+        self, request: service_pb2.ModelInferRequest, timeout: float
+    ) -> service_pb2.ModelInferResponse:
+        try:
+            return await self._stub.ModelInfer(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _infer_error(exc) from None
+
+    async def close(self) -> None:
+        await self._control.close()
+        await self._channel.close()
+
+
+def _infer_error(error: grpc.aio.AioRpcError) -> Exception:
+    """Triton's answer to ModelInfer as the domain error the caller should see."""
+    details = error.details() or ""
+    if error.code() is grpc.StatusCode.UNAVAILABLE or "unknown model" in details or "is not ready" in details:
+        # Triton is restarting, or reloading the model after a restart: retrying will succeed.
+        return errors.Unavailable(
+            f"the model server is not ready for this deployment ({details}); retry shortly"
+        )
+    if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.DeadlineExceeded("the model did not answer within the deadline")
+    return domain_error("Triton", error)
+
+
+def _clean(message: str) -> str:
+    """Triton's load error without the status prefix and the Python traceback."""
+    message = message.split("\n\nAt:")[0].strip()
+    if message.startswith("[StatusCode."):
+        message = message.split("] ", 1)[-1]
+    return message[:2000]
+
+
+class TritonSupervisor:
+    """Runs tritonserver and keeps it running, or watches an external Triton's liveness.
+
+    After every (re)start it awaits `on_start` so that the service reloads its deployments;
+    when Triton goes away it awaits `on_exit` so that routes stop pointing at it.
+    """
+
+    # How often an external Triton's liveness is checked.
+    liveness_interval = 1.0
+
+    def __init__(
+        self,
+        *,
+        directory: Path,
+        client: TritonClient,
+        external: bool,
+        grpc_port: int,
+        http_port: int,
+        metrics_port: int,
+        start_timeout: float,
+        on_start: Callable[[], Awaitable[None]],
+        on_exit: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.directory = directory
+        self.client = client
+        self.external = external
+        self.ports = (grpc_port, http_port, metrics_port)
+        self.start_timeout = start_timeout
+        self.on_start = on_start
+        self.on_exit = on_exit
+        self.model_repository = directory / "models"
+        self.backend_dir = directory / "backends"
+        self.log_path = directory / "triton.log"
+        self.pid_path = directory / "triton.pid"
+        self._process: asyncio.subprocess.Process | None = None
+        self._watcher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Bring Triton up (or wait for the external one), run on_start, then keep watching."""
+        started = time.perf_counter()
+        if self.external:
+            await self._wait_live(deadline=time.monotonic() + self.start_timeout)
+        else:
+            await asyncio.to_thread(self._prepare)
+            await self._spawn()
+        log.info(
+            "triton up",
+            extra={"address": self.client.address, "seconds": round(time.perf_counter() - started, 2)},
+        )
+        await self._notify(self.on_start)
+        self._watcher = asyncio.create_task(
+            self._watch_external() if self.external else self._watch_process()
+        )
+
+    async def stop(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        if self._process and self._process.returncode is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self._process.wait(), timeout=15)
+            except TimeoutError:
+                log.warning("tritonserver ignored SIGTERM; killing it")
+                self._process.kill()
+                await self._process.wait()
+        self.pid_path.unlink(missing_ok=True)
+
+    def _prepare(self) -> None:
+        """The python backend from the wheel, with the stub built for this interpreter."""
+        python_dir = self.backend_dir / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = WHEEL_DIR / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.exists():
+            raise TritonStartError(
+                f"the nvidia-pytriton wheel ships no python backend stub for Python {version}"
+            )
+        wheel_backend = WHEEL_DIR / "backends" / "python"
+        for source in (
+            wheel_backend / "libtriton_python.so",
+            wheel_backend / "triton_python_backend_utils.py",
+            stub,
+        ):
+            target = python_dir / source.name
+            if not target.exists() or target.stat().st_size != source.stat().st_size:
+                shutil.copy2(source, target)
+        self.model_repository.mkdir(parents=True, exist_ok=True)
+        self._kill_leftover()
+
+    def _kill_leftover(self) -> None:
+        """A tritonserver left behind by a service that died without stopping it holds our ports."""
+        try:
+            pid = int(self.pid_path.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"tritonserver" in cmdline and str(self.model_repository).encode() in cmdline:
+            log.warning("killing a tritonserver left over from an earlier run", extra={"pid": pid})
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.05)
+
+    def _command(self) -> list[str]:
+        grpc_port, http_port, metrics_port = self.ports
+        return [
+            str(BINARY),
+            f"--model-repository={self.model_repository}",
+            "--model-control-mode=explicit",
+            f"--backend-directory={self.backend_dir}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={grpc_port}",
+            "--http-address=127.0.0.1",
+            f"--http-port={http_port}",
+            "--allow-metrics=true",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={metrics_port}",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=5",
+        ]
+
+    @staticmethod
+    def _environment() -> dict[str, str]:
+        env = dict(os.environ)
+        # The stub links libpython: this interpreter's own copy must win over any system one.
+        libraries = [
+            sysconfig.get_config_var("LIBDIR"),
+            str(WHEEL_DIR.parent.parent / "nvidia_pytriton.libs"),
+        ]
+        if env.get("LD_LIBRARY_PATH"):
+            libraries.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries)
+        # The stub finds its site-packages (torch, onnxruntime) through `python` on PATH.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    async def _spawn(self) -> None:
+        with open(self.log_path, "ab") as log_file:
+            log_file.write(f"\n==== starting tritonserver at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            log_file.flush()
+            # Its own session: a Ctrl-C meant for the service must not kill Triton behind our back.
+            self._process = await asyncio.create_subprocess_exec(
+                *self._command(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self._environment(),
+                start_new_session=True,
+            )
+        self.pid_path.write_text(str(self._process.pid))
+        try:
+            await self._wait_live(deadline=time.monotonic() + self.start_timeout)
+        except TritonStartError:
+            if self._process.returncode is None:
+                self._process.kill()
+                await self._process.wait()
+            raise
+
+    async def _wait_live(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self._process and self._process.returncode is not None:
+                raise TritonStartError(
+                    f"tritonserver exited with status {self._process.returncode}: {self._log_tail()}"
+                )
+            if await self.client.is_live(timeout=1.0):
+                return
+            await asyncio.sleep(0.1)
+        raise TritonStartError(
+            f"Triton at {self.client.address} was not live within {self.start_timeout:.0f} s"
+        )
+
+    async def _watch_process(self) -> None:
+        delay = 0.5
+        while True:
+            assert self._process is not None
+            up_since = time.monotonic()
+            status = await self._process.wait()
+            log.error(
+                "tritonserver exited; restarting it", extra={"status": status, "log_tail": self._log_tail()}
+            )
+            await self._notify(self.on_exit)
+            if time.monotonic() - up_since > 60:
+                delay = 0.5  # it ran well for a while: this is a fresh failure, not a crash loop
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                try:
+                    await self._spawn()
+                    break
+                except (TritonStartError, OSError) as exc:
+                    log.error("tritonserver restart failed", extra={"error": str(exc)})
+            RESTARTS.inc()
+            log.info("tritonserver restarted", extra={"pid": self._process.pid})
+            await self._notify(self.on_start)
+
+    async def _watch_external(self) -> None:
+        live = True
+        while True:
+            await asyncio.sleep(self.liveness_interval)
+            now_live = await self.client.is_live(timeout=2.0)
+            if live and not now_live:
+                log.error("external Triton is not live", extra={"address": self.client.address})
+                await self._notify(self.on_exit)
+            elif now_live and not live:
+                log.info("external Triton is live again", extra={"address": self.client.address})
+                await self._notify(self.on_start)
+            live = now_live
+
+    @staticmethod
+    async def _notify(callback: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await callback()
+        except Exception:
+            log.exception("Triton lifecycle callback failed")
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            with open(self.log_path, "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, handle.tell() - 8192))
+                return "\n".join(handle.read().decode(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""

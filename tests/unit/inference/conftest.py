@@ -1,0 +1,66 @@
+"""Fixtures for the inference service's unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from tests.unit.inference.inference_fakes import TENANT, FakeRegistry, FakeTriton
+
+from services.common.database import make_engine, upgrade
+from services.inference.artifacts import ArtifactCache
+from services.inference.repository import ModelRepository
+from services.inference.server import MIGRATIONS
+from services.inference.service import Deployments
+from services.inference.store import DeploymentStore
+
+
+@pytest.fixture
+def engine(tmp_path: Path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'inference.db'}")
+    upgrade(engine, MIGRATIONS)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(engine) -> DeploymentStore:
+    return DeploymentStore(engine)
+
+
+@pytest.fixture
+def registry() -> FakeRegistry:
+    registry = FakeRegistry()
+    registry.add("digits", 1)
+    registry.add("digits", 2, artifact=b"version two")
+    registry.aliases[(TENANT, "digits", "production")] = 1
+    return registry
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> ModelRepository:
+    return ModelRepository(tmp_path / "models", tmp_path / "staging")
+
+
+@pytest.fixture
+def triton(repository: ModelRepository) -> FakeTriton:
+    return FakeTriton(repository)
+
+
+@pytest.fixture
+async def deployments(store, registry, repository, triton, tmp_path: Path) -> AsyncIterator[Deployments]:
+    service = Deployments(
+        store=store,
+        registry=registry,  # type: ignore[arg-type]
+        artifacts=ArtifactCache(tmp_path / "artifacts", registry),  # type: ignore[arg-type]
+        repository=repository,
+        triton=triton,
+        gpu_available=False,
+        load_timeout=5,
+        load_concurrency=2,
+        predict_timeout=5,
+    )
+    await service.restore()
+    yield service
+    await service.close()

@@ -1,0 +1,124 @@
+"""Fakes for the inference service's unit tests: a registry and a Triton that live in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from maas.common.v1 import common_pb2
+from maas.registry.v1 import registry_pb2
+from services.common.errors import NotFound
+from services.inference.repository import ModelRepository
+from services.inference.triton import ModelLoadError
+
+TENANT = "acme"
+# The fake model: y = x @ WEIGHTS, 4 features in, 3 out.
+WEIGHTS = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+
+
+def linear_signature() -> common_pb2.Signature:
+    return common_pb2.Signature(
+        inputs=[common_pb2.TensorSpec(name="x", datatype=common_pb2.DATA_TYPE_FP32, shape=[4])],
+        outputs=[common_pb2.TensorSpec(name="y", datatype=common_pb2.DATA_TYPE_FP32, shape=[3])],
+    )
+
+
+class FakeRegistry:
+    """Versions per (tenant, model); artifacts are plain bytes."""
+
+    def __init__(self) -> None:
+        self.versions: dict[tuple[str, str, int], tuple[registry_pb2.Version, bytes]] = {}
+        self.aliases: dict[tuple[str, str, str], int] = {}
+        self.downloads = 0
+        self.corrupt = False
+
+    def add(
+        self,
+        model: str,
+        number: int,
+        *,
+        tenant: str = TENANT,
+        artifact: bytes = b"torchscript bytes",
+        fmt: int = registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
+        state: int = registry_pb2.VERSION_STATE_READY,
+        signature: common_pb2.Signature | None = None,
+    ) -> registry_pb2.Version:
+        version = registry_pb2.Version(
+            model=model,
+            version=number,
+            format=fmt,
+            signature=signature or linear_signature(),
+            sha256=hashlib.sha256(artifact).hexdigest(),
+            size_bytes=len(artifact),
+            state=state,
+        )
+        self.versions[(tenant, model, number)] = (version, artifact)
+        return version
+
+    async def get_version(
+        self, tenant: str, model: str, version: int | None, alias: str | None
+    ) -> registry_pb2.Version:
+        if alias is not None:
+            if (tenant, model, alias) not in self.aliases:
+                raise NotFound(f"alias {alias!r} of model {model!r} not found")
+            version = self.aliases[(tenant, model, alias)]
+        if (tenant, model, version) not in self.versions:
+            raise NotFound(f"version {version} of model {model!r} not found")
+        return self.versions[(tenant, model, version)][0]
+
+    async def chunks(self, tenant: str, model: str, version: int) -> AsyncIterator[bytes]:
+        self.downloads += 1
+        artifact = self.versions[(tenant, model, version)][1]
+        yield b"garbage" if self.corrupt else artifact
+
+
+class FakeTriton:
+    """Loads what the repository holds; answers ModelInfer with x @ WEIGHTS."""
+
+    address = "127.0.0.1:8001"
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+        self.loaded: set[str] = set()
+        self.loads: list[str] = []
+        self.fail_loads: str = ""  # when set, every load fails with this message
+        self.keep_old_on_failure = True  # what real Triton does when a reload fails
+        self.load_delay = 0.0
+        self.requests: list[service_pb2.ModelInferRequest] = []
+
+    async def load(self, triton_model: str, timeout: float) -> None:
+        self.loads.append(triton_model)
+        await asyncio.sleep(self.load_delay)
+        if not (self.repository.path(triton_model) / "config.pbtxt").exists():
+            raise ModelLoadError(f"failed to load '{triton_model}': no model directory")
+        if self.fail_loads:
+            if not self.keep_old_on_failure:
+                self.loaded.discard(triton_model)
+            raise ModelLoadError(self.fail_loads)
+        self.loaded.add(triton_model)
+
+    async def unload(self, triton_model: str) -> None:
+        self.loaded.discard(triton_model)
+
+    async def is_ready(self, triton_model: str) -> bool:
+        return triton_model in self.loaded
+
+    async def loaded_models(self) -> set[str]:
+        return set(self.loaded)
+
+    async def infer(
+        self, request: service_pb2.ModelInferRequest, timeout: float
+    ) -> service_pb2.ModelInferResponse:
+        self.requests.append(request)
+        x = np.frombuffer(request.raw_input_contents[0], dtype=np.float32).reshape(
+            tuple(request.inputs[0].shape)
+        )
+        y = x @ WEIGHTS
+        response = service_pb2.ModelInferResponse(model_name=request.model_name)
+        response.outputs.add(name="y", datatype="FP32", shape=y.shape)
+        response.raw_output_contents.append(y.astype(np.float32).tobytes())
+        return response

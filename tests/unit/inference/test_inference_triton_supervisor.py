@@ -1,0 +1,135 @@
+"""The parts of services.inference.triton that need no running Triton (the integration test
+drives the real one): command line, environment, backend dir, error mapping, external watching."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import sysconfig
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.common import errors
+from services.inference.triton import TritonStartError, TritonSupervisor, _clean, _infer_error
+
+
+class FakeClient:
+    address = "triton.internal:8001"
+
+    def __init__(self) -> None:
+        self.live = True
+
+    async def is_live(self, timeout: float = 1.0) -> bool:
+        return self.live
+
+
+def supervisor(
+    tmp_path: Path, client=None, external: bool = False, events: list | None = None, start_timeout=2.0
+):
+    events = [] if events is None else events
+
+    async def started() -> None:
+        events.append("start")
+
+    async def exited() -> None:
+        events.append("exit")
+
+    return TritonSupervisor(
+        directory=tmp_path,
+        client=client or FakeClient(),  # type: ignore[arg-type]
+        external=external,
+        grpc_port=18001,
+        http_port=18002,
+        metrics_port=18003,
+        start_timeout=start_timeout,
+        on_start=started,
+        on_exit=exited,
+    )
+
+
+def test_command_binds_loopback_in_explicit_mode(tmp_path: Path):
+    command = supervisor(tmp_path)._command()
+    assert command[0].endswith("/bin/tritonserver")
+    for flag in (
+        f"--model-repository={tmp_path / 'models'}",
+        "--model-control-mode=explicit",
+        f"--backend-directory={tmp_path / 'backends'}",
+        "--grpc-address=127.0.0.1",
+        "--grpc-port=18001",
+        "--http-address=127.0.0.1",
+        "--http-port=18002",
+        "--metrics-address=127.0.0.1",
+        "--metrics-port=18003",
+        "--strict-readiness=true",
+    ):
+        assert flag in command
+
+
+def test_environment_puts_this_interpreter_first(monkeypatch):
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/somewhere/else")
+    env = TritonSupervisor._environment()
+    libraries = env["LD_LIBRARY_PATH"].split(":")
+    assert libraries[0] == sysconfig.get_config_var("LIBDIR")
+    assert libraries[1].endswith("nvidia_pytriton.libs") and libraries[-1] == "/somewhere/else"
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+
+
+def test_prepare_copies_the_python_backend_with_this_pythons_stub(tmp_path: Path):
+    supervisor(tmp_path)._prepare()
+    backend = tmp_path / "backends" / "python"
+    names = {path.name for path in backend.iterdir()}
+    assert names == {"libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"}
+    assert (tmp_path / "models").is_dir()
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+@pytest.mark.parametrize(
+    "code, details, expected",
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, "unexpected shape for input 'x'", errors.InvalidArgument),
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", errors.Unavailable),
+        (grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'm_1' is not found", errors.Unavailable),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "", errors.DeadlineExceeded),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "too big", errors.ResourceExhausted),
+        (grpc.StatusCode.INTERNAL, "stub crashed", RuntimeError),
+    ],
+)
+def test_triton_statuses_become_domain_errors(code, details, expected):
+    assert type(_infer_error(rpc_error(code, details))) is expected
+
+
+def test_load_errors_lose_the_status_prefix_and_the_traceback():
+    message = (
+        "[StatusCode.INTERNAL] load failed for model 'm_1': version 1 is at UNAVAILABLE state: "
+        "Internal: RuntimeError: not a zip archive\n\nAt:\n  /x/model.py(58): initialize\n"
+    )
+    assert _clean(message) == (
+        "load failed for model 'm_1': version 1 is at UNAVAILABLE state: Internal: RuntimeError: not a zip archive"
+    )
+
+
+async def test_an_external_triton_is_watched_not_started(tmp_path: Path):
+    client = FakeClient()
+    events: list[str] = []
+    watched = supervisor(tmp_path, client, external=True, events=events)
+    watched.liveness_interval = 0.01
+    await watched.start()
+    assert events == ["start"] and not (tmp_path / "triton.pid").exists()
+    client.live = False
+    await asyncio.sleep(0.1)
+    client.live = True
+    await asyncio.sleep(0.1)
+    await watched.stop()
+    assert events == ["start", "exit", "start"]
+
+
+async def test_an_external_triton_that_never_answers_fails_the_start(tmp_path: Path):
+    client = FakeClient()
+    client.live = False
+    with pytest.raises(TritonStartError, match="was not live within 0 s"):
+        await supervisor(tmp_path, client, external=True, start_timeout=0.2).start()
