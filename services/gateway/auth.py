@@ -1,0 +1,133 @@
+"""Who is calling, and may they call this method: API keys, roles and the caller contextvar."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from google.protobuf.descriptor import ServiceDescriptor
+from tritonclient.grpc import service_pb2
+
+from maas.gateway.v1 import admin_pb2
+from maas.inference.v1 import inference_pb2
+from maas.registry.v1 import registry_pb2
+from maas.trainer.v1 import trainer_pb2
+from services.common.errors import PermissionDenied, Unauthenticated
+from services.gateway.keys import Role, parse_key, secret_matches
+from services.gateway.store import GatewayStore, KeyRecord
+
+MISSING_KEY = "missing API key: send metadata authorization: Bearer <key>"
+UNKNOWN_KEY = "API key not recognised: check it was copied whole, or ask an admin for a new one"
+# Bounds memory when callers send many made-up key ids (each is cached as "unknown").
+MAX_CACHED_KEYS = 100_000
+
+READ_PREFIXES = ("Get", "List", "Download", "Watch")
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str
+    role: Role
+    key_id: str
+
+
+caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
+
+
+def current_caller() -> Caller:
+    """The caller the authenticator admitted for this RPC."""
+    caller = caller_var.get()
+    if caller is None:
+        raise Unauthenticated(MISSING_KEY)
+    return caller
+
+
+def _methods(service: ServiceDescriptor) -> list[tuple[str, str]]:
+    return [(f"/{service.full_name}/{method.name}", method.name) for method in service.methods]
+
+
+def _required_roles() -> dict[str, Role]:
+    """Full method path -> the least role that may call it. Methods not listed are denied."""
+    roles: dict[str, Role] = {}
+    for path, name in _methods(admin_pb2.DESCRIPTOR.services_by_name["AdminService"]):
+        roles[path] = Role.READER if name == "WhoAmI" else Role.ADMIN
+    for service in (
+        registry_pb2.DESCRIPTOR.services_by_name["RegistryService"],
+        inference_pb2.DESCRIPTOR.services_by_name["InferenceService"],
+        trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"],
+    ):
+        for path, name in _methods(service):
+            reads = name.startswith(READ_PREFIXES) or name == "Predict"
+            roles[path] = Role.READER if reads else Role.DEVELOPER
+    for path, _ in _methods(service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]):
+        roles[path] = Role.READER
+    return roles
+
+
+REQUIRED_ROLE = _required_roles()
+
+
+def bearer_token(metadata: Mapping[str, str]) -> str:
+    value = metadata.get("authorization")
+    if not value:
+        raise Unauthenticated(MISSING_KEY)
+    scheme, _, token = value.partition(" ") if isinstance(value, str) else ("", "", "")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("malformed authorization metadata: expected 'Bearer <key>'")
+    return token.strip()
+
+
+class ApiKeyAuthenticator:
+    """The gateway's Authenticator (see services.common.interceptors)."""
+
+    def __init__(
+        self, store: GatewayStore, cache_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.store = store
+        self.cache_seconds = cache_seconds
+        self.clock = clock
+        # key id -> (expiry, the key or None when unknown); both answers are reused until expiry.
+        self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+
+    async def __call__(self, method: str, metadata: Mapping[str, str]) -> None:
+        key_id, secret = parse_key(bearer_token(metadata))
+        key = await self._lookup(key_id)
+        if key is None or not secret_matches(secret, key.secret_hash):
+            raise Unauthenticated(UNKNOWN_KEY)
+        if key.revoked:
+            raise Unauthenticated(
+                f"API key {key.id} was revoked; ask an admin of tenant {key.tenant!r} for a new one"
+            )
+        required = REQUIRED_ROLE.get(method)
+        if required is None:
+            raise PermissionDenied(f"method {method[:120]!r} is not available through the gateway")
+        if key.role < required:
+            raise PermissionDenied(
+                f"this call needs the {required.name.lower()} role or above; "
+                f"API key {key.id} has the {key.role.name.lower()} role"
+            )
+        caller_var.set(Caller(key.tenant, key.role, key.id))
+
+    def forget(self, key_id: str) -> None:
+        """Drop a cached lookup (after a revocation through this gateway)."""
+        self._cache.pop(key_id, None)
+
+    async def _lookup(self, key_id: str) -> KeyRecord | None:
+        now = self.clock()
+        cached = self._cache.get(key_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        key = await asyncio.to_thread(self.store.get_key, key_id)
+        if self.cache_seconds > 0:
+            if len(self._cache) >= MAX_CACHED_KEYS:
+                self._evict(now)
+            self._cache[key_id] = (now + self.cache_seconds, key)
+        return key
+
+    def _evict(self, now: float) -> None:
+        self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+        if len(self._cache) >= MAX_CACHED_KEYS:
+            self._cache.clear()

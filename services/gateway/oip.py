@@ -1,0 +1,145 @@
+"""The standard Open Inference Protocol (inference.GRPCInferenceService) on the gateway, so
+that stock tritonclient works against it. Model names are deployment names in the caller's
+tenant; inference goes straight to the deployment's Triton."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from maas.common.v1 import common_pb2
+from services.common.errors import InvalidArgument, NotFound
+from services.common.oip import headers_of_infer
+from services.common.tensors import BY_PROTO
+from services.gateway.auth import current_caller
+from services.gateway.routes import LiveRoute, RouteTable, infer
+
+SERVER_NAME = "maas-gateway"
+SERVICE = "inference.GRPCInferenceService"
+PLATFORM = "maas"
+BATCH_DIM = -1
+
+
+class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, routes: RouteTable) -> None:
+        self.routes = routes
+
+    async def ServerLive(self, request, context):  # noqa: N802
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):  # noqa: N802
+        # Ready once the gateway knows where the deployments are served.
+        return service_pb2.ServerReadyResponse(ready=self.routes.synced)
+
+    async def ServerMetadata(self, request, context):  # noqa: N802
+        version = importlib.metadata.version("maas")
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=version)
+
+    async def ModelReady(self, request, context):  # noqa: N802
+        live = self.routes.get(current_caller().tenant, request.name)
+        ready = live is not None and live.route.ready and request.version in ("", str(live.route.version))
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        live = self._find(request.name, request.version)
+        return service_pb2.ModelMetadataResponse(
+            name=request.name,
+            versions=[str(live.route.version)],
+            platform=PLATFORM,
+            inputs=_tensor_metadata(live.route.signature.inputs),
+            outputs=_tensor_metadata(live.route.signature.outputs),
+        )
+
+    async def ModelConfig(self, request, context):  # noqa: N802
+        # Enough of Triton's model config for tools such as perf_analyzer to shape their requests.
+        live = self._find(request.name, request.version)
+        config = model_config_pb2.ModelConfig(
+            name=request.name, platform=PLATFORM, max_batch_size=live.route.max_batch_size
+        )
+        # With batching on, Triton's dims leave out the batch dimension, as a signature does.
+        batch = [] if live.route.max_batch_size > 0 else [BATCH_DIM]
+        for spec in live.route.signature.inputs:
+            config.input.add(name=spec.name, data_type=_config_type(spec), dims=[*batch, *spec.shape])
+        for spec in live.route.signature.outputs:
+            config.output.add(name=spec.name, data_type=_config_type(spec), dims=[*batch, *spec.shape])
+        return service_pb2.ModelConfigResponse(config=config)
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        deployment = request.model_name
+        live = self.routes.find_ready(current_caller().tenant, deployment)
+        _check_version(live, request.model_version)
+        _refuse_shared_memory(request)
+        live.signature.validate(headers_of_infer(request), [output.name for output in request.outputs])
+        request.model_name = live.route.triton_model
+        request.model_version = ""
+        response = await infer(live, request, context)
+        response.model_name = deployment
+        response.model_version = str(live.route.version)
+        return response
+
+    def _find(self, deployment: str, version: str) -> LiveRoute:
+        live = self.routes.find(current_caller().tenant, deployment)
+        _check_version(live, version)
+        return live
+
+
+def _check_version(live: LiveRoute, version: str) -> None:
+    if version not in ("", str(live.route.version)):
+        raise NotFound(
+            f"deployment {live.route.deployment!r} serves version {live.route.version}, "
+            f"not {version[:20]!r}; leave the model version empty"
+        )
+
+
+def _refuse_shared_memory(request: service_pb2.ModelInferRequest) -> None:
+    # Regions live on the Triton host, which callers of the gateway do not share.
+    for tensor in (*request.inputs, *request.outputs):
+        if "shared_memory_region" in tensor.parameters:
+            raise InvalidArgument(
+                f"tensor {tensor.name[:80]!r} refers to a shared memory region; shared memory is not "
+                "available through the gateway: send the data in the request"
+            )
+
+
+def _tensor_metadata(
+    specs: Iterable[common_pb2.TensorSpec],
+) -> list[service_pb2.ModelMetadataResponse.TensorMetadata]:
+    return [
+        service_pb2.ModelMetadataResponse.TensorMetadata(
+            name=spec.name, datatype=BY_PROTO[spec.datatype].triton, shape=[BATCH_DIM, *spec.shape]
+        )
+        for spec in specs
+    ]
+
+
+def _config_type(spec: common_pb2.TensorSpec) -> int:
+    return model_config_pb2.DataType.Value(BY_PROTO[spec.datatype].config)
+
+
+def _not_exposed(name: str, streaming: bool) -> Callable[..., Any]:
+    message = (
+        f"{name} is not exposed through the gateway: it serves health, metadata, config and ModelInfer; "
+        "model repository control, shared memory, statistics, trace and log settings stay internal"
+    )
+    if streaming:
+
+        async def refuse_stream(self: Any, requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+            yield  # unreachable; makes this an async generator, as the interceptor requires
+
+        return refuse_stream
+
+    async def refuse(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    return refuse
+
+
+# Every other method of the service answers UNIMPLEMENTED, including ones a newer protocol adds.
+for _method in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+    if _method.name not in vars(OipServicer):
+        setattr(OipServicer, _method.name, _not_exposed(_method.name, _method.server_streaming))

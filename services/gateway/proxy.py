@@ -1,0 +1,184 @@
+"""Pass-through of the internal services' public APIs: messages move as raw bytes, the caller's
+tenant is asserted in metadata, deadlines and cancellation carry over, statuses come back as-is."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import MethodDescriptor
+
+from maas.inference.v1 import inference_pb2
+from maas.registry.v1 import registry_pb2
+from maas.trainer.v1 import trainer_pb2
+from services.common.channels import CHANNEL_OPTIONS, internal_metadata, open_channel
+from services.common.errors import NotFound
+from services.gateway.auth import current_caller
+
+log = logging.getLogger(__name__)
+
+# Backend name -> the service it serves publicly through the gateway.
+FORWARDED = {
+    "registry": registry_pb2.DESCRIPTOR.services_by_name["RegistryService"],
+    "inference": inference_pb2.DESCRIPTOR.services_by_name["InferenceService"],
+    "trainer": trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"],
+}
+
+# Client metadata never forwarded: credentials, headers only the gateway may assert, and the
+# ones gRPC or internal_metadata set themselves.
+DROPPED_KEYS = {"authorization", "x-request-id", "user-agent"}
+DROPPED_PREFIXES = ("x-maas-", "grpc-", ":")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Long-lived channels to one internal service."""
+
+    name: str
+    channel: grpc.aio.Channel
+    # The blocking API, for client-streaming calls only (see Proxy._upload).
+    upload_channel: grpc.Channel
+
+    @classmethod
+    def open(cls, name: str, address: str) -> Backend:
+        return cls(name, open_channel(address), grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+
+    async def close(self) -> None:
+        await self.channel.close()
+        self.upload_channel.close()
+
+
+class Proxy(grpc.GenericRpcHandler):
+    def __init__(
+        self, token: str, backends: Mapping[str, Backend], served_here: Collection[str] = ()
+    ) -> None:
+        """`backends` holds one Backend per FORWARDED name; methods in `served_here` (full
+        paths) are left to the gateway's own handlers."""
+        self.token = token
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._unary: dict[str, tuple[Backend, grpc.aio.UnaryUnaryMultiCallable]] = {}
+        for name, service in FORWARDED.items():
+            backend = backends[name]
+            for method in service.methods:
+                path = f"/{service.full_name}/{method.name}"
+                if not (method.client_streaming or method.server_streaming):
+                    self._unary[path] = (backend, backend.channel.unary_unary(path))
+                if path not in served_here:
+                    self._handlers[path] = self._handler(backend, path, method)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(handler_call_details.method)
+
+    async def forward_unary(self, path: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Forward one serialized unary request to the backend serving `path`."""
+        if path not in self._unary:
+            raise NotFound(f"no backend serves {path}")
+        backend, call = self._unary[path]
+        try:
+            return await call(request, metadata=self._metadata(context), timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as error:
+            await self._abort(backend, error, context)
+            raise  # unreachable: abort raises
+
+    def _handler(self, backend: Backend, path: str, method: MethodDescriptor) -> grpc.RpcMethodHandler:
+        if not method.server_streaming:
+            if method.client_streaming:
+                upload_call = backend.upload_channel.stream_unary(path)
+
+                async def upload(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+                    return await self._upload(backend, upload_call, requests, context)
+
+                return grpc.stream_unary_rpc_method_handler(upload)
+
+            async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+                return await self.forward_unary(path, request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary)
+
+        channel = backend.channel
+        stream_call = (channel.stream_stream if method.client_streaming else channel.unary_stream)(path)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            call = stream_call(request, metadata=self._metadata(context), timeout=context.time_remaining())
+            try:
+                async for response in call:
+                    yield response
+            except grpc.aio.AioRpcError as error:
+                await self._abort(backend, error, context)
+            finally:
+                # The client went away or the stream ended: either way the backend can stop.
+                call.cancel()
+
+        if method.client_streaming:
+            return grpc.stream_stream_rpc_method_handler(stream)
+        return grpc.unary_stream_rpc_method_handler(stream)
+
+    async def _upload(
+        self,
+        backend: Backend,
+        call: grpc.StreamUnaryMultiCallable,
+        requests: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext,
+    ) -> bytes:
+        """Client streaming through the blocking API. grpc.aio's client replaces the backend's
+        status with INTERNAL "Internal error from Core" when the backend ends the call while a
+        write is in flight (grpc/grpc#36066): an upload the registry rejects early would lose
+        its reason. gRPC's own thread pulls the requests from this event loop."""
+        loop = asyncio.get_running_loop()
+        future = call.future(
+            _pull(requests, loop), metadata=self._metadata(context), timeout=context.time_remaining()
+        )
+        finished = loop.create_future()
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(_resolve, finished))
+        try:
+            await finished
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        try:
+            return future.result()
+        except grpc.RpcError as error:
+            await self._abort(backend, error, context)
+            raise  # unreachable: abort raises
+
+    def _metadata(self, context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
+        forwarded = tuple(
+            (key, value)
+            for key, value in context.invocation_metadata() or ()
+            if key not in DROPPED_KEYS and not key.startswith(DROPPED_PREFIXES)
+        )
+        return forwarded + internal_metadata(self.token, current_caller().tenant)
+
+    async def _abort(self, backend: Backend, error: Any, context: grpc.aio.ServicerContext) -> None:
+        """Relay a backend's failure (an AioRpcError or a blocking grpc.RpcError) to the caller."""
+        code, details = error.code(), error.details() or ""
+        # UNAVAILABLE while the channel is not connected means the backend itself is down;
+        # an UNAVAILABLE from a connected backend is its own answer and is relayed as-is.
+        connected = backend.channel.get_state() is grpc.ChannelConnectivity.READY
+        if code is grpc.StatusCode.UNAVAILABLE and not connected:
+            log.warning("backend unavailable", extra={"backend": backend.name, "details": details})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{backend.name} is unavailable, retry later")
+        # Trailers carry google.rpc status details a client can act on.
+        await context.abort(code, details, tuple(error.trailing_metadata() or ()))
+
+
+def _pull(requests: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:
+    """The caller's request stream as a blocking iterator, for gRPC's request-sending thread."""
+
+    async def next_request() -> bytes:
+        return await anext(requests)
+
+    while True:
+        try:
+            yield asyncio.run_coroutine_threadsafe(next_request(), loop).result()
+        except StopAsyncIteration:
+            return
+
+
+def _resolve(finished: asyncio.Future[None]) -> None:
+    if not finished.done():
+        finished.set_result(None)

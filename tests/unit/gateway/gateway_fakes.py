@@ -1,0 +1,311 @@
+"""In-process fakes of the gateway's backends (registry, inference, trainer, Triton) and a
+helper that starts the real gateway in front of them. Used only by the gateway's unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from maas.common.v1 import common_pb2
+from maas.gateway.v1 import admin_pb2, admin_pb2_grpc
+from maas.inference.v1 import inference_pb2, inference_pb2_grpc
+from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.common.interceptors import TENANT_KEY
+from services.common.server import running
+from services.gateway.config import GatewaySettings
+from services.gateway.server import bootstrap_admin, create_app
+
+TOKEN = "internal-test-token"
+
+
+def closed_address() -> str:
+    """An address nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self) -> None:
+        self.metadata: list[dict] = []  # invocation metadata of every call
+        self.time_remaining: list[float | None] = []
+        self.download_cancelled = asyncio.Event()
+        self.upload_ended = asyncio.Event()
+
+    def _record(self, context: grpc.aio.ServicerContext) -> str:
+        metadata = dict(context.invocation_metadata())
+        self.metadata.append(metadata)
+        self.time_remaining.append(context.time_remaining())
+        return metadata.get(TENANT_KEY, "")
+
+    async def GetModel(self, request, context):  # noqa: N802
+        tenant = self._record(context)
+        if request.name == "missing":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "model 'missing' not found")
+        if request.name == "busy":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "registry is busy compacting, retry later")
+        if request.name == "slow":
+            await asyncio.sleep(5)
+        return registry_pb2.GetModelResponse(model=registry_pb2.Model(name=request.name, description=tenant))
+
+    async def CreateModel(self, request, context):  # noqa: N802
+        tenant = self._record(context)
+        model = registry_pb2.Model(name=request.name, description=tenant)
+        return registry_pb2.CreateModelResponse(model=model)
+
+    async def UploadVersion(self, request_iterator, context):  # noqa: N802
+        tenant = self._record(context)
+        header = None
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            async for message in request_iterator:
+                if header is None:
+                    header = message.header
+                    if header.model == "bad":
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model 'bad' has no signature")
+                    continue
+                digest.update(message.chunk)
+                size += len(message.chunk)
+        finally:
+            # A cancelled client stream reaches a handler as the end of its requests.
+            self.upload_ended.set()
+        version = registry_pb2.Version(
+            model=header.model, version=1, sha256=digest.hexdigest(), size_bytes=size, precision=tenant
+        )
+        return registry_pb2.UploadVersionResponse(version=version)
+
+    async def DownloadVersion(self, request, context):  # noqa: N802
+        tenant = self._record(context)
+        if request.model == "missing":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "model 'missing' not found")
+        yield registry_pb2.DownloadVersionResponse(
+            version=registry_pb2.Version(model=request.model, version=request.version, precision=tenant)
+        )
+        if request.model == "endless":
+            try:
+                while True:
+                    yield registry_pb2.DownloadVersionResponse(chunk=b"x" * 1024)
+                    await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                self.download_cancelled.set()
+                raise
+        for chunk in (b"abc", b"def"):
+            yield registry_pb2.DownloadVersionResponse(chunk=chunk)
+
+
+class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self) -> None:
+        self.predicts: list[inference_pb2.PredictRequest] = []
+        self.metadata: list[dict] = []
+
+    async def GetDeployment(self, request, context):  # noqa: N802
+        metadata = dict(context.invocation_metadata())
+        self.metadata.append(metadata)
+        deployment = inference_pb2.Deployment(name=request.name, message=metadata.get(TENANT_KEY, ""))
+        return inference_pb2.GetDeploymentResponse(deployment=deployment)
+
+    async def Predict(self, request, context):  # noqa: N802
+        self.predicts.append(request)
+        self.metadata.append(dict(context.invocation_metadata()))
+        return inference_pb2.PredictResponse(model="served-by-inference", version=7)
+
+
+class FakeRouting(inference_pb2_grpc.RoutingServiceServicer):
+    """WatchRoutes sends the current table on connect and after every publish."""
+
+    def __init__(self, routes: list[inference_pb2.Route], available: bool = True) -> None:
+        self.routes = routes
+        self.available = available
+        self.metadata: list[dict] = []
+        self._subscribers: set[asyncio.Queue] = set()
+
+    def publish(self, routes: list[inference_pb2.Route]) -> None:
+        self.routes = routes
+        for queue in self._subscribers:
+            queue.put_nowait(routes)
+
+    def end_streams(self) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(None)
+
+    async def WatchRoutes(self, request, context):  # noqa: N802
+        self.metadata.append(dict(context.invocation_metadata()))
+        if not self.available:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "inference is starting")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            routes = self.routes
+            while routes is not None:
+                yield inference_pb2.WatchRoutesResponse(routes=routes)
+                routes = await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+
+class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """ModelInfer echoes each input back as output "y"; "broken" fails like a crashing model."""
+
+    def __init__(self) -> None:
+        self.requests: list[service_pb2.ModelInferRequest] = []
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        self.requests.append(request)
+        if request.model_name == "acme--broken--1":
+            await context.abort(
+                grpc.StatusCode.INTERNAL, "Failed to process the request for model 'acme--broken--1': boom"
+            )
+        response = service_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
+        first = request.inputs[0]
+        response.outputs.add(name="y", datatype=first.datatype, shape=first.shape)
+        response.raw_output_contents.append(request.raw_input_contents[0])
+        return response
+
+
+def signature() -> common_pb2.Signature:
+    return common_pb2.Signature(
+        inputs=[common_pb2.TensorSpec(name="x", datatype=common_pb2.DATA_TYPE_FP32, shape=[4])],
+        outputs=[common_pb2.TensorSpec(name="y", datatype=common_pb2.DATA_TYPE_FP32, shape=[4])],
+    )
+
+
+def route(tenant: str, deployment: str, triton_address: str, ready: bool = True) -> inference_pb2.Route:
+    return inference_pb2.Route(
+        tenant=tenant,
+        deployment=deployment,
+        model="digits",
+        version=1,
+        triton_model=f"{tenant}--{deployment}--1",
+        triton_address=triton_address,
+        signature=signature(),
+        max_batch_size=8,
+        ready=ready,
+    )
+
+
+async def serve(*mounts) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    for add_to_server, servicer in mounts:
+        add_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@dataclass
+class Stack:
+    """The real gateway in front of fakes, with tenants "acme" and "other" and keys for each role."""
+
+    port: int
+    channel: grpc.aio.Channel
+    settings: GatewaySettings
+    registry: FakeRegistry
+    inference: FakeInference
+    routing: FakeRouting
+    triton: FakeTriton
+    triton_address: str
+    keys: dict[str, str] = field(default_factory=dict)  # "admin", "reader", ... -> plaintext
+    key_ids: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def admin(self) -> admin_pb2_grpc.AdminServiceStub:
+        return admin_pb2_grpc.AdminServiceStub(self.channel)
+
+    @property
+    def registry_stub(self) -> registry_pb2_grpc.RegistryServiceStub:
+        return registry_pb2_grpc.RegistryServiceStub(self.channel)
+
+    @property
+    def inference_stub(self) -> inference_pb2_grpc.InferenceServiceStub:
+        return inference_pb2_grpc.InferenceServiceStub(self.channel)
+
+    def auth(self, who: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.keys[who]}"),)
+
+    async def wait_for_routes(self) -> None:
+        # The route watcher runs in the background; poll until its table arrived.
+        for _ in range(200):
+            ready = await self.oip_ready()
+            if ready:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the gateway never received the routing table")
+
+    async def oip_ready(self) -> bool:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        response = await stub.ServerReady(service_pb2.ServerReadyRequest(), metadata=self.auth("reader"))
+        return response.ready
+
+
+@contextlib.asynccontextmanager
+async def gateway_stack(tmp_path: Path, *, routes_available: bool = True) -> AsyncIterator[Stack]:
+    registry, inference, triton = FakeRegistry(), FakeInference(), FakeTriton()
+    triton_server, triton_address = await serve(
+        (service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, triton)
+    )
+    routing = FakeRouting(
+        [
+            route("acme", "mlp", triton_address),
+            route("acme", "loading", triton_address, ready=False),
+            route("acme", "broken", triton_address),
+            route("acme", "orphan", closed_address()),
+            route("other", "secret", triton_address),
+        ],
+        available=routes_available,
+    )
+    registry_server, registry_address = await serve(
+        (registry_pb2_grpc.add_RegistryServiceServicer_to_server, registry)
+    )
+    inference_server, inference_address = await serve(
+        (inference_pb2_grpc.add_InferenceServiceServicer_to_server, inference),
+        (inference_pb2_grpc.add_RoutingServiceServicer_to_server, routing),
+    )
+    settings = GatewaySettings(
+        home=tmp_path,
+        gateway_addr="127.0.0.1:0",
+        registry_addr=registry_address,
+        inference_addr=inference_address,
+        trainer_addr=closed_address(),
+        internal_token=TOKEN,
+    )
+    try:
+        key_file = tmp_path / "admin.key"
+        await bootstrap_admin(settings, key_file)
+        app = await create_app(settings)
+        async with running(app) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stack = Stack(
+                server.port, channel, settings, registry, inference, routing, triton, triton_address
+            )
+            stack.keys["admin-of-admin"] = key_file.read_text().strip()
+            await _onboard(stack)
+            yield stack
+    finally:
+        for fake in (triton_server, registry_server, inference_server):
+            await fake.stop(0)
+
+
+async def _onboard(stack: Stack) -> None:
+    admin = stack.admin
+    root = stack.auth("admin-of-admin")
+    for tenant in ("acme", "other"):
+        await admin.CreateTenant(admin_pb2.CreateTenantRequest(name=tenant), metadata=root)
+    for who, tenant, role in (
+        ("reader", "acme", admin_pb2.ROLE_READER),
+        ("developer", "acme", admin_pb2.ROLE_DEVELOPER),
+        ("admin", "acme", admin_pb2.ROLE_ADMIN),
+        ("other", "other", admin_pb2.ROLE_DEVELOPER),
+    ):
+        created = await admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(tenant=tenant, role=role, description=who), metadata=root
+        )
+        stack.keys[who] = created.plaintext
+        stack.key_ids[who] = created.api_key.id
