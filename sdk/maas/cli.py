@@ -440,7 +440,7 @@ def deploy_get(name: str, api_key: ApiKeyOption = None, address: AddressOption =
     for role, specs in (("input", d.signature.inputs), ("output", d.signature.outputs)):
         for spec in specs:
             dtype = common_pb2.DataType.Name(spec.datatype).removeprefix("DATA_TYPE_")
-            console.print(f"  {role} {spec.name}: {dtype} [batch, {', '.join(map(str, spec.shape))}]")
+            console.print(f"  {role} {spec.name}: {dtype} [batch, {', '.join(map(str, spec.shape))}]", markup=False)
 
 
 @deploy_app.command("delete")

@@ -37,8 +37,10 @@ class ServerSpec:
     servicers: Sequence[Servicer]
     authenticate: Authenticator | None = None
     max_message_bytes: int = 64 * 1024 * 1024
-    # Raw handlers mounted beside the servicers (the gateway's pass-through proxy).
+    # Raw handlers mounted beside the servicers (the gateway's pass-through proxy), and the
+    # full names of the services they serve, so health and reflection list those too.
     generic_handlers: Sequence[grpc.GenericRpcHandler] = field(default_factory=list)
+    generic_service_names: Sequence[str] = ()
 
 
 @dataclass
@@ -74,7 +76,7 @@ async def start_server(spec: ServerSpec) -> RunningServer:
         server.add_generic_rpc_handlers(tuple(spec.generic_handlers))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [m.full_name for m in spec.servicers]
+    names = list(dict.fromkeys([*(m.full_name for m in spec.servicers), *spec.generic_service_names]))
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(spec.address)
     if port == 0:

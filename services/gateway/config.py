@@ -11,11 +11,10 @@ class GatewaySettings(CommonSettings):
     gateway_metrics_addr: str = "127.0.0.1:9151"
     # Empty means the embedded SQLite file under `home`.
     gateway_database_url: str = ""
-    registry_addr: str = "127.0.0.1:50052"
-    inference_addr: str = "127.0.0.1:50053"
-    trainer_addr: str = "127.0.0.1:50054"
     # How long a key lookup (found or not) is reused; bounds how late a revocation takes effect.
     auth_cache_seconds: float = 1.0
+    # Deadline for the call to Triton when the client sent none, so that nothing waits forever.
+    predict_timeout_seconds: float = 60.0
 
     @model_validator(mode="after")
     def _default_database(self) -> GatewaySettings:

@@ -76,7 +76,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         live.signature.validate(headers_of_infer(request), [output.name for output in request.outputs])
         request.model_name = live.route.triton_model
         request.model_version = ""
-        response = await infer(live, request, context)
+        response = await infer(live, request, context, self.routes.default_timeout)
         response.model_name = deployment
         response.model_version = str(live.route.version)
         return response

@@ -38,7 +38,7 @@ class PredictHandler:
         live = self.routes.find_ready(tenant, name)
         live.signature.validate(headers_of_predict(message), message.output_names)
         infer_request = infer_request_of_predict(message, live.route.triton_model, request_id_var.get())
-        response = await infer(live, infer_request, context)
+        response = await infer(live, infer_request, context, self.routes.default_timeout)
         return predict_response_of_infer(response, live.route.model, live.route.version).SerializeToString()
 
 

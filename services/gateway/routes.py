@@ -33,7 +33,8 @@ class LiveRoute:
 
 
 class RouteTable:
-    def __init__(self, inference: grpc.aio.Channel, token: str) -> None:
+    def __init__(self, inference: grpc.aio.Channel, token: str, default_timeout: float = 60.0) -> None:
+        self.default_timeout = default_timeout
         self._watch_routes = inference_pb2_grpc.RoutingServiceStub(inference).WatchRoutes
         self._metadata = ((INTERNAL_TOKEN_KEY, token),)
         self._routes: dict[tuple[str, str], LiveRoute] = {}
@@ -126,12 +127,15 @@ class RouteTable:
 
 
 async def infer(
-    live: LiveRoute, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    live: LiveRoute,
+    request: service_pb2.ModelInferRequest,
+    context: grpc.aio.ServicerContext,
+    default_timeout: float,
 ) -> service_pb2.ModelInferResponse:
     """One ModelInfer on the route's Triton, its errors mapped to what the caller can act on."""
     deployment = live.route.deployment
     try:
-        return await live.triton.ModelInfer(request, timeout=context.time_remaining())
+        return await live.triton.ModelInfer(request, timeout=context.time_remaining() or default_timeout)
     except grpc.aio.AioRpcError as error:
         # Triton names its own model; the caller knows only the deployment.
         details = (error.details() or "").replace(live.route.triton_model, deployment)

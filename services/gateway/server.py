@@ -37,7 +37,7 @@ async def create_app(settings: GatewaySettings) -> App:
     }
     backends = {name: Backend.open(name, addresses[name]) for name in FORWARDED}
     proxy = Proxy(settings.internal_token, backends, served_here={predict.PREDICT_PATH})
-    routes = RouteTable(backends["inference"].channel, settings.internal_token)
+    routes = RouteTable(backends["inference"].channel, settings.internal_token, settings.predict_timeout_seconds)
     spec = ServerSpec(
         service="gateway",
         address=settings.gateway_addr,
@@ -58,6 +58,7 @@ async def create_app(settings: GatewaySettings) -> App:
         authenticate=authenticator,
         max_message_bytes=settings.max_message_bytes,
         generic_handlers=[proxy],
+        generic_service_names=[service.full_name for service in FORWARDED.values()],
     )
 
     async def on_start(_: RunningServer) -> None:

@@ -15,7 +15,7 @@ import grpc
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.channels import internal_metadata
 from services.common.errors import DataLoss, Unavailable
-from services.inference.remote_errors import domain_error
+from services.common.remote_errors import domain_error
 
 log = logging.getLogger(__name__)
 

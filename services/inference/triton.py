@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.common import errors
 from services.common.channels import open_channel
-from services.inference.remote_errors import domain_error
+from services.common.remote_errors import domain_error
 
 log = logging.getLogger(__name__)
 

@@ -215,3 +215,21 @@ def test_delete_deployment(deployed, digits) -> None:
     deployed.delete_deployment("short-lived")
     expect_error(grpc.StatusCode.NOT_FOUND, deployed.predict, "short-lived", {"x": digits.test_x[:1]})
     expect_error(grpc.StatusCode.NOT_FOUND, deployed.get_deployment, "short-lived")
+
+
+def test_gateway_lists_every_public_service_in_reflection_and_health(stack) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(stack.gateway) as channel:
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {service.name for service in answer.list_services_response.service}
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("maas.registry.v1.RegistryService", "maas.inference.v1.InferenceService",
+                        "maas.trainer.v1.TrainerService", "maas.gateway.v1.AdminService",
+                        "inference.GRPCInferenceService"):
+            assert service in names
+            status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        assert "maas.inference.v1.RoutingService" not in names
