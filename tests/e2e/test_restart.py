@@ -44,6 +44,16 @@ def triton_pid(stack: EphemeralStack) -> int:
     return pids[0]
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: it only waits for its parent to collect it.
+    status = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
+    return bool(status.strip()) and not status.strip().startswith("Z")
+
+
 def test_kills_and_restarts(tmp_path, digits) -> None:
     stack = EphemeralStack(home=tmp_path / "home").up()
     try:
@@ -71,7 +81,10 @@ def test_kills_and_restarts(tmp_path, digits) -> None:
 
         # The whole stack restarts on the same home: keys, models and deployments are all back.
         admin_key = stack.admin_key
+        started = json.loads((stack.home / "run" / "stack.json").read_text())
+        pids = [started["supervisor_pid"], triton_pid(stack), *(c["pid"] for c in started["children"].values())]
         stack.down()
+        assert [pid for pid in pids if alive(pid)] == [], "maas down left processes running"
         stack.up()
         assert stack.admin_key == admin_key
         acme = Client(stack.gateway, key)

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from onnx import TensorProto, helper
 from sqlalchemy import inspect
@@ -25,36 +22,9 @@ from services.registry.store import ArtifactFormat, RegistryStore
 
 pytestmark = pytest.mark.postgres
 
-SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
-
-
-def admin_connection() -> psycopg.Connection:
-    try:
-        return psycopg.connect(
-            "postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=3
-        )
-    except psycopg.OperationalError as exc:
-        message = f"PostgreSQL is not reachable on 127.0.0.1:5432 as user postgres: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message} (CI must provide it)")
-        pytest.skip(message)
-
-
 @pytest.fixture
-def database_url() -> Iterator[str]:
-    name = f"registry_test_{uuid.uuid4().hex[:12]}"
-    with admin_connection() as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{SERVER}/{name}"
-    finally:
-        with admin_connection() as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-def registry(database_url: str, tmp_path: Path) -> Iterator[Registry]:
-    engine = make_engine(database_url)
+def registry(postgres_url: str, tmp_path: Path) -> Iterator[Registry]:
+    engine = make_engine(postgres_url)
     upgrade(engine, MIGRATIONS)
     upgrade(engine, MIGRATIONS)  # idempotent
     assert {"models", "versions", "aliases", "datasets", "dataset_versions"} <= set(

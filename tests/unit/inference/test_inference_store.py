@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from maas.common.v1 import common_pb2
 from services.common.database import make_engine, upgrade
@@ -16,35 +15,20 @@ from services.common.validation import Page
 from services.inference.server import MIGRATIONS
 from services.inference.store import FAILED, LOADING, READY, Deployment, DeploymentStore, now
 
-POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request, tmp_path: Path):
+def database_url(request, tmp_path: Path) -> str:
     if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'inference.db'}")
-        upgrade(engine, MIGRATIONS)
-        yield DeploymentStore(engine)
-        engine.dispose()
-        return
-    database = f"inference_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{database}"'))
-    except Exception as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}")
-    try:
-        upgrade(engine, MIGRATIONS)
-        upgrade(engine, MIGRATIONS)  # a second start-up finds the schema current
-        yield DeploymentStore(engine)
-    finally:
-        engine.dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        admin.dispose()
+        return f"sqlite:///{tmp_path / 'inference.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(database_url: str):
+    engine = make_engine(database_url)
+    upgrade(engine, MIGRATIONS)
+    upgrade(engine, MIGRATIONS)  # a second start-up finds the schema current
+    yield DeploymentStore(engine)
+    engine.dispose()
 
 
 def deployment(name: str = "web", tenant: str = "acme", **changes) -> Deployment:
