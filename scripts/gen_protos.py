@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
+import shutil
 import sys
 import tempfile
 from importlib import resources
@@ -54,12 +55,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail if checked-in stubs drift")
     check = parser.parse_args().check
-    if not check:
-        for stale in generated_files(SDK):
-            (SDK / stale).unlink()
-        generate(SDK)
-        return 0
     with tempfile.TemporaryDirectory() as scratch:
+        if not check:
+            # Generate aside first: a proto that fails to compile leaves the SDK as it was.
+            generate(Path(scratch))
+            for stale in generated_files(SDK):
+                (SDK / stale).unlink()
+            packages = {p.relative_to(scratch) for p in Path(scratch).rglob("__init__.py")}
+            for fresh in sorted(generated_files(Path(scratch)) | packages):
+                target = SDK / fresh
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if fresh.name != "__init__.py" or not target.exists():
+                    shutil.copyfile(Path(scratch) / fresh, target)
+            return 0
         fresh = Path(scratch)
         generate(fresh)
         want, have = generated_files(fresh), generated_files(SDK)
