@@ -1,0 +1,29 @@
+"""The `maas` command line: run the local stack, manage tenants and keys, upload, deploy, predict.
+
+Each command group lives in its own module; this one only assembles them.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from maas.cli.admin import admin_app, whoami
+from maas.cli.deploy import deploy_app, predict
+from maas.cli.models import models_app
+from maas.cli.stack import down, status, up
+
+app = typer.Typer(
+    help="Model-as-a-Service: register, deploy and call models on Triton.", no_args_is_help=True
+)
+app.command()(up)
+app.command()(down)
+app.command()(status)
+app.command()(whoami)
+app.command()(predict)
+app.add_typer(admin_app, name="admin")
+app.add_typer(models_app, name="models")
+app.add_typer(deploy_app, name="deploy")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,70 @@
+"""What every command group shares: consoles, the key and address options, the client."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from maas.client import Client
+from maas.common.v1 import common_pb2
+from maas.errors import ApiError
+from maas.tensors import datatype
+
+console = Console()
+errors = Console(stderr=True)
+
+ApiKeyOption = Annotated[
+    Optional[str], typer.Option("--api-key", envvar="MAAS_API_KEY", help="Defaults to $MAAS_HOME/admin.key")
+]
+AddressOption = Annotated[
+    Optional[str], typer.Option("--address", envvar="MAAS_GATEWAY_ADDR", help="Gateway host:port")
+]
+
+
+def maas_home() -> Path:
+    """$MAAS_HOME, else .maas/ in the repository this CLI was installed from (else the current folder)."""
+    if home := os.environ.get("MAAS_HOME"):
+        return Path(home).expanduser().resolve()
+    try:
+        from services.common.settings import default_home
+    except ImportError:  # the SDK installed on its own, without the services
+        return Path.cwd() / ".maas"
+    return default_home()
+
+
+def client(api_key: str | None, address: str | None) -> Client:
+    if not api_key:
+        key_file = maas_home() / "admin.key"
+        if key_file.exists():
+            api_key = key_file.read_text().strip()
+    if not api_key:
+        errors.print(
+            "[red]no API key:[/] pass --api-key, set MAAS_API_KEY, or run `maas up` to create the admin key"
+        )
+        raise typer.Exit(2)
+    return Client(address, api_key)
+
+
+def fail(error: ApiError) -> typer.Exit:
+    errors.print(f"[red]{error.code.name}[/]: {error.details}")
+    return typer.Exit(1)
+
+
+def parse_specs(values: list[str], role: str) -> list[common_pb2.TensorSpec]:
+    """ "x:FP32:64" or "image:FP32:1,8,8" (shape without the batch dim; -1 for any size)."""
+    specs = []
+    for value in values:
+        parts = value.split(":")
+        if len(parts) != 3:
+            raise typer.BadParameter(f"{role} {value!r}: write NAME:DATATYPE:DIM[,DIM...], e.g. x:FP32:64")
+        name, dtype, dims = parts
+        try:
+            shape = [int(d) for d in dims.split(",") if d]
+            specs.append(common_pb2.TensorSpec(name=name, datatype=datatype(dtype), shape=shape))
+        except ValueError as error:
+            raise typer.BadParameter(f"{role} {value!r}: {error}") from None
+    return specs

@@ -1,0 +1,157 @@
+"""`maas deploy ...` and `maas predict`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from maas.cli._shared import AddressOption, ApiKeyOption, client, console, errors, fail
+from maas.client import DEVICES
+from maas.common.v1 import common_pb2
+from maas.errors import ApiError
+from maas.inference.v1 import inference_pb2
+from maas.tensors import NUMPY_OF
+
+deploy_app = typer.Typer(help="Deployments onto Triton.", no_args_is_help=True)
+
+
+def deployment_row(d: inference_pb2.Deployment) -> list[str]:
+    target = f"@{d.alias}" if d.HasField("alias") else f"v{d.version}"
+    state = inference_pb2.DeploymentState.Name(d.state).removeprefix("DEPLOYMENT_STATE_")
+    return [
+        d.name,
+        f"{d.model} {target} (serving v{d.resolved_version})",
+        state,
+        str(d.instances),
+        str(d.max_batch_size),
+        d.message,
+    ]
+
+
+@deploy_app.command("create")
+def deploy_create(
+    name: str,
+    model: Annotated[str, typer.Option()],
+    version: Annotated[Optional[int], typer.Option()] = None,
+    alias: Annotated[str, typer.Option(help="Follow an alias instead of a fixed version")] = "",
+    instances: int = 1,
+    max_batch_size: int = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu or gpu")] = "auto",
+    wait: Annotated[bool, typer.Option(help="Wait until READY")] = True,
+    api_key: ApiKeyOption = None,
+    address: AddressOption = None,
+) -> None:
+    """Deploy a model version (or alias) onto Triton."""
+    if device not in DEVICES:
+        raise typer.BadParameter(f"device must be one of {', '.join(DEVICES)}")
+    if version is None and not alias:
+        raise typer.BadParameter("give --version N or --alias NAME")
+    maas = client(api_key, address)
+    try:
+        maas.create_deployment(
+            name,
+            model,
+            version=version,
+            alias=alias,
+            instances=instances,
+            max_batch_size=max_batch_size,
+            device=device,
+        )
+        if wait:
+            with console.status(f"loading {name} into Triton ..."):
+                deployment = maas.wait_ready(name)
+            console.print(
+                f"[green]{name} is READY[/] (model {deployment.model} v{deployment.resolved_version})"
+            )
+        else:
+            console.print(f"{name} is loading; `maas deploy get {name}`")
+    except ApiError as error:
+        raise fail(error)
+    except (RuntimeError, TimeoutError) as error:
+        errors.print(f"[red]{error}[/]")
+        raise typer.Exit(1)
+
+
+@deploy_app.command("list")
+def deploy_list(api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    try:
+        deployments = client(api_key, address).list_deployments()
+    except ApiError as error:
+        raise fail(error)
+    table = Table("deployment", "serves", "state", "instances", "max batch", "message")
+    for d in deployments:
+        table.add_row(*deployment_row(d))
+    console.print(table)
+
+
+@deploy_app.command("get")
+def deploy_get(name: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    try:
+        d = client(api_key, address).get_deployment(name)
+    except ApiError as error:
+        raise fail(error)
+    table = Table("deployment", "serves", "state", "instances", "max batch", "message")
+    table.add_row(*deployment_row(d))
+    console.print(table)
+    for role, specs in (("input", d.signature.inputs), ("output", d.signature.outputs)):
+        for spec in specs:
+            dtype = common_pb2.DataType.Name(spec.datatype).removeprefix("DATA_TYPE_")
+            console.print(
+                f"  {role} {spec.name}: {dtype} [batch, {', '.join(map(str, spec.shape))}]", markup=False
+            )
+
+
+@deploy_app.command("delete")
+def deploy_delete(name: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    try:
+        client(api_key, address).delete_deployment(name)
+    except ApiError as error:
+        raise fail(error)
+    console.print(f"deleted deployment {name}")
+
+
+def predict(
+    deployment: str,
+    inputs: Annotated[
+        str, typer.Option("--inputs", help='JSON {"name": nested list} or @file.json / @file.npz')
+    ],
+    api_key: ApiKeyOption = None,
+    address: AddressOption = None,
+) -> None:
+    """Call a deployment. Input dtypes come from its signature; a batch dim is added if missing."""
+    maas = client(api_key, address)
+    try:
+        signature = maas.get_deployment(deployment).signature
+        arrays = load_inputs(inputs, signature)
+        outputs = maas.predict(deployment, arrays)
+    except ApiError as error:
+        raise fail(error)
+    print(json.dumps({name: array.tolist() for name, array in outputs.items()}))
+
+
+def load_inputs(source: str, signature: common_pb2.Signature) -> dict[str, np.ndarray]:
+    if source.startswith("@") and source.endswith(".npz"):
+        with np.load(source[1:], allow_pickle=False) as data:
+            raw = {name: data[name] for name in data.files}
+    else:
+        text = Path(source[1:]).read_text() if source.startswith("@") else source
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise typer.BadParameter(f"--inputs is not valid JSON: {error}") from None
+    arrays = {}
+    for spec in signature.inputs:
+        if spec.name not in raw:
+            raise typer.BadParameter(
+                f"--inputs lacks {spec.name!r}; the model takes {[s.name for s in signature.inputs]}"
+            )
+        array = np.asarray(raw[spec.name], dtype=NUMPY_OF[spec.datatype])
+        if array.ndim == len(spec.shape):
+            array = array[np.newaxis]
+        arrays[spec.name] = array
+    return arrays

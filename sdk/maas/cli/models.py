@@ -1,0 +1,155 @@
+"""`maas models ...`: models and versions in the registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from maas.cli._shared import AddressOption, ApiKeyOption, client, console, errors, fail, parse_specs
+from maas.client import FORMATS
+from maas.common.v1 import common_pb2
+from maas.errors import ApiError
+from maas.registry.v1 import registry_pb2
+
+models_app = typer.Typer(help="Models and their versions in the registry.", no_args_is_help=True)
+
+
+@models_app.command("create")
+def model_create(
+    name: str, description: str = "", api_key: ApiKeyOption = None, address: AddressOption = None
+) -> None:
+    try:
+        client(api_key, address).create_model(name, description)
+    except ApiError as error:
+        raise fail(error)
+    console.print(f"created model [bold]{name}[/]")
+
+
+@models_app.command("list")
+def model_list(api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    try:
+        models = client(api_key, address).list_models()
+    except ApiError as error:
+        raise fail(error)
+    table = Table("model", "latest version", "aliases", "description")
+    for model in models:
+        aliases = ", ".join(f"{k}→{v}" for k, v in sorted(model.aliases.items()))
+        table.add_row(model.name, str(model.latest_version or "-"), aliases, model.description)
+    console.print(table)
+
+
+@models_app.command("upload")
+def model_upload(
+    model: str,
+    artifact: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    format: Annotated[str, typer.Option(help="torchscript or onnx")] = "torchscript",
+    input: Annotated[list[str], typer.Option("--input", help="NAME:DATATYPE:DIMS, e.g. x:FP32:64")] = [],
+    output: Annotated[
+        list[str], typer.Option("--output", help="NAME:DATATYPE:DIMS, e.g. logits:FP32:10")
+    ] = [],
+    alias: Annotated[str, typer.Option(help="Point this alias at the new version")] = "",
+    create: Annotated[bool, typer.Option(help="Create the model if it does not exist")] = True,
+    api_key: ApiKeyOption = None,
+    address: AddressOption = None,
+) -> None:
+    """Upload a TorchScript or ONNX artifact as a new version (streamed, checked by sha256)."""
+    if format.lower() not in FORMATS:
+        raise typer.BadParameter(f"format must be one of {', '.join(FORMATS)}")
+    signature = common_pb2.Signature(
+        inputs=parse_specs(input, "input"), outputs=parse_specs(output, "output")
+    )
+    maas = client(api_key, address)
+    try:
+        if create:
+            try:
+                maas.create_model(model)
+            except ApiError as error:
+                if error.code.name != "ALREADY_EXISTS":
+                    raise
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=errors,
+        ) as progress:
+            task = progress.add_task(f"uploading {artifact.name}", total=artifact.stat().st_size)
+            version = maas.upload_version(
+                model,
+                artifact,
+                format=format,
+                signature=signature,
+                progress=lambda n: progress.advance(task, n),
+            )
+        if alias:
+            maas.set_alias(model, alias, version.version)
+    except ApiError as error:
+        raise fail(error)
+    console.print(
+        f"{model} version [bold]{version.version}[/] ready (sha256 {version.sha256[:12]}…, "
+        f"{version.size_bytes} bytes){f', alias {alias}' if alias else ''}"
+    )
+
+
+@models_app.command("versions")
+def model_versions(model: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    try:
+        versions = client(api_key, address).list_versions(model)
+    except ApiError as error:
+        raise fail(error)
+    formats = {v: k for k, v in FORMATS.items()}
+    table = Table("version", "format", "precision", "size", "state", "sha256", "created")
+    for v in versions:
+        table.add_row(
+            str(v.version),
+            formats.get(v.format, "?"),
+            v.precision,
+            f"{v.size_bytes:,}",
+            registry_pb2.VersionState.Name(v.state).removeprefix("VERSION_STATE_").lower(),
+            v.sha256[:12],
+            v.create_time.ToJsonString(),
+        )
+    console.print(table)
+
+
+@models_app.command("alias")
+def model_alias(
+    model: str, alias: str, version: int, api_key: ApiKeyOption = None, address: AddressOption = None
+) -> None:
+    """Point ALIAS (e.g. production) at VERSION."""
+    try:
+        client(api_key, address).set_alias(model, alias, version)
+    except ApiError as error:
+        raise fail(error)
+    console.print(f"{model}@{alias} → {version}")
+
+
+@models_app.command("download")
+def model_download(
+    model: str,
+    version: int,
+    output: Annotated[Path, typer.Option("-o", "--output")],
+    api_key: ApiKeyOption = None,
+    address: AddressOption = None,
+) -> None:
+    try:
+        record = client(api_key, address).download_version(model, version, output)
+    except ApiError as error:
+        raise fail(error)
+    console.print(f"wrote {output} ({record.size_bytes} bytes)")
+
+
+@models_app.command("delete")
+def model_delete(model: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    try:
+        client(api_key, address).delete_model(model)
+    except ApiError as error:
+        raise fail(error)
+    console.print(f"deleted {model}")
+
+
+# --- deployments -------------------------------------------------------------------------------

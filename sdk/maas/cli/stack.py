@@ -1,0 +1,134 @@
+"""`maas up`, `maas down`, `maas status`: the local stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from maas.cli._shared import console, errors, maas_home
+
+
+def read_state() -> dict | None:
+    state_file = maas_home() / "run" / "stack.json"
+    try:
+        return json.loads(state_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background")] = False) -> None:
+    """Start redis-server, registry, trainer, inference (with Triton) and gateway."""
+    state = read_state()
+    if state and pid_alive(state.get("supervisor_pid")):
+        console.print(
+            f"the stack is already running (supervisor pid {state['supervisor_pid']}); `maas status`"
+        )
+        return
+    command = [sys.executable, "-m", "services.stack"]
+    if not detach:
+        os.execv(sys.executable, command)
+    home = maas_home()
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = home / "logs" / "supervisor.log"
+    with log_path.open("ab") as log_file:
+        supervisor = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    started = time.monotonic()
+    with console.status("starting redis, registry, trainer, inference + Triton, gateway ...") as status:
+        while True:
+            state = read_state() or {}
+            if state.get("supervisor_pid") == supervisor.pid and state.get("state") == "ready":
+                break
+            if supervisor.poll() is not None or state.get("state") == "failed":
+                errors.print(
+                    f"[red]the stack failed to start[/]: {state.get('error') or 'see ' + str(log_path)}"
+                )
+                raise typer.Exit(1)
+            starting = [n for n, c in state.get("children", {}).items() if c.get("pid")]
+            if starting:
+                status.update(f"starting ... {', '.join(starting)} ({time.monotonic() - started:.0f}s)")
+            time.sleep(0.3)
+    print_banner(time.monotonic() - started)
+
+
+def print_banner(elapsed: float) -> None:
+    home = maas_home()
+    address = os.environ.get("MAAS_GATEWAY_ADDR", "127.0.0.1:50051")
+    console.print(f"[green]MaaS is up[/] in {elapsed:.1f}s. Gateway: [bold]{address}[/]")
+    console.print(f"Admin key: {home / 'admin.key'} (mode 0600). Logs: {home / 'logs'}")
+    console.print("Try: [bold]maas whoami[/]  then  [bold]maas admin tenant create my-team[/]")
+
+
+def down() -> None:
+    """Stop every process `maas up` started."""
+    state = read_state()
+    if not state:
+        console.print("the stack is not running")
+        return
+    pid = state.get("supervisor_pid")
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        with console.status("stopping ..."):
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+    # A supervisor that was killed leaves its children: stop them too.
+    for name, child in state.get("children", {}).items():
+        if pid_alive(child.get("pid")) and child.get("pid") != pid:
+            os.kill(child["pid"], signal.SIGTERM)
+    (maas_home() / "run" / "stack.json").unlink(missing_ok=True)
+    console.print("stopped")
+
+
+def status() -> None:
+    """Health of every process of the local stack."""
+    from services.stack.supervisor import grpc_serving, redis_ready
+
+    state = read_state()
+    if not state:
+        console.print("the stack is not running (`maas up --detach` starts it)")
+        raise typer.Exit(1)
+    table = Table("service", "address", "pid", "health")
+    all_ok = True
+    for name, child in state.get("children", {}).items():
+        check = redis_ready if name == "redis" else grpc_serving
+        ok = pid_alive(child.get("pid")) and check(child["address"])
+        all_ok &= ok
+        table.add_row(
+            name,
+            child["address"],
+            str(child.get("pid") or "-"),
+            "[green]SERVING[/]" if ok else "[red]DOWN[/]",
+        )
+    console.print(f"stack: {state.get('state')} (supervisor pid {state.get('supervisor_pid')})")
+    console.print(table)
+    if not all_ok:
+        raise typer.Exit(1)
+
+
+# --- admin -------------------------------------------------------------------------------------
