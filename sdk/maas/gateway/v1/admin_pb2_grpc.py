@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """Tenants and API keys. Served by the gateway; every method but WhoAmI needs the admin role.
+    """Tenants, API keys, quotas, usage and the audit log. Served by the gateway; every method but
+    WhoAmI and GetUsage needs the admin role.
     """
 
     def __init__(self, channel):
@@ -70,10 +71,36 @@ class AdminServiceStub:
                 request_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
                 response_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.WhoAmIResponse.FromString,
                 _registered_method=True)
+        self.SetApiKeyRateLimit = channel.unary_unary(
+                '/maas.gateway.v1.AdminService/SetApiKeyRateLimit',
+                request_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.SetApiKeyRateLimitRequest.SerializeToString,
+                response_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.SetApiKeyRateLimitResponse.FromString,
+                _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/maas.gateway.v1.AdminService/SetQuota',
+                request_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.SetQuotaResponse.FromString,
+                _registered_method=True)
+        self.GetQuota = channel.unary_unary(
+                '/maas.gateway.v1.AdminService/GetQuota',
+                request_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.GetQuotaRequest.SerializeToString,
+                response_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.GetQuotaResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/maas.gateway.v1.AdminService/GetUsage',
+                request_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/maas.gateway.v1.AdminService/ListAuditEvents',
+                request_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
-    """Tenants and API keys. Served by the gateway; every method but WhoAmI needs the admin role.
+    """Tenants, API keys, quotas, usage and the audit log. Served by the gateway; every method but
+    WhoAmI and GetUsage needs the admin role.
     """
 
     def CreateTenant(self, request, context):
@@ -121,6 +148,41 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetApiKeyRateLimit(self, request, context):
+        """Sets a key's own rate limit (overrides the gateway's default per-key limit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQuota(self, request, context):
+        """Replaces a tenant's quota and tenant-wide rate limit. Takes effect within a second.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQuota(self, request, context):
+        """A tenant's quota; all zeros (unlimited) when none was set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """Usage by day. Any role may read its own tenant's usage; other tenants need the admin role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """Mutating calls through the gateway, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +221,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.WhoAmIRequest.FromString,
                     response_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.WhoAmIResponse.SerializeToString,
             ),
+            'SetApiKeyRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetApiKeyRateLimit,
+                    request_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.SetApiKeyRateLimitRequest.FromString,
+                    response_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.SetApiKeyRateLimitResponse.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.SetQuotaRequest.FromString,
+                    response_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.SetQuotaResponse.SerializeToString,
+            ),
+            'GetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuota,
+                    request_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.GetQuotaRequest.FromString,
+                    response_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.GetQuotaResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.GetUsageRequest.FromString,
+                    response_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'maas.gateway.v1.AdminService', rpc_method_handlers)
@@ -168,7 +255,8 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """Tenants and API keys. Served by the gateway; every method but WhoAmI needs the admin role.
+    """Tenants, API keys, quotas, usage and the audit log. Served by the gateway; every method but
+    WhoAmI and GetUsage needs the admin role.
     """
 
     @staticmethod
@@ -350,6 +438,141 @@ class AdminService:
             '/maas.gateway.v1.AdminService/WhoAmI',
             maas_dot_gateway_dot_v1_dot_admin__pb2.WhoAmIRequest.SerializeToString,
             maas_dot_gateway_dot_v1_dot_admin__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetApiKeyRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.gateway.v1.AdminService/SetApiKeyRateLimit',
+            maas_dot_gateway_dot_v1_dot_admin__pb2.SetApiKeyRateLimitRequest.SerializeToString,
+            maas_dot_gateway_dot_v1_dot_admin__pb2.SetApiKeyRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.gateway.v1.AdminService/SetQuota',
+            maas_dot_gateway_dot_v1_dot_admin__pb2.SetQuotaRequest.SerializeToString,
+            maas_dot_gateway_dot_v1_dot_admin__pb2.SetQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.gateway.v1.AdminService/GetQuota',
+            maas_dot_gateway_dot_v1_dot_admin__pb2.GetQuotaRequest.SerializeToString,
+            maas_dot_gateway_dot_v1_dot_admin__pb2.GetQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.gateway.v1.AdminService/GetUsage',
+            maas_dot_gateway_dot_v1_dot_admin__pb2.GetUsageRequest.SerializeToString,
+            maas_dot_gateway_dot_v1_dot_admin__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.gateway.v1.AdminService/ListAuditEvents',
+            maas_dot_gateway_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+            maas_dot_gateway_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

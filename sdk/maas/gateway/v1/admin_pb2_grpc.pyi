@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AdminServiceStub:
-    """Tenants and API keys. Served by the gateway; every method but WhoAmI needs the admin role."""
+    """Tenants, API keys, quotas, usage and the audit log. Served by the gateway; every method but
+    WhoAmI and GetUsage needs the admin role.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -43,10 +45,22 @@ class AdminServiceStub:
     """Takes effect within a second on every gateway."""
     WhoAmI: _grpc.UnaryUnaryMultiCallable[_admin_pb2.WhoAmIRequest, _admin_pb2.WhoAmIResponse]
     """Who the caller's key belongs to. Any role may call it."""
+    SetApiKeyRateLimit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetApiKeyRateLimitRequest, _admin_pb2.SetApiKeyRateLimitResponse]
+    """Sets a key's own rate limit (overrides the gateway's default per-key limit)."""
+    SetQuota: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetQuotaRequest, _admin_pb2.SetQuotaResponse]
+    """Replaces a tenant's quota and tenant-wide rate limit. Takes effect within a second."""
+    GetQuota: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetQuotaRequest, _admin_pb2.GetQuotaResponse]
+    """A tenant's quota; all zeros (unlimited) when none was set."""
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetUsageRequest, _admin_pb2.GetUsageResponse]
+    """Usage by day. Any role may read its own tenant's usage; other tenants need the admin role."""
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]
+    """Mutating calls through the gateway, newest first."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
-    """Tenants and API keys. Served by the gateway; every method but WhoAmI needs the admin role."""
+    """Tenants, API keys, quotas, usage and the audit log. Served by the gateway; every method but
+    WhoAmI and GetUsage needs the admin role.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateTenant: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateTenantRequest, _admin_pb2.CreateTenantResponse]  # type: ignore[assignment]
@@ -59,9 +73,21 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Takes effect within a second on every gateway."""
     WhoAmI: _aio.UnaryUnaryMultiCallable[_admin_pb2.WhoAmIRequest, _admin_pb2.WhoAmIResponse]  # type: ignore[assignment]
     """Who the caller's key belongs to. Any role may call it."""
+    SetApiKeyRateLimit: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetApiKeyRateLimitRequest, _admin_pb2.SetApiKeyRateLimitResponse]  # type: ignore[assignment]
+    """Sets a key's own rate limit (overrides the gateway's default per-key limit)."""
+    SetQuota: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetQuotaRequest, _admin_pb2.SetQuotaResponse]  # type: ignore[assignment]
+    """Replaces a tenant's quota and tenant-wide rate limit. Takes effect within a second."""
+    GetQuota: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetQuotaRequest, _admin_pb2.GetQuotaResponse]  # type: ignore[assignment]
+    """A tenant's quota; all zeros (unlimited) when none was set."""
+    GetUsage: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetUsageRequest, _admin_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """Usage by day. Any role may read its own tenant's usage; other tenants need the admin role."""
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """Mutating calls through the gateway, newest first."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Tenants and API keys. Served by the gateway; every method but WhoAmI needs the admin role."""
+    """Tenants, API keys, quotas, usage and the audit log. Served by the gateway; every method but
+    WhoAmI and GetUsage needs the admin role.
+    """
 
     @_abc_1.abstractmethod
     def CreateTenant(
@@ -114,5 +140,45 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.WhoAmIResponse, _abc.Awaitable[_admin_pb2.WhoAmIResponse]]:
         """Who the caller's key belongs to. Any role may call it."""
+
+    @_abc_1.abstractmethod
+    def SetApiKeyRateLimit(
+        self,
+        request: _admin_pb2.SetApiKeyRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetApiKeyRateLimitResponse, _abc.Awaitable[_admin_pb2.SetApiKeyRateLimitResponse]]:
+        """Sets a key's own rate limit (overrides the gateway's default per-key limit)."""
+
+    @_abc_1.abstractmethod
+    def SetQuota(
+        self,
+        request: _admin_pb2.SetQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetQuotaResponse, _abc.Awaitable[_admin_pb2.SetQuotaResponse]]:
+        """Replaces a tenant's quota and tenant-wide rate limit. Takes effect within a second."""
+
+    @_abc_1.abstractmethod
+    def GetQuota(
+        self,
+        request: _admin_pb2.GetQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetQuotaResponse, _abc.Awaitable[_admin_pb2.GetQuotaResponse]]:
+        """A tenant's quota; all zeros (unlimited) when none was set."""
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _admin_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetUsageResponse, _abc.Awaitable[_admin_pb2.GetUsageResponse]]:
+        """Usage by day. Any role may read its own tenant's usage; other tenants need the admin role."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _admin_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAuditEventsResponse, _abc.Awaitable[_admin_pb2.ListAuditEventsResponse]]:
+        """Mutating calls through the gateway, newest first."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
