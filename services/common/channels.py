@@ -7,6 +7,7 @@ import grpc
 from services.common.errors import Unauthenticated
 from services.common.interceptors import INTERNAL_TOKEN_KEY, REQUEST_ID_KEY, TENANT_KEY
 from services.common.logs import request_id_var
+from services.common.settings import CommonSettings
 
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -16,9 +17,31 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
     """One channel per peer for the life of the process; stubs on it are cheap."""
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def open_blocking_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """The blocking API's channel, for the few calls that need it (client-streaming proxying)."""
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def internal_credentials(settings: CommonSettings) -> grpc.ChannelCredentials | None:
+    """TLS for calls to the other MaaS services when MAAS_TLS_CA_FILE is set (None: plaintext).
+    This service's own certificate goes along as the client's, for peers that require mTLS."""
+    if not settings.tls_ca_file:
+        return None
+    has_identity = settings.tls_cert_file and settings.tls_key_file
+    return grpc.ssl_channel_credentials(
+        root_certificates=settings.tls_ca_file.read_bytes(),
+        private_key=settings.tls_key_file.read_bytes() if has_identity else None,  # type: ignore[union-attr]
+        certificate_chain=settings.tls_cert_file.read_bytes() if has_identity else None,  # type: ignore[union-attr]
+    )
 
 
 def internal_metadata(token: str, tenant: str) -> tuple[tuple[str, str], ...]:

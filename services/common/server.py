@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from services.common.interceptors import Authenticator, ServiceInterceptor
+from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,33 @@ class Servicer:
     full_name: str  # e.g. "maas.registry.v1.RegistryService"
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM bytes for a TLS port; with client_ca set, callers must present a certificate it signed."""
+
+    certificate_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.certificate_chain)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+
+
+def server_tls(settings: CommonSettings) -> ServerTls | None:
+    """The TLS a service's port uses from MAAS_TLS_* settings; None means plaintext."""
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        return None
+    return ServerTls(
+        certificate_chain=settings.tls_cert_file.read_bytes(),
+        private_key=settings.tls_key_file.read_bytes(),
+        client_ca=settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None,
+    )
+
+
 @dataclass
 class ServerSpec:
     service: str  # short name used in logs and metrics, e.g. "registry"
@@ -41,6 +69,7 @@ class ServerSpec:
     # full names of the services they serve, so health and reflection list those too.
     generic_handlers: Sequence[grpc.GenericRpcHandler] = field(default_factory=list)
     generic_service_names: Sequence[str] = ()
+    tls: ServerTls | None = None
 
 
 @dataclass
@@ -78,14 +107,17 @@ async def start_server(spec: ServerSpec) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(dict.fromkeys([*(m.full_name for m in spec.servicers), *spec.generic_service_names]))
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(spec.address)
+    if spec.tls:
+        port = server.add_secure_port(spec.address, spec.tls.credentials())
+    else:
+        port = server.add_insecure_port(spec.address)
     if port == 0:
         raise OSError(f"{spec.service}: cannot listen on {spec.address} (address in use?)")
     await server.start()
     running = RunningServer(server, port, health_servicer, names)
     # NOT_SERVING until the app's start-up work is done; the callers flip it.
     await running.set_serving(False)
-    log.info("listening", extra={"address": spec.address, "port": port})
+    log.info("listening", extra={"address": spec.address, "port": port, "tls": bool(spec.tls)})
     return running
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -37,11 +37,28 @@ class CommonSettings(BaseSettings):
     # The stack's own redis-server (not the machine's shared one on 6379).
     redis_url: str = "redis://127.0.0.1:6390/0"
 
+    # TLS on this service's gRPC port (PEM files). Both set: TLS; neither: plaintext.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Set: callers must present a client certificate signed by this CA (mTLS between services).
+    tls_client_ca_file: Path | None = None
+    # Set: the internal services this one dials are reached over TLS, verified against this CA;
+    # with tls_cert_file/tls_key_file the same certificate is presented as the client's.
+    tls_ca_file: Path | None = None
+
     @field_validator("home")
     @classmethod
     def _absolute_home(cls, home: Path) -> Path:
         # Children run with another working directory; a relative home would move.
         return home.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> CommonSettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("set both MAAS_TLS_CERT_FILE and MAAS_TLS_KEY_FILE, or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("MAAS_TLS_CLIENT_CA_FILE (mTLS) needs MAAS_TLS_CERT_FILE and MAAS_TLS_KEY_FILE")
+        return self
 
     def sqlite_url(self, service: str) -> str:
         return f"sqlite:///{self.home / service / f'{service}.db'}"

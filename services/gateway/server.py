@@ -7,7 +7,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from maas.gateway.v1 import admin_pb2_grpc
 from services.common.database import make_engine, upgrade
-from services.common.server import App, RunningServer, Servicer, ServerSpec
+from services.common.server import App, RunningServer, Servicer, ServerSpec, server_tls
 from services.gateway import oip, predict
 from services.gateway.auth import ApiKeyAuthenticator
 from services.gateway.config import GatewaySettings
@@ -59,6 +59,7 @@ async def create_app(settings: GatewaySettings) -> App:
         max_message_bytes=settings.max_message_bytes,
         generic_handlers=[proxy],
         generic_service_names=[service.full_name for service in FORWARDED.values()],
+        tls=server_tls(settings),
     )
 
     async def on_start(_: RunningServer) -> None:

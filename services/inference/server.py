@@ -4,10 +4,10 @@ import asyncio
 from pathlib import Path
 
 from maas.inference.v1 import inference_pb2_grpc
-from services.common.channels import open_channel
+from services.common.channels import internal_credentials, open_channel
 from services.common.database import make_engine, upgrade
 from services.common.interceptors import internal_token_authenticator
-from services.common.server import App, RunningServer, Servicer, ServerSpec
+from services.common.server import App, RunningServer, Servicer, ServerSpec, server_tls
 from services.inference.artifacts import ArtifactCache, Registry
 from services.inference.config import InferenceSettings
 from services.inference.repository import ModelRepository
@@ -23,7 +23,7 @@ async def create_app(settings: InferenceSettings) -> App:
     engine = make_engine(settings.inference_database_url)
     await asyncio.to_thread(upgrade, engine, MIGRATIONS)
     directory = settings.directory
-    registry_channel = open_channel(settings.registry_addr)
+    registry_channel = open_channel(settings.registry_addr, internal_credentials(settings))
     registry = Registry(registry_channel, settings.internal_token, settings.model_load_timeout_seconds)
     triton = TritonClient(settings.triton_address)
     deployments = Deployments(
@@ -80,5 +80,6 @@ async def create_app(settings: InferenceSettings) -> App:
         if settings.internal_token
         else None,
         max_message_bytes=settings.max_message_bytes,
+        tls=server_tls(settings),
     )
     return App(spec, on_start=on_start, on_stop=on_stop)

@@ -2,7 +2,8 @@
 
 A write streams into a temp file beside the blobs (same filesystem), hashing as it goes; commit
 checks size and sha256, fsyncs and renames it to sha256/<ab>/<hex> in one atomic step. Readers
-never see a partial blob. The interface is small so an S3-compatible backend can slot in.
+never see a partial blob. The S3-compatible backend (s3_blobs.py) spools and verifies the same
+way, then uploads the verified file under the same key.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -25,6 +26,15 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 # Looks at the verified bytes before they become a blob; raises to refuse them.
 Check = Callable[[Path], None]
+# Makes a verified, closed temp file the blob with this digest.
+Publish = Callable[[Path, str], None]
+
+
+def blob_key(sha256: str) -> str:
+    """sha256/<ab>/<hex>: the blob's path under a directory, or its key in a bucket."""
+    if not SHA256_HEX.match(sha256):
+        raise ValueError(f"not a sha256 hex digest: {sha256[:80]!r}")
+    return f"sha256/{sha256[:2]}/{sha256}"
 
 
 class BlobWriter(Protocol):
@@ -51,6 +61,20 @@ class BlobStore(Protocol):
 
     def delete(self, sha256: str) -> None: ...
 
+    def digests(self) -> Iterator[str]:
+        """Every stored blob's sha256 (backups walk them)."""
+        ...
+
+    def sweep_temps(self) -> None:
+        """Remove uploads a crash left half-written; call at start-up, before serving."""
+        ...
+
+
+def sweep_temp_dir(temp_dir: Path) -> None:
+    for leftover in temp_dir.iterdir():
+        log.warning("removing an unfinished upload left by a previous run", extra={"path": str(leftover)})
+        leftover.unlink(missing_ok=True)
+
 
 class LocalBlobStore:
     def __init__(self, root: Path) -> None:
@@ -59,18 +83,13 @@ class LocalBlobStore:
         self.temp_dir.mkdir(parents=True, exist_ok=True)
 
     def path_of(self, sha256: str) -> Path:
-        if not SHA256_HEX.match(sha256):
-            raise ValueError(f"not a sha256 hex digest: {sha256[:80]!r}")
-        return self.root / "sha256" / sha256[:2] / sha256
+        return self.root / blob_key(sha256)
 
     def sweep_temps(self) -> None:
-        """Remove uploads a crash left half-written; call at start-up, before serving."""
-        for leftover in self.temp_dir.iterdir():
-            log.warning("removing an unfinished upload left by a previous run", extra={"path": str(leftover)})
-            leftover.unlink(missing_ok=True)
+        sweep_temp_dir(self.temp_dir)
 
-    def begin_write(self) -> LocalBlobWriter:
-        return LocalBlobWriter(self.temp_dir / f"{uuid.uuid4().hex}.part", self.path_of)
+    def begin_write(self) -> SpooledBlobWriter:
+        return SpooledBlobWriter(self.temp_dir / f"{uuid.uuid4().hex}.part", self._publish)
 
     def open(self, sha256: str) -> BinaryIO:
         return self.path_of(sha256).open("rb")
@@ -78,11 +97,34 @@ class LocalBlobStore:
     def delete(self, sha256: str) -> None:
         self.path_of(sha256).unlink(missing_ok=True)
 
+    def digests(self) -> Iterator[str]:
+        for path in sorted((self.root / "sha256").glob("*/*")):
+            if SHA256_HEX.match(path.name):
+                yield path.name
 
-class LocalBlobWriter:
-    def __init__(self, temp_path: Path, path_of: Callable[[str], Path]) -> None:
+    def _publish(self, temp_path: Path, sha256: str) -> None:
+        final = self.path_of(sha256)
+        if final.exists():
+            # Content-addressed: the same bytes are already stored.
+            temp_path.unlink()
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp_path, final)
+        # Make the rename itself durable.
+        directory = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+class SpooledBlobWriter:
+    """Writes into a local temp file, hashing as it goes; commit verifies, then hands the closed
+    file to the store's `publish`."""
+
+    def __init__(self, temp_path: Path, publish: Publish) -> None:
         self.temp_path = temp_path
-        self._path_of = path_of
+        self._publish = publish
         self._file: BinaryIO | None = temp_path.open("xb")
         self._hash = hashlib.sha256()
         self._size = 0
@@ -113,7 +155,7 @@ class LocalBlobWriter:
                 self._file = None
                 if check:
                     check(self.temp_path)
-                self._publish(self._path_of(expected_sha256))
+                self._publish(self.temp_path, expected_sha256)
             except BaseException:
                 self._discard()
                 raise
@@ -136,20 +178,6 @@ class LocalBlobWriter:
                 f"sha256 mismatch: the header declared {expected_sha256} but the {self._size} bytes "
                 f"received hash to {digest}; the bytes were damaged in transit or the header is wrong"
             )
-
-    def _publish(self, final: Path) -> None:
-        if final.exists():
-            # Content-addressed: the same bytes are already stored.
-            self.temp_path.unlink()
-            return
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.temp_path, final)
-        # Make the rename itself durable.
-        directory = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
 
     def _discard(self) -> None:
         if self._file is not None:

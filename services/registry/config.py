@@ -26,6 +26,13 @@ class RegistrySettings(CommonSettings):
     registry_database_url: str = Field(default_factory=_default_database_url)
     # Content-addressed artifact and dataset bytes (blobs/sha256/<ab>/<hex>).
     registry_blob_dir: Path = Field(default_factory=_default_blob_dir)
+    # Set: blobs live in this S3-compatible bucket instead (uploads still spool under
+    # registry_blob_dir/tmp). Credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    registry_s3_bucket: str = ""
+    registry_s3_prefix: str = ""
+    # MinIO, SeaweedFS, Ceph RGW, ...: their URL, e.g. http://minio:9000. Empty: AWS S3.
+    registry_s3_endpoint_url: str = ""
+    registry_s3_region: str = "us-east-1"
     # Size of each chunk DownloadVersion / DownloadDatasetVersion sends.
     registry_chunk_bytes: int = MIB
     # Largest artifact or dataset file an upload may declare.

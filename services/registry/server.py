@@ -6,8 +6,8 @@ from pathlib import Path
 from maas.registry.v1 import registry_pb2_grpc
 from services.common.database import make_engine, upgrade
 from services.common.interceptors import internal_token_authenticator
-from services.common.server import App, Servicer, ServerSpec
-from services.registry.blobs import LocalBlobStore
+from services.common.server import App, Servicer, ServerSpec, server_tls
+from services.registry.blobs import BlobStore, LocalBlobStore
 from services.registry.config import RegistrySettings
 from services.registry.service import Registry
 from services.registry.servicer import RegistryServicer
@@ -16,10 +16,25 @@ from services.registry.store import RegistryStore
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
+def open_blob_store(settings: RegistrySettings) -> BlobStore:
+    if not settings.registry_s3_bucket:
+        return LocalBlobStore(settings.registry_blob_dir)
+    # Imported here: boto3 is needed only by registries that use a bucket.
+    from services.registry.s3_blobs import S3BlobStore
+
+    return S3BlobStore(
+        settings.registry_s3_bucket,
+        settings.registry_blob_dir / "tmp",
+        prefix=settings.registry_s3_prefix,
+        endpoint_url=settings.registry_s3_endpoint_url,
+        region=settings.registry_s3_region,
+    )
+
+
 async def create_app(settings: RegistrySettings) -> App:
     engine = make_engine(settings.registry_database_url)
     await asyncio.to_thread(upgrade, engine, MIGRATIONS)
-    blobs = LocalBlobStore(settings.registry_blob_dir)
+    blobs = open_blob_store(settings)
     blobs.sweep_temps()
     registry = Registry(
         RegistryStore(engine),
@@ -40,6 +55,7 @@ async def create_app(settings: RegistrySettings) -> App:
         if settings.internal_token
         else None,
         max_message_bytes=settings.max_message_bytes,
+        tls=server_tls(settings),
     )
 
     async def dispose() -> None:

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.channels import internal_credentials
 from services.stack.config import StackSettings
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,10 @@ class Child:
     log_file: Path | None = field(default=None, repr=False)
 
 
-def grpc_serving(address: str, timeout: float = 1.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def grpc_serving(address: str, timeout: float = 1.0, credentials: grpc.ChannelCredentials | None = None) -> bool:
+    """Health check; `credentials` for services that serve TLS (MAAS_TLS_CA_FILE set)."""
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:
@@ -62,8 +65,8 @@ def redis_ready(address: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def healthy(child: Child) -> bool:
-    return redis_ready(child.address) if child.kind == "redis" else grpc_serving(child.address)
+def healthy(child: Child, credentials: grpc.ChannelCredentials | None = None) -> bool:
+    return redis_ready(child.address) if child.kind == "redis" else grpc_serving(child.address, credentials=credentials)
 
 
 def find_redis_server() -> str:
@@ -91,6 +94,7 @@ class Supervisor:
         self.settings = settings
         self.stopping = False
         self.children = self._plan()
+        self.credentials = internal_credentials(settings)
 
     def _plan(self) -> list[Child]:
         python = sys.executable
@@ -127,7 +131,7 @@ class Supervisor:
         log.info("started %s (pid %d)", child.name, child.process.pid)
 
     def wait_healthy(self, child: Child, deadline: float) -> None:
-        while not healthy(child):
+        while not healthy(child, self.credentials):
             if child.process and child.process.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with code {child.process.returncode}; see {child.log_file}")
             if time.monotonic() > deadline:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from maas.trainer.v1 import trainer_pb2_grpc
 from services.common.interceptors import internal_token_authenticator
-from services.common.server import App, Servicer, ServerSpec
+from services.common.server import App, Servicer, ServerSpec, server_tls
 from services.trainer.config import TrainerSettings
 from services.trainer.servicer import TrainerServicer
 
@@ -17,5 +17,6 @@ async def create_app(settings: TrainerSettings) -> App:
         servicers=[servicer],
         authenticate=internal_token_authenticator(settings.internal_token) if settings.internal_token else None,
         max_message_bytes=settings.max_message_bytes,
+        tls=server_tls(settings),
     )
     return App(spec)

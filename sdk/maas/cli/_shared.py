@@ -23,6 +23,14 @@ ApiKeyOption = Annotated[
 AddressOption = Annotated[
     Optional[str], typer.Option("--address", envvar="MAAS_GATEWAY_ADDR", help="Gateway host:port")
 ]
+TlsCaOption = Annotated[
+    Optional[Path],
+    typer.Option("--tls-ca", envvar="MAAS_TLS_CA", exists=True, dir_okay=False,
+                 help="CA certificate (PEM) that signed the gateway's TLS certificate; unset: plaintext"),
+]
+
+# Set once by the top-level `--tls-ca` option before any command runs.
+tls_ca: Path | None = None
 
 
 def maas_home() -> Path:
@@ -46,7 +54,8 @@ def client(api_key: str | None, address: str | None) -> Client:
             "[red]no API key:[/] pass --api-key, set MAAS_API_KEY, or run `maas up` to create the admin key"
         )
         raise typer.Exit(2)
-    return Client(address, api_key)
+    root_certificates = tls_ca.read_bytes() if tls_ca else None
+    return Client(address, api_key, root_certificates=root_certificates)
 
 
 def fail(error: ApiError) -> typer.Exit:
