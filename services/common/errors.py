@@ -9,6 +9,10 @@ from __future__ import annotations
 class MaasError(Exception):
     """Base class: the message is shown to the caller, so write it for a person to act on."""
 
+    # Sent with the status as trailing metadata: e.g. serialized google.rpc details under
+    # "grpc-status-details-bin" that a client can act on (retry delay, which quota).
+    trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
+
 
 class InvalidArgument(MaasError):
     """The request itself is malformed: fix the request."""

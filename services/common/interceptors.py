@@ -143,7 +143,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 message = f"internal error (request id {request_id_var.get()}); the server log has the details"
             else:
                 message = str(exc)
-            await context.abort(code, message)
+            trailers = exc.trailing_metadata if isinstance(exc, errors.MaasError) else ()
+            await context.abort(code, message, trailers)
         finally:
             elapsed = time.perf_counter() - started
             REQUESTS.labels(self.service, method, code.name).inc()

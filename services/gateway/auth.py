@@ -16,6 +16,8 @@ from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
 from maas.trainer.v1 import trainer_pb2
 from services.common.errors import PermissionDenied, Unauthenticated
+from services.gateway.admission import Admission
+from services.gateway.audit import AuditLog, is_mutating
 from services.gateway.keys import Role, parse_key, secret_matches
 from services.gateway.store import GatewayStore, KeyRecord
 
@@ -25,6 +27,8 @@ UNKNOWN_KEY = "API key not recognised: check it was copied whole, or ask an admi
 MAX_CACHED_KEYS = 100_000
 
 READ_PREFIXES = ("Get", "List", "Download", "Watch")
+# AdminService methods any role may call (GetUsage checks the tenant itself).
+ANY_ROLE_ADMIN_METHODS = ("WhoAmI", "GetUsage")
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ def _required_roles() -> dict[str, Role]:
     """Full method path -> the least role that may call it. Methods not listed are denied."""
     roles: dict[str, Role] = {}
     for path, name in _methods(admin_pb2.DESCRIPTOR.services_by_name["AdminService"]):
-        roles[path] = Role.READER if name == "WhoAmI" else Role.ADMIN
+        roles[path] = Role.READER if name in ANY_ROLE_ADMIN_METHODS else Role.ADMIN
     for service in (
         registry_pb2.DESCRIPTOR.services_by_name["RegistryService"],
         inference_pb2.DESCRIPTOR.services_by_name["InferenceService"],
@@ -81,14 +85,22 @@ def bearer_token(metadata: Mapping[str, str]) -> str:
 
 
 class ApiKeyAuthenticator:
-    """The gateway's Authenticator (see services.common.interceptors)."""
+    """The gateway's Authenticator (see services.common.interceptors): who is calling, may
+    they call this method, and (with an Admission) is the call within their limits."""
 
     def __init__(
-        self, store: GatewayStore, cache_seconds: float, clock: Callable[[], float] = time.monotonic
+        self,
+        store: GatewayStore,
+        cache_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        admission: Admission | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.store = store
         self.cache_seconds = cache_seconds
         self.clock = clock
+        self.admission = admission
+        self.audit = audit
         # key id -> (expiry, the key or None when unknown); both answers are reused until expiry.
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
 
@@ -105,14 +117,18 @@ class ApiKeyAuthenticator:
         if required is None:
             raise PermissionDenied(f"method {method[:120]!r} is not available through the gateway")
         if key.role < required:
+            if self.audit is not None and is_mutating(method):
+                self.audit.record(key.tenant, key.id, method, "", "PERMISSION_DENIED")
             raise PermissionDenied(
                 f"this call needs the {required.name.lower()} role or above; "
                 f"API key {key.id} has the {key.role.name.lower()} role"
             )
+        if self.admission is not None:
+            await self.admission.admit(key.tenant, key.id, key.rate_limit, method)
         caller_var.set(Caller(key.tenant, key.role, key.id))
 
     def forget(self, key_id: str) -> None:
-        """Drop a cached lookup (after a revocation through this gateway)."""
+        """Drop a cached lookup (after a revocation or a new rate limit through this gateway)."""
         self._cache.pop(key_id, None)
 
     async def _lookup(self, key_id: str) -> KeyRecord | None:

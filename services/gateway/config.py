@@ -16,6 +16,21 @@ class GatewaySettings(CommonSettings):
     # Deadline for the call to Triton when the client sent none, so that nothing waits forever.
     predict_timeout_seconds: float = 60.0
 
+    # Rate limit of every key without one of its own (SetApiKeyRateLimit); 0 = unlimited.
+    default_key_requests_per_second: float = 0.0
+    default_key_burst: int = 0
+    # How long a tenant's quota (read from SQL) is reused; bounds how late SetQuota takes effect.
+    quota_cache_seconds: float = 1.0
+    # Redis: per-command timeout, and how often its health is checked (and a lost one retried).
+    redis_timeout_seconds: float = 0.25
+    redis_check_seconds: float = 0.5
+    # The request cache, for deployments marked cacheable.
+    cache_ttl_seconds: float = 300.0
+    cache_max_entry_bytes: int = 1024 * 1024
+    # Usage counters: in memory -> Redis every push interval, Redis -> SQL every flush interval.
+    usage_push_seconds: float = 1.0
+    usage_flush_seconds: float = 10.0
+
     @model_validator(mode="after")
     def _default_database(self) -> GatewaySettings:
         if not self.gateway_database_url:

@@ -16,7 +16,9 @@ from services.common.errors import InvalidArgument, NotFound
 from services.common.oip import headers_of_infer
 from services.common.tensors import BY_PROTO
 from services.gateway.auth import current_caller
+from services.gateway.cache import ResponseCache, bypass_requested, infer_key
 from services.gateway.routes import LiveRoute, RouteTable, infer
+from services.gateway.usage import Meter
 
 SERVER_NAME = "maas-gateway"
 SERVICE = "inference.GRPCInferenceService"
@@ -25,8 +27,10 @@ BATCH_DIM = -1
 
 
 class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, routes: RouteTable) -> None:
+    def __init__(self, routes: RouteTable, cache: ResponseCache, meter: Meter) -> None:
         self.routes = routes
+        self.cache = cache
+        self.meter = meter
 
     async def ServerLive(self, request, context):  # noqa: N802
         return service_pb2.ServerLiveResponse(live=True)
@@ -69,17 +73,48 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelConfigResponse(config=config)
 
     async def ModelInfer(self, request, context):  # noqa: N802
+        caller = current_caller()
+        try:
+            response, cache_hit = await self._infer(caller.tenant, request, context)
+        except Exception:
+            self.meter.add(caller.tenant, caller.key_id, errors=1)
+            raise
+        self.meter.add(
+            caller.tenant,
+            caller.key_id,
+            cache_hits=cache_hit,
+            input_bytes=request.ByteSize(),
+            output_bytes=response.ByteSize(),
+        )
+        return response
+
+    async def _infer(
+        self, tenant: str, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[service_pb2.ModelInferResponse, int]:
         deployment = request.model_name
-        live = self.routes.find_ready(current_caller().tenant, deployment)
+        live = self.routes.find_ready(tenant, deployment)
         _check_version(live, request.model_version)
         _refuse_shared_memory(request)
         live.signature.validate(headers_of_infer(request), [output.name for output in request.outputs])
+        cache_key = None
+        if live.route.cacheable and not bypass_requested(context.invocation_metadata() or ()):
+            cache_key = infer_key(tenant, live.route, request)
+            cached = await self.cache.get(cache_key)
+            if cached is not None:
+                response = service_pb2.ModelInferResponse.FromString(cached)
+                response.id = request.id
+                return response, 1
         request.model_name = live.route.triton_model
         request.model_version = ""
         response = await infer(live, request, context, self.routes.default_timeout)
         response.model_name = deployment
         response.model_version = str(live.route.version)
-        return response
+        if cache_key is not None:
+            # Stored without the caller's request id; a hit answers with its own.
+            request_id, response.id = response.id, ""
+            self.cache.put(cache_key, response.SerializeToString())
+            response.id = request_id
+        return response, 0
 
     def _find(self, deployment: str, version: str) -> LiveRoute:
         live = self.routes.find(current_caller().tenant, deployment)

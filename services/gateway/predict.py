@@ -1,6 +1,7 @@
 """maas.inference.v1.InferenceService/Predict served by the gateway itself: route lookup,
-validation against the signature, then one direct ModelInfer to Triton. Until the route
-stream has delivered a table, Predict goes through the inference service instead."""
+validation against the signature, the request cache for cacheable deployments, then one
+direct ModelInfer to Triton. Until the route stream has delivered a table, Predict goes
+through the inference service instead."""
 
 from __future__ import annotations
 
@@ -13,33 +14,57 @@ from services.common.logs import request_id_var
 from services.common.oip import headers_of_predict, infer_request_of_predict, predict_response_of_infer
 from services.common.validation import check_name
 from services.gateway.auth import current_caller
+from services.gateway.cache import ResponseCache, bypass_requested, predict_key
 from services.gateway.proxy import Proxy
 from services.gateway.routes import RouteTable, infer
+from services.gateway.usage import Meter
 
 SERVICE = "maas.inference.v1.InferenceService"
 PREDICT_PATH = f"/{SERVICE}/Predict"
 
 
 class PredictHandler:
-    def __init__(self, routes: RouteTable, proxy: Proxy) -> None:
+    def __init__(self, routes: RouteTable, proxy: Proxy, cache: ResponseCache, meter: Meter) -> None:
         self.routes = routes
         self.proxy = proxy
+        self.cache = cache
+        self.meter = meter
 
     async def predict(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        caller = current_caller()
+        try:
+            response, cache_hit = await self._predict(caller.tenant, request, context)
+        except Exception:
+            self.meter.add(caller.tenant, caller.key_id, errors=1)
+            raise
+        self.meter.add(
+            caller.tenant, caller.key_id, cache_hits=cache_hit, input_bytes=len(request), output_bytes=len(response)
+        )
+        return response
+
+    async def _predict(self, tenant: str, request: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, int]:
         # Raw bytes in and out, so that the fallback forwards the request untouched.
         try:
             message = inference_pb2.PredictRequest.FromString(request)
         except DecodeError:
             raise InvalidArgument("the request is not a valid maas.inference.v1.PredictRequest") from None
-        tenant = current_caller().tenant
         name = check_name("deployment", message.deployment)
         if not self.routes.synced and self.routes.get(tenant, name) is None:
-            return await self.proxy.forward_unary(PREDICT_PATH, request, context)
+            return await self.proxy.forward_unary(PREDICT_PATH, request, context), 0
         live = self.routes.find_ready(tenant, name)
         live.signature.validate(headers_of_predict(message), message.output_names)
+        cache_key = None
+        if live.route.cacheable and not bypass_requested(context.invocation_metadata() or ()):
+            cache_key = predict_key(tenant, live.route, message)
+            cached = await self.cache.get(cache_key)
+            if cached is not None:
+                return cached, 1
         infer_request = infer_request_of_predict(message, live.route.triton_model, request_id_var.get())
         response = await infer(live, infer_request, context, self.routes.default_timeout)
-        return predict_response_of_infer(response, live.route.model, live.route.version).SerializeToString()
+        answer = predict_response_of_infer(response, live.route.model, live.route.version).SerializeToString()
+        if cache_key is not None:
+            self.cache.put(cache_key, answer)
+        return answer, 0
 
 
 def add_to_server(handler: PredictHandler, server: grpc.aio.Server) -> None:

@@ -1,23 +1,28 @@
 """Pass-through of the internal services' public APIs: messages move as raw bytes, the caller's
-tenant is asserted in metadata, deadlines and cancellation carry over, statuses come back as-is."""
+tenant is asserted in metadata, deadlines and cancellation carry over, statuses come back as-is.
+Mutating calls are written to the audit log with their outcome."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 
 from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
 from maas.trainer.v1 import trainer_pb2
 from services.common.channels import CHANNEL_OPTIONS, internal_metadata, open_channel
 from services.common.errors import NotFound
+from services.gateway.audit import AuditLog, is_mutating, outcome, resource_of
 from services.gateway.auth import current_caller
+from services.gateway.usage import Meter
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +57,27 @@ class Backend:
         self.upload_channel.close()
 
 
+# A check run before a call is forwarded (e.g. the training budget); raises to refuse it.
+Guard = Callable[[str], Awaitable[None]]
+
+
 class Proxy(grpc.GenericRpcHandler):
     def __init__(
-        self, token: str, backends: Mapping[str, Backend], served_here: Collection[str] = ()
+        self,
+        token: str,
+        backends: Mapping[str, Backend],
+        served_here: Collection[str] = (),
+        audit: AuditLog | None = None,
+        meter: Meter | None = None,
+        guards: Mapping[str, Guard] | None = None,
     ) -> None:
         """`backends` holds one Backend per FORWARDED name; methods in `served_here` (full
-        paths) are left to the gateway's own handlers."""
+        paths) are left to the gateway's own handlers. `guards` maps a full path to a check
+        that gets the caller's tenant before the call is forwarded."""
         self.token = token
+        self.audit = audit
+        self.meter = meter
+        self.guards = dict(guards or {})
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._unary: dict[str, tuple[Backend, grpc.aio.UnaryUnaryMultiCallable]] = {}
         for name, service in FORWARDED.items():
@@ -68,7 +87,10 @@ class Proxy(grpc.GenericRpcHandler):
                 if not (method.client_streaming or method.server_streaming):
                     self._unary[path] = (backend, backend.channel.unary_unary(path))
                 if path not in served_here:
-                    self._handlers[path] = self._handler(backend, path, method)
+                    handler = self._handler(backend, path, method)
+                    if audit is not None and is_mutating(path) and not method.server_streaming:
+                        handler = self._audited(path, method, handler)
+                    self._handlers[path] = handler
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
@@ -78,6 +100,9 @@ class Proxy(grpc.GenericRpcHandler):
         if path not in self._unary:
             raise NotFound(f"no backend serves {path}")
         backend, call = self._unary[path]
+        guard = self.guards.get(path)
+        if guard is not None:
+            await guard(current_caller().tenant)
         try:
             return await call(request, metadata=self._metadata(context), timeout=context.time_remaining())
         except grpc.aio.AioRpcError as error:
@@ -145,6 +170,55 @@ class Proxy(grpc.GenericRpcHandler):
             await self._abort(backend, error, context)
             raise  # unreachable: abort raises
 
+    def _audited(
+        self, path: str, method: MethodDescriptor, handler: grpc.RpcMethodHandler
+    ) -> grpc.RpcMethodHandler:
+        """The same handler, recording the call and its outcome in the audit log."""
+        request_class = GetMessageClass(method.input_type)
+        audit = self.audit
+        assert audit is not None
+
+        def record(first_request: bytes | None, code: str) -> None:
+            caller = current_caller()
+            audit.record(caller.tenant, caller.key_id, path, resource_of(_parse(request_class, first_request)), code)
+
+        if method.client_streaming:
+            upload = handler.stream_unary
+
+            async def audited_upload(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+                first: list[bytes] = []
+
+                async def remembering() -> AsyncIterator[bytes]:
+                    async for request in requests:
+                        if not first:
+                            first.append(request)
+                        yield request
+
+                code = "OK"
+                try:
+                    return await upload(remembering(), context)
+                except BaseException as error:
+                    code = outcome(error, context)
+                    raise
+                finally:
+                    record(first[0] if first else None, code)
+
+            return grpc.stream_unary_rpc_method_handler(audited_upload)
+
+        unary = handler.unary_unary
+
+        async def audited_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            code = "OK"
+            try:
+                return await unary(request, context)
+            except BaseException as error:
+                code = outcome(error, context)
+                raise
+            finally:
+                record(request, code)
+
+        return grpc.unary_unary_rpc_method_handler(audited_unary)
+
     def _metadata(self, context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
         forwarded = tuple(
             (key, value)
@@ -156,6 +230,9 @@ class Proxy(grpc.GenericRpcHandler):
     async def _abort(self, backend: Backend, error: Any, context: grpc.aio.ServicerContext) -> None:
         """Relay a backend's failure (an AioRpcError or a blocking grpc.RpcError) to the caller."""
         code, details = error.code(), error.details() or ""
+        if self.meter is not None:
+            caller = current_caller()
+            self.meter.add(caller.tenant, caller.key_id, errors=1)
         # UNAVAILABLE while the channel is not connected means the backend itself is down;
         # an UNAVAILABLE from a connected backend is its own answer and is relayed as-is.
         connected = backend.channel.get_state() is grpc.ChannelConnectivity.READY
@@ -164,6 +241,15 @@ class Proxy(grpc.GenericRpcHandler):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{backend.name} is unavailable, retry later")
         # Trailers carry google.rpc status details a client can act on.
         await context.abort(code, details, tuple(error.trailing_metadata() or ()))
+
+
+def _parse(request_class: type[Message], request: bytes | None) -> Message | None:
+    if request is None:
+        return None
+    try:
+        return request_class.FromString(request)
+    except DecodeError:
+        return None
 
 
 def _pull(requests: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:

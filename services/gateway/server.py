@@ -3,21 +3,31 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from grpc_health.v1 import health_pb2
 from tritonclient.grpc import service_pb2_grpc
 
 from maas.gateway.v1 import admin_pb2_grpc
 from services.common.database import make_engine, upgrade
 from services.common.server import App, RunningServer, Servicer, ServerSpec, server_tls
 from services.gateway import oip, predict
+from services.gateway.admission import Admission, QuotaCache
+from services.gateway.audit import AuditLog
 from services.gateway.auth import ApiKeyAuthenticator
+from services.gateway.cache import ResponseCache
 from services.gateway.config import GatewaySettings
+from services.gateway.limits import Gate, Limiter
 from services.gateway.proxy import FORWARDED, Backend, Proxy
+from services.gateway.redis_link import RedisLink
 from services.gateway.routes import RouteTable
 from services.gateway.service import Admin
 from services.gateway.servicer import AdminServicer
-from services.gateway.store import GatewayStore, KeyRecord
+from services.gateway.store import GatewayStore, KeyRecord, RateLimit
+from services.gateway.usage import Meter
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# The grpc.health.v1 entry that says whether Redis is reachable (the gateway serves either way).
+REDIS_HEALTH = "redis"
+CREATE_TRAINING_JOB = "/maas.trainer.v1.TrainerService/CreateTrainingJob"
 
 
 async def open_store(settings: GatewaySettings) -> GatewayStore:
@@ -28,15 +38,29 @@ async def open_store(settings: GatewaySettings) -> GatewayStore:
 
 async def create_app(settings: GatewaySettings) -> App:
     store = await open_store(settings)
-    authenticator = ApiKeyAuthenticator(store, settings.auth_cache_seconds)
-    admin = Admin(store, on_revoke=authenticator.forget)
+    link = RedisLink(settings.redis_url, settings.redis_timeout_seconds, settings.redis_check_seconds)
+    audit = AuditLog(store)
+    meter = Meter(link, store, settings.usage_push_seconds, settings.usage_flush_seconds)
+    quotas = QuotaCache(store, settings.quota_cache_seconds)
+    default_key_limit = RateLimit(settings.default_key_requests_per_second, settings.default_key_burst)
+    admission = Admission(Gate(Limiter(link), default_key_limit), quotas, meter, audit)
+    cache = ResponseCache(link, settings.cache_ttl_seconds, settings.cache_max_entry_bytes)
+    authenticator = ApiKeyAuthenticator(store, settings.auth_cache_seconds, admission=admission, audit=audit)
+    admin = Admin(store, on_revoke=authenticator.forget, quotas=quotas, meter=meter, audit=audit)
     addresses = {
         "registry": settings.registry_addr,
         "inference": settings.inference_addr,
         "trainer": settings.trainer_addr,
     }
     backends = {name: Backend.open(name, addresses[name]) for name in FORWARDED}
-    proxy = Proxy(settings.internal_token, backends, served_here={predict.PREDICT_PATH})
+    proxy = Proxy(
+        settings.internal_token,
+        backends,
+        served_here={predict.PREDICT_PATH},
+        audit=audit,
+        meter=meter,
+        guards={CREATE_TRAINING_JOB: admission.check_training},
+    )
     routes = RouteTable(backends["inference"].channel, settings.internal_token, settings.predict_timeout_seconds)
     spec = ServerSpec(
         service="gateway",
@@ -44,14 +68,16 @@ async def create_app(settings: GatewaySettings) -> App:
         servicers=[
             Servicer(
                 admin_pb2_grpc.add_AdminServiceServicer_to_server,
-                AdminServicer(admin),
+                AdminServicer(admin, audit),
                 "maas.gateway.v1.AdminService",
             ),
             # Predict alone; the proxy below serves the rest of InferenceService.
-            Servicer(predict.add_to_server, predict.PredictHandler(routes, proxy), predict.SERVICE),
+            Servicer(
+                predict.add_to_server, predict.PredictHandler(routes, proxy, cache, meter), predict.SERVICE
+            ),
             Servicer(
                 service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-                oip.OipServicer(routes),
+                oip.OipServicer(routes, cache, meter),
                 oip.SERVICE,
             ),
         ],
@@ -62,13 +88,26 @@ async def create_app(settings: GatewaySettings) -> App:
         tls=server_tls(settings),
     )
 
-    async def on_start(_: RunningServer) -> None:
+    async def on_start(server: RunningServer) -> None:
+        async def report_redis(up: bool) -> None:
+            status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+            await server.health.set(REDIS_HEALTH, status)
+
+        link.on_change = report_redis
+        await report_redis(False)
+        await link.start()
         routes.start()
+        audit.start()
+        meter.start()
 
     async def on_stop() -> None:
         await routes.close()
         for backend in backends.values():
             await backend.close()
+        await cache.drain()
+        await meter.close()
+        await audit.close()
+        await link.close()
         store.engine.dispose()
 
     return App(spec, on_start=on_start, on_stop=on_stop)

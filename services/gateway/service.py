@@ -1,20 +1,36 @@
-"""Tenants and API keys: the gateway's own domain logic (no gRPC here)."""
+"""Tenants, API keys, quotas, usage and audit events: the gateway's own domain logic (no gRPC here)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied
 from services.common.validation import Page, check_name
+from services.gateway.admission import QuotaCache
+from services.gateway.audit import AuditLog
 from services.gateway.keys import Role, generate_key
-from services.gateway.store import GatewayStore, KeyRecord, TenantRecord, utc_now
+from services.gateway.store import (
+    AuditFilter,
+    AuditRecord,
+    GatewayStore,
+    KeyRecord,
+    QuotaRecord,
+    RateLimit,
+    TenantRecord,
+    UsageRecord,
+    utc_now,
+)
+from services.gateway.usage import Meter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -22,6 +38,8 @@ T = TypeVar("T")
 ADMIN_TENANT = "admin"
 MAX_DISPLAY_NAME = 256
 MAX_DESCRIPTION = 1024
+DEFAULT_USAGE_DAYS = 7
+MAX_USAGE_DAYS = 366
 
 
 @dataclass(frozen=True)
@@ -31,10 +49,21 @@ class CreatedKey:
 
 
 class Admin:
-    def __init__(self, store: GatewayStore, on_revoke: Callable[[str], None] = lambda key_id: None) -> None:
+    def __init__(
+        self,
+        store: GatewayStore,
+        on_revoke: Callable[[str], None] = lambda key_id: None,
+        quotas: QuotaCache | None = None,
+        meter: Meter | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.store = store
-        # Lets this gateway's auth cache forget a revoked key at once instead of within its TTL.
+        # Lets this gateway's auth cache forget a changed or revoked key at once instead of
+        # within its TTL.
         self.on_revoke = on_revoke
+        self.quotas = quotas
+        self.meter = meter
+        self.audit = audit
 
     async def create_tenant(self, name: str, display_name: str) -> TenantRecord:
         check_name("tenant", name)
@@ -103,6 +132,61 @@ class Admin:
             raise NotFound(f"API key {key_id[:80]!r} not found")
         return key
 
+    async def set_key_rate_limit(self, key_id: str, rate_limit: RateLimit | None) -> KeyRecord:
+        if not key_id:
+            raise InvalidArgument("id is required: the key's public id, as ListApiKeys shows it")
+        if rate_limit is not None:
+            check_rate_limit(rate_limit)
+        key = await asyncio.to_thread(self.store.set_key_rate_limit, key_id, rate_limit)
+        if key is None:
+            raise NotFound(f"API key {key_id[:80]!r} not found")
+        self.on_revoke(key.id)
+        log.info("api key rate limit set", extra={"key_id": key.id, "rate_limit": str(rate_limit)})
+        return key
+
+    async def set_quota(self, quota: QuotaRecord) -> QuotaRecord:
+        await self.get_tenant(quota.tenant)
+        check_rate_limit(quota.rate_limit)
+        quota = dataclasses.replace(quota, update_time=utc_now())
+        await asyncio.to_thread(self.store.set_quota, quota)
+        if self.quotas is not None:
+            self.quotas.forget(quota.tenant)
+        log.info("quota set", extra={"tenant": quota.tenant, "quota": str(quota)})
+        return quota
+
+    async def get_quota(self, tenant: str) -> QuotaRecord:
+        await self.get_tenant(tenant)
+        return await asyncio.to_thread(self.store.get_quota, tenant) or QuotaRecord(tenant)
+
+    async def get_usage(
+        self, caller_tenant: str, caller_role: Role, tenant: str, key_id: str, start_day: str, end_day: str
+    ) -> list[UsageRecord]:
+        """A tenant's usage by day; any role may read its own tenant's, admins any tenant's."""
+        tenant = tenant or caller_tenant
+        check_name("tenant", tenant)
+        if tenant != caller_tenant and caller_role < Role.ADMIN:
+            raise PermissionDenied(f"reading the usage of tenant {tenant!r} needs the admin role")
+        last = _day("end_day", end_day) if end_day else utc_now().date()
+        first = _day("start_day", start_day) if start_day else last - timedelta(days=DEFAULT_USAGE_DAYS - 1)
+        if first > last:
+            raise InvalidArgument(f"start_day {first} is after end_day {last}")
+        if (last - first).days >= MAX_USAGE_DAYS:
+            raise InvalidArgument(f"ask for at most {MAX_USAGE_DAYS} days at a time")
+        if self.meter is not None:
+            await self.meter.flush()
+        return await asyncio.to_thread(self.store.get_usage, tenant, key_id, first.isoformat(), last.isoformat())
+
+    async def list_audit_events(
+        self, where: AuditFilter, page_size: int, page_token: str
+    ) -> tuple[list[AuditRecord], str]:
+        page = Page.parse(page_size, page_token)
+        if where.start_time and where.end_time and where.start_time >= where.end_time:
+            raise InvalidArgument("start_time must be before end_time")
+        if self.audit is not None:
+            await self.audit.flush()
+        found = await asyncio.to_thread(self.store.list_audit_events, where, page.after, page.size)
+        return found, _next_token(found, page, lambda e: e.id)
+
     async def bootstrap_admin(self, key_file: Path, force: bool = False) -> KeyRecord | None:
         """Issue the first ADMIN key into `key_file` (mode 0600) unless an active one exists.
 
@@ -139,6 +223,21 @@ def write_secret_file(path: Path, text: str) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def check_rate_limit(rate_limit: RateLimit) -> None:
+    rps = rate_limit.requests_per_second
+    if not math.isfinite(rps) or rps < 0:
+        raise InvalidArgument("requests_per_second must be a finite number, 0 (unlimited) or more")
+    if rate_limit.burst and not rps:
+        raise InvalidArgument("burst needs requests_per_second: a burst of an unlimited rate means nothing")
+
+
+def _day(field: str, value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidArgument(f"{field} {value[:20]!r} is not a day: write YYYY-MM-DD (UTC)") from None
 
 
 def _next_token(found: list[T], page: Page, key_of: Callable[[T], str]) -> str:

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+from datetime import timezone
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from maas.gateway.v1 import admin_pb2, admin_pb2_grpc
+from services.gateway.audit import AuditLog, outcome, resource_of
 from services.gateway.auth import current_caller
 from services.gateway.keys import Role
 from services.gateway.service import Admin
-from services.gateway.store import KeyRecord, TenantRecord
+from services.gateway.store import (
+    QUOTA_FIELDS,
+    USAGE_FIELDS,
+    AuditFilter,
+    AuditRecord,
+    KeyRecord,
+    QuotaRecord,
+    RateLimit,
+    TenantRecord,
+    UsageRecord,
+)
+
+SERVICE = "maas.gateway.v1.AdminService"
 
 ROLE_OF_PROTO = {
     admin_pb2.ROLE_READER: Role.READER,
@@ -18,10 +37,37 @@ ROLE_OF_PROTO = {
 PROTO_OF_ROLE = {role: value for value, role in ROLE_OF_PROTO.items()}
 
 
-class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, admin: Admin) -> None:
-        self.admin = admin
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
+
+def audited(handler: Handler) -> Handler:
+    """Record the call in the audit log with its outcome (a mutating admin method)."""
+    method = f"/{SERVICE}/{handler.__name__}"
+
+    @functools.wraps(handler)
+    async def wrapper(self: AdminServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        code, response = "OK", None
+        try:
+            response = await handler(self, request, context)
+            return response
+        except BaseException as error:
+            code = outcome(error, context)
+            raise
+        finally:
+            if self.audit is not None:
+                caller = current_caller()
+                resource = resource_of(request) or resource_of(response)
+                self.audit.record(caller.tenant, caller.key_id, method, resource, code)
+
+    return wrapper
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, admin: Admin, audit: AuditLog | None = None) -> None:
+        self.admin = admin
+        self.audit = audit
+
+    @audited
     async def CreateTenant(self, request, context):  # noqa: N802
         tenant = await self.admin.create_tenant(request.name, request.display_name)
         return admin_pb2.CreateTenantResponse(tenant=tenant_to_proto(tenant))
@@ -36,6 +82,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             tenants=[tenant_to_proto(t) for t in tenants], next_page_token=next_token
         )
 
+    @audited
     async def CreateApiKey(self, request, context):  # noqa: N802
         created = await self.admin.create_key(
             request.tenant, ROLE_OF_PROTO.get(request.role), request.description
@@ -48,6 +95,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             api_keys=[key_to_proto(k) for k in keys], next_page_token=next_token
         )
 
+    @audited
     async def RevokeApiKey(self, request, context):  # noqa: N802
         key = await self.admin.revoke_key(request.id)
         return admin_pb2.RevokeApiKeyResponse(api_key=key_to_proto(key))
@@ -55,6 +103,42 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def WhoAmI(self, request, context):  # noqa: N802
         key = await self.admin.get_key(current_caller().key_id)
         return admin_pb2.WhoAmIResponse(api_key=key_to_proto(key))
+
+    @audited
+    async def SetApiKeyRateLimit(self, request, context):  # noqa: N802
+        rate_limit = rate_limit_of(request.rate_limit) if request.HasField("rate_limit") else None
+        key = await self.admin.set_key_rate_limit(request.id, rate_limit)
+        return admin_pb2.SetApiKeyRateLimitResponse(api_key=key_to_proto(key))
+
+    @audited
+    async def SetQuota(self, request, context):  # noqa: N802
+        budgets = {name: getattr(request.quota, name) for name in QUOTA_FIELDS}
+        quota = QuotaRecord(request.quota.tenant, **budgets, rate_limit=rate_limit_of(request.quota.rate_limit))
+        return admin_pb2.SetQuotaResponse(quota=quota_to_proto(await self.admin.set_quota(quota)))
+
+    async def GetQuota(self, request, context):  # noqa: N802
+        quota = await self.admin.get_quota(request.tenant)
+        return admin_pb2.GetQuotaResponse(quota=quota_to_proto(quota))
+
+    async def GetUsage(self, request, context):  # noqa: N802
+        caller = current_caller()
+        rows = await self.admin.get_usage(
+            caller.tenant, caller.role, request.tenant, request.api_key_id, request.start_day, request.end_day
+        )
+        return admin_pb2.GetUsageResponse(rows=[usage_to_proto(row) for row in rows])
+
+    async def ListAuditEvents(self, request, context):  # noqa: N802
+        where = AuditFilter(
+            tenant=request.tenant,
+            api_key_id=request.api_key_id,
+            method=request.method,
+            start_time=request.start_time.ToDatetime(tzinfo=timezone.utc) if request.HasField("start_time") else None,
+            end_time=request.end_time.ToDatetime(tzinfo=timezone.utc) if request.HasField("end_time") else None,
+        )
+        events, next_token = await self.admin.list_audit_events(where, request.page_size, request.page_token)
+        return admin_pb2.ListAuditEventsResponse(
+            audit_events=[audit_to_proto(e) for e in events], next_page_token=next_token
+        )
 
 
 def tenant_to_proto(tenant: TenantRecord) -> admin_pb2.Tenant:
@@ -74,7 +158,49 @@ def key_to_proto(key: KeyRecord) -> admin_pb2.ApiKey:
     )
     if key.revoke_time is not None:
         proto.revoke_time.CopyFrom(_timestamp(key.revoke_time))
+    if key.rate_limit is not None:
+        proto.rate_limit.CopyFrom(rate_limit_to_proto(key.rate_limit))
     return proto
+
+
+def rate_limit_of(proto: admin_pb2.RateLimit) -> RateLimit:
+    return RateLimit(proto.requests_per_second, proto.burst, proto.tokens_per_minute)
+
+
+def rate_limit_to_proto(rate_limit: RateLimit) -> admin_pb2.RateLimit:
+    return admin_pb2.RateLimit(
+        requests_per_second=rate_limit.requests_per_second,
+        burst=rate_limit.burst,
+        tokens_per_minute=rate_limit.tokens_per_minute,
+    )
+
+
+def quota_to_proto(quota: QuotaRecord) -> admin_pb2.Quota:
+    proto = admin_pb2.Quota(
+        tenant=quota.tenant,
+        rate_limit=rate_limit_to_proto(quota.rate_limit),
+        **{name: getattr(quota, name) for name in QUOTA_FIELDS},
+    )
+    if quota.update_time is not None:
+        proto.update_time.CopyFrom(_timestamp(quota.update_time))
+    return proto
+
+
+def usage_to_proto(row: UsageRecord) -> admin_pb2.UsageRow:
+    counts = {name: row.counts.get(name, 0) for name in USAGE_FIELDS}
+    return admin_pb2.UsageRow(day=row.day, tenant=row.tenant, api_key_id=row.api_key_id, **counts)
+
+
+def audit_to_proto(event: AuditRecord) -> admin_pb2.AuditEvent:
+    return admin_pb2.AuditEvent(
+        id=event.id,
+        time=_timestamp(event.time),
+        tenant=event.tenant,
+        api_key_id=event.api_key_id,
+        method=event.method,
+        resource=event.resource,
+        code=event.code,
+    )
 
 
 def _timestamp(value) -> Timestamp:  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""Tenants and API keys in the gateway's own database (SQLite by default, PostgreSQL by URL).
+"""Tenants, API keys, quotas, usage and the audit log in the gateway's own database (SQLite by default, PostgreSQL by URL).
 
 Synchronous on purpose: async callers run these methods with `asyncio.to_thread`.
 """
@@ -9,18 +9,23 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
+    Integer,
     MetaData,
     String,
     Table,
+    func,
     insert,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -48,6 +53,63 @@ api_keys = Table(
     Column("revoked", Boolean, nullable=False),
     Column("create_time", DateTime(timezone=True), nullable=False),
     Column("revoke_time", DateTime(timezone=True), nullable=True),
+    # The key's own rate limit; NULL means the gateway's default applies.
+    Column("rate_requests_per_second", Float, nullable=True),
+    Column("rate_burst", Integer, nullable=True),
+    Column("rate_tokens_per_minute", BigInteger, nullable=True),
+)
+
+QUOTA_FIELDS = (
+    "requests_per_day",
+    "requests_per_month",
+    "tokens_per_day",
+    "tokens_per_month",
+    "training_minutes_per_day",
+    "training_minutes_per_month",
+)
+
+quotas = Table(
+    "quotas",
+    metadata,
+    Column("tenant", String(63), ForeignKey("tenants.name"), primary_key=True),
+    *(Column(name, BigInteger, nullable=False) for name in QUOTA_FIELDS),
+    Column("rate_requests_per_second", Float, nullable=False),
+    Column("rate_burst", Integer, nullable=False),
+    Column("rate_tokens_per_minute", BigInteger, nullable=False),
+    Column("update_time", DateTime(timezone=True), nullable=False),
+)
+
+USAGE_FIELDS = (
+    "requests",
+    "cache_hits",
+    "errors",
+    "input_bytes",
+    "output_bytes",
+    "tokens",
+    "training_seconds",
+    "rejected",
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("day", String(10), primary_key=True),  # YYYY-MM-DD, UTC
+    Column("tenant", String(63), primary_key=True),
+    Column("api_key_id", String(12), primary_key=True),
+    *(Column(name, BigInteger, nullable=False) for name in USAGE_FIELDS),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    # Sorts by time: newest first is "id descending".
+    Column("id", String(32), primary_key=True),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Column("tenant", String(63), nullable=False, index=True),
+    Column("api_key_id", String(12), nullable=False),
+    Column("method", String(200), nullable=False),
+    Column("resource", String(300), nullable=False),
+    Column("code", String(32), nullable=False),
 )
 
 
@@ -56,6 +118,15 @@ class TenantRecord:
     name: str
     display_name: str
     create_time: datetime
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Zero means unlimited."""
+
+    requests_per_second: float = 0.0
+    burst: int = 0
+    tokens_per_minute: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,6 +139,50 @@ class KeyRecord:
     revoked: bool
     create_time: datetime
     revoke_time: datetime | None
+    rate_limit: RateLimit | None = None  # None: the gateway's default applies
+
+
+@dataclass(frozen=True)
+class QuotaRecord:
+    """A tenant's budgets (zero = unlimited) and tenant-wide rate limit."""
+
+    tenant: str
+    requests_per_day: int = 0
+    requests_per_month: int = 0
+    tokens_per_day: int = 0
+    tokens_per_month: int = 0
+    training_minutes_per_day: int = 0
+    training_minutes_per_month: int = 0
+    rate_limit: RateLimit = RateLimit()
+    update_time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    day: str
+    tenant: str
+    api_key_id: str  # empty when summed over the tenant's keys
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: str
+    time: datetime
+    tenant: str
+    api_key_id: str
+    method: str
+    resource: str
+    code: str
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    tenant: str = ""
+    api_key_id: str = ""
+    method: str = ""
+    start_time: datetime | None = None
+    end_time: datetime | None = None
 
 
 def utc_now() -> datetime:
@@ -86,6 +201,9 @@ def _tenant(row) -> TenantRecord:  # type: ignore[no-untyped-def]
 
 
 def _key(row) -> KeyRecord:  # type: ignore[no-untyped-def]
+    rate_limit = None
+    if row.rate_requests_per_second is not None:
+        rate_limit = RateLimit(row.rate_requests_per_second, row.rate_burst, row.rate_tokens_per_minute)
     return KeyRecord(
         id=row.id,
         tenant=row.tenant,
@@ -95,7 +213,22 @@ def _key(row) -> KeyRecord:  # type: ignore[no-untyped-def]
         revoked=row.revoked,
         create_time=_utc(row.create_time),
         revoke_time=_utc(row.revoke_time),
+        rate_limit=rate_limit,
     )
+
+
+def _quota(row) -> QuotaRecord:  # type: ignore[no-untyped-def]
+    rate_limit = RateLimit(row.rate_requests_per_second, row.rate_burst, row.rate_tokens_per_minute)
+    budgets = {name: getattr(row, name) for name in QUOTA_FIELDS}
+    return QuotaRecord(row.tenant, **budgets, rate_limit=rate_limit, update_time=_utc(row.update_time))
+
+
+def _rate_columns(rate_limit: RateLimit | None) -> dict[str, float | int | None]:
+    return {
+        "rate_requests_per_second": rate_limit.requests_per_second if rate_limit else None,
+        "rate_burst": rate_limit.burst if rate_limit else None,
+        "rate_tokens_per_minute": rate_limit.tokens_per_minute if rate_limit else None,
+    }
 
 
 class GatewayStore:
@@ -135,6 +268,7 @@ class GatewayStore:
                     revoked=key.revoked,
                     create_time=key.create_time,
                     revoke_time=key.revoke_time,
+                    **_rate_columns(key.rate_limit),
                 )
             )
 
@@ -167,3 +301,83 @@ class GatewayStore:
         )
         with Session(self.engine) as session:
             return list(session.scalars(query))
+
+    def set_key_rate_limit(self, key_id: str, rate_limit: RateLimit | None) -> KeyRecord | None:
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(api_keys).where(api_keys.c.id == key_id).values(**_rate_columns(rate_limit)))
+            row = session.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+        return _key(row) if row else None
+
+    def set_quota(self, quota: QuotaRecord) -> None:
+        values = {name: getattr(quota, name) for name in QUOTA_FIELDS}
+        values.update(_rate_columns(quota.rate_limit), update_time=quota.update_time)
+        upsert = self._insert(quotas).values(tenant=quota.tenant, **values)
+        with Session(self.engine) as session, session.begin():
+            session.execute(upsert.on_conflict_do_update(index_elements=["tenant"], set_=values))
+
+    def get_quota(self, tenant: str) -> QuotaRecord | None:
+        with Session(self.engine) as session:
+            row = session.execute(select(quotas).where(quotas.c.tenant == tenant)).first()
+        return _quota(row) if row else None
+
+    def add_usage(self, rows: list[UsageRecord]) -> None:
+        """Adds each row's counts to what is stored for its (day, tenant, key), in one transaction."""
+        with Session(self.engine) as session, session.begin():
+            for row in rows:
+                counts = {name: row.counts.get(name, 0) for name in USAGE_FIELDS}
+                upsert = self._insert(usage).values(
+                    day=row.day, tenant=row.tenant, api_key_id=row.api_key_id, **counts
+                )
+                added = {name: usage.c[name] + upsert.excluded[name] for name in USAGE_FIELDS}
+                session.execute(
+                    upsert.on_conflict_do_update(index_elements=["day", "tenant", "api_key_id"], set_=added)
+                )
+
+    def get_usage(self, tenant: str, api_key_id: str, first_day: str, last_day: str) -> list[UsageRecord]:
+        """One row per day, oldest first: the key's own, or summed over the tenant's keys."""
+        sums = [func.sum(usage.c[name]).label(name) for name in USAGE_FIELDS]
+        query = (
+            select(usage.c.day, *sums)
+            .where(usage.c.tenant == tenant, usage.c.day >= first_day, usage.c.day <= last_day)
+            .group_by(usage.c.day)
+            .order_by(usage.c.day)
+        )
+        if api_key_id:
+            query = query.where(usage.c.api_key_id == api_key_id)
+        with Session(self.engine) as session:
+            found = session.execute(query).all()
+        return [
+            UsageRecord(row.day, tenant, api_key_id, {name: int(getattr(row, name)) for name in USAGE_FIELDS})
+            for row in found
+        ]
+
+    def add_audit_events(self, events: list[AuditRecord]) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.execute(insert(audit_events), [vars(event) for event in events])
+
+    def list_audit_events(self, where: AuditFilter, before: str, limit: int) -> list[AuditRecord]:
+        """Newest first; `before` is the id of the last event of the previous page."""
+        query = select(audit_events).order_by(audit_events.c.id.desc()).limit(limit)
+        if before:
+            query = query.where(audit_events.c.id < before)
+        if where.tenant:
+            query = query.where(audit_events.c.tenant == where.tenant)
+        if where.api_key_id:
+            query = query.where(audit_events.c.api_key_id == where.api_key_id)
+        if where.method:
+            column = audit_events.c.method
+            query = query.where((column == where.method) | column.endswith("/" + where.method))
+        if where.start_time is not None:
+            query = query.where(audit_events.c.time >= where.start_time)
+        if where.end_time is not None:
+            query = query.where(audit_events.c.time < where.end_time)
+        with Session(self.engine) as session:
+            rows = session.execute(query).all()
+        return [
+            AuditRecord(r.id, _utc(r.time), r.tenant, r.api_key_id, r.method, r.resource, r.code) for r in rows
+        ]
+
+    def _insert(self, table: Table):  # type: ignore[no-untyped-def]
+        """INSERT with ON CONFLICT support for the engine's dialect."""
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        return dialect.insert(table)

@@ -178,17 +178,25 @@ def signature() -> common_pb2.Signature:
     )
 
 
-def route(tenant: str, deployment: str, triton_address: str, ready: bool = True) -> inference_pb2.Route:
+def route(
+    tenant: str,
+    deployment: str,
+    triton_address: str,
+    ready: bool = True,
+    cacheable: bool = False,
+    version: int = 1,
+) -> inference_pb2.Route:
     return inference_pb2.Route(
         tenant=tenant,
         deployment=deployment,
         model="digits",
-        version=1,
-        triton_model=f"{tenant}--{deployment}--1",
+        version=version,
+        triton_model=f"{tenant}--{deployment}--{version}",
         triton_address=triton_address,
         signature=signature(),
         max_batch_size=8,
         ready=ready,
+        cacheable=cacheable,
     )
 
 
@@ -247,7 +255,10 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def gateway_stack(tmp_path: Path, *, routes_available: bool = True) -> AsyncIterator[Stack]:
+async def gateway_stack(
+    tmp_path: Path, *, routes_available: bool = True, redis_url: str = "", **settings_overrides
+) -> AsyncIterator[Stack]:
+    """`redis_url` empty: a closed port, so the gateway runs on its Redis fallbacks."""
     registry, inference, triton = FakeRegistry(), FakeInference(), FakeTriton()
     triton_server, triton_address = await serve(
         (service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, triton)
@@ -259,6 +270,8 @@ async def gateway_stack(tmp_path: Path, *, routes_available: bool = True) -> Asy
             route("acme", "broken", triton_address),
             route("acme", "orphan", closed_address()),
             route("other", "secret", triton_address),
+            route("acme", "cached", triton_address, cacheable=True),
+            route("other", "cached", triton_address, cacheable=True),
         ],
         available=routes_available,
     )
@@ -276,6 +289,8 @@ async def gateway_stack(tmp_path: Path, *, routes_available: bool = True) -> Asy
         inference_addr=inference_address,
         trainer_addr=closed_address(),
         internal_token=TOKEN,
+        redis_url=redis_url or f"redis://{closed_address()}/0",
+        **settings_overrides,
     )
     try:
         key_file = tmp_path / "admin.key"

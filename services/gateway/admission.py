@@ -1,0 +1,68 @@
+"""Step two of every call, right after authentication: rate limits and quotas."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from services.gateway.audit import AuditLog, is_mutating
+from services.gateway.limits import Gate, RateLimited
+from services.gateway.store import GatewayStore, QuotaRecord, RateLimit
+from services.gateway.usage import Meter
+
+# AdminService is never limited: an admin must always be able to lift a limit, and a tenant
+# to read its usage.
+EXEMPT_PREFIX = "/maas.gateway.v1.AdminService/"
+
+
+class QuotaCache:
+    """Each tenant's quota from SQL, reused for `seconds` (how late SetQuota may take effect)."""
+
+    def __init__(self, store: GatewayStore, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.seconds = seconds
+        self.clock = clock
+        self._cache: dict[str, tuple[float, QuotaRecord]] = {}
+
+    async def get(self, tenant: str) -> QuotaRecord:
+        now = self.clock()
+        cached = self._cache.get(tenant)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        quota = await asyncio.to_thread(self.store.get_quota, tenant) or QuotaRecord(tenant)
+        self._cache[tenant] = (now + self.seconds, quota)
+        return quota
+
+    def forget(self, tenant: str) -> None:
+        self._cache.pop(tenant, None)
+
+
+class Admission:
+    def __init__(self, gate: Gate, quotas: QuotaCache, meter: Meter, audit: AuditLog) -> None:
+        self.gate = gate
+        self.quotas = quotas
+        self.meter = meter
+        self.audit = audit
+
+    async def admit(self, tenant: str, key_id: str, key_limit: RateLimit | None, method: str) -> None:
+        """Reserve this call against every limit that applies, or raise RateLimited."""
+        if method.startswith(EXEMPT_PREFIX):
+            return
+        quota = await self.quotas.get(tenant)
+        try:
+            await self.gate.admit(tenant, key_id, key_limit, quota)
+        except RateLimited:
+            self.meter.add(tenant, key_id, rejected=1)
+            if is_mutating(method):
+                self.audit.record(tenant, key_id, method, "", "RESOURCE_EXHAUSTED")
+            raise
+        self.meter.add(tenant, key_id, requests=1)
+
+    async def check_training(self, tenant: str) -> None:
+        await self.gate.check_training(tenant, await self.quotas.get(tenant))
+
+    async def settle_training(self, tenant: str, key_id: str, seconds: int) -> None:
+        """Where the trainer's report of the seconds a job ran lands (see the report's notes)."""
+        await self.gate.settle_training(tenant, await self.quotas.get(tenant), seconds)
+        self.meter.add(tenant, key_id, training_seconds=seconds)

@@ -1,0 +1,130 @@
+"""The request cache in Redis, for deployments marked cacheable.
+
+An entry's key is a digest of everything that decides the answer: the protocol, the tenant,
+the deployment, its model, resolved version and Triton model, the input tensors in a canonical
+order (name, datatype, shape, bytes) and the requested outputs and parameters. The tenant is
+also spelled out in the Redis key, so no digest collision could ever cross tenants, and a new
+version gives new keys, so old entries are never served for it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import Counter
+from tritonclient.grpc import service_pb2
+
+from maas.inference.v1 import inference_pb2
+from services.gateway.redis_link import REDIS_DOWN_ERRORS, RedisLink
+
+log = logging.getLogger(__name__)
+
+LOOKUPS = Counter("maas_gateway_cache_lookups_total", "Request cache lookups", ["result"])
+HITS, MISSES, BYPASSED = (LOOKUPS.labels(r) for r in ("hit", "miss", "bypassed"))
+
+CACHE_CONTROL_KEY = "cache-control"
+
+
+def bypass_requested(metadata: Iterable[tuple[str, str | bytes]]) -> bool:
+    """`cache-control: no-cache` (or no-store) in the call's metadata skips the lookup."""
+    for key, value in metadata:
+        if key == CACHE_CONTROL_KEY and isinstance(value, str) and ("no-cache" in value or "no-store" in value):
+            return True
+    return False
+
+
+class _Digest:
+    def __init__(self, *parts: str) -> None:
+        self._hash = hashlib.blake2b(digest_size=20)
+        for part in parts:
+            self.text(part)
+
+    def text(self, value: str) -> None:
+        self.bytes(value.encode())
+
+    def bytes(self, value: bytes) -> None:
+        # Length-prefixed, so that no two different sequences of parts hash alike.
+        self._hash.update(len(value).to_bytes(8, "little"))
+        self._hash.update(value)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _route_parts(route: inference_pb2.Route) -> tuple[str, ...]:
+    return (route.deployment, route.model, str(route.version), route.triton_model)
+
+
+def _parameters(parameters: Mapping[str, service_pb2.InferParameter]) -> bytes:
+    return b"".join(
+        name.encode() + b"=" + parameters[name].SerializeToString(deterministic=True) + b";"
+        for name in sorted(parameters)
+    )
+
+
+def predict_key(tenant: str, route: inference_pb2.Route, request: inference_pb2.PredictRequest) -> str:
+    digest = _Digest("predict", *_route_parts(route))
+    for tensor in sorted(request.inputs, key=lambda t: t.name):
+        digest.text(f"{tensor.name}:{tensor.datatype}:{list(tensor.shape)}")
+        digest.bytes(tensor.raw)
+    digest.text(",".join(sorted(request.output_names)))
+    return f"maas:{{{tenant}}}:cache:{digest.hexdigest()}"
+
+
+def infer_key(tenant: str, route: inference_pb2.Route, request: service_pb2.ModelInferRequest) -> str:
+    digest = _Digest("oip", *_route_parts(route))
+    raw = list(request.raw_input_contents)
+    inputs = sorted(
+        zip(request.inputs, raw or [b""] * len(request.inputs)), key=lambda pair: pair[0].name
+    )
+    for tensor, content in inputs:
+        digest.text(f"{tensor.name}:{tensor.datatype}:{list(tensor.shape)}")
+        digest.bytes(_parameters(tensor.parameters))
+        digest.bytes(content or tensor.contents.SerializeToString(deterministic=True))
+    for output in sorted(request.outputs, key=lambda o: o.name):
+        digest.text(output.name)
+        digest.bytes(_parameters(output.parameters))
+    digest.bytes(_parameters(request.parameters))
+    return f"maas:{{{tenant}}}:cache:{digest.hexdigest()}"
+
+
+class ResponseCache:
+    def __init__(self, link: RedisLink, ttl_seconds: float, max_entry_bytes: int) -> None:
+        self.link = link
+        self.ttl_ms = max(1, int(ttl_seconds * 1000))
+        self.max_entry_bytes = max_entry_bytes
+        self._writes: set[asyncio.Task[None]] = set()
+
+    async def get(self, key: str) -> bytes | None:
+        if not self.link.up:
+            BYPASSED.inc()
+            return None
+        try:
+            value = await self.link.client.get(key)
+        except REDIS_DOWN_ERRORS as error:
+            self.link.lost(error)
+            BYPASSED.inc()
+            return None
+        (HITS if value is not None else MISSES).inc()
+        return value
+
+    def put(self, key: str, value: bytes) -> None:
+        """Store in the background: the caller's answer does not wait for Redis."""
+        if not self.link.up or len(value) > self.max_entry_bytes:
+            return
+        task = asyncio.get_running_loop().create_task(self._put(key, value))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _put(self, key: str, value: bytes) -> None:
+        try:
+            await self.link.client.set(key, value, px=self.ttl_ms)
+        except REDIS_DOWN_ERRORS as error:
+            self.link.lost(error)
+
+    async def drain(self) -> None:
+        """Wait for the background writes (tests, shutdown)."""
+        if self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)

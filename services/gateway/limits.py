@@ -1,0 +1,375 @@
+"""Rate limits and quotas.
+
+A call is admitted against token buckets (requests per second with a burst, tokens per minute)
+and period counters (requests, tokens, training seconds per UTC day and month). One Lua script
+checks every bucket and counter and, only if all allow it, takes from all of them: one atomic
+Redis round trip per call, one global budget however many gateway replicas share the Redis.
+While Redis is down the same rules run in process (LocalLimiter), per replica; counters carry
+on from the last values Redis reported."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from services.common.errors import ResourceExhausted
+from services.gateway.redis_link import REDIS_DOWN_ERRORS, RedisLink
+from services.gateway.store import QuotaRecord, RateLimit
+
+# KEYS: buckets first, then counters. ARGV[1]: number of buckets; then per bucket rate (per
+# second), burst, cost; then per counter limit, cost, ttl seconds. A counter with cost 0 only
+# checks that some budget is left. Returns {1, 0, 0, 0, counter values...} when admitted,
+# {0, index, remaining, retry milliseconds (-1: until the period ends)} when not.
+ADMIT_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local buckets = tonumber(ARGV[1])
+local levels = {}
+for i = 1, buckets do
+  local rate, burst, cost = tonumber(ARGV[3*i - 1]), tonumber(ARGV[3*i]), tonumber(ARGV[3*i + 1])
+  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ms')
+  local tokens = tonumber(state[1]) or burst
+  local since = math.max(0, now - (tonumber(state[2]) or now))
+  tokens = math.min(burst, tokens + since * rate / 1000)
+  if tokens < cost then
+    return {0, i, math.floor(tokens), math.ceil((cost - tokens) * 1000 / rate)}
+  end
+  levels[i] = tokens - cost
+end
+local base = 3 * buckets + 1
+local used = {}
+for j = 1, #KEYS - buckets do
+  local limit, cost = tonumber(ARGV[base + 3*j - 2]), tonumber(ARGV[base + 3*j - 1])
+  used[j] = tonumber(redis.call('GET', KEYS[buckets + j]) or '0')
+  if used[j] + math.max(cost, 1) > limit then
+    return {0, buckets + j, math.max(0, limit - used[j]), -1}
+  end
+end
+for i = 1, buckets do
+  local rate, burst = tonumber(ARGV[3*i - 1]), tonumber(ARGV[3*i])
+  redis.call('HSET', KEYS[i], 'tokens', tostring(levels[i]), 'ms', now)
+  redis.call('PEXPIRE', KEYS[i], math.ceil(burst * 1000 / rate) + 1000)
+end
+local result = {1, 0, 0, 0}
+for j = 1, #KEYS - buckets do
+  local key, cost, ttl = KEYS[buckets + j], tonumber(ARGV[base + 3*j - 1]), tonumber(ARGV[base + 3*j])
+  if cost > 0 then
+    result[4 + j] = redis.call('INCRBY', key, cost)
+    redis.call('EXPIRE', key, ttl)
+  else
+    result[4 + j] = used[j]
+  end
+end
+return result
+"""
+
+# Settling: ARGV per key is delta, ttl.
+ADJUST_SCRIPT = """
+for i = 1, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[2*i - 1])
+  redis.call('EXPIRE', KEYS[i], ARGV[2*i])
+end
+return 1
+"""
+
+DAY_TTL = 2 * 86400
+MONTH_TTL = 32 * 86400
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A token bucket: `rate` tokens per second refill it up to `burst`; a call takes `cost`."""
+
+    key: str
+    rate: float
+    burst: float
+    cost: float
+    what: str  # for people: "requests per second of API key abc"
+    subject: str  # QuotaFailure subject, e.g. "tenant:acme"
+
+
+@dataclass(frozen=True)
+class Counter:
+    """A budget for a period: the call adds `cost`; refused once `limit` would be passed."""
+
+    key: str
+    limit: int
+    cost: int
+    ttl_seconds: int
+    reset_at: float  # unix time the period ends
+    what: str
+    subject: str
+
+
+@dataclass(frozen=True)
+class Denial:
+    limit: Bucket | Counter
+    remaining: int
+    retry_after_seconds: float
+
+
+class RateLimited(ResourceExhausted):
+    """RESOURCE_EXHAUSTED with google.rpc RetryInfo and QuotaFailure details and
+    x-ratelimit-limit/remaining/reset trailers, so clients know when to retry."""
+
+    def __init__(self, denial: Denial) -> None:
+        limit = denial.limit
+        retry = max(denial.retry_after_seconds, 0.001)
+        limit_value = limit.burst if isinstance(limit, Bucket) else limit.limit
+        message = f"{limit.what} exhausted ({limit_value:g}); retry in {retry:.3g} s"
+        super().__init__(message)
+        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message)
+        delay = Duration()
+        delay.FromNanoseconds(int(retry * 1e9))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        violation = error_details_pb2.QuotaFailure.Violation(subject=limit.subject, description=limit.what)
+        status.details.add().Pack(error_details_pb2.QuotaFailure(violations=[violation]))
+        self.trailing_metadata = (
+            *rpc_status.to_status(status).trailing_metadata,
+            ("x-ratelimit-limit", f"{limit_value:g}"),
+            ("x-ratelimit-remaining", str(denial.remaining)),
+            ("x-ratelimit-reset", str(math.ceil(retry))),
+        )
+
+
+class LocalLimiter:
+    """The same rules as ADMIT_SCRIPT in process memory: the fallback while Redis is down."""
+
+    def __init__(self, clock=time.time) -> None:  # type: ignore[no-untyped-def]
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._counters: dict[str, tuple[int, float]] = {}  # key -> (used, expires at)
+
+    def seen(self, key: str, used: int, ttl_seconds: int) -> None:
+        """What Redis last reported for a counter: the starting point should Redis go away."""
+        self._counters[key] = (used, self.clock() + ttl_seconds)
+
+    def used(self, key: str) -> int:
+        used, expires = self._counters.get(key, (0, 0.0))
+        return used if expires > self.clock() else 0
+
+    def reserve(self, buckets: Sequence[Bucket], counters: Sequence[Counter]) -> Denial | None:
+        now = self.clock()
+        levels = []
+        for bucket in buckets:
+            tokens, at = self._buckets.get(bucket.key, (bucket.burst, now))
+            tokens = min(bucket.burst, tokens + max(0.0, now - at) * bucket.rate)
+            if tokens < bucket.cost:
+                return Denial(bucket, math.floor(tokens), (bucket.cost - tokens) / bucket.rate)
+            levels.append(tokens - bucket.cost)
+        for counter in counters:
+            used = self.used(counter.key)
+            if used + max(counter.cost, 1) > counter.limit:
+                return Denial(counter, max(0, counter.limit - used), counter.reset_at - now)
+        for bucket, level in zip(buckets, levels):
+            self._buckets[bucket.key] = (level, now)
+        for counter in counters:
+            self._counters[counter.key] = (self.used(counter.key) + counter.cost, now + counter.ttl_seconds)
+        return None
+
+    def adjust(self, counters: Sequence[tuple[str, int, int]]) -> None:
+        for key, delta, ttl in counters:
+            self._counters[key] = (self.used(key) + delta, self.clock() + ttl)
+
+
+class Limiter:
+    """Reserves against Redis, or against the LocalLimiter while Redis is down."""
+
+    def __init__(self, link: RedisLink, local: LocalLimiter | None = None) -> None:
+        self.link = link
+        self.local = local or LocalLimiter()
+        self._admit = link.client.register_script(ADMIT_SCRIPT)
+        self._adjust = link.client.register_script(ADJUST_SCRIPT)
+
+    async def reserve(self, buckets: Sequence[Bucket], counters: Sequence[Counter]) -> Denial | None:
+        """All or nothing: takes from every bucket and counter, or from none and says why."""
+        if self.link.up:
+            keys = [b.key for b in buckets] + [c.key for c in counters]
+            args: list[float | int] = [len(buckets)]
+            for b in buckets:
+                args += [b.rate, b.burst, b.cost]
+            for c in counters:
+                args += [c.limit, c.cost, c.ttl_seconds]
+            try:
+                result = await self._admit(keys, args)
+            except REDIS_DOWN_ERRORS as error:
+                self.link.lost(error)
+            else:
+                return self._read(result, buckets, counters)
+        return self.local.reserve(buckets, counters)
+
+    def _read(self, result: list[int], buckets: Sequence[Bucket], counters: Sequence[Counter]) -> Denial | None:
+        admitted, index, remaining, retry_ms = (int(v) for v in result[:4])
+        if admitted:
+            for counter, used in zip(counters, result[4:]):
+                self.local.seen(counter.key, int(used), counter.ttl_seconds)
+            return None
+        limits = [*buckets, *counters]
+        limit = limits[index - 1]
+        retry = retry_ms / 1000 if retry_ms >= 0 else limit.reset_at - time.time()  # type: ignore[union-attr]
+        return Denial(limit, remaining, retry)
+
+    async def adjust(self, counters: Sequence[tuple[str, int, int]]) -> None:
+        """Add (key, delta, ttl) to counters: settling a reservation with what was really used."""
+        if not counters:
+            return
+        if self.link.up:
+            args: list[int] = []
+            for _, delta, ttl in counters:
+                args += [delta, ttl]
+            try:
+                await self._adjust([key for key, _, _ in counters], args)
+                return
+            except REDIS_DOWN_ERRORS as error:
+                self.link.lost(error)
+        self.local.adjust(counters)
+
+
+@dataclass(frozen=True)
+class Periods:
+    """The UTC day and month a call falls in, and when each ends."""
+
+    day: str
+    month: str
+    day_ends: float
+    month_ends: float
+
+    @classmethod
+    def at(cls, unix_time: float) -> Periods:
+        now = datetime.fromtimestamp(unix_time, timezone.utc)
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        next_month = (day.replace(day=1) + timedelta(days=32)).replace(day=1)
+        return cls(
+            day.strftime("%Y-%m-%d"),
+            day.strftime("%Y-%m"),
+            (day + timedelta(days=1)).timestamp(),
+            next_month.timestamp(),
+        )
+
+
+class Gate:
+    """Which limits apply to a call, and the reservation against them.
+
+    Limits that are zero (unlimited) are skipped; with none left the call costs no Redis
+    round trip at all."""
+
+    def __init__(self, limiter: Limiter, default_key_limit: RateLimit) -> None:
+        self.limiter = limiter
+        self.default_key_limit = default_key_limit
+        self._periods = Periods.at(time.time())
+
+    def periods(self) -> Periods:
+        now = time.time()
+        if now >= self._periods.day_ends:
+            self._periods = Periods.at(now)
+        return self._periods
+
+    async def admit(
+        self, tenant: str, key_id: str, key_limit: RateLimit | None, quota: QuotaRecord, tokens: int = 0
+    ) -> None:
+        """Reserve one request (and `tokens` generated tokens) for a call; RateLimited if over."""
+        limit = key_limit or self.default_key_limit
+        buckets = []
+        if limit.requests_per_second > 0:
+            key = f"maas:{{{tenant}}}:rl:key:{key_id}"
+            buckets.append(_requests_bucket(key, limit, f"API key {key_id}", f"key:{key_id}"))
+        if quota.rate_limit.requests_per_second > 0:
+            key = f"maas:{{{tenant}}}:rl:tenant"
+            buckets.append(_requests_bucket(key, quota.rate_limit, f"tenant {tenant}", f"tenant:{tenant}"))
+        counters = self._counters(tenant, "requests", quota.requests_per_day, quota.requests_per_month, 1)
+        if tokens:
+            buckets += self._token_buckets(tenant, key_id, limit, quota, tokens)
+            counters += self._counters(tenant, "tokens", quota.tokens_per_day, quota.tokens_per_month, tokens)
+        if buckets or counters:
+            denial = await self.limiter.reserve(buckets, counters)
+            if denial is not None:
+                raise RateLimited(denial)
+
+    async def settle_tokens(self, tenant: str, quota: QuotaRecord, reserved: int, used: int) -> None:
+        """After a text call: count the tokens really generated instead of the reservation."""
+        await self._settle(tenant, "tokens", quota.tokens_per_day, quota.tokens_per_month, used - reserved)
+
+    async def check_training(self, tenant: str, quota: QuotaRecord) -> None:
+        """Before a training job: refuse once the tenant's training minutes are used up."""
+        counters = self._counters(
+            tenant,
+            "training_seconds",
+            quota.training_minutes_per_day * 60,
+            quota.training_minutes_per_month * 60,
+            0,
+        )
+        if counters:
+            denial = await self.limiter.reserve([], counters)
+            if denial is not None:
+                raise RateLimited(denial)
+
+    async def settle_training(self, tenant: str, quota: QuotaRecord, seconds: int) -> None:
+        """What a training job really ran, reported when it ends (or as it goes)."""
+        await self._settle(
+            tenant,
+            "training_seconds",
+            quota.training_minutes_per_day * 60,
+            quota.training_minutes_per_month * 60,
+            seconds,
+        )
+
+    def _counters(self, tenant: str, unit: str, per_day: int, per_month: int, cost: int) -> list[Counter]:
+        periods = self.periods()
+        counters = []
+        if per_day > 0:
+            counters.append(
+                Counter(
+                    f"maas:{{{tenant}}}:q:{unit}:{periods.day}",
+                    per_day,
+                    cost,
+                    DAY_TTL,
+                    periods.day_ends,
+                    f"{unit.replace('_', ' ')} per day of tenant {tenant}",
+                    f"tenant:{tenant}",
+                )
+            )
+        if per_month > 0:
+            counters.append(
+                Counter(
+                    f"maas:{{{tenant}}}:q:{unit}:{periods.month}",
+                    per_month,
+                    cost,
+                    MONTH_TTL,
+                    periods.month_ends,
+                    f"{unit.replace('_', ' ')} per month of tenant {tenant}",
+                    f"tenant:{tenant}",
+                )
+            )
+        return counters
+
+    async def _settle(self, tenant: str, unit: str, per_day: int, per_month: int, delta: int) -> None:
+        if delta:
+            counters = self._counters(tenant, unit, per_day, per_month, delta)
+            await self.limiter.adjust([(c.key, c.cost, c.ttl_seconds) for c in counters])
+
+    @staticmethod
+    def _token_buckets(
+        tenant: str, key_id: str, key_limit: RateLimit, quota: QuotaRecord, tokens: int
+    ) -> list[Bucket]:
+        buckets = []
+        for key, limit, who, subject in (
+            (f"maas:{{{tenant}}}:tpm:key:{key_id}", key_limit, f"API key {key_id}", f"key:{key_id}"),
+            (f"maas:{{{tenant}}}:tpm:tenant", quota.rate_limit, f"tenant {tenant}", f"tenant:{tenant}"),
+        ):
+            if limit.tokens_per_minute > 0:
+                per_minute = float(limit.tokens_per_minute)
+                what = f"tokens per minute of {who}"
+                buckets.append(Bucket(key, per_minute / 60, per_minute, tokens, what, subject))
+        return buckets
+
+
+def _requests_bucket(key: str, limit: RateLimit, who: str, subject: str) -> Bucket:
+    burst = float(limit.burst or max(1.0, limit.requests_per_second))
+    return Bucket(key, limit.requests_per_second, burst, 1, f"requests per second of {who}", subject)

@@ -1,0 +1,160 @@
+"""Usage metering per tenant, key and UTC day.
+
+The hot path only adds to a dict in memory. A background task pushes those sums to Redis
+(one pipeline per interval, so every replica's counts meet there) and moves what Redis holds
+into SQL, where GetUsage reads it. Moving out of Redis is atomic per hash (read-and-delete in
+one script); if the SQL write fails the counts go back into memory for the next round. What a
+process holds in memory when it is killed (at most one push interval) is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+
+from services.gateway.redis_link import REDIS_DOWN_ERRORS, RedisLink
+from services.gateway.store import USAGE_FIELDS, GatewayStore, UsageRecord
+
+log = logging.getLogger(__name__)
+
+DIRTY_SET = "maas:usage:dirty"
+# Read a hash and delete it, atomically: counts land in exactly one flush.
+TAKE_SCRIPT = """
+local counts = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[1])
+return counts
+"""
+HASH_TTL = 7 * 86400  # a hash nobody flushes (no gateway left) does not live forever
+
+Slot = tuple[str, str, str]  # (day, tenant, key id)
+
+
+def _hash_key(slot: Slot) -> str:
+    day, tenant, key_id = slot
+    return f"maas:{{{tenant}}}:usage:{day}:{key_id}"
+
+
+def _slot_of(hash_key: str) -> Slot:
+    prefix, _, rest = hash_key.partition(":usage:")
+    day, _, key_id = rest.partition(":")
+    return day, prefix.removeprefix("maas:{").removesuffix("}"), key_id
+
+
+class Meter:
+    def __init__(
+        self, link: RedisLink, store: GatewayStore, push_seconds: float, flush_seconds: float
+    ) -> None:
+        self.link = link
+        self.store = store
+        self.push_seconds = push_seconds
+        self.flush_seconds = flush_seconds
+        self._pending: defaultdict[Slot, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._take = link.client.register_script(TAKE_SCRIPT)
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._day = ("", 0.0)  # cached (day, valid until)
+
+    def add(self, tenant: str, key_id: str, **counts: int) -> None:
+        """Count something for this call; cheap, never waits."""
+        pending = self._pending[(self._today(), tenant, key_id)]
+        for name, value in counts.items():
+            pending[name] += value
+
+    def _today(self) -> str:
+        day, until = self._day
+        now = time.time()
+        if now >= until:
+            day = time.strftime("%Y-%m-%d", time.gmtime(now))
+            self._day = (day, now - now % 86400 + 86400)
+        return day
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="usage-meter")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    async def _run(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            await asyncio.sleep(self.push_seconds)
+            try:
+                if time.monotonic() - last_flush >= self.flush_seconds:
+                    await self.flush()
+                    last_flush = time.monotonic()
+                else:
+                    await self.push()
+            except Exception:
+                log.exception("usage metering round failed; counts kept for the next one")
+
+    async def push(self) -> None:
+        """Memory -> Redis. While Redis is down the counts stay in memory."""
+        if not self._pending or not self.link.up:
+            return
+        pending, self._pending = self._pending, defaultdict(lambda: defaultdict(int))
+        pipe = self.link.client.pipeline(transaction=False)
+        for slot, counts in pending.items():
+            key = _hash_key(slot)
+            for name, value in counts.items():
+                pipe.hincrby(key, name, value)
+            pipe.expire(key, HASH_TTL)
+            pipe.sadd(DIRTY_SET, key)
+        try:
+            await pipe.execute()
+        except REDIS_DOWN_ERRORS as error:
+            # Whether some increments landed is unknown; counting them again could double
+            # them, so a lost round loses at most one interval's counts.
+            self.link.lost(error)
+            log.warning("usage push failed; counts of this round may be lost", extra={"error": str(error)})
+
+    async def flush(self) -> None:
+        """Memory -> Redis -> SQL. GetUsage calls it first, so it reads its own writes."""
+        async with self._lock:
+            await self.push()
+            if self.link.up:
+                rows = await self._take_from_redis()
+            else:
+                # Straight from memory to SQL while Redis is away.
+                pending, self._pending = self._pending, defaultdict(lambda: defaultdict(int))
+                rows = [UsageRecord(*slot, dict(counts)) for slot, counts in pending.items()]
+            if not rows:
+                return
+            try:
+                await asyncio.to_thread(self.store.add_usage, rows)
+            except Exception:
+                for row in rows:
+                    self._restore(row)
+                raise
+
+    async def _take_from_redis(self) -> list[UsageRecord]:
+        rows: list[UsageRecord] = []
+        try:
+            keys = await self.link.client.smembers(DIRTY_SET)
+            for raw_key in keys:
+                key = raw_key.decode()
+                # Unmark first: a push after this re-marks the hash for the next flush.
+                await self.link.client.srem(DIRTY_SET, key)
+                counts = _counts(await self._take([key]))
+                if counts:
+                    rows.append(UsageRecord(*_slot_of(key), counts))
+        except REDIS_DOWN_ERRORS as error:
+            self.link.lost(error)
+        return rows
+
+    def _restore(self, row: UsageRecord) -> None:
+        pending = self._pending[(row.day, row.tenant, row.api_key_id)]
+        for name, value in row.counts.items():
+            pending[name] += value
+
+
+def _counts(flat: list[bytes]) -> Mapping[str, int]:
+    pairs = zip(flat[::2], flat[1::2])
+    return {name.decode(): int(value) for name, value in pairs if name.decode() in USAGE_FIELDS}
