@@ -1,0 +1,271 @@
+{{- define "maas-lib.service" -}}
+{{- $c := .Values.component -}}
+{{- $fullname := include "maas-lib.fullname" . -}}
+{{- $secrets := .Values.secrets | default dict -}}
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "maas-lib.labels" . | nindent 4 }}
+data:
+  MAAS_HOME: /var/lib/maas
+  MAAS_LOG_LEVEL: {{ .Values.logLevel | default "info" | quote }}
+  {{ $c.addrEnv }}: "0.0.0.0:{{ $c.grpcPort }}"
+  {{ $c.metricsAddrEnv }}: "0.0.0.0:{{ $c.metricsPort }}"
+  {{- if ne $c.name "registry" }}
+  MAAS_REGISTRY_ADDR: {{ include "maas-lib.peer" (list . "registry" 50052) | quote }}
+  {{- end }}
+  {{- if ne $c.name "inference" }}
+  MAAS_INFERENCE_ADDR: {{ include "maas-lib.peer" (list . "inference" 50053) | quote }}
+  {{- end }}
+  {{- if ne $c.name "trainer" }}
+  MAAS_TRAINER_ADDR: {{ include "maas-lib.peer" (list . "trainer" 50054) | quote }}
+  {{- end }}
+  {{- if .Values.tls.enabled }}
+  MAAS_TLS_CERT_FILE: /etc/maas/tls/tls.crt
+  MAAS_TLS_KEY_FILE: /etc/maas/tls/tls.key
+  MAAS_TLS_CA_FILE: /etc/maas/tls/ca.crt
+  {{- if .Values.tls.requireClientCertificates }}
+  MAAS_TLS_CLIENT_CA_FILE: /etc/maas/tls/ca.crt
+  {{- end }}
+  {{- end }}
+  {{- with .Values.triton }}
+  # Triton runs in its own Deployment and sees the model repository on the shared volume.
+  MAAS_TRITON_URL: {{ printf "%s-triton:%v" $.Release.Name .grpcPort | quote }}
+  MAAS_INFERENCE_DIR: /var/lib/maas/inference
+  MAAS_GPU_AVAILABLE: {{ .gpu.enabled | quote }}
+  {{- end }}
+  {{- range $name, $value := .Values.env }}
+  {{ $name }}: {{ $value | quote }}
+  {{- end }}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "maas-lib.labels" . | nindent 4 }}
+spec:
+  {{- if not .Values.autoscaling.enabled }}
+  replicas: {{ .Values.replicaCount }}
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "maas-lib.selectorLabels" . | nindent 6 }}
+  {{- with .Values.strategy }}
+  strategy:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  template:
+    metadata:
+      labels:
+        {{- include "maas-lib.labels" . | nindent 8 }}
+      annotations:
+        # Roll the pods when their configuration changes.
+        checksum/config: {{ toJson .Values | sha256sum }}
+    spec:
+      {{- with .Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 10001
+        fsGroup: 10001
+      terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds | default 30 }}
+      containers:
+        - name: {{ $c.name }}
+          image: {{ include "maas-lib.image" . | quote }}
+          imagePullPolicy: {{ .Values.image.pullPolicy }}
+          args: ["-m", "services.{{ $c.name }}"]
+          ports:
+            - name: grpc
+              containerPort: {{ $c.grpcPort }}
+            - name: metrics
+              containerPort: {{ $c.metricsPort }}
+          envFrom:
+            - configMapRef:
+                name: {{ $fullname }}
+          env:
+            - name: MAAS_INTERNAL_TOKEN
+              valueFrom:
+                secretKeyRef:
+                  name: {{ required "secrets.internalToken.name: a Secret holding the shared internal token" $secrets.internalToken.name }}
+                  key: {{ $secrets.internalToken.key | default "token" }}
+            {{- if and $c.databaseEnv $secrets.databaseUrl $secrets.databaseUrl.name }}
+            - name: {{ $c.databaseEnv }}
+              valueFrom:
+                secretKeyRef:
+                  name: {{ $secrets.databaseUrl.name }}
+                  key: {{ $secrets.databaseUrl.key | default "url" }}
+            {{- end }}
+            {{- range $secrets.extra }}
+            - name: {{ .env }}
+              valueFrom:
+                secretKeyRef:
+                  name: {{ .name }}
+                  key: {{ .key }}
+            {{- end }}
+          {{- if .Values.tls.enabled }}
+          # Kubelet's gRPC probes speak plaintext only: with TLS on, probe the port instead.
+          readinessProbe:
+            tcpSocket:
+              port: grpc
+            periodSeconds: 5
+          livenessProbe:
+            tcpSocket:
+              port: grpc
+            periodSeconds: 10
+            failureThreshold: 6
+          {{- else }}
+          startupProbe:
+            grpc:
+              port: {{ $c.grpcPort }}
+            periodSeconds: 5
+            failureThreshold: {{ .Values.startupFailureThreshold | default 60 }}
+          readinessProbe:
+            grpc:
+              port: {{ $c.grpcPort }}
+            periodSeconds: 5
+          livenessProbe:
+            grpc:
+              port: {{ $c.grpcPort }}
+            periodSeconds: 10
+            failureThreshold: 6
+          {{- end }}
+          resources:
+            {{- toYaml .Values.resources | nindent 12 }}
+          securityContext:
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities:
+              drop: ["ALL"]
+          volumeMounts:
+            - name: data
+              mountPath: /var/lib/maas
+            - name: tmp
+              mountPath: /tmp
+            {{- if .Values.tls.enabled }}
+            - name: tls
+              mountPath: /etc/maas/tls
+              readOnly: true
+            {{- end }}
+            {{- if .Values.triton }}
+            - name: models
+              mountPath: /var/lib/maas/inference
+            {{- end }}
+            {{- with .Values.extraVolumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+      volumes:
+        - name: data
+          {{- if .Values.persistence.existingClaim }}
+          persistentVolumeClaim:
+            claimName: {{ .Values.persistence.existingClaim }}
+          {{- else }}
+          emptyDir: {}
+          {{- end }}
+        - name: tmp
+          emptyDir: {}
+        {{- if .Values.tls.enabled }}
+        - name: tls
+          secret:
+            secretName: {{ required "tls.secretName: a Secret with tls.crt, tls.key and ca.crt" .Values.tls.secretName }}
+        {{- end }}
+        {{- with .Values.triton }}
+        - name: models
+          persistentVolumeClaim:
+            claimName: {{ .modelRepository.existingClaim | default (printf "%s-triton-models" $.Release.Name) }}
+        {{- end }}
+        {{- with .Values.extraVolumes }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with .Values.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .Values.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "maas-lib.labels" . | nindent 4 }}
+spec:
+  type: {{ .Values.service.type | default "ClusterIP" }}
+  selector:
+    {{- include "maas-lib.selectorLabels" . | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ $c.grpcPort }}
+      targetPort: grpc
+      appProtocol: grpc
+    - name: metrics
+      port: {{ $c.metricsPort }}
+      targetPort: metrics
+{{- if .Values.autoscaling.enabled }}
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "maas-lib.labels" . | nindent 4 }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ $fullname }}
+  minReplicas: {{ .Values.autoscaling.minReplicas }}
+  maxReplicas: {{ .Values.autoscaling.maxReplicas }}
+  metrics:
+    - type: Resource
+      resource:
+        name: cpu
+        target:
+          type: Utilization
+          averageUtilization: {{ .Values.autoscaling.targetCPUUtilizationPercentage }}
+{{- end }}
+{{- if .Values.podDisruptionBudget.enabled }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "maas-lib.labels" . | nindent 4 }}
+spec:
+  {{- if .Values.podDisruptionBudget.minAvailable }}
+  minAvailable: {{ .Values.podDisruptionBudget.minAvailable }}
+  {{- else }}
+  maxUnavailable: {{ .Values.podDisruptionBudget.maxUnavailable | default 1 }}
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "maas-lib.selectorLabels" . | nindent 6 }}
+{{- end }}
+{{- if .Values.serviceMonitor.enabled }}
+---
+apiVersion: monitoring.coreos.com/v1
+kind: ServiceMonitor
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "maas-lib.labels" . | nindent 4 }}
+    {{- with .Values.serviceMonitor.labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  selector:
+    matchLabels:
+      {{- include "maas-lib.selectorLabels" . | nindent 6 }}
+  endpoints:
+    - port: metrics
+      interval: {{ .Values.serviceMonitor.interval | default "15s" }}
+{{- end }}
+{{- end -}}

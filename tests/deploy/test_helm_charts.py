@@ -1,0 +1,136 @@
+"""The Helm charts lint, and `helm template` renders a complete, consistent platform."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.gateway.config import GatewaySettings
+from services.inference.config import InferenceSettings
+from services.registry.config import RegistrySettings
+from services.trainer.config import TrainerSettings
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICES = ("gateway", "registry", "inference", "trainer")
+PORTS = {"gateway": 50051, "registry": 50052, "inference": 50053, "trainer": 50054}
+SETTINGS = (GatewaySettings, RegistrySettings, InferenceSettings, TrainerSettings)
+
+
+@pytest.fixture(scope="module")
+def charts(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of deploy/ with every chart's file:// dependencies vendored (offline)."""
+    deploy = tmp_path_factory.mktemp("deploy") / "deploy"
+    shutil.copytree(REPO / "deploy", deploy, symlinks=True, ignore=shutil.ignore_patterns("charts", "Chart.lock"))
+    subprocess.run([str(deploy / "helm" / "build-deps.sh")], env={"HELM": helm, "PATH": "/usr/bin:/bin"},
+                   check=True, capture_output=True)
+    return deploy / "helm"
+
+
+def render(helm: str, yaml: Any, chart: Path, *values: str) -> list[dict]:
+    args = [helm, "template", "t", str(chart)]
+    for value in values:
+        args += ["--set", value]
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def known_settings() -> set[str]:
+    return {f"MAAS_{field.upper()}" for cls in SETTINGS for field in cls.model_fields}
+
+
+@pytest.mark.parametrize("chart", [*SERVICES, "maas"])
+def test_each_chart_lints(helm: str, charts: Path, chart: str) -> None:
+    result = subprocess.run([helm, "lint", "--strict", str(charts / chart)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_umbrella_renders_every_service_wired_to_its_peers(helm: str, yaml: Any, charts: Path) -> None:
+    objects = render(helm, yaml, charts / "maas")
+    deployments = by_kind(objects, "Deployment")
+    services = by_kind(objects, "Service")
+    configs = by_kind(objects, "ConfigMap")
+    assert set(deployments) == {f"t-{name}" for name in SERVICES} | {"t-triton"}
+    assert set(by_kind(objects, "PodDisruptionBudget")) == {f"t-{name}" for name in SERVICES}
+    assert set(by_kind(objects, "HorizontalPodAutoscaler")) == {"t-gateway"}
+    assert not by_kind(objects, "ServiceMonitor")
+    assert by_kind(objects, "PersistentVolumeClaim")  # the model repository Triton shares
+
+    for name in SERVICES:
+        service_ports = {p["name"]: p["port"] for p in services[f"t-{name}"]["spec"]["ports"]}
+        assert service_ports["grpc"] == PORTS[name]
+        config = configs[f"t-{name}"]["data"]
+        assert config[f"MAAS_{name.upper()}_ADDR"] == f"0.0.0.0:{PORTS[name]}"
+        # Every peer address names a Service this release renders, on that service's port.
+        for peer in set(SERVICES) - {name, "gateway"}:
+            host, port = config[f"MAAS_{peer.upper()}_ADDR"].split(":")
+            assert host in services and int(port) == PORTS[peer]
+        # Every MAAS_* variable is a real setting: a typo would be silently ignored.
+        assert set(config) <= known_settings(), set(config) - known_settings()
+
+        pod = deployments[f"t-{name}"]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert container["args"] == ["-m", f"services.{name}"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == PORTS[name]
+        assert container["resources"]["requests"] and container["resources"]["limits"]
+        secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+        assert secret_env["MAAS_INTERNAL_TOKEN"]["name"] == "maas-internal-token"
+        assert secret_env[f"MAAS_{name.upper()}_DATABASE_URL"]["name"] == f"maas-{name}-db"
+
+    triton_host, triton_port = configs["t-inference"]["data"]["MAAS_TRITON_URL"].split(":")
+    assert {p["name"]: p["port"] for p in services[triton_host]["spec"]["ports"]}["grpc"] == int(triton_port)
+    registry = configs["t-registry"]["data"]
+    assert registry["MAAS_REGISTRY_S3_BUCKET"] and registry["MAAS_REGISTRY_S3_ENDPOINT_URL"]
+    assert configs["t-gateway"]["data"]["MAAS_REDIS_URL"].startswith("redis://")
+    assert services["t-gateway"]["spec"]["type"] == "LoadBalancer"
+    assert services["t-triton"]["spec"]["type"] == "ClusterIP"
+
+
+def test_gpu_tls_monitoring_and_autoscaling_toggles(helm: str, yaml: Any, charts: Path) -> None:
+    objects = render(
+        helm, yaml, charts / "maas",
+        "inference.triton.gpu.enabled=true",
+        "gateway.tls.enabled=true", "gateway.tls.secretName=maas-gateway-tls",
+        "registry.tls.enabled=true", "registry.tls.secretName=maas-internal-tls",
+        "registry.tls.requireClientCertificates=true",
+        "gateway.serviceMonitor.enabled=true", "inference.autoscaling.enabled=true",
+        "prometheusRule.enabled=true",
+    )
+    deployments = by_kind(objects, "Deployment")
+    triton = deployments["t-triton"]["spec"]["template"]["spec"]["containers"][0]
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert configs_of(objects, "t-inference")["MAAS_GPU_AVAILABLE"] == "true"
+
+    gateway = configs_of(objects, "t-gateway")
+    assert gateway["MAAS_TLS_CERT_FILE"] == "/etc/maas/tls/tls.crt" and "MAAS_TLS_CLIENT_CA_FILE" not in gateway
+    assert configs_of(objects, "t-registry")["MAAS_TLS_CLIENT_CA_FILE"] == "/etc/maas/tls/ca.crt"
+    pod = deployments["t-gateway"]["spec"]["template"]["spec"]
+    assert {"name": "tls", "secret": {"secretName": "maas-gateway-tls"}} in pod["volumes"]
+    # Kubelet's grpc probes cannot speak TLS.
+    assert "tcpSocket" in pod["containers"][0]["readinessProbe"]
+
+    assert set(by_kind(objects, "ServiceMonitor")) == {"t-gateway"}
+    assert set(by_kind(objects, "HorizontalPodAutoscaler")) == {"t-gateway", "t-inference"}
+    rule = by_kind(objects, "PrometheusRule")["t-maas"]
+    assert {group["name"] for group in rule["spec"]["groups"]} >= {"maas-requests", "maas-inference"}
+
+
+def configs_of(objects: list[dict], name: str) -> dict[str, str]:
+    return by_kind(objects, "ConfigMap")[name]["data"]
+
+
+def test_a_missing_secret_reference_fails_the_render(helm: str, charts: Path) -> None:
+    result = subprocess.run(
+        [helm, "template", "t", str(charts / "gateway"), "--set", "secrets.internalToken.name="],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0 and "internal token" in result.stderr
