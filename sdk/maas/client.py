@@ -297,3 +297,54 @@ class Client:
             if not token:
                 return items
 
+
+    # --- quotas, usage, audit -----------------------------------------------------------------
+    def set_quota(self, quota: admin_pb2.Quota) -> admin_pb2.Quota:
+        """Replace a tenant's quota and tenant-wide rate limit (zero fields mean unlimited)."""
+        return self._unary(self.admin.SetQuota, admin_pb2.SetQuotaRequest(quota=quota)).quota
+
+    def get_quota(self, tenant: str) -> admin_pb2.Quota:
+        return self._unary(self.admin.GetQuota, admin_pb2.GetQuotaRequest(tenant=tenant)).quota
+
+    def set_api_key_rate_limit(
+        self, key_id: str, requests_per_second: float | None, burst: int = 0, tokens_per_minute: int = 0
+    ) -> admin_pb2.ApiKey:
+        """A key's own limit; requests_per_second=None clears it (the gateway default applies)."""
+        request = admin_pb2.SetApiKeyRateLimitRequest(id=key_id)
+        if requests_per_second is not None:
+            request.rate_limit.CopyFrom(
+                admin_pb2.RateLimit(
+                    requests_per_second=requests_per_second, burst=burst, tokens_per_minute=tokens_per_minute
+                )
+            )
+        return self._unary(self.admin.SetApiKeyRateLimit, request).api_key
+
+    def get_usage(
+        self, tenant: str = "", api_key_id: str = "", start_day: str = "", end_day: str = ""
+    ) -> list[admin_pb2.UsageRow]:
+        """Usage by UTC day (YYYY-MM-DD range, default the last 7 days) of a tenant or one key."""
+        request = admin_pb2.GetUsageRequest(
+            tenant=tenant, api_key_id=api_key_id, start_day=start_day, end_day=end_day
+        )
+        return list(self._unary(self.admin.GetUsage, request).rows)
+
+    def list_audit_events(
+        self, tenant: str = "", api_key_id: str = "", method: str = "", limit: int = 100
+    ) -> list[admin_pb2.AuditEvent]:
+        """The newest audit events matching the filters, at most `limit` of them."""
+        events: list[admin_pb2.AuditEvent] = []
+        token = ""
+        while len(events) < limit:
+            request = admin_pb2.ListAuditEventsRequest(
+                tenant=tenant,
+                api_key_id=api_key_id,
+                method=method,
+                page_size=min(limit - len(events), 1000),
+                page_token=token,
+            )
+            page = self._unary(self.admin.ListAuditEvents, request)
+            events.extend(page.audit_events)
+            token = page.next_page_token
+            if not token:
+                break
+        return events

@@ -11,6 +11,7 @@ from maas.cli.admin import admin_app, whoami
 from maas.cli.deploy import deploy_app, predict
 from maas.cli.models import models_app
 from maas.cli.stack import down, status, up
+from maas.cli.usage import usage
 
 app = typer.Typer(
     help="Model-as-a-Service: register, deploy and call models on Triton.", no_args_is_help=True
@@ -20,6 +21,7 @@ app.command()(down)
 app.command()(status)
 app.command()(whoami)
 app.command()(predict)
+app.command()(usage)
 app.add_typer(admin_app, name="admin")
 app.add_typer(models_app, name="models")
 app.add_typer(deploy_app, name="deploy")

@@ -1,4 +1,4 @@
-"""`maas whoami` and `maas admin ...`: tenants and API keys."""
+"""`maas whoami` and `maas admin ...`: tenants, API keys, quotas and the audit log."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from rich.table import Table
 from maas.cli._shared import AddressOption, ApiKeyOption, client, console, errors, fail
 from maas.client import ROLES
 from maas.errors import ApiError
+from maas.gateway.v1 import admin_pb2
 
-admin_app = typer.Typer(help="Tenants and API keys (admin key needed).", no_args_is_help=True)
+admin_app = typer.Typer(help="Tenants, API keys, quotas and the audit log (admin key needed).", no_args_is_help=True)
 
 
 def whoami(api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
@@ -26,8 +27,10 @@ def whoami(api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
 
 tenant_app = typer.Typer(help="Tenants.", no_args_is_help=True)
 key_app = typer.Typer(help="API keys.", no_args_is_help=True)
+quota_app = typer.Typer(help="Quotas and tenant-wide rate limits (0 = unlimited).", no_args_is_help=True)
 admin_app.add_typer(tenant_app, name="tenant")
 admin_app.add_typer(key_app, name="key")
+admin_app.add_typer(quota_app, name="quota")
 
 
 @tenant_app.command("create")
@@ -98,6 +101,125 @@ def key_revoke(key_id: str, api_key: ApiKeyOption = None, address: AddressOption
     except ApiError as error:
         raise fail(error)
     console.print(f"revoked {key_id}")
+
+
+@key_app.command("limit")
+def key_limit(
+    key_id: str,
+    rps: Annotated[float, typer.Option(help="Requests per second; 0 = unlimited")] = 0.0,
+    burst: Annotated[int, typer.Option(help="Calls allowed at once (default: max(1, rps))")] = 0,
+    tokens_per_minute: Annotated[int, typer.Option(help="Generated tokens per minute; 0 = unlimited")] = 0,
+    clear: Annotated[bool, typer.Option(help="Drop the key's own limit: the gateway default applies")] = False,
+    api_key: ApiKeyOption = None,
+    address: AddressOption = None,
+) -> None:
+    """Set (or --clear) one key's own rate limit."""
+    try:
+        key = client(api_key, address).set_api_key_rate_limit(
+            key_id, None if clear else rps, burst, tokens_per_minute
+        )
+    except ApiError as error:
+        raise fail(error)
+    if key.HasField("rate_limit"):
+        limit = key.rate_limit
+        console.print(
+            f"key {key.id}: {limit.requests_per_second:g} req/s, burst {limit.burst}, "
+            f"{limit.tokens_per_minute} tokens/min"
+        )
+    else:
+        console.print(f"key {key.id}: the gateway's default limit applies")
+
+
+QUOTA_OPTIONS = (
+    "requests_per_day",
+    "requests_per_month",
+    "tokens_per_day",
+    "tokens_per_month",
+    "training_minutes_per_day",
+    "training_minutes_per_month",
+)
+
+
+@quota_app.command("set")
+def quota_set(
+    tenant: str,
+    requests_per_day: int = 0,
+    requests_per_month: int = 0,
+    tokens_per_day: int = 0,
+    tokens_per_month: int = 0,
+    training_minutes_per_day: int = 0,
+    training_minutes_per_month: int = 0,
+    rps: Annotated[float, typer.Option(help="Tenant-wide requests per second")] = 0.0,
+    burst: int = 0,
+    tokens_per_minute: int = 0,
+    api_key: ApiKeyOption = None,
+    address: AddressOption = None,
+) -> None:
+    """Replace a tenant's quota: every budget not given becomes unlimited."""
+    quota = admin_pb2.Quota(
+        tenant=tenant,
+        requests_per_day=requests_per_day,
+        requests_per_month=requests_per_month,
+        tokens_per_day=tokens_per_day,
+        tokens_per_month=tokens_per_month,
+        training_minutes_per_day=training_minutes_per_day,
+        training_minutes_per_month=training_minutes_per_month,
+        rate_limit=admin_pb2.RateLimit(requests_per_second=rps, burst=burst, tokens_per_minute=tokens_per_minute),
+    )
+    try:
+        saved = client(api_key, address).set_quota(quota)
+    except ApiError as error:
+        raise fail(error)
+    _print_quota(saved)
+
+
+@quota_app.command("get")
+def quota_get(tenant: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    """Show a tenant's quota and rate limit."""
+    try:
+        quota = client(api_key, address).get_quota(tenant)
+    except ApiError as error:
+        raise fail(error)
+    _print_quota(quota)
+
+
+def _print_quota(quota) -> None:  # type: ignore[no-untyped-def]
+    table = Table("budget", "limit", title=f"quota of tenant {quota.tenant}")
+    for name in QUOTA_OPTIONS:
+        value = getattr(quota, name)
+        table.add_row(name.replace("_", " "), f"{value:,}" if value else "unlimited")
+    rate = quota.rate_limit
+    table.add_row("requests per second", f"{rate.requests_per_second:g}" if rate.requests_per_second else "unlimited")
+    table.add_row("burst", str(rate.burst) if rate.burst else "default")
+    table.add_row("tokens per minute", f"{rate.tokens_per_minute:,}" if rate.tokens_per_minute else "unlimited")
+    console.print(table)
+
+
+@admin_app.command("audit")
+def audit(
+    tenant: str = "",
+    key: Annotated[str, typer.Option("--key", help="Only this API key id")] = "",
+    method: Annotated[str, typer.Option(help="A method name such as DeleteModel")] = "",
+    limit: int = 50,
+    api_key: ApiKeyOption = None,
+    address: AddressOption = None,
+) -> None:
+    """The newest audit events (mutating calls through the gateway)."""
+    try:
+        events = client(api_key, address).list_audit_events(tenant, key, method, limit)
+    except ApiError as error:
+        raise fail(error)
+    table = Table("time", "tenant", "key", "method", "resource", "outcome")
+    for event in events:
+        table.add_row(
+            event.time.ToJsonString(),
+            event.tenant,
+            event.api_key_id,
+            event.method.rpartition("/")[2],
+            event.resource,
+            event.code,
+        )
+    console.print(table)
 
 
 # --- models ------------------------------------------------------------------------------------
