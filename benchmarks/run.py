@@ -1,5 +1,6 @@
-"""`make bench`: Predict through the gateway vs. straight to Triton on the same deployment,
-16 concurrent clients, one run. Writes BENCHMARKS.md.
+"""`make bench`: Predict through the gateway (auth + rate limit + quota in Redis, with and
+without the request cache) vs. straight to Triton on the same model, at 16 and 64 concurrent
+clients. Writes BENCHMARKS.md.
 
 Every path is driven by the same asyncio client in this process, so the client's own cost is
 in all numbers alike; the ratios are what to read.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import itertools
 import os
 import platform
 import statistics
@@ -21,10 +23,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from maas import Client, to_tensor
+from maas.gateway.v1 import admin_pb2
+from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from maas import Client, to_tensor
-from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.stack.ephemeral import EphemeralStack
 from tests.support.digits import SIGNATURE, train_digits_mlp
 
@@ -72,6 +75,10 @@ async def drive(name: str, call: Callable[[], Awaitable[object]], clients: int, 
     return Result(name, latencies, seconds, errors)
 
 
+# Distinct inputs made before the cache-miss path runs (more are made on the fly if needed).
+MISS_POOL = 50_000
+
+
 async def measure(stack: EphemeralStack, api_key: str, batch: np.ndarray, clients: int, seconds: float) -> list[Result]:
     auth = (("authorization", f"Bearer {api_key}"),)
     triton_address = f"127.0.0.1:{stack.env['MAAS_TRITON_GRPC_PORT']}"
@@ -90,12 +97,28 @@ async def measure(stack: EphemeralStack, api_key: str, batch: np.ndarray, client
         direct_request = infer_request(triton_model)
         oip_request = infer_request("digits")
         predict_request = inference_pb2.PredictRequest(deployment="digits", inputs=[to_tensor("x", batch)])
+        cached_request = inference_pb2.PredictRequest(deployment="digits-cached", inputs=[to_tensor("x", batch)])
+        # Distinct inputs, made up front (a run's worth) so that the loop pays little for them.
+        misses = (
+            inference_pb2.PredictRequest(
+                deployment="digits-cached", inputs=[to_tensor("x", batch + np.float32(i) * 1e-6)]
+            )
+            for i in itertools.count(1)
+        )
+        pool = list(itertools.islice(misses, MISS_POOL))
+        next_miss = itertools.chain(pool, misses).__next__
         gateway_oip = service_pb2_grpc.GRPCInferenceServiceStub(gateway_channel)
         gateway_predict = inference_pb2_grpc.InferenceServiceStub(gateway_channel)
+        await gateway_predict.Predict(cached_request, metadata=auth)  # fills the entry the hit path reads
         paths = [
             ("Triton direct (ModelInfer)", lambda: triton.ModelInfer(direct_request)),
             ("gateway, Open Inference Protocol", lambda: gateway_oip.ModelInfer(oip_request, metadata=auth)),
             ("gateway, maas Predict", lambda: gateway_predict.Predict(predict_request, metadata=auth)),
+            (
+                "gateway, maas Predict, cache miss",
+                lambda: gateway_predict.Predict(next_miss(), metadata=auth),
+            ),
+            ("gateway, maas Predict, cache hit", lambda: gateway_predict.Predict(cached_request, metadata=auth)),
         ]
         results = []
         for name, call in paths:
@@ -115,30 +138,43 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def report(results: list[Result], clients: int, seconds: float, batch: int) -> str:
-    base = results[0]
+def report(runs: dict[int, list[Result]], seconds: float, batch: int) -> str:
     lines = [
         f"## Gateway vs. Triton direct — {datetime.date.today().isoformat()}",
         "",
         f"Machine: {machine()}. No GPU: Triton runs the python-backend runner on CPU.",
-        f"Model: MLP 64-64-10 (TorchScript) trained on scikit-learn digits, batch {batch} per request, "
-        f"max_batch_size 32, dynamic batching. {clients} concurrent clients (one asyncio process), "
-        f"{seconds:.0f} s per path after a 2 s warm-up; client, gateway and Triton share the same cores.",
-        "",
-        "| path | p50 ms | p99 ms | req/s | errors | p50 ratio | p99 ratio | throughput ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            f"Model: MLP 64-64-10 (TorchScript) trained on scikit-learn digits, batch {batch} per request, "
+            f"max_batch_size 32, dynamic batching. Concurrent clients in one asyncio process, {seconds:.0f} s "
+            "per path after a 2 s warm-up; client, gateway, Redis and Triton share the same cores."
+        ),
+        (
+            "Every gateway path authenticates the key and runs the rate-limit + quota script in Redis "
+            "(key limit and daily request quota set, far above the load). \"cache miss\": a cacheable "
+            "deployment, a new input each call (lookup + background store). \"cache hit\": the same input "
+            "each call, answered from Redis without Triton."
+        ),
     ]
-    for r in results:
-        lines.append(
-            f"| {r.name} | {r.p50:.2f} | {r.p99:.2f} | {r.throughput:,.0f} | {r.errors} | "
-            f"{r.p50 / base.p50:.2f} | {r.p99 / base.p99:.2f} | {r.throughput / base.throughput:.2f} |"
-        )
+    for clients, results in runs.items():
+        base = results[0]
+        lines += [
+            "",
+            f"### {clients} concurrent clients",
+            "",
+            "| path | p50 ms | p99 ms | req/s | errors | p50 ratio | p99 ratio | throughput ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in results:
+            lines.append(
+                f"| {r.name} | {r.p50:.2f} | {r.p99:.2f} | {r.throughput:,.0f} | {r.errors} | "
+                f"{r.p50 / base.p50:.2f} | {r.p99 / base.p99:.2f} | {r.throughput / base.throughput:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--clients", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -148,15 +184,23 @@ def main() -> None:
         digits = train_digits_mlp(Path(scratch))
         admin = Client(stack.gateway, stack.admin_key)
         admin.create_tenant("bench")
-        _, key = admin.create_api_key("bench", "developer")
+        record, key = admin.create_api_key("bench", "developer")
+        # Limits that never bite but that every call is checked against (one Redis script).
+        admin.set_api_key_rate_limit(record.id, 1e6, burst=1_000_000)
+        admin.set_quota(admin_pb2.Quota(tenant="bench", requests_per_day=10**12))
         client = Client(stack.gateway, key)
         client.create_model("digits")
         client.upload_version("digits", digits.path, format="torchscript", signature=SIGNATURE)
         client.create_deployment("digits", "digits", version=1, max_batch_size=32)
+        client.create_deployment("digits-cached", "digits", version=1, max_batch_size=32, cacheable=True)
         client.wait_ready("digits", timeout=180)
-        results = asyncio.run(measure(stack, key, digits.test_x[: args.batch], args.clients, args.seconds))
+        client.wait_ready("digits-cached", timeout=180)
+        batch = digits.test_x[: args.batch]
+        runs = {
+            clients: asyncio.run(measure(stack, key, batch, clients, args.seconds)) for clients in args.clients
+        }
 
-    section = report(results, args.clients, args.seconds, args.batch)
+    section = report(runs, args.seconds, args.batch)
     print(section)
     header = "# Benchmarks\n\nWritten by `make bench` (benchmarks/run.py). Newest run first.\n\n"
     previous = args.output.read_text().removeprefix(header) if args.output.exists() else ""

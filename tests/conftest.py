@@ -38,10 +38,10 @@ def postgres_url() -> Iterator[str]:
 
 # --- redis_server: a throwaway redis-server the test may kill and restart (gateway tests) ---
 
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
+import shutil
+import socket
+import subprocess
+import time
 
 
 class RedisServer:

@@ -19,7 +19,9 @@ EXEMPT_PREFIX = "/maas.gateway.v1.AdminService/"
 class QuotaCache:
     """Each tenant's quota from SQL, reused for `seconds` (how late SetQuota may take effect)."""
 
-    def __init__(self, store: GatewayStore, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, store: GatewayStore, seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.store = store
         self.seconds = seconds
         self.clock = clock

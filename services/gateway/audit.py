@@ -9,7 +9,7 @@ import contextlib
 import logging
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import grpc
 from google.protobuf.message import Message
@@ -76,11 +76,17 @@ class AuditLog:
 
     def record(self, tenant: str, api_key_id: str, method: str, resource: str, code: str) -> None:
         event = AuditRecord(
-            _event_id(), datetime.now(timezone.utc), tenant, api_key_id, method, resource[:MAX_RESOURCE], code
+            _event_id(), datetime.now(UTC), tenant, api_key_id, method, resource[:MAX_RESOURCE], code
         )
         log.info(
             "audit",
-            extra={"tenant": tenant, "key_id": api_key_id, "method": method, "resource": resource, "code": code},
+            extra={
+                "tenant": tenant,
+                "key_id": api_key_id,
+                "method": method,
+                "resource": resource,
+                "code": code,
+            },
         )
         self._queue.put_nowait(event)
 

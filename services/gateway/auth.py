@@ -9,12 +9,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from google.protobuf.descriptor import ServiceDescriptor
-from tritonclient.grpc import service_pb2
-
 from maas.gateway.v1 import admin_pb2
 from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
 from maas.trainer.v1 import trainer_pb2
+from tritonclient.grpc import service_pb2
+
 from services.common.errors import PermissionDenied, Unauthenticated
 from services.gateway.admission import Admission
 from services.gateway.audit import AuditLog, is_mutating

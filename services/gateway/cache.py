@@ -13,10 +13,10 @@ import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 
+from maas.inference.v1 import inference_pb2
 from prometheus_client import Counter
 from tritonclient.grpc import service_pb2
 
-from maas.inference.v1 import inference_pb2
 from services.gateway.redis_link import REDIS_DOWN_ERRORS, RedisLink
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,11 @@ CACHE_CONTROL_KEY = "cache-control"
 def bypass_requested(metadata: Iterable[tuple[str, str | bytes]]) -> bool:
     """`cache-control: no-cache` (or no-store) in the call's metadata skips the lookup."""
     for key, value in metadata:
-        if key == CACHE_CONTROL_KEY and isinstance(value, str) and ("no-cache" in value or "no-store" in value):
+        if (
+            key == CACHE_CONTROL_KEY
+            and isinstance(value, str)
+            and ("no-cache" in value or "no-store" in value)
+        ):
             return True
     return False
 
@@ -76,9 +80,7 @@ def predict_key(tenant: str, route: inference_pb2.Route, request: inference_pb2.
 def infer_key(tenant: str, route: inference_pb2.Route, request: service_pb2.ModelInferRequest) -> str:
     digest = _Digest("oip", *_route_parts(route))
     raw = list(request.raw_input_contents)
-    inputs = sorted(
-        zip(request.inputs, raw or [b""] * len(request.inputs)), key=lambda pair: pair[0].name
-    )
+    inputs = sorted(zip(request.inputs, raw or [b""] * len(request.inputs)), key=lambda pair: pair[0].name)
     for tensor, content in inputs:
         digest.text(f"{tensor.name}:{tensor.datatype}:{list(tensor.shape)}")
         digest.bytes(_parameters(tensor.parameters))

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
+from maas.common.v1 import common_pb2
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from maas.common.v1 import common_pb2
 from services.common.errors import InvalidArgument, NotFound
 from services.common.oip import headers_of_infer
 from services.common.tensors import BY_PROTO
@@ -32,23 +32,23 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.cache = cache
         self.meter = meter
 
-    async def ServerLive(self, request, context):  # noqa: N802
+    async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):  # noqa: N802
+    async def ServerReady(self, request, context):
         # Ready once the gateway knows where the deployments are served.
         return service_pb2.ServerReadyResponse(ready=self.routes.synced)
 
-    async def ServerMetadata(self, request, context):  # noqa: N802
+    async def ServerMetadata(self, request, context):
         version = importlib.metadata.version("maas")
         return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=version)
 
-    async def ModelReady(self, request, context):  # noqa: N802
+    async def ModelReady(self, request, context):
         live = self.routes.get(current_caller().tenant, request.name)
         ready = live is not None and live.route.ready and request.version in ("", str(live.route.version))
         return service_pb2.ModelReadyResponse(ready=ready)
 
-    async def ModelMetadata(self, request, context):  # noqa: N802
+    async def ModelMetadata(self, request, context):
         live = self._find(request.name, request.version)
         return service_pb2.ModelMetadataResponse(
             name=request.name,
@@ -58,7 +58,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs=_tensor_metadata(live.route.signature.outputs),
         )
 
-    async def ModelConfig(self, request, context):  # noqa: N802
+    async def ModelConfig(self, request, context):
         # Enough of Triton's model config for tools such as perf_analyzer to shape their requests.
         live = self._find(request.name, request.version)
         config = model_config_pb2.ModelConfig(
@@ -72,7 +72,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             config.output.add(name=spec.name, data_type=_config_type(spec), dims=[*batch, *spec.shape])
         return service_pb2.ModelConfigResponse(config=config)
 
-    async def ModelInfer(self, request, context):  # noqa: N802
+    async def ModelInfer(self, request, context):
         caller = current_caller()
         try:
             response, cache_hit = await self._infer(caller.tenant, request, context)

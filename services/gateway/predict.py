@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf.message import DecodeError
-
 from maas.inference.v1 import inference_pb2
+
 from services.common.errors import InvalidArgument
 from services.common.logs import request_id_var
 from services.common.oip import headers_of_predict, infer_request_of_predict, predict_response_of_infer
@@ -38,11 +38,17 @@ class PredictHandler:
             self.meter.add(caller.tenant, caller.key_id, errors=1)
             raise
         self.meter.add(
-            caller.tenant, caller.key_id, cache_hits=cache_hit, input_bytes=len(request), output_bytes=len(response)
+            caller.tenant,
+            caller.key_id,
+            cache_hits=cache_hit,
+            input_bytes=len(request),
+            output_bytes=len(response),
         )
         return response
 
-    async def _predict(self, tenant: str, request: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, int]:
+    async def _predict(
+        self, tenant: str, request: bytes, context: grpc.aio.ServicerContext
+    ) -> tuple[bytes, int]:
         # Raw bytes in and out, so that the fallback forwards the request untouched.
         try:
             message = inference_pb2.PredictRequest.FromString(request)

@@ -14,10 +14,10 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
-
 from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
 from maas.trainer.v1 import trainer_pb2
+
 from services.common.channels import CHANNEL_OPTIONS, internal_metadata, open_channel
 from services.common.errors import NotFound
 from services.gateway.audit import AuditLog, is_mutating, outcome, resource_of
@@ -180,12 +180,16 @@ class Proxy(grpc.GenericRpcHandler):
 
         def record(first_request: bytes | None, code: str) -> None:
             caller = current_caller()
-            audit.record(caller.tenant, caller.key_id, path, resource_of(_parse(request_class, first_request)), code)
+            audit.record(
+                caller.tenant, caller.key_id, path, resource_of(_parse(request_class, first_request)), code
+            )
 
         if method.client_streaming:
             upload = handler.stream_unary
 
-            async def audited_upload(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+            async def audited_upload(
+                requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+            ) -> bytes:
                 first: list[bytes] = []
 
                 async def remembering() -> AsyncIterator[bytes]:

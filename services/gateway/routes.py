@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
+from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.channels import open_channel
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.interceptors import INTERNAL_TOKEN_KEY

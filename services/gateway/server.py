@@ -4,11 +4,11 @@ import asyncio
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2
+from maas.gateway.v1 import admin_pb2_grpc
 from tritonclient.grpc import service_pb2_grpc
 
-from maas.gateway.v1 import admin_pb2_grpc
 from services.common.database import make_engine, upgrade
-from services.common.server import App, RunningServer, Servicer, ServerSpec, server_tls
+from services.common.server import App, RunningServer, ServerSpec, Servicer, server_tls
 from services.gateway import oip, predict
 from services.gateway.admission import Admission, QuotaCache
 from services.gateway.audit import AuditLog
@@ -61,7 +61,9 @@ async def create_app(settings: GatewaySettings) -> App:
         meter=meter,
         guards={CREATE_TRAINING_JOB: admission.check_training},
     )
-    routes = RouteTable(backends["inference"].channel, settings.internal_token, settings.predict_timeout_seconds)
+    routes = RouteTable(
+        backends["inference"].channel, settings.internal_token, settings.predict_timeout_seconds
+    )
     spec = ServerSpec(
         service="gateway",
         address=settings.gateway_addr,
@@ -90,7 +92,9 @@ async def create_app(settings: GatewaySettings) -> App:
 
     async def on_start(server: RunningServer) -> None:
         async def report_redis(up: bool) -> None:
-            status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+            status = (
+                health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             await server.health.set(REDIS_HEALTH, status)
 
         link.on_change = report_redis

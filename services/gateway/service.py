@@ -174,7 +174,9 @@ class Admin:
             raise InvalidArgument(f"ask for at most {MAX_USAGE_DAYS} days at a time")
         if self.meter is not None:
             await self.meter.flush()
-        return await asyncio.to_thread(self.store.get_usage, tenant, key_id, first.isoformat(), last.isoformat())
+        return await asyncio.to_thread(
+            self.store.get_usage, tenant, key_id, first.isoformat(), last.isoformat()
+        )
 
     async def list_audit_events(
         self, where: AuditFilter, page_size: int, page_token: str

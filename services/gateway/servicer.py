@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
-from datetime import timezone
 from collections.abc import Awaitable, Callable
+from datetime import UTC
 from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from maas.gateway.v1 import admin_pb2, admin_pb2_grpc
+
 from services.gateway.audit import AuditLog, outcome, resource_of
 from services.gateway.auth import current_caller
 from services.gateway.keys import Role
@@ -68,72 +68,74 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.audit = audit
 
     @audited
-    async def CreateTenant(self, request, context):  # noqa: N802
+    async def CreateTenant(self, request, context):
         tenant = await self.admin.create_tenant(request.name, request.display_name)
         return admin_pb2.CreateTenantResponse(tenant=tenant_to_proto(tenant))
 
-    async def GetTenant(self, request, context):  # noqa: N802
+    async def GetTenant(self, request, context):
         tenant = await self.admin.get_tenant(request.name)
         return admin_pb2.GetTenantResponse(tenant=tenant_to_proto(tenant))
 
-    async def ListTenants(self, request, context):  # noqa: N802
+    async def ListTenants(self, request, context):
         tenants, next_token = await self.admin.list_tenants(request.page_size, request.page_token)
         return admin_pb2.ListTenantsResponse(
             tenants=[tenant_to_proto(t) for t in tenants], next_page_token=next_token
         )
 
     @audited
-    async def CreateApiKey(self, request, context):  # noqa: N802
+    async def CreateApiKey(self, request, context):
         created = await self.admin.create_key(
             request.tenant, ROLE_OF_PROTO.get(request.role), request.description
         )
         return admin_pb2.CreateApiKeyResponse(api_key=key_to_proto(created.key), plaintext=created.plaintext)
 
-    async def ListApiKeys(self, request, context):  # noqa: N802
+    async def ListApiKeys(self, request, context):
         keys, next_token = await self.admin.list_keys(request.tenant, request.page_size, request.page_token)
         return admin_pb2.ListApiKeysResponse(
             api_keys=[key_to_proto(k) for k in keys], next_page_token=next_token
         )
 
     @audited
-    async def RevokeApiKey(self, request, context):  # noqa: N802
+    async def RevokeApiKey(self, request, context):
         key = await self.admin.revoke_key(request.id)
         return admin_pb2.RevokeApiKeyResponse(api_key=key_to_proto(key))
 
-    async def WhoAmI(self, request, context):  # noqa: N802
+    async def WhoAmI(self, request, context):
         key = await self.admin.get_key(current_caller().key_id)
         return admin_pb2.WhoAmIResponse(api_key=key_to_proto(key))
 
     @audited
-    async def SetApiKeyRateLimit(self, request, context):  # noqa: N802
+    async def SetApiKeyRateLimit(self, request, context):
         rate_limit = rate_limit_of(request.rate_limit) if request.HasField("rate_limit") else None
         key = await self.admin.set_key_rate_limit(request.id, rate_limit)
         return admin_pb2.SetApiKeyRateLimitResponse(api_key=key_to_proto(key))
 
     @audited
-    async def SetQuota(self, request, context):  # noqa: N802
+    async def SetQuota(self, request, context):
         budgets = {name: getattr(request.quota, name) for name in QUOTA_FIELDS}
-        quota = QuotaRecord(request.quota.tenant, **budgets, rate_limit=rate_limit_of(request.quota.rate_limit))
+        quota = QuotaRecord(
+            request.quota.tenant, **budgets, rate_limit=rate_limit_of(request.quota.rate_limit)
+        )
         return admin_pb2.SetQuotaResponse(quota=quota_to_proto(await self.admin.set_quota(quota)))
 
-    async def GetQuota(self, request, context):  # noqa: N802
+    async def GetQuota(self, request, context):
         quota = await self.admin.get_quota(request.tenant)
         return admin_pb2.GetQuotaResponse(quota=quota_to_proto(quota))
 
-    async def GetUsage(self, request, context):  # noqa: N802
+    async def GetUsage(self, request, context):
         caller = current_caller()
         rows = await self.admin.get_usage(
             caller.tenant, caller.role, request.tenant, request.api_key_id, request.start_day, request.end_day
         )
         return admin_pb2.GetUsageResponse(rows=[usage_to_proto(row) for row in rows])
 
-    async def ListAuditEvents(self, request, context):  # noqa: N802
+    async def ListAuditEvents(self, request, context):
         where = AuditFilter(
             tenant=request.tenant,
             api_key_id=request.api_key_id,
             method=request.method,
-            start_time=request.start_time.ToDatetime(tzinfo=timezone.utc) if request.HasField("start_time") else None,
-            end_time=request.end_time.ToDatetime(tzinfo=timezone.utc) if request.HasField("end_time") else None,
+            start_time=request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None,
+            end_time=request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None,
         )
         events, next_token = await self.admin.list_audit_events(where, request.page_size, request.page_token)
         return admin_pb2.ListAuditEventsResponse(

@@ -6,7 +6,7 @@ Synchronous on purpose: async callers run these methods with `asyncio.to_thread`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
@@ -186,13 +186,13 @@ class AuditFilter:
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _utc(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; every time we store is UTC.
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 
@@ -304,7 +304,9 @@ class GatewayStore:
 
     def set_key_rate_limit(self, key_id: str, rate_limit: RateLimit | None) -> KeyRecord | None:
         with Session(self.engine) as session, session.begin():
-            session.execute(update(api_keys).where(api_keys.c.id == key_id).values(**_rate_columns(rate_limit)))
+            session.execute(
+                update(api_keys).where(api_keys.c.id == key_id).values(**_rate_columns(rate_limit))
+            )
             row = session.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
         return _key(row) if row else None
 
@@ -374,7 +376,8 @@ class GatewayStore:
         with Session(self.engine) as session:
             rows = session.execute(query).all()
         return [
-            AuditRecord(r.id, _utc(r.time), r.tenant, r.api_key_id, r.method, r.resource, r.code) for r in rows
+            AuditRecord(r.id, _utc(r.time), r.tenant, r.api_key_id, r.method, r.resource, r.code)
+            for r in rows
         ]
 
     def _insert(self, table: Table):  # type: ignore[no-untyped-def]

@@ -3,7 +3,7 @@ differ by dialect)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -35,15 +35,22 @@ async def test_quotas_usage_and_audit_on_postgres(postgres_url) -> None:
 
         day = "2026-01-02"
         store.add_usage([UsageRecord(day, "acme", key.id, {"requests": 2, "errors": 1})])
-        store.add_usage([UsageRecord(day, "acme", key.id, {"requests": 3}), UsageRecord(day, "acme", "k2", {"requests": 1})])
+        store.add_usage(
+            [
+                UsageRecord(day, "acme", key.id, {"requests": 3}),
+                UsageRecord(day, "acme", "k2", {"requests": 1}),
+            ]
+        )
         [mine] = store.get_usage("acme", key.id, day, day)
         assert (mine.counts["requests"], mine.counts["errors"]) == (5, 1)
         [summed] = store.get_usage("acme", "", "2026-01-01", "2026-01-31")
         assert summed.counts["requests"] == 6
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         events = [
-            AuditRecord(f"{i:032d}", now + timedelta(seconds=i), "acme", key.id, "/x.Y/DeleteModel", "m", "OK")
+            AuditRecord(
+                f"{i:032d}", now + timedelta(seconds=i), "acme", key.id, "/x.Y/DeleteModel", "m", "OK"
+            )
             for i in range(3)
         ]
         store.add_audit_events(events)

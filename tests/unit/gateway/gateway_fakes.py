@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from tritonclient.grpc import service_pb2, service_pb2_grpc
-
 from maas.common.v1 import common_pb2
 from maas.gateway.v1 import admin_pb2, admin_pb2_grpc
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
 from services.common.interceptors import TENANT_KEY
 from services.common.server import running
 from services.gateway.config import GatewaySettings
@@ -46,7 +46,7 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
         self.time_remaining.append(context.time_remaining())
         return metadata.get(TENANT_KEY, "")
 
-    async def GetModel(self, request, context):  # noqa: N802
+    async def GetModel(self, request, context):
         tenant = self._record(context)
         if request.name == "missing":
             await context.abort(grpc.StatusCode.NOT_FOUND, "model 'missing' not found")
@@ -56,12 +56,12 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
             await asyncio.sleep(5)
         return registry_pb2.GetModelResponse(model=registry_pb2.Model(name=request.name, description=tenant))
 
-    async def CreateModel(self, request, context):  # noqa: N802
+    async def CreateModel(self, request, context):
         tenant = self._record(context)
         model = registry_pb2.Model(name=request.name, description=tenant)
         return registry_pb2.CreateModelResponse(model=model)
 
-    async def UploadVersion(self, request_iterator, context):  # noqa: N802
+    async def UploadVersion(self, request_iterator, context):
         tenant = self._record(context)
         header = None
         digest = hashlib.sha256()
@@ -83,7 +83,7 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
         )
         return registry_pb2.UploadVersionResponse(version=version)
 
-    async def DownloadVersion(self, request, context):  # noqa: N802
+    async def DownloadVersion(self, request, context):
         tenant = self._record(context)
         if request.model == "missing":
             await context.abort(grpc.StatusCode.NOT_FOUND, "model 'missing' not found")
@@ -107,13 +107,13 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
         self.predicts: list[inference_pb2.PredictRequest] = []
         self.metadata: list[dict] = []
 
-    async def GetDeployment(self, request, context):  # noqa: N802
+    async def GetDeployment(self, request, context):
         metadata = dict(context.invocation_metadata())
         self.metadata.append(metadata)
         deployment = inference_pb2.Deployment(name=request.name, message=metadata.get(TENANT_KEY, ""))
         return inference_pb2.GetDeploymentResponse(deployment=deployment)
 
-    async def Predict(self, request, context):  # noqa: N802
+    async def Predict(self, request, context):
         self.predicts.append(request)
         self.metadata.append(dict(context.invocation_metadata()))
         return inference_pb2.PredictResponse(model="served-by-inference", version=7)
@@ -137,7 +137,7 @@ class FakeRouting(inference_pb2_grpc.RoutingServiceServicer):
         for queue in self._subscribers:
             queue.put_nowait(None)
 
-    async def WatchRoutes(self, request, context):  # noqa: N802
+    async def WatchRoutes(self, request, context):
         self.metadata.append(dict(context.invocation_metadata()))
         if not self.available:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "inference is starting")
@@ -158,7 +158,7 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self) -> None:
         self.requests: list[service_pb2.ModelInferRequest] = []
 
-    async def ModelInfer(self, request, context):  # noqa: N802
+    async def ModelInfer(self, request, context):
         self.requests.append(request)
         if request.model_name == "acme--broken--1":
             await context.abort(

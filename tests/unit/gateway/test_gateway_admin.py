@@ -9,15 +9,15 @@ import time
 
 import grpc
 import pytest
-from tests.unit.gateway.gateway_fakes import gateway_stack
-
 from maas.gateway.v1 import admin_pb2
 from maas.registry.v1 import registry_pb2
+
 from services.common.logs import JsonFormatter
 from services.gateway.__main__ import main
 from services.gateway.config import GatewaySettings
 from services.gateway.server import bootstrap_admin, open_store
 from services.gateway.service import Admin
+from tests.unit.gateway.gateway_fakes import gateway_stack
 
 
 @pytest.fixture

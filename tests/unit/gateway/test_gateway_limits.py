@@ -15,17 +15,17 @@ import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from tests.unit.gateway.gateway_fakes import gateway_stack
-
 from maas.common.v1 import common_pb2
 from maas.gateway.v1 import admin_pb2
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+
 from services.common.server import running
-from services.gateway.limits import Bucket, Counter, Gate, LocalLimiter, Limiter
+from services.gateway.limits import Bucket, Counter, Gate, Limiter, LocalLimiter
 from services.gateway.redis_link import REDIS_UP, RedisLink
 from services.gateway.server import create_app
 from services.gateway.store import QuotaRecord, RateLimit
+from tests.unit.gateway.gateway_fakes import gateway_stack
 
 
 @pytest.fixture
@@ -43,7 +43,9 @@ async def second_gateway(stack):
         yield channel
 
 
-def predict_request(values: np.ndarray | None = None, deployment: str = "mlp") -> inference_pb2.PredictRequest:
+def predict_request(
+    values: np.ndarray | None = None, deployment: str = "mlp"
+) -> inference_pb2.PredictRequest:
     values = np.zeros((1, 4), np.float32) if values is None else values
     tensor = common_pb2.Tensor(
         name="x", datatype=common_pb2.DATA_TYPE_FP32, shape=values.shape, raw=values.tobytes()
@@ -241,7 +243,9 @@ def test_local_limiter_follows_the_same_rules():
     now = [1000.0]
     limiter = LocalLimiter(clock=lambda: now[0])
     bucket = Bucket("b", rate=2.0, burst=3, cost=1, what="requests per second of x", subject="key:x")
-    counter = Counter("c", limit=4, cost=1, ttl_seconds=60, reset_at=1060.0, what="requests per day", subject="t")
+    counter = Counter(
+        "c", limit=4, cost=1, ttl_seconds=60, reset_at=1060.0, what="requests per day", subject="t"
+    )
     assert [limiter.reserve([bucket], [counter]) for _ in range(3)] == [None] * 3
     denial = limiter.reserve([bucket], [counter])
     assert denial is not None and denial.limit is bucket and denial.retry_after_seconds == pytest.approx(0.5)
@@ -249,7 +253,9 @@ def test_local_limiter_follows_the_same_rules():
     assert limiter.reserve([bucket], [counter]) is None
     now[0] += 10
     denial = limiter.reserve([bucket], [counter])
-    assert denial is not None and denial.limit is counter and denial.retry_after_seconds == pytest.approx(49.5)
+    assert (
+        denial is not None and denial.limit is counter and denial.retry_after_seconds == pytest.approx(49.5)
+    )
     # The counter carries on from what Redis last reported.
     limiter.seen("d", 9, 60)
     assert limiter.reserve([], [Counter("d", 10, 1, 60, 1060.0, "x", "t")]) is None
@@ -263,7 +269,9 @@ async def test_script_and_fallback_agree(redis_server):
     try:
         limiter = Limiter(link)
         bucket = Bucket("maas:{t}:b", rate=0.001, burst=3, cost=1, what="w", subject="s")
-        counter = Counter("maas:{t}:c", limit=5, cost=2, ttl_seconds=60, reset_at=time.time() + 60, what="w", subject="s")
+        counter = Counter(
+            "maas:{t}:c", limit=5, cost=2, ttl_seconds=60, reset_at=time.time() + 60, what="w", subject="s"
+        )
         local = LocalLimiter()
         remote = [await limiter.reserve([bucket], [counter]) is None for _ in range(4)]
         in_process = [local.reserve([bucket], [counter]) is None for _ in range(4)]

@@ -10,14 +10,14 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from tests.unit.gateway.gateway_fakes import gateway_stack, route
-from tritonclient.grpc import service_pb2, service_pb2_grpc
-
 from maas.common.v1 import common_pb2
 from maas.gateway.v1 import admin_pb2
 from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
 from services.gateway.cache import LOOKUPS
+from tests.unit.gateway.gateway_fakes import gateway_stack, route
 
 
 @pytest.fixture
@@ -45,7 +45,9 @@ def lookups(result: str) -> float:
     return LOOKUPS.labels(result)._value.get()
 
 
-async def predict(stack, who: str, deployment: str, values: np.ndarray, metadata=()) -> inference_pb2.PredictResponse:
+async def predict(
+    stack, who: str, deployment: str, values: np.ndarray, metadata=()
+) -> inference_pb2.PredictResponse:
     return await stack.inference_stub.Predict(
         predict_request(deployment, values), metadata=stack.auth(who) + tuple(metadata)
     )
@@ -85,9 +87,7 @@ async def test_new_version_never_serves_old_entries(stack):
     values = np.full((1, 4), 2, np.float32)
     await predict(stack, "reader", "cached", values)
     await settle(stack)
-    stack.routing.publish(
-        [route("acme", "cached", stack.triton_address, cacheable=True, version=2)]
-    )
+    stack.routing.publish([route("acme", "cached", stack.triton_address, cacheable=True, version=2)])
     for _ in range(200):
         response = await predict(stack, "reader", "cached", values)
         if response.version == 2:
@@ -132,7 +132,7 @@ async def test_usage_is_metered_per_key_and_flushed_to_sql(stack):
     usage = await stack.admin.GetUsage(
         admin_pb2.GetUsageRequest(api_key_id=stack.key_ids["admin"]), metadata=stack.auth("reader")
     )
-    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    today = datetime.datetime.now(datetime.UTC).date().isoformat()
     [row] = usage.rows
     assert (row.day, row.tenant, row.api_key_id) == (today, "acme", stack.key_ids["admin"])
     assert (row.requests, row.cache_hits, row.errors) == (4, 2, 1)
@@ -166,7 +166,9 @@ async def test_mutating_calls_are_audited_with_filters_and_pages(stack):
         await stack.registry_stub.CreateModel(
             registry_pb2.CreateModelRequest(name="nope"), metadata=stack.auth("reader")
         )
-    await stack.registry_stub.GetModel(registry_pb2.GetModelRequest(name="digits"), metadata=stack.auth("reader"))
+    await stack.registry_stub.GetModel(
+        registry_pb2.GetModelRequest(name="digits"), metadata=stack.auth("reader")
+    )
 
     listed = await stack.admin.ListAuditEvents(admin_pb2.ListAuditEventsRequest(tenant="acme"), metadata=root)
     events = [(e.method.rpartition("/")[2], e.resource, e.code, e.api_key_id) for e in listed.audit_events]
@@ -184,7 +186,9 @@ async def test_mutating_calls_are_audited_with_filters_and_pages(stack):
         token = page.next_page_token
         if not token:
             break
-    assert [e.method.rpartition("/")[2] for e in seen] == ["CreateTenant"] + ["CreateApiKey"] * 4 + ["CreateTenant"] * 2
+    assert [e.method.rpartition("/")[2] for e in seen] == ["CreateTenant"] + ["CreateApiKey"] * 4 + [
+        "CreateTenant"
+    ] * 2
     assert seen[0].resource == "globex" and [e.time.ToNanoseconds() for e in seen] == sorted(
         (e.time.ToNanoseconds() for e in seen), reverse=True
     )
@@ -193,7 +197,7 @@ async def test_mutating_calls_are_audited_with_filters_and_pages(stack):
     )
     assert len(by_method.audit_events) == 3
     later = Timestamp()
-    later.FromDatetime(datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1))
+    later.FromDatetime(datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=1))
     empty = await stack.admin.ListAuditEvents(
         admin_pb2.ListAuditEventsRequest(start_time=later), metadata=root
     )

@@ -9,11 +9,11 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_aio
+from maas.common.v1 import common_pb2
+from maas.inference.v1 import inference_pb2
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from maas.common.v1 import common_pb2
-from maas.inference.v1 import inference_pb2
 from tests.unit.gateway.gateway_fakes import TOKEN, gateway_stack, route
 
 FP32 = common_pb2.DATA_TYPE_FP32

@@ -8,10 +8,10 @@ import hashlib
 
 import grpc
 import pytest
-
 from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+
 from services.common.interceptors import INTERNAL_TOKEN_KEY, TENANT_KEY
 from tests.unit.gateway.gateway_fakes import TOKEN, gateway_stack
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 
 import typer
-from tests.unit.gateway.gateway_fakes import gateway_stack
-from typer.testing import CliRunner
-
 from maas.cli.admin import quota_app
 from maas.cli.usage import usage
 from maas.client import Client
 from maas.gateway.v1 import admin_pb2
+from typer.testing import CliRunner
+
+from tests.unit.gateway.gateway_fakes import gateway_stack
 
 
 async def test_sdk_and_cli_for_quotas_usage_and_audit(tmp_path):
@@ -43,7 +43,9 @@ async def test_sdk_and_cli_for_quotas_usage_and_audit(tmp_path):
         env = {"MAAS_API_KEY": root, "MAAS_GATEWAY_ADDR": address, "COLUMNS": "200"}
 
         def cli_calls() -> tuple:
-            quota = runner.invoke(app, ["quota", "set", "acme", "--requests-per-day", "5", "--rps", "2"], env=env)
+            quota = runner.invoke(
+                app, ["quota", "set", "acme", "--requests-per-day", "5", "--rps", "2"], env=env
+            )
             shown = runner.invoke(app, ["quota", "get", "acme"], env=env)
             used = runner.invoke(app, ["usage", "--tenant", "acme"], env=env)
             return quota, shown, used
