@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import typer
 
+from maas.cli import _shared
+from maas.cli._shared import TlsCaOption
 from maas.cli.admin import admin_app, whoami
+from maas.cli.backup import backup, restore
 from maas.cli.deploy import deploy_app, predict
 from maas.cli.models import models_app
 from maas.cli.stack import down, status, up
@@ -16,12 +19,22 @@ from maas.cli.usage import usage
 app = typer.Typer(
     help="Model-as-a-Service: register, deploy and call models on Triton.", no_args_is_help=True
 )
+
+
+@app.callback()
+def options(tls_ca: TlsCaOption = None) -> None:
+    """Options every command shares."""
+    _shared.tls_ca = tls_ca
+
+
 app.command()(up)
 app.command()(down)
 app.command()(status)
 app.command()(whoami)
 app.command()(predict)
 app.command()(usage)
+admin_app.command()(backup)
+admin_app.command()(restore)
 app.add_typer(admin_app, name="admin")
 app.add_typer(models_app, name="models")
 app.add_typer(deploy_app, name="deploy")

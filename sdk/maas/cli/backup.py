@@ -1,0 +1,48 @@
+"""`maas admin backup PATH` / `maas admin restore PATH`: run on the host (or pod) of the services,
+with the same MAAS_* settings, since they read the databases and blob store directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from maas.cli._shared import console, errors
+
+
+def _backup_module():  # type: ignore[no-untyped-def]
+    try:
+        from services.stack import backup as module
+    except ImportError:  # the SDK installed on its own, without the services
+        errors.print("[red]backup and restore need the MaaS services installed beside the CLI[/]")
+        raise typer.Exit(2) from None
+    return module
+
+
+def backup(path: Annotated[Path, typer.Argument(help="A new or empty directory")]) -> None:
+    """Copy every service's SQL data, the registry's blobs and the admin key, while the stack serves."""
+    module = _backup_module()
+    try:
+        report = module.backup(path)
+    except module.BackupError as error:
+        errors.print(f"[red]backup failed[/]: {error}")
+        raise typer.Exit(1) from None
+    engines = ", ".join(f"{service} ({engine})" for service, engine in report.databases.items())
+    console.print(f"backed up {engines} and {report.blobs} blob(s) to [bold]{report.path}[/]")
+    if report.missing_blobs:
+        errors.print(f"[yellow]{len(report.missing_blobs)} blob(s) vanished during the backup[/] (deleted meanwhile)")
+
+
+def restore(path: Annotated[Path, typer.Argument(help="A directory `maas admin backup` wrote")]) -> None:
+    """Restore a backup into an empty MAAS_HOME (and empty databases); the stack must be stopped."""
+    module = _backup_module()
+    try:
+        report = module.restore(path)
+    except module.BackupError as error:
+        errors.print(f"[red]restore failed[/]: {error}")
+        raise typer.Exit(1) from None
+    console.print(f"restored {', '.join(report.databases)} and {report.blobs} blob(s) into [bold]{report.path}[/]; "
+                  "start the stack with `maas up`")
+    if report.missing_blobs:
+        errors.print(f"[yellow]{len(report.missing_blobs)} blob(s) are missing from the backup[/]")

@@ -1,0 +1,251 @@
+"""`maas admin backup` / `maas admin restore`: every service's SQL data, the registry's blobs and
+the admin key, copied while the stack serves.
+
+Consistency: each database is copied as one snapshot (SQLite's online backup API; pg_dump's
+single transaction for PostgreSQL). Snapshots are taken in dependency order: services that
+point at registry versions (gateway, trainer, inference) first, the registry after them, and
+the blobs last. Versions are immutable and a blob is written before its row, so every version a
+snapshot names has its row and its bytes in the backup. (A model deleted during the backup can
+leave its row without bytes; restore reports such blobs as missing.)
+
+Supported: SQLite -> SQLite and PostgreSQL -> PostgreSQL per service (pg_dump / pg_restore on
+PATH), local or S3 blob stores on either side. Redis holds only caches, rate-limit windows and
+counters that the services rebuild, so it is not backed up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import make_url
+
+from services.common.settings import CommonSettings
+from services.gateway.config import GatewaySettings
+from services.inference.config import InferenceSettings
+from services.registry.blobs import BlobStore, LocalBlobStore
+from services.registry.config import RegistrySettings
+from services.registry.server import open_blob_store
+from services.trainer.config import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+# Snapshot order (see the module docstring): what refers to registry versions before the registry.
+SERVICES: tuple[tuple[str, type[CommonSettings]], ...] = (
+    ("gateway", GatewaySettings),
+    ("trainer", TrainerSettings),
+    ("inference", InferenceSettings),
+    ("registry", RegistrySettings),
+)
+SECRET_FILES = ("admin.key", "internal.token")
+
+
+class BackupError(Exception):
+    """Backup or restore cannot go on; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Report:
+    path: Path
+    databases: dict[str, str]  # service -> engine
+    blobs: int
+    missing_blobs: list[str]
+
+
+def database_url(service: str, settings: CommonSettings) -> str:
+    """The service's SQLAlchemy URL; empty when the service keeps no SQL data."""
+    return getattr(settings, f"{service}_database_url", "") or ""
+
+
+def engine_of(url: str) -> str:
+    backend = make_url(url).get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise BackupError(f"unsupported database {backend!r}: backups handle SQLite and PostgreSQL")
+    return backend
+
+
+def libpq_url(url: str) -> str:
+    """postgresql+psycopg://... as the postgresql://... that pg_dump and pg_restore take."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def sqlite_path(url: str) -> Path:
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        raise BackupError(f"{url}: an in-memory SQLite database cannot be backed up")
+    return Path(database)
+
+
+def _copy_sqlite(source: Path, target: Path) -> None:
+    """SQLite's online backup: a consistent copy even while the service writes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as src, \
+            contextlib.closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)
+
+
+def _run(tool: str, *args: str) -> None:
+    if not shutil.which(tool):
+        raise BackupError(f"{tool} is not on PATH: install the PostgreSQL client tools (postgresql-client)")
+    result = subprocess.run([tool, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BackupError(f"{tool} failed: {result.stderr.strip()[-2000:]}")
+
+
+def _settings() -> tuple[dict[str, CommonSettings], RegistrySettings]:
+    """Each service's settings from the environment, as the services themselves read them."""
+    settings = {service: cls() for service, cls in SERVICES}
+    registry = settings["registry"]
+    assert isinstance(registry, RegistrySettings)
+    return settings, registry
+
+
+def backup(destination: Path) -> Report:
+    """Copy every service's data under `destination`, a new or empty directory."""
+    destination = destination.expanduser().resolve()
+    if destination.exists() and any(destination.iterdir()):
+        raise BackupError(f"{destination} is not empty: back up into a new directory")
+    settings, registry = _settings()
+    (destination / "databases").mkdir(parents=True, exist_ok=True)
+    databases: dict[str, dict[str, str]] = {}
+    for service, _ in SERVICES:
+        url = database_url(service, settings[service])
+        if not url:
+            continue
+        engine = engine_of(url)
+        if engine == "sqlite":
+            source = sqlite_path(url)
+            if not source.exists():
+                log.info("no database yet", extra={"service": service})
+                continue
+            file_name = f"{service}.sqlite"
+            _copy_sqlite(source, destination / "databases" / file_name)
+        else:
+            file_name = f"{service}.pgdump"
+            _run("pg_dump", "--format=custom", "--no-owner", "--no-privileges",
+                 f"--file={destination / 'databases' / file_name}", libpq_url(url))
+        databases[service] = {"engine": engine, "file": file_name}
+        log.info("database copied", extra={"service": service, "engine": engine})
+
+    target_blobs = LocalBlobStore(destination / "blobs")
+    copied, missing = _copy_blobs(open_blob_store(registry), target_blobs)
+    shutil.rmtree(target_blobs.temp_dir, ignore_errors=True)
+
+    home = registry.home
+    for name in SECRET_FILES:
+        if (home / name).exists():
+            _copy_secret(home / name, destination / name)
+    manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "databases": databases, "blobs": copied, "missing_blobs": missing}
+    (destination / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return Report(destination, {s: d["engine"] for s, d in databases.items()}, copied, missing)
+
+
+def restore(source: Path) -> Report:
+    """Restore a backup into this MAAS_HOME and these databases, which must hold no data yet.
+    The stack must be stopped."""
+    source = source.expanduser().resolve()
+    try:
+        manifest = json.loads((source / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BackupError(f"{source} is not a MaaS backup (manifest.json: {error})") from None
+    if manifest.get("format") != FORMAT:
+        raise BackupError(f"backup format {manifest.get('format')!r} is not the supported {FORMAT}")
+    settings, registry = _settings()
+    _refuse_if_running(registry.home)
+
+    plan = []
+    for service, entry in manifest["databases"].items():
+        url = database_url(service, settings[service])
+        if not url:
+            raise BackupError(f"this installation has no database for {service}")
+        if engine_of(url) != entry["engine"]:
+            raise BackupError(
+                f"{service}: the backup holds a {entry['engine']} database but {service} is configured for "
+                f"{engine_of(url)}; restore into the same kind of database"
+            )
+        _require_empty(service, url)
+        plan.append((service, url, entry))
+
+    for service, url, entry in plan:
+        dump = source / "databases" / entry["file"]
+        if entry["engine"] == "sqlite":
+            _copy_sqlite(dump, sqlite_path(url))
+        else:
+            _run("pg_restore", "--no-owner", "--no-privileges", "--exit-on-error", f"--dbname={libpq_url(url)}",
+                 str(dump))
+        log.info("database restored", extra={"service": service})
+
+    copied, missing = _copy_blobs(LocalBlobStore(source / "blobs"), open_blob_store(registry))
+    shutil.rmtree(source / "blobs" / "tmp", ignore_errors=True)
+
+    home = registry.home
+    for name in SECRET_FILES:
+        if (source / name).exists():
+            _copy_secret(source / name, home / name)
+    return Report(home, {s: e["engine"] for s, e in manifest["databases"].items()}, copied,
+                  [*manifest.get("missing_blobs", []), *missing])
+
+
+def _copy_blobs(source: BlobStore, target: BlobStore) -> tuple[int, list[str]]:
+    """Every blob through the stores' own write path: each copy is verified against its digest."""
+    copied, missing = 0, []
+    for digest in list(source.digests()):
+        try:
+            stream = source.open(digest)
+        except FileNotFoundError:
+            missing.append(digest)  # deleted since it was listed
+            continue
+        writer = target.begin_write()
+        try:
+            with stream:
+                while chunk := stream.read(1 << 20):
+                    writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit(digest, writer.size)
+        copied += 1
+    return copied, missing
+
+
+def _copy_secret(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(source.read_bytes())
+
+
+def _require_empty(service: str, url: str) -> None:
+    if engine_of(url) == "sqlite":
+        if sqlite_path(url).exists():
+            raise BackupError(f"{service}: {sqlite_path(url)} exists; restore into an empty MAAS_HOME")
+        return
+    engine = create_engine(url)
+    try:
+        tables = inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    if tables:
+        raise BackupError(f"{service}: the database at {make_url(url).render_as_string()} already has tables; "
+                          "restore into an empty database")
+
+
+def _refuse_if_running(home: Path) -> None:
+    try:
+        state = json.loads((home / "run" / "stack.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    pid = state.get("supervisor_pid")
+    if pid and Path(f"/proc/{pid}").exists():
+        raise BackupError(f"the stack in {home} is running (supervisor pid {pid}): `maas down` first")
