@@ -97,7 +97,7 @@ def _copy_sqlite(source: Path, target: Path) -> None:
 def _run(tool: str, *args: str) -> None:
     if not shutil.which(tool):
         raise BackupError(f"{tool} is not on PATH: install the PostgreSQL client tools (postgresql-client)")
-    result = subprocess.run([tool, *args], capture_output=True, text=True)
+    result = subprocess.run([tool, *args], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise BackupError(f"{tool} failed: {result.stderr.strip()[-2000:]}")
 

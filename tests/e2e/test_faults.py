@@ -31,8 +31,6 @@ from google.protobuf import descriptor_pool
 from google.protobuf.message_factory import GetMessageClass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tritonclient.grpc import service_pb2  # noqa: F401  (registers inference.GRPCInferenceService)
-
 from maas import Client
 from maas.errors import ApiError
 from maas.gateway.v1 import admin_pb2  # noqa: F401
@@ -40,6 +38,8 @@ from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from maas.registry.v1 import registry_pb2  # noqa: F401
 from maas.tensors import from_tensor, to_tensor
 from maas.trainer.v1 import trainer_pb2  # noqa: F401
+from tritonclient.grpc import service_pb2  # noqa: F401  (registers inference.GRPCInferenceService)
+
 from services.stack.ephemeral import EphemeralStack
 from tests.support.digits import SIGNATURE, DigitsModel
 
@@ -154,7 +154,7 @@ class Load:
 def _pids(stack: EphemeralStack) -> dict[str, int]:
     state = json.loads((stack.home / "run" / "stack.json").read_text())
     pids = {name: child["pid"] for name, child in state["children"].items()}
-    found = subprocess.run(["pgrep", "-f", f"tritonserver.*{stack.home}"], capture_output=True, text=True)
+    found = subprocess.run(["pgrep", "-f", f"tritonserver.*{stack.home}"], capture_output=True, text=True, check=False)
     pids["triton"] = int(found.stdout.split()[0])
     return pids
 
@@ -285,7 +285,7 @@ def _call(channel: grpc.Channel, method, payloads: list[bytes], metadata) -> tup
 def _parses(method, payload: bytes) -> bool:  # type: ignore[no-untyped-def]
     try:
         GetMessageClass(method.input_type).FromString(payload)
-    except Exception:
+    except Exception:  # noqa: BLE001  (protobuf raises several kinds on bad bytes)
         return False
     return True
 

@@ -10,8 +10,8 @@ import pytest
 
 from services.common.errors import DataLoss
 from services.registry.config import RegistrySettings
-from services.registry.server import open_blob_store
 from services.registry.s3_blobs import S3BlobStore
+from services.registry.server import open_blob_store
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, S3Server, run_s3_server
 
 pytestmark = pytest.mark.slow

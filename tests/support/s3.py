@@ -60,7 +60,7 @@ def run_s3_server(directory: Path, bucket: str = "maas-blobs") -> Iterator[S3Ser
             try:
                 client.create_bucket(Bucket=bucket)
                 break
-            except Exception:
+            except Exception:  # noqa: BLE001  (connection refused, 503 while starting, ...)
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"weed did not start: {(directory / 'weed.log').read_text()[-2000:]}") from None
                 time.sleep(0.3)

@@ -8,9 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from maas.client import Client
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+
 from services.common.channels import internal_credentials, internal_metadata, open_channel
 from services.common.server import running
 from services.gateway.config import GatewaySettings
