@@ -219,7 +219,7 @@ class Limiter:
                 results: list[Any] = [await self._admit(keys, args)]
             else:
                 results = await self._pipelined(queued)
-        except Exception as error:  # every waiter learns of the failure
+        except Exception as error:  # noqa: BLE001 - every waiter learns of the failure, whatever it is
             for _, _, future in queued:
                 if not future.done():
                     future.set_exception(error)

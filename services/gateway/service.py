@@ -20,6 +20,7 @@ from services.gateway.admission import QuotaCache
 from services.gateway.audit import AuditLog
 from services.gateway.keys import Role, generate_key
 from services.gateway.store import (
+    QUOTA_FIELDS,
     AuditFilter,
     AuditRecord,
     GatewayStore,
@@ -39,6 +40,10 @@ ADMIN_TENANT = "admin"
 MAX_DISPLAY_NAME = 256
 MAX_DESCRIPTION = 1024
 DEFAULT_USAGE_DAYS = 7
+# What the SQL columns hold (signed 64- and 32-bit) and what the limiter's float math handles.
+MAX_BUDGET = 2**53
+MAX_BURST = 2**31 - 1
+MAX_RATE = 1e9
 MAX_USAGE_DAYS = 366
 
 
@@ -147,6 +152,9 @@ class Admin:
     async def set_quota(self, quota: QuotaRecord) -> QuotaRecord:
         await self.get_tenant(quota.tenant)
         check_rate_limit(quota.rate_limit)
+        for name in QUOTA_FIELDS:
+            if getattr(quota, name) > MAX_BUDGET:
+                raise InvalidArgument(f"{name} is larger than {MAX_BUDGET}; use 0 for unlimited")
         quota = dataclasses.replace(quota, update_time=utc_now())
         await asyncio.to_thread(self.store.set_quota, quota)
         if self.quotas is not None:
@@ -229,8 +237,12 @@ def write_secret_file(path: Path, text: str) -> None:
 
 def check_rate_limit(rate_limit: RateLimit) -> None:
     rps = rate_limit.requests_per_second
-    if not math.isfinite(rps) or rps < 0:
-        raise InvalidArgument("requests_per_second must be a finite number, 0 (unlimited) or more")
+    if not math.isfinite(rps) or rps < 0 or rps > MAX_RATE:
+        raise InvalidArgument(f"requests_per_second must be between 0 (unlimited) and {MAX_RATE:g}")
+    if rate_limit.burst > MAX_BURST:
+        raise InvalidArgument(f"burst must be at most {MAX_BURST}")
+    if rate_limit.tokens_per_minute > MAX_BUDGET:
+        raise InvalidArgument(f"tokens_per_minute must be at most {MAX_BUDGET}; use 0 for unlimited")
     if rate_limit.burst and not rps:
         raise InvalidArgument("burst needs requests_per_second: a burst of an unlimited rate means nothing")
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from maas.gateway.v1 import admin_pb2, admin_pb2_grpc
 
+from services.common.errors import InvalidArgument
 from services.gateway.audit import AuditLog, outcome, resource_of
 from services.gateway.auth import current_caller
 from services.gateway.keys import Role
@@ -134,8 +135,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             tenant=request.tenant,
             api_key_id=request.api_key_id,
             method=request.method,
-            start_time=request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None,
-            end_time=request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None,
+            start_time=_datetime("start_time", request.start_time)
+            if request.HasField("start_time")
+            else None,
+            end_time=_datetime("end_time", request.end_time) if request.HasField("end_time") else None,
         )
         events, next_token = await self.admin.list_audit_events(where, request.page_size, request.page_token)
         return admin_pb2.ListAuditEventsResponse(
@@ -203,6 +206,13 @@ def audit_to_proto(event: AuditRecord) -> admin_pb2.AuditEvent:
         resource=event.resource,
         code=event.code,
     )
+
+
+def _datetime(field: str, stamp: Timestamp) -> datetime:
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(f"{field} is not a valid time") from None
 
 
 def _timestamp(value) -> Timestamp:  # type: ignore[no-untyped-def]

@@ -164,6 +164,18 @@ async def test_invalid_limits_are_refused(stack):
             metadata=root,
         )
     assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    for bad in (
+        stack.admin.SetQuota(
+            admin_pb2.SetQuotaRequest(quota=admin_pb2.Quota(tenant="acme", requests_per_day=2**64 - 1)),
+            metadata=root,
+        ),
+        stack.admin.ListAuditEvents(
+            admin_pb2.ListAuditEventsRequest(start_time={"seconds": -(10**13)}), metadata=root
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await bad
+        assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
     # Clearing a key's limit: the default (unlimited here) applies again.
     await set_key_limit(stack, "reader", rps=0.01, burst=1)
     cleared = await stack.admin.SetApiKeyRateLimit(
