@@ -321,7 +321,7 @@ def _scalar(draw, fd):  # type: ignore[no-untyped-def]
 
 
 def _fill(draw, message, fd, depth: int) -> None:  # type: ignore[no-untyped-def]
-    repeated = fd.label == fd.LABEL_REPEATED
+    repeated = fd.is_repeated
     if fd.type == fd.TYPE_MESSAGE:
         if depth >= 2 or fd.message_type.GetOptions().map_entry:
             return

@@ -68,7 +68,7 @@ def run_s3_server(directory: Path, bucket: str = "maas-blobs") -> Iterator[S3Ser
     finally:
         process.terminate()
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=3)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
