@@ -43,23 +43,539 @@ JOB_STATE_FAILED: JobState.ValueType  # 4
 JOB_STATE_CANCELLED: JobState.ValueType  # 5
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _JobKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_KIND_UNSPECIFIED: _JobKind.ValueType  # 0
+    JOB_KIND_TRAINING: _JobKind.ValueType  # 1
+    JOB_KIND_OPTIMIZATION: _JobKind.ValueType  # 2
+    """Not yet available: quantize, prune, distill or export an existing version."""
+
+class JobKind(_JobKind, metaclass=_JobKindEnumTypeWrapper): ...
+
+JOB_KIND_UNSPECIFIED: JobKind.ValueType  # 0
+JOB_KIND_TRAINING: JobKind.ValueType  # 1
+JOB_KIND_OPTIMIZATION: JobKind.ValueType  # 2
+"""Not yet available: quantize, prune, distill or export an existing version."""
+Global___JobKind: _TypeAlias = JobKind  # noqa: Y015
+
+class _RecurrentCell:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RecurrentCellEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RecurrentCell.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECURRENT_CELL_UNSPECIFIED: _RecurrentCell.ValueType  # 0
+    RECURRENT_CELL_LSTM: _RecurrentCell.ValueType  # 1
+    RECURRENT_CELL_GRU: _RecurrentCell.ValueType  # 2
+    RECURRENT_CELL_RNN: _RecurrentCell.ValueType  # 3
+
+class RecurrentCell(_RecurrentCell, metaclass=_RecurrentCellEnumTypeWrapper): ...
+
+RECURRENT_CELL_UNSPECIFIED: RecurrentCell.ValueType  # 0
+RECURRENT_CELL_LSTM: RecurrentCell.ValueType  # 1
+RECURRENT_CELL_GRU: RecurrentCell.ValueType  # 2
+RECURRENT_CELL_RNN: RecurrentCell.ValueType  # 3
+Global___RecurrentCell: _TypeAlias = RecurrentCell  # noqa: Y015
+
+class _Task:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_UNSPECIFIED: _Task.ValueType  # 0
+    """From the data: integer targets are classes, floating point targets are regression."""
+    TASK_CLASSIFICATION: _Task.ValueType  # 1
+    TASK_REGRESSION: _Task.ValueType  # 2
+
+class Task(_Task, metaclass=_TaskEnumTypeWrapper): ...
+
+TASK_UNSPECIFIED: Task.ValueType  # 0
+"""From the data: integer targets are classes, floating point targets are regression."""
+TASK_CLASSIFICATION: Task.ValueType  # 1
+TASK_REGRESSION: Task.ValueType  # 2
+Global___Task: _TypeAlias = Task  # noqa: Y015
+
+class _Optimizer:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OptimizerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Optimizer.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OPTIMIZER_UNSPECIFIED: _Optimizer.ValueType  # 0
+    """Adam."""
+    OPTIMIZER_SGD: _Optimizer.ValueType  # 1
+    OPTIMIZER_MOMENTUM: _Optimizer.ValueType  # 2
+    """SGD with momentum (see TrainingSpec.momentum)."""
+    OPTIMIZER_ADAM: _Optimizer.ValueType  # 3
+    OPTIMIZER_ADAMW: _Optimizer.ValueType  # 4
+
+class Optimizer(_Optimizer, metaclass=_OptimizerEnumTypeWrapper): ...
+
+OPTIMIZER_UNSPECIFIED: Optimizer.ValueType  # 0
+"""Adam."""
+OPTIMIZER_SGD: Optimizer.ValueType  # 1
+OPTIMIZER_MOMENTUM: Optimizer.ValueType  # 2
+"""SGD with momentum (see TrainingSpec.momentum)."""
+OPTIMIZER_ADAM: Optimizer.ValueType  # 3
+OPTIMIZER_ADAMW: Optimizer.ValueType  # 4
+Global___Optimizer: _TypeAlias = Optimizer  # noqa: Y015
+
+class _Schedule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScheduleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Schedule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHEDULE_UNSPECIFIED: _Schedule.ValueType  # 0
+    """Constant learning rate."""
+    SCHEDULE_STEP: _Schedule.ValueType  # 1
+    """Multiply by step_gamma every step_epochs epochs."""
+    SCHEDULE_COSINE: _Schedule.ValueType  # 2
+    """Cosine annealing to zero over all epochs."""
+
+class Schedule(_Schedule, metaclass=_ScheduleEnumTypeWrapper): ...
+
+SCHEDULE_UNSPECIFIED: Schedule.ValueType  # 0
+"""Constant learning rate."""
+SCHEDULE_STEP: Schedule.ValueType  # 1
+"""Multiply by step_gamma every step_epochs epochs."""
+SCHEDULE_COSINE: Schedule.ValueType  # 2
+"""Cosine annealing to zero over all epochs."""
+Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
+
+class _Device:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeviceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Device.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEVICE_UNSPECIFIED: _Device.ValueType  # 0
+    """CUDA when the trainer has it, else CPU."""
+    DEVICE_CPU: _Device.ValueType  # 1
+    DEVICE_CUDA: _Device.ValueType  # 2
+
+class Device(_Device, metaclass=_DeviceEnumTypeWrapper): ...
+
+DEVICE_UNSPECIFIED: Device.ValueType  # 0
+"""CUDA when the trainer has it, else CPU."""
+DEVICE_CPU: Device.ValueType  # 1
+DEVICE_CUDA: Device.ValueType  # 2
+Global___Device: _TypeAlias = Device  # noqa: Y015
+
+@_typing.final
+class LinearArchitecture(_message.Message):
+    """Linear regression: one affine layer, mean squared error. Needs a numeric target."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinearArchitecture: _TypeAlias = LinearArchitecture  # noqa: Y015
+
+@_typing.final
+class LogisticArchitecture(_message.Message):
+    """Logistic (two classes) or softmax (more) regression: one affine layer, cross entropy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogisticArchitecture: _TypeAlias = LogisticArchitecture  # noqa: Y015
+
+@_typing.final
+class MlpArchitecture(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HIDDEN_SIZES_FIELD_NUMBER: _builtins.int
+    DROPOUT_FIELD_NUMBER: _builtins.int
+    dropout: _builtins.float
+    """Dropout after each hidden layer, in [0, 1)."""
+    @_builtins.property
+    def hidden_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Width of each hidden layer; default [128, 64]."""
+
+    def __init__(
+        self,
+        *,
+        hidden_sizes: _abc.Iterable[_builtins.int] | None = ...,
+        dropout: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropout", b"dropout", "hidden_sizes", b"hidden_sizes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MlpArchitecture: _TypeAlias = MlpArchitecture  # noqa: Y015
+
+@_typing.final
+class CnnArchitecture(_message.Message):
+    """Convolutional classifier for images ([H, W] or [C, H, W] per sample)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    HIDDEN_SIZE_FIELD_NUMBER: _builtins.int
+    DROPOUT_FIELD_NUMBER: _builtins.int
+    hidden_size: _builtins.int
+    """Width of the fully connected layer before the output; default 128."""
+    dropout: _builtins.float
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Output channels of each 3x3 convolution block; default [32, 64]."""
+
+    def __init__(
+        self,
+        *,
+        channels: _abc.Iterable[_builtins.int] | None = ...,
+        hidden_size: _builtins.int = ...,
+        dropout: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "dropout", b"dropout", "hidden_size", b"hidden_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CnnArchitecture: _TypeAlias = CnnArchitecture  # noqa: Y015
+
+@_typing.final
+class RecurrentArchitecture(_message.Message):
+    """Recurrent network over sequences ([T, F] per sample; [F] is read as F steps of one
+    feature); predicts from the last step. Default cell LSTM.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CELL_FIELD_NUMBER: _builtins.int
+    HIDDEN_SIZE_FIELD_NUMBER: _builtins.int
+    NUM_LAYERS_FIELD_NUMBER: _builtins.int
+    DROPOUT_FIELD_NUMBER: _builtins.int
+    cell: Global___RecurrentCell.ValueType
+    hidden_size: _builtins.int
+    """Default 64."""
+    num_layers: _builtins.int
+    """Default 1."""
+    dropout: _builtins.float
+    def __init__(
+        self,
+        *,
+        cell: Global___RecurrentCell.ValueType = ...,
+        hidden_size: _builtins.int = ...,
+        num_layers: _builtins.int = ...,
+        dropout: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell", "dropout", b"dropout", "hidden_size", b"hidden_size", "num_layers", b"num_layers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecurrentArchitecture: _TypeAlias = RecurrentArchitecture  # noqa: Y015
+
+@_typing.final
+class GptArchitecture(_message.Message):
+    """Small character-level decoder-only transformer for text datasets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    EMBEDDING_DIM_FIELD_NUMBER: _builtins.int
+    NUM_LAYERS_FIELD_NUMBER: _builtins.int
+    NUM_HEADS_FIELD_NUMBER: _builtins.int
+    DROPOUT_FIELD_NUMBER: _builtins.int
+    block_size: _builtins.int
+    """Context length in characters; default 64."""
+    embedding_dim: _builtins.int
+    """Default 64."""
+    num_layers: _builtins.int
+    """Default 2."""
+    num_heads: _builtins.int
+    """Default 4; must divide embedding_dim."""
+    dropout: _builtins.float
+    def __init__(
+        self,
+        *,
+        block_size: _builtins.int = ...,
+        embedding_dim: _builtins.int = ...,
+        num_layers: _builtins.int = ...,
+        num_heads: _builtins.int = ...,
+        dropout: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "dropout", b"dropout", "embedding_dim", b"embedding_dim", "num_heads", b"num_heads", "num_layers", b"num_layers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GptArchitecture: _TypeAlias = GptArchitecture  # noqa: Y015
+
+@_typing.final
+class Architecture(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINEAR_FIELD_NUMBER: _builtins.int
+    LOGISTIC_FIELD_NUMBER: _builtins.int
+    MLP_FIELD_NUMBER: _builtins.int
+    CNN_FIELD_NUMBER: _builtins.int
+    RECURRENT_FIELD_NUMBER: _builtins.int
+    GPT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def linear(self) -> Global___LinearArchitecture: ...
+    @_builtins.property
+    def logistic(self) -> Global___LogisticArchitecture: ...
+    @_builtins.property
+    def mlp(self) -> Global___MlpArchitecture: ...
+    @_builtins.property
+    def cnn(self) -> Global___CnnArchitecture: ...
+    @_builtins.property
+    def recurrent(self) -> Global___RecurrentArchitecture: ...
+    @_builtins.property
+    def gpt(self) -> Global___GptArchitecture: ...
+    def __init__(
+        self,
+        *,
+        linear: Global___LinearArchitecture | None = ...,
+        logistic: Global___LogisticArchitecture | None = ...,
+        mlp: Global___MlpArchitecture | None = ...,
+        cnn: Global___CnnArchitecture | None = ...,
+        recurrent: Global___RecurrentArchitecture | None = ...,
+        gpt: Global___GptArchitecture | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cnn", b"cnn", "gpt", b"gpt", "kind", b"kind", "linear", b"linear", "logistic", b"logistic", "mlp", b"mlp", "recurrent", b"recurrent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cnn", b"cnn", "gpt", b"gpt", "kind", b"kind", "linear", b"linear", "logistic", b"logistic", "mlp", b"mlp", "recurrent", b"recurrent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["linear", "logistic", "mlp", "cnn", "recurrent", "gpt"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Architecture: _TypeAlias = Architecture  # noqa: Y015
+
+@_typing.final
+class RegistryDataset(_message.Message):
+    """A dataset uploaded to the registry by the caller's tenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    """0 takes the newest version."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegistryDataset: _TypeAlias = RegistryDataset  # noqa: Y015
+
+@_typing.final
+class DatasetSource(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUILTIN_FIELD_NUMBER: _builtins.int
+    REGISTRY_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    MAX_SAMPLES_FIELD_NUMBER: _builtins.int
+    builtin: _builtins.str
+    """Built-in real data: digits, iris, wine, breast_cancer, diabetes, shakespeare."""
+    task: Global___Task.ValueType
+    max_samples: _builtins.int
+    """Use at most this many samples (rows, or text windows); 0 uses all."""
+    @_builtins.property
+    def registry(self) -> Global___RegistryDataset: ...
+    def __init__(
+        self,
+        *,
+        builtin: _builtins.str = ...,
+        registry: Global___RegistryDataset | None = ...,
+        task: Global___Task.ValueType = ...,
+        max_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "registry", b"registry", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "max_samples", b"max_samples", "registry", b"registry", "source", b"source", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["builtin", "registry"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___DatasetSource: _TypeAlias = DatasetSource  # noqa: Y015
+
 @_typing.final
 class TrainingSpec(_message.Message):
+    """Everything that defines a training run. Unset optional fields take the documented defaults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARCHITECTURE_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
+    MOMENTUM_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    STEP_EPOCHS_FIELD_NUMBER: _builtins.int
+    STEP_GAMMA_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    VALIDATION_FRACTION_FIELD_NUMBER: _builtins.int
+    TEST_FRACTION_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    optimizer: Global___Optimizer.ValueType
+    learning_rate: _builtins.float
+    """Default 1e-3 for Adam/AdamW, 1e-2 for SGD; must be positive."""
+    weight_decay: _builtins.float
+    """Default 0 (AdamW: 1e-2)."""
+    momentum: _builtins.float
+    """For OPTIMIZER_MOMENTUM; default 0.9."""
+    schedule: Global___Schedule.ValueType
+    step_epochs: _builtins.int
+    """For SCHEDULE_STEP; defaults 10 and 0.1."""
+    step_gamma: _builtins.float
+    batch_size: _builtins.int
+    """Samples per optimizer step across all workers; default 64."""
+    epochs: _builtins.int
+    """Default 10."""
+    early_stopping_patience: _builtins.int
+    """Stop when validation loss has not improved for this many epochs (and keep the best
+    weights); 0 or unset trains all epochs.
+    """
+    seed: _builtins.int
+    """Default 0. The same seed and spec give the same metrics."""
+    validation_fraction: _builtins.float
+    """Fractions of the samples held out; defaults 0.15 and 0.15."""
+    test_fraction: _builtins.float
+    device: Global___Device.ValueType
+    workers: _builtins.int
+    """Data-parallel processes (torchrun); default 1."""
+    @_builtins.property
+    def architecture(self) -> Global___Architecture: ...
+    @_builtins.property
+    def dataset(self) -> Global___DatasetSource: ...
+    def __init__(
+        self,
+        *,
+        architecture: Global___Architecture | None = ...,
+        dataset: Global___DatasetSource | None = ...,
+        optimizer: Global___Optimizer.ValueType = ...,
+        learning_rate: _builtins.float | None = ...,
+        weight_decay: _builtins.float | None = ...,
+        momentum: _builtins.float | None = ...,
+        schedule: Global___Schedule.ValueType = ...,
+        step_epochs: _builtins.int | None = ...,
+        step_gamma: _builtins.float | None = ...,
+        batch_size: _builtins.int | None = ...,
+        epochs: _builtins.int | None = ...,
+        early_stopping_patience: _builtins.int | None = ...,
+        seed: _builtins.int | None = ...,
+        validation_fraction: _builtins.float | None = ...,
+        test_fraction: _builtins.float | None = ...,
+        device: Global___Device.ValueType = ...,
+        workers: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_early_stopping_patience", b"_early_stopping_patience", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_momentum", b"_momentum", "_seed", b"_seed", "_step_epochs", b"_step_epochs", "_step_gamma", b"_step_gamma", "_test_fraction", b"_test_fraction", "_validation_fraction", b"_validation_fraction", "_weight_decay", b"_weight_decay", "_workers", b"_workers", "architecture", b"architecture", "batch_size", b"batch_size", "dataset", b"dataset", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "learning_rate", b"learning_rate", "momentum", b"momentum", "seed", b"seed", "step_epochs", b"step_epochs", "step_gamma", b"step_gamma", "test_fraction", b"test_fraction", "validation_fraction", b"validation_fraction", "weight_decay", b"weight_decay", "workers", b"workers"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_early_stopping_patience", b"_early_stopping_patience", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_momentum", b"_momentum", "_seed", b"_seed", "_step_epochs", b"_step_epochs", "_step_gamma", b"_step_gamma", "_test_fraction", b"_test_fraction", "_validation_fraction", b"_validation_fraction", "_weight_decay", b"_weight_decay", "_workers", b"_workers", "architecture", b"architecture", "batch_size", b"batch_size", "dataset", b"dataset", "device", b"device", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "learning_rate", b"learning_rate", "momentum", b"momentum", "optimizer", b"optimizer", "schedule", b"schedule", "seed", b"seed", "step_epochs", b"step_epochs", "step_gamma", b"step_gamma", "test_fraction", b"test_fraction", "validation_fraction", b"validation_fraction", "weight_decay", b"weight_decay", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
+    _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__early_stopping_patience: _TypeAlias = _typing.Literal["early_stopping_patience"]  # noqa: Y015
+    _WhichOneofArgType__early_stopping_patience: _TypeAlias = _typing.Literal["_early_stopping_patience", b"_early_stopping_patience"]  # noqa: Y015
+    _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
+    _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
+    _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__momentum: _TypeAlias = _typing.Literal["momentum"]  # noqa: Y015
+    _WhichOneofArgType__momentum: _TypeAlias = _typing.Literal["_momentum", b"_momentum"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__step_epochs: _TypeAlias = _typing.Literal["step_epochs"]  # noqa: Y015
+    _WhichOneofArgType__step_epochs: _TypeAlias = _typing.Literal["_step_epochs", b"_step_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__step_gamma: _TypeAlias = _typing.Literal["step_gamma"]  # noqa: Y015
+    _WhichOneofArgType__step_gamma: _TypeAlias = _typing.Literal["_step_gamma", b"_step_gamma"]  # noqa: Y015
+    _WhichOneofReturnType__test_fraction: _TypeAlias = _typing.Literal["test_fraction"]  # noqa: Y015
+    _WhichOneofArgType__test_fraction: _TypeAlias = _typing.Literal["_test_fraction", b"_test_fraction"]  # noqa: Y015
+    _WhichOneofReturnType__validation_fraction: _TypeAlias = _typing.Literal["validation_fraction"]  # noqa: Y015
+    _WhichOneofArgType__validation_fraction: _TypeAlias = _typing.Literal["_validation_fraction", b"_validation_fraction"]  # noqa: Y015
+    _WhichOneofReturnType__weight_decay: _TypeAlias = _typing.Literal["weight_decay"]  # noqa: Y015
+    _WhichOneofArgType__weight_decay: _TypeAlias = _typing.Literal["_weight_decay", b"_weight_decay"]  # noqa: Y015
+    _WhichOneofReturnType__workers: _TypeAlias = _typing.Literal["workers"]  # noqa: Y015
+    _WhichOneofArgType__workers: _TypeAlias = _typing.Literal["_workers", b"_workers"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__early_stopping_patience) -> _WhichOneofReturnType__early_stopping_patience | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__momentum) -> _WhichOneofReturnType__momentum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_epochs) -> _WhichOneofReturnType__step_epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_gamma) -> _WhichOneofReturnType__step_gamma | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__test_fraction) -> _WhichOneofReturnType__test_fraction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_fraction) -> _WhichOneofReturnType__validation_fraction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_decay) -> _WhichOneofReturnType__weight_decay | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__workers) -> _WhichOneofReturnType__workers | None: ...
+
+Global___TrainingSpec: _TypeAlias = TrainingSpec  # noqa: Y015
+
+@_typing.final
+class Progress(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
-    class HyperparametersEntry(_message.Message):
+    class MetricsEntry(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         KEY_FIELD_NUMBER: _builtins.int
         VALUE_FIELD_NUMBER: _builtins.int
         key: _builtins.str
-        value: _builtins.str
+        value: _builtins.float
         def __init__(
             self,
             *,
             key: _builtins.str = ...,
-            value: _builtins.str = ...,
+            value: _builtins.float = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -67,85 +583,380 @@ class TrainingSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-    ARCHITECTURE_FIELD_NUMBER: _builtins.int
-    DATASET_FIELD_NUMBER: _builtins.int
-    DATASET_VERSION_FIELD_NUMBER: _builtins.int
-    MODEL_FIELD_NUMBER: _builtins.int
-    HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
-    architecture: _builtins.str
-    """Built-in architecture, e.g. "mlp", "cnn"."""
-    dataset: _builtins.str
-    """Built-in dataset such as "digits", or the name of a registry dataset."""
-    dataset_version: _builtins.int
-    model: _builtins.str
-    """Model to register the result under."""
+    EPOCH_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TOTAL_STEPS_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    SAMPLES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    ETA_SECONDS_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    epochs: _builtins.int
+    step: _builtins.int
+    total_steps: _builtins.int
+    loss: _builtins.float
+    """Training loss of the latest steps."""
+    samples_per_second: _builtins.float
+    eta_seconds: _builtins.float
+    """Seconds left at the current pace."""
     @_builtins.property
-    def hyperparameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Validation metrics of the latest finished epoch, e.g. val_loss, val_accuracy."""
+
     def __init__(
         self,
         *,
-        architecture: _builtins.str = ...,
-        dataset: _builtins.str = ...,
-        dataset_version: _builtins.int = ...,
-        model: _builtins.str = ...,
-        hyperparameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        epoch: _builtins.int = ...,
+        epochs: _builtins.int = ...,
+        step: _builtins.int = ...,
+        total_steps: _builtins.int = ...,
+        loss: _builtins.float = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        samples_per_second: _builtins.float = ...,
+        eta_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "dataset", b"dataset", "dataset_version", b"dataset_version", "hyperparameters", b"hyperparameters", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "epochs", b"epochs", "eta_seconds", b"eta_seconds", "loss", b"loss", "metrics", b"metrics", "samples_per_second", b"samples_per_second", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TrainingSpec: _TypeAlias = TrainingSpec  # noqa: Y015
+Global___Progress: _TypeAlias = Progress  # noqa: Y015
+
+@_typing.final
+class JobResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """train_*, val_* and test_* metrics, as registered with the version."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobResult: _TypeAlias = JobResult  # noqa: Y015
 
 @_typing.final
 class Job(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
-    SPEC_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PARENT_VERSION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    DATASET_VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """job-<time ordered hex>."""
+    kind: Global___JobKind.ValueType
     state: Global___JobState.ValueType
+    model: _builtins.str
+    """The model the result is registered under (created when missing)."""
+    parent_version: _builtins.int
+    """Lineage: the version of `model` this job derives from; 0 for none."""
     message: _builtins.str
+    """Why the job FAILED or was CANCELLED; otherwise a short status line."""
+    attempts: _builtins.int
+    """How many times a worker was started (a trainer restart resumes from the checkpoint)."""
+    dataset_version: _builtins.int
+    """The dataset version actually used (resolved from "newest" at creation)."""
     @_builtins.property
     def spec(self) -> Global___TrainingSpec: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def progress(self) -> Global___Progress: ...
+    @_builtins.property
+    def result(self) -> Global___JobResult:
+        """Set when SUCCEEDED."""
+
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
-        spec: Global___TrainingSpec | None = ...,
+        kind: Global___JobKind.ValueType = ...,
         state: Global___JobState.ValueType = ...,
-        message: _builtins.str = ...,
+        spec: Global___TrainingSpec | None = ...,
+        model: _builtins.str = ...,
+        parent_version: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        progress: Global___Progress | None = ...,
+        result: Global___JobResult | None = ...,
+        message: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        dataset_version: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "progress", b"progress", "result", b"result", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "message", b"message", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "dataset_version", b"dataset_version", "end_time", b"end_time", "id", b"id", "kind", b"kind", "message", b"message", "model", b"model", "parent_version", b"parent_version", "progress", b"progress", "result", b"result", "spec", b"spec", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
 
 @_typing.final
+class JobQueued(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Jobs ahead of this one in the queue when it was queued."""
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobQueued: _TypeAlias = JobQueued  # noqa: Y015
+
+@_typing.final
+class JobStarted(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    RESUMED_FROM_EPOCH_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    resumed_from_epoch: _builtins.int
+    """0 for a fresh start; else the last checkpointed epoch the worker resumed from."""
+    device: _builtins.str
+    workers: _builtins.int
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        resumed_from_epoch: _builtins.int = ...,
+        device: _builtins.str = ...,
+        workers: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "device", b"device", "resumed_from_epoch", b"resumed_from_epoch", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobStarted: _TypeAlias = JobStarted  # noqa: Y015
+
+@_typing.final
+class JobCheckpoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "metrics", b"metrics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobCheckpoint: _TypeAlias = JobCheckpoint  # noqa: Y015
+
+@_typing.final
+class JobLogLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    level: _builtins.str
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        level: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobLogLine: _TypeAlias = JobLogLine  # noqa: Y015
+
+@_typing.final
+class JobFinished(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    state: Global___JobState.ValueType
+    reason: _builtins.str
+    @_builtins.property
+    def result(self) -> Global___JobResult: ...
+    def __init__(
+        self,
+        *,
+        state: Global___JobState.ValueType = ...,
+        reason: _builtins.str = ...,
+        result: Global___JobResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "result", b"result", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobFinished: _TypeAlias = JobFinished  # noqa: Y015
+
+@_typing.final
+class JobEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    LOG_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """1, 2, 3, ... per job."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def queued(self) -> Global___JobQueued: ...
+    @_builtins.property
+    def started(self) -> Global___JobStarted: ...
+    @_builtins.property
+    def progress(self) -> Global___Progress: ...
+    @_builtins.property
+    def checkpoint(self) -> Global___JobCheckpoint: ...
+    @_builtins.property
+    def log(self) -> Global___JobLogLine: ...
+    @_builtins.property
+    def finished(self) -> Global___JobFinished: ...
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        queued: Global___JobQueued | None = ...,
+        started: Global___JobStarted | None = ...,
+        progress: Global___Progress | None = ...,
+        checkpoint: Global___JobCheckpoint | None = ...,
+        log: Global___JobLogLine | None = ...,
+        finished: Global___JobFinished | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "finished", b"finished", "kind", b"kind", "log", b"log", "progress", b"progress", "queued", b"queued", "started", b"started", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "finished", b"finished", "kind", b"kind", "log", b"log", "progress", b"progress", "queued", b"queued", "sequence", b"sequence", "started", b"started", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["queued", "started", "progress", "checkpoint", "log", "finished"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
 class CreateTrainingJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PARENT_VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name to register the result under; created when it does not exist."""
+    parent_version: _builtins.int
+    """Lineage: an existing version of `model` this job derives from; 0 for none."""
     @_builtins.property
     def spec(self) -> Global___TrainingSpec: ...
     def __init__(
         self,
         *,
         spec: Global___TrainingSpec | None = ...,
+        model: _builtins.str = ...,
+        parent_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "parent_version", b"parent_version", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -216,17 +1027,21 @@ class ListJobsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     page_token: _builtins.str
+    state: Global___JobState.ValueType
+    """Only jobs in this state; unset lists all."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        state: Global___JobState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -299,15 +1114,19 @@ class WatchJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    after_sequence: _builtins.int
+    """Skip events up to and including this sequence number (resume a broken watch)."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -317,20 +1136,17 @@ Global___WatchJobRequest: _TypeAlias = WatchJobRequest  # noqa: Y015
 class WatchJobResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    JOB_FIELD_NUMBER: _builtins.int
-    LOG_LINE_FIELD_NUMBER: _builtins.int
-    log_line: _builtins.str
+    EVENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> Global___Job: ...
+    def event(self) -> Global___JobEvent: ...
     def __init__(
         self,
         *,
-        job: Global___Job | None = ...,
-        log_line: _builtins.str = ...,
+        event: Global___JobEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "log_line", b"log_line"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class TrainerServiceStub:
-    """Training and optimization jobs. Their results are registered as registry versions.
+    """Training jobs on built-in architectures and datasets. A job runs in its own worker
+    process (or `torchrun` group); its result is registered in the registry as a new version
+    of a model, with its signature, metrics and lineage, ready to deploy.
     """
 
     def __init__(self, channel):
@@ -63,11 +65,14 @@ class TrainerServiceStub:
 
 
 class TrainerServiceServicer:
-    """Training and optimization jobs. Their results are registered as registry versions.
+    """Training jobs on built-in architectures and datasets. A job runs in its own worker
+    process (or `torchrun` group); its result is registered in the registry as a new version
+    of a model, with its signature, metrics and lineage, ready to deploy.
     """
 
     def CreateTrainingJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Validates the spec, resolves the dataset and queues the job.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -79,19 +84,23 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Newest first.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A queued job is cancelled at once; a running one is stopped within about two seconds.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """Server streaming: the job's history first, then live events until a terminal state.
+        """Server streaming: the job's history first, then live events; the stream ends after the
+        terminal event (SUCCEEDED, FAILED or CANCELLED).
+        Reserved for optimization jobs (quantize, prune, distill, export): CreateOptimizationJob.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,7 +143,9 @@ def add_TrainerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TrainerService:
-    """Training and optimization jobs. Their results are registered as registry versions.
+    """Training jobs on built-in architectures and datasets. A job runs in its own worker
+    process (or `torchrun` group); its result is registered in the registry as a new version
+    of a model, with its signature, metrics and lineage, ready to deploy.
     """
 
     @staticmethod

@@ -27,40 +27,62 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class TrainerServiceStub:
-    """Training and optimization jobs. Their results are registered as registry versions."""
+    """Training jobs on built-in architectures and datasets. A job runs in its own worker
+    process (or `torchrun` group); its result is registered in the registry as a new version
+    of a model, with its signature, metrics and lineage, ready to deploy.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TrainerServiceAsyncStub: ...
     CreateTrainingJob: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CreateTrainingJobRequest, _trainer_pb2.CreateTrainingJobResponse]
+    """Validates the spec, resolves the dataset and queues the job."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetJobRequest, _trainer_pb2.GetJobResponse]
     ListJobs: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListJobsRequest, _trainer_pb2.ListJobsResponse]
+    """Newest first."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CancelJobRequest, _trainer_pb2.CancelJobResponse]
+    """A queued job is cancelled at once; a running one is stopped within about two seconds."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_trainer_pb2.WatchJobRequest, _trainer_pb2.WatchJobResponse]
-    """Server streaming: the job's history first, then live events until a terminal state."""
+    """Server streaming: the job's history first, then live events; the stream ends after the
+    terminal event (SUCCEEDED, FAILED or CANCELLED).
+    Reserved for optimization jobs (quantize, prune, distill, export): CreateOptimizationJob.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
-    """Training and optimization jobs. Their results are registered as registry versions."""
+    """Training jobs on built-in architectures and datasets. A job runs in its own worker
+    process (or `torchrun` group); its result is registered in the registry as a new version
+    of a model, with its signature, metrics and lineage, ready to deploy.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateTrainingJob: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CreateTrainingJobRequest, _trainer_pb2.CreateTrainingJobResponse]  # type: ignore[assignment]
+    """Validates the spec, resolves the dataset and queues the job."""
     GetJob: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetJobRequest, _trainer_pb2.GetJobResponse]  # type: ignore[assignment]
     ListJobs: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListJobsRequest, _trainer_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """Newest first."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CancelJobRequest, _trainer_pb2.CancelJobResponse]  # type: ignore[assignment]
+    """A queued job is cancelled at once; a running one is stopped within about two seconds."""
     WatchJob: _aio.UnaryStreamMultiCallable[_trainer_pb2.WatchJobRequest, _trainer_pb2.WatchJobResponse]  # type: ignore[assignment]
-    """Server streaming: the job's history first, then live events until a terminal state."""
+    """Server streaming: the job's history first, then live events; the stream ends after the
+    terminal event (SUCCEEDED, FAILED or CANCELLED).
+    Reserved for optimization jobs (quantize, prune, distill, export): CreateOptimizationJob.
+    """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Training and optimization jobs. Their results are registered as registry versions."""
+    """Training jobs on built-in architectures and datasets. A job runs in its own worker
+    process (or `torchrun` group); its result is registered in the registry as a new version
+    of a model, with its signature, metrics and lineage, ready to deploy.
+    """
 
     @_abc_1.abstractmethod
     def CreateTrainingJob(
         self,
         request: _trainer_pb2.CreateTrainingJobRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_trainer_pb2.CreateTrainingJobResponse, _abc.Awaitable[_trainer_pb2.CreateTrainingJobResponse]]: ...
+    ) -> _typing.Union[_trainer_pb2.CreateTrainingJobResponse, _abc.Awaitable[_trainer_pb2.CreateTrainingJobResponse]]:
+        """Validates the spec, resolves the dataset and queues the job."""
 
     @_abc_1.abstractmethod
     def GetJob(
@@ -74,14 +96,16 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _trainer_pb2.ListJobsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_trainer_pb2.ListJobsResponse, _abc.Awaitable[_trainer_pb2.ListJobsResponse]]: ...
+    ) -> _typing.Union[_trainer_pb2.ListJobsResponse, _abc.Awaitable[_trainer_pb2.ListJobsResponse]]:
+        """Newest first."""
 
     @_abc_1.abstractmethod
     def CancelJob(
         self,
         request: _trainer_pb2.CancelJobRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_trainer_pb2.CancelJobResponse, _abc.Awaitable[_trainer_pb2.CancelJobResponse]]: ...
+    ) -> _typing.Union[_trainer_pb2.CancelJobResponse, _abc.Awaitable[_trainer_pb2.CancelJobResponse]]:
+        """A queued job is cancelled at once; a running one is stopped within about two seconds."""
 
     @_abc_1.abstractmethod
     def WatchJob(
@@ -89,6 +113,9 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.WatchJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.WatchJobResponse], _abc.AsyncIterator[_trainer_pb2.WatchJobResponse]]:
-        """Server streaming: the job's history first, then live events until a terminal state."""
+        """Server streaming: the job's history first, then live events; the stream ends after the
+        terminal event (SUCCEEDED, FAILED or CANCELLED).
+        Reserved for optimization jobs (quantize, prune, distill, export): CreateOptimizationJob.
+        """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
