@@ -18,7 +18,7 @@ from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
 from maas.trainer.v1 import trainer_pb2
 
-from services.common.channels import CHANNEL_OPTIONS, internal_metadata, open_channel
+from services.common.channels import internal_metadata, open_blocking_channel, open_channel
 from services.common.errors import NotFound
 from services.gateway.audit import AuditLog, is_mutating, outcome, resource_of
 from services.gateway.auth import current_caller
@@ -49,8 +49,9 @@ class Backend:
     upload_channel: grpc.Channel
 
     @classmethod
-    def open(cls, name: str, address: str) -> Backend:
-        return cls(name, open_channel(address), grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+    def open(cls, name: str, address: str, credentials: grpc.ChannelCredentials | None = None) -> Backend:
+        """Plaintext, or TLS (mTLS when the peer asks) with `credentials` from internal_credentials."""
+        return cls(name, open_channel(address, credentials), open_blocking_channel(address, credentials))
 
     async def close(self) -> None:
         await self.channel.close()

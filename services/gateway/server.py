@@ -7,6 +7,7 @@ from grpc_health.v1 import health_pb2
 from maas.gateway.v1 import admin_pb2_grpc
 from tritonclient.grpc import service_pb2_grpc
 
+from services.common.channels import internal_credentials
 from services.common.database import make_engine, upgrade
 from services.common.server import App, RunningServer, ServerSpec, Servicer, server_tls
 from services.gateway import oip, predict
@@ -52,7 +53,8 @@ async def create_app(settings: GatewaySettings) -> App:
         "inference": settings.inference_addr,
         "trainer": settings.trainer_addr,
     }
-    backends = {name: Backend.open(name, addresses[name]) for name in FORWARDED}
+    credentials = internal_credentials(settings)
+    backends = {name: Backend.open(name, addresses[name], credentials) for name in FORWARDED}
     proxy = Proxy(
         settings.internal_token,
         backends,

@@ -95,3 +95,25 @@ def test_tls_settings_come_in_pairs(tmp_path: Path) -> None:
         RegistrySettings(home=tmp_path, tls_cert_file=tmp_path / "x.crt")
     with pytest.raises(ValueError, match="mTLS"):
         RegistrySettings(home=tmp_path, tls_client_ca_file=tmp_path / "ca.crt")
+
+
+async def test_gateway_reaches_an_mtls_registry_with_its_own_certificate(ca: TestCa, tmp_path: Path) -> None:
+    registry_cert, gateway_cert = ca.issue("registry"), ca.issue("gateway")
+    registry_settings = RegistrySettings(
+        home=tmp_path, registry_addr="127.0.0.1:0", internal_token="secret",
+        tls_cert_file=registry_cert.cert, tls_key_file=registry_cert.key, tls_client_ca_file=ca.cert,
+    )
+    async with running(await create_registry(registry_settings)) as registry:
+        settings = GatewaySettings(
+            home=tmp_path, gateway_addr="127.0.0.1:0", internal_token="secret",
+            registry_addr=f"localhost:{registry.port}", inference_addr="127.0.0.1:1", trainer_addr="127.0.0.1:1",
+            tls_cert_file=gateway_cert.cert, tls_key_file=gateway_cert.key, tls_ca_file=ca.cert,
+        )
+        key_file = tmp_path / "admin.key"
+        await bootstrap_admin(settings, key_file)
+        async with running(await create_gateway(settings)) as gateway:
+            address = f"localhost:{gateway.port}"
+            with Client(address, key_file.read_text().strip(), root_certificates=ca.cert.read_bytes()) as client:
+                model = await asyncio.to_thread(client.create_model, "over-mtls")
+                assert model.name == "over-mtls"
+                assert [m.name for m in await asyncio.to_thread(client.list_models)] == ["over-mtls"]
