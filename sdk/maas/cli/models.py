@@ -150,6 +150,3 @@ def model_delete(model: str, api_key: ApiKeyOption = None, address: AddressOptio
     except ApiError as error:
         raise fail(error)
     console.print(f"deleted {model}")
-
-
-# --- deployments -------------------------------------------------------------------------------

@@ -107,8 +107,12 @@ def down() -> None:
 
 def status() -> None:
     """Health of every process of the local stack."""
+    from services.common.channels import internal_credentials
+    from services.stack.config import StackSettings
     from services.stack.supervisor import grpc_serving, redis_ready
 
+    # The same credentials the supervisor uses, so that a TLS stack reads as healthy.
+    credentials = internal_credentials(StackSettings())
     state = read_state()
     if not state:
         console.print("the stack is not running (`maas up --detach` starts it)")
@@ -116,8 +120,10 @@ def status() -> None:
     table = Table("service", "address", "pid", "health")
     all_ok = True
     for name, child in state.get("children", {}).items():
-        check = redis_ready if name == "redis" else grpc_serving
-        ok = pid_alive(child.get("pid")) and check(child["address"])
+        if name == "redis":
+            ok = pid_alive(child.get("pid")) and redis_ready(child["address"])
+        else:
+            ok = pid_alive(child.get("pid")) and grpc_serving(child["address"], credentials=credentials)
         all_ok &= ok
         table.add_row(
             name,
@@ -129,6 +135,3 @@ def status() -> None:
     console.print(table)
     if not all_ok:
         raise typer.Exit(1)
-
-
-# --- admin -------------------------------------------------------------------------------------
