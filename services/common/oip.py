@@ -3,10 +3,10 @@ speaks. Payloads move as raw bytes both ways; nothing is decoded into numpy here
 
 from __future__ import annotations
 
-from tritonclient.grpc import service_pb2
-
 from maas.common.v1 import common_pb2
 from maas.inference.v1 import inference_pb2
+from tritonclient.grpc import service_pb2
+
 from services.common.errors import InvalidArgument
 from services.common.tensors import BY_PROTO, BY_TRITON, TensorHeader
 

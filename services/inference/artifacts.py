@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+
 from services.common.channels import internal_metadata
 from services.common.errors import DataLoss, Unavailable
 from services.common.remote_errors import domain_error

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maas.common.v1 import common_pb2
+
 from services.common.tensors import BY_PROTO
 
 RUNNER = Path(__file__).parent / "runner" / "model.py"

@@ -4,10 +4,11 @@ import asyncio
 from pathlib import Path
 
 from maas.inference.v1 import inference_pb2_grpc
+
 from services.common.channels import internal_credentials, open_channel
 from services.common.database import make_engine, upgrade
 from services.common.interceptors import internal_token_authenticator
-from services.common.server import App, RunningServer, Servicer, ServerSpec, server_tls
+from services.common.server import App, RunningServer, ServerSpec, Servicer, server_tls
 from services.inference.artifacts import ArtifactCache, Registry
 from services.inference.config import InferenceSettings
 from services.inference.repository import ModelRepository

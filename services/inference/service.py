@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from prometheus_client import Gauge, Histogram
-from tritonclient.grpc import service_pb2
-
 from maas.common.v1 import common_pb2
 from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
+from prometheus_client import Gauge, Histogram
+from tritonclient.grpc import service_pb2
+
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,

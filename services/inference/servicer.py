@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
+
 from services.common.channels import tenant_of
 from services.inference.service import Deployments, DeploymentSpec, Route
 from services.inference.store import Deployment

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from maas.common.v1 import common_pb2
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -27,7 +28,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from maas.common.v1 import common_pb2
 from services.common.errors import AlreadyExists
 from services.common.validation import Page
 

@@ -4,9 +4,10 @@ import asyncio
 from pathlib import Path
 
 from maas.registry.v1 import registry_pb2_grpc
+
 from services.common.database import make_engine, upgrade
 from services.common.interceptors import internal_token_authenticator
-from services.common.server import App, Servicer, ServerSpec, server_tls
+from services.common.server import App, ServerSpec, Servicer, server_tls
 from services.registry.blobs import BlobStore, LocalBlobStore
 from services.registry.config import RegistrySettings
 from services.registry.service import Registry

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from maas.common.v1 import common_pb2
+
 from services.common.errors import DataLoss, InvalidArgument, ResourceExhausted
 from services.common.tensors import check_signature
 from services.common.validation import Page, check_name

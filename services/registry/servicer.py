@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 from typing import TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+
 from services.common.channels import tenant_of
 from services.common.errors import InvalidArgument
 from services.registry.service import Registry, VersionUpload

@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
-
 from maas import Client
 from maas.errors import ApiError
+
 from services.stack.ephemeral import EphemeralStack
 from tests.support.digits import SIGNATURE
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as triton_grpc
-from tritonclient.utils import InferenceServerException
-
 from maas import Client
 from maas.errors import ApiError
 from maas.registry.v1 import registry_pb2
+from tritonclient.utils import InferenceServerException
+
 from tests.support.digits import SIGNATURE
 
 pytestmark = pytest.mark.slow

@@ -20,12 +20,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
-from tritonclient.grpc.aio import InferenceServerClient
-
 from maas.common.v1 import common_pb2
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from sklearn.datasets import load_digits
+from tritonclient.grpc.aio import InferenceServerClient
+
 from services.common.channels import internal_metadata, tenant_of
 from services.common.server import running
 from services.inference.config import InferenceSettings

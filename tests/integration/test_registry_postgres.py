@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from maas.common.v1 import common_pb2
 from onnx import TensorProto, helper
 from sqlalchemy import inspect
 
-from maas.common.v1 import common_pb2
 from services.common.database import make_engine, upgrade
 from services.common.errors import FailedPrecondition, NotFound
 from services.registry.blobs import LocalBlobStore

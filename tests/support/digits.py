@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-
 from maas.tensors import signature
+from sklearn.datasets import load_digits
 
 SIGNATURE = signature({"x": ("FP32", [64])}, {"logits": ("FP32", [10])})
 

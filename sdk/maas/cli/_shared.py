@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,15 +18,20 @@ console = Console()
 errors = Console(stderr=True)
 
 ApiKeyOption = Annotated[
-    Optional[str], typer.Option("--api-key", envvar="MAAS_API_KEY", help="Defaults to $MAAS_HOME/admin.key")
+    str | None, typer.Option("--api-key", envvar="MAAS_API_KEY", help="Defaults to $MAAS_HOME/admin.key")
 ]
 AddressOption = Annotated[
-    Optional[str], typer.Option("--address", envvar="MAAS_GATEWAY_ADDR", help="Gateway host:port")
+    str | None, typer.Option("--address", envvar="MAAS_GATEWAY_ADDR", help="Gateway host:port")
 ]
 TlsCaOption = Annotated[
-    Optional[Path],
-    typer.Option("--tls-ca", envvar="MAAS_TLS_CA", exists=True, dir_okay=False,
-                 help="CA certificate (PEM) that signed the gateway's TLS certificate; unset: plaintext"),
+    Path | None,
+    typer.Option(
+        "--tls-ca",
+        envvar="MAAS_TLS_CA",
+        exists=True,
+        dir_okay=False,
+        help="CA certificate (PEM) that signed the gateway's TLS certificate; unset: plaintext",
+    ),
 ]
 
 # Set once by the top-level `--tls-ca` option before any command runs.

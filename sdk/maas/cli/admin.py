@@ -12,7 +12,9 @@ from maas.client import ROLES
 from maas.errors import ApiError
 from maas.gateway.v1 import admin_pb2
 
-admin_app = typer.Typer(help="Tenants, API keys, quotas and the audit log (admin key needed).", no_args_is_help=True)
+admin_app = typer.Typer(
+    help="Tenants, API keys, quotas and the audit log (admin key needed).", no_args_is_help=True
+)
 
 
 def whoami(api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
@@ -109,7 +111,9 @@ def key_limit(
     rps: Annotated[float, typer.Option(help="Requests per second; 0 = unlimited")] = 0.0,
     burst: Annotated[int, typer.Option(help="Calls allowed at once (default: max(1, rps))")] = 0,
     tokens_per_minute: Annotated[int, typer.Option(help="Generated tokens per minute; 0 = unlimited")] = 0,
-    clear: Annotated[bool, typer.Option(help="Drop the key's own limit: the gateway default applies")] = False,
+    clear: Annotated[
+        bool, typer.Option(help="Drop the key's own limit: the gateway default applies")
+    ] = False,
     api_key: ApiKeyOption = None,
     address: AddressOption = None,
 ) -> None:
@@ -164,7 +168,9 @@ def quota_set(
         tokens_per_month=tokens_per_month,
         training_minutes_per_day=training_minutes_per_day,
         training_minutes_per_month=training_minutes_per_month,
-        rate_limit=admin_pb2.RateLimit(requests_per_second=rps, burst=burst, tokens_per_minute=tokens_per_minute),
+        rate_limit=admin_pb2.RateLimit(
+            requests_per_second=rps, burst=burst, tokens_per_minute=tokens_per_minute
+        ),
     )
     try:
         saved = client(api_key, address).set_quota(quota)
@@ -189,9 +195,13 @@ def _print_quota(quota) -> None:  # type: ignore[no-untyped-def]
         value = getattr(quota, name)
         table.add_row(name.replace("_", " "), f"{value:,}" if value else "unlimited")
     rate = quota.rate_limit
-    table.add_row("requests per second", f"{rate.requests_per_second:g}" if rate.requests_per_second else "unlimited")
+    table.add_row(
+        "requests per second", f"{rate.requests_per_second:g}" if rate.requests_per_second else "unlimited"
+    )
     table.add_row("burst", str(rate.burst) if rate.burst else "default")
-    table.add_row("tokens per minute", f"{rate.tokens_per_minute:,}" if rate.tokens_per_minute else "unlimited")
+    table.add_row(
+        "tokens per minute", f"{rate.tokens_per_minute:,}" if rate.tokens_per_minute else "unlimited"
+    )
     console.print(table)
 
 

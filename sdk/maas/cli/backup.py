@@ -31,7 +31,9 @@ def backup(path: Annotated[Path, typer.Argument(help="A new or empty directory")
     engines = ", ".join(f"{service} ({engine})" for service, engine in report.databases.items())
     console.print(f"backed up {engines} and {report.blobs} blob(s) to [bold]{report.path}[/]")
     if report.missing_blobs:
-        errors.print(f"[yellow]{len(report.missing_blobs)} blob(s) vanished during the backup[/] (deleted meanwhile)")
+        errors.print(
+            f"[yellow]{len(report.missing_blobs)} blob(s) vanished during the backup[/] (deleted meanwhile)"
+        )
 
 
 def restore(path: Annotated[Path, typer.Argument(help="A directory `maas admin backup` wrote")]) -> None:
@@ -42,7 +44,9 @@ def restore(path: Annotated[Path, typer.Argument(help="A directory `maas admin b
     except module.BackupError as error:
         errors.print(f"[red]restore failed[/]: {error}")
         raise typer.Exit(1) from None
-    console.print(f"restored {', '.join(report.databases)} and {report.blobs} blob(s) into [bold]{report.path}[/]; "
-                  "start the stack with `maas up`")
+    console.print(
+        f"restored {', '.join(report.databases)} and {report.blobs} blob(s) into [bold]{report.path}[/]; "
+        "start the stack with `maas up`"
+    )
     if report.missing_blobs:
         errors.print(f"[yellow]{len(report.missing_blobs)} blob(s) are missing from the backup[/]")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -37,7 +37,7 @@ def deployment_row(d: inference_pb2.Deployment) -> list[str]:
 def deploy_create(
     name: str,
     model: Annotated[str, typer.Option()],
-    version: Annotated[Optional[int], typer.Option()] = None,
+    version: Annotated[int | None, typer.Option()] = None,
     alias: Annotated[str, typer.Option(help="Follow an alias instead of a fixed version")] = "",
     instances: int = 1,
     max_batch_size: int = 8,

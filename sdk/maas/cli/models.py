@@ -47,10 +47,12 @@ def model_upload(
     model: str,
     artifact: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     format: Annotated[str, typer.Option(help="torchscript or onnx")] = "torchscript",
-    input: Annotated[list[str], typer.Option("--input", help="NAME:DATATYPE:DIMS, e.g. x:FP32:64")] = [],
+    input: Annotated[
+        list[str] | None, typer.Option("--input", help="NAME:DATATYPE:DIMS, e.g. x:FP32:64")
+    ] = None,
     output: Annotated[
-        list[str], typer.Option("--output", help="NAME:DATATYPE:DIMS, e.g. logits:FP32:10")
-    ] = [],
+        list[str] | None, typer.Option("--output", help="NAME:DATATYPE:DIMS, e.g. logits:FP32:10")
+    ] = None,
     alias: Annotated[str, typer.Option(help="Point this alias at the new version")] = "",
     create: Annotated[bool, typer.Option(help="Create the model if it does not exist")] = True,
     api_key: ApiKeyOption = None,
@@ -60,7 +62,7 @@ def model_upload(
     if format.lower() not in FORMATS:
         raise typer.BadParameter(f"format must be one of {', '.join(FORMATS)}")
     signature = common_pb2.Signature(
-        inputs=parse_specs(input, "input"), outputs=parse_specs(output, "output")
+        inputs=parse_specs(input or [], "input"), outputs=parse_specs(output or [], "output")
     )
     maas = client(api_key, address)
     try:

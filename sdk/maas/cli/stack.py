@@ -98,7 +98,7 @@ def down() -> None:
             while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
     # A supervisor that was killed leaves its children: stop them too.
-    for name, child in state.get("children", {}).items():
+    for child in state.get("children", {}).values():
         if pid_alive(child.get("pid")) and child.get("pid") != pid:
             os.kill(child["pid"], signal.SIGTERM)
     (maas_home() / "run" / "stack.json").unlink(missing_ok=True)

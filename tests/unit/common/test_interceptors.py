@@ -5,9 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from prometheus_client import REGISTRY
 
-from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common import errors
 from services.common.interceptors import (
     INTERNAL_TOKEN_KEY,
@@ -16,7 +16,7 @@ from services.common.interceptors import (
     status_of,
 )
 from services.common.logs import request_id_var
-from services.common.server import App, Servicer, ServerSpec, running
+from services.common.server import App, ServerSpec, Servicer, running
 
 
 def test_every_domain_error_has_a_status() -> None:

@@ -6,9 +6,9 @@ import asyncio
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from services.common.server import Servicer, ServerSpec, start_server
+
+from services.common.server import ServerSpec, Servicer, start_server
 
 
 class SlowTrainer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -39,9 +39,9 @@ async def test_stop_lets_in_flight_calls_finish() -> None:
 
 
 async def test_trainer_says_unimplemented_plainly() -> None:
+    from services.common.server import running
     from services.trainer.config import TrainerSettings
     from services.trainer.server import create_app
-    from services.common.server import running
 
     app = await create_app(TrainerSettings(trainer_addr="127.0.0.1:0"))
     async with running(app) as server:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from maas.common.v1 import common_pb2
 from maas.tensors import from_tensor, signature, to_tensor
+
 from services.common.errors import InvalidArgument
 from services.common.tensors import CompiledSignature, TensorHeader, check_signature
 

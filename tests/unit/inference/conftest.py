@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from tests.unit.inference.inference_fakes import TENANT, FakeRegistry, FakeTriton
 
 from services.common.database import make_engine, upgrade
 from services.inference.artifacts import ArtifactCache
@@ -14,6 +13,7 @@ from services.inference.repository import ModelRepository
 from services.inference.server import MIGRATIONS
 from services.inference.service import Deployments
 from services.inference.store import DeploymentStore
+from tests.unit.inference.inference_fakes import TENANT, FakeRegistry, FakeTriton
 
 
 @pytest.fixture

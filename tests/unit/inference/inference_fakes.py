@@ -7,10 +7,10 @@ import hashlib
 from collections.abc import AsyncIterator
 
 import numpy as np
-from tritonclient.grpc import service_pb2
-
 from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2
+from tritonclient.grpc import service_pb2
+
 from services.common.errors import NotFound
 from services.inference.repository import ModelRepository
 from services.inference.triton import ModelLoadError

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
+from maas.common.v1 import common_pb2
 from tritonclient.grpc import model_config_pb2
 
-from maas.common.v1 import common_pb2
 from services.inference.repository import ModelRepository, ModelSpec, config_text
 
 FP32, INT64 = common_pb2.DATA_TYPE_FP32, common_pb2.DATA_TYPE_INT64

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.unit.inference.inference_fakes import TENANT, WEIGHTS, FakeRegistry, FakeTriton
-
 from maas.common.v1 import common_pb2
 from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
+
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -24,6 +23,7 @@ from services.inference import service as service_module
 from services.inference.artifacts import ArtifactCache
 from services.inference.service import Deployments, DeploymentSpec
 from services.inference.store import FAILED, LOADING, READY
+from tests.unit.inference.inference_fakes import TENANT, WEIGHTS, FakeRegistry, FakeTriton
 
 
 async def wait_state(

@@ -8,12 +8,12 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
-
 from maas.common.v1 import common_pb2
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
+
 from services.common.channels import internal_metadata
 from services.common.interceptors import internal_token_authenticator
-from services.common.server import App, Servicer, ServerSpec, running
+from services.common.server import App, ServerSpec, Servicer, running
 from services.inference.servicer import InferenceServicer, RoutingServicer
 from tests.unit.inference.inference_fakes import TENANT, WEIGHTS
 

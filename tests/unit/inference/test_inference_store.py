@@ -7,13 +7,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-
 from maas.common.v1 import common_pb2
+
 from services.common.database import make_engine, upgrade
 from services.common.errors import AlreadyExists
 from services.common.validation import Page
 from services.inference.server import MIGRATIONS
 from services.inference.store import FAILED, LOADING, READY, Deployment, DeploymentStore, now
+
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request, tmp_path: Path) -> str:

@@ -14,10 +14,10 @@ from pathlib import Path
 import grpc
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from onnx import TensorProto, helper
+
 from services.common.channels import internal_metadata
 from services.common.server import RunningServer, running
 from services.registry.config import RegistrySettings

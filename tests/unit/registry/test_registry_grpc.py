@@ -9,9 +9,9 @@ import pickle
 import grpc
 import numpy as np
 import pytest
-
 from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2 as pb
+
 from services.common.server import running
 from services.registry.config import RegistrySettings
 from services.registry.server import create_app

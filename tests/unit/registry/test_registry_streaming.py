@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from maas.registry.v1 import registry_pb2 as pb
+
 from services.registry.config import RegistrySettings
 from tests.unit.registry.conftest import TOKEN, TenantStub, linear_signature, temp_files
 
