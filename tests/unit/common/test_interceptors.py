@@ -54,10 +54,10 @@ class ScriptedTrainer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.GetJobResponse(job=trainer_pb2.Job(id=request_id_var.get()))
 
     async def WatchJob(self, request, context):  # noqa: N802
-        yield trainer_pb2.WatchJobResponse(log_line="first")
+        yield trainer_pb2.WatchJobResponse()
         if request.id == "fail-midway":
             raise errors.Unavailable("worker went away")
-        yield trainer_pb2.WatchJobResponse(log_line="second")
+        yield trainer_pb2.WatchJobResponse()
 
 
 @pytest.fixture
@@ -112,11 +112,11 @@ async def test_request_id_is_taken_from_metadata(stub) -> None:
 
 async def test_stream_error_after_messages(stub) -> None:
     trainer, _ = stub
-    seen = []
+    received = 0
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for event in trainer.WatchJob(trainer_pb2.WatchJobRequest(id="fail-midway")):
-            seen.append(event.log_line)
-    assert seen == ["first"]
+        async for _ in trainer.WatchJob(trainer_pb2.WatchJobRequest(id="fail-midway")):
+            received += 1
+    assert received == 1
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
