@@ -1,1 +1,1 @@
-"""Trainer service: training and optimization jobs (the job runner lands with its own issue)."""
+"""Trainer service: training jobs on built-in architectures and datasets, run in worker processes."""
