@@ -92,7 +92,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, tenant: str, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> tuple[service_pb2.ModelInferResponse, int]:
         deployment = request.model_name
-        live = self.routes.find_ready(tenant, deployment)
+        live = await self.routes.wait_ready(tenant, deployment, context.time_remaining())
         _check_version(live, request.model_version)
         _refuse_shared_memory(request)
         live.signature.validate(headers_of_infer(request), [output.name for output in request.outputs])

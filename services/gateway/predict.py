@@ -20,6 +20,8 @@ from services.gateway.routes import RouteTable, infer
 from services.gateway.usage import Meter
 
 SERVICE = "maas.inference.v1.InferenceService"
+# Trailing metadata: which version answered, as the inference service sends it too.
+MODEL_VERSION_KEY = "x-maas-model-version"
 PREDICT_PATH = f"/{SERVICE}/Predict"
 
 
@@ -57,20 +59,26 @@ class PredictHandler:
         name = check_name("deployment", message.deployment)
         if not self.routes.synced and self.routes.get(tenant, name) is None:
             return await self.proxy.forward_unary(PREDICT_PATH, request, context), 0
-        live = self.routes.find_ready(tenant, name)
+        live = await self.routes.wait_ready(tenant, name, context.time_remaining())
         live.signature.validate(headers_of_predict(message), message.output_names)
         cache_key = None
         if live.route.cacheable and not bypass_requested(context.invocation_metadata() or ()):
             cache_key = predict_key(tenant, live.route, message)
             cached = await self.cache.get(cache_key)
             if cached is not None:
+                _say_version(context, live.route.version)
                 return cached, 1
         infer_request = infer_request_of_predict(message, live.route.triton_model, request_id_var.get())
         response = await infer(live, infer_request, context, self.routes.default_timeout)
         answer = predict_response_of_infer(response, live.route.model, live.route.version).SerializeToString()
         if cache_key is not None:
             self.cache.put(cache_key, answer)
+        _say_version(context, live.route.version)
         return answer, 0
+
+
+def _say_version(context: grpc.aio.ServicerContext, version: int) -> None:
+    context.set_trailing_metadata(((MODEL_VERSION_KEY, str(version)),))
 
 
 def add_to_server(handler: PredictHandler, server: grpc.aio.Server) -> None:

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 FIRST_RETRY_SECONDS = 0.1
 MAX_RETRY_SECONDS = 5.0
+# Cold start: how long a request without a deadline waits for a loading deployment.
+COLD_START_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class RouteTable:
         self._routes: dict[tuple[str, str], LiveRoute] = {}
         self._triton_channels: dict[str, grpc.aio.Channel] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._applied = asyncio.Event()  # set, and replaced, on every table update
         # True while the stream is up and has delivered the table at least once. When it drops,
         # the last table keeps serving; only deployments it lacks are in doubt.
         self.synced = False
@@ -59,6 +62,23 @@ class RouteTable:
             raise Unavailable(
                 f"deployment {deployment!r} is not ready to serve yet; GetDeployment shows its state"
             )
+        return live
+
+    async def wait_ready(self, tenant: str, deployment: str, timeout: float | None) -> LiveRoute:
+        """Cold start: the deployment's route once it is ready, waiting for a loading one at most
+        `timeout` seconds (the caller's deadline), or COLD_START_WAIT_SECONDS without one."""
+        live = self.find(tenant, deployment)
+        if live.route.ready:
+            return live
+        deadline = asyncio.get_running_loop().time() + (timeout or COLD_START_WAIT_SECONDS)
+        while not live.route.ready:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return self.find_ready(tenant, deployment)  # raises: still not ready
+            applied = self._applied
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(applied.wait(), remaining)
+            live = self.find(tenant, deployment)
         return live
 
     def get(self, tenant: str, deployment: str) -> LiveRoute | None:
@@ -81,6 +101,8 @@ class RouteTable:
             signature = CompiledSignature(route.signature, route.max_batch_size)
             table[key] = LiveRoute(route, signature, self._triton(route.triton_address))
         self._routes = table
+        self._applied.set()
+        self._applied = asyncio.Event()
 
     def _triton(self, address: str) -> service_pb2_grpc.GRPCInferenceServiceStub:
         if address not in self._triton_channels:

@@ -28,6 +28,12 @@ class InferenceSettings(CommonSettings):
     model_load_concurrency: int = 2
     # Upper bound for a Predict that carries no deadline of its own.
     predict_timeout_seconds: float = 60.0
+    # How long a Predict without a deadline waits for a deployment that is still loading.
+    cold_start_wait_seconds: float = 10.0
+    # After a roll, how long the replaced revision stays loaded once routes no longer name it.
+    rollout_drain_seconds: float = 2.0
+    # How often deployments that follow an alias look it up in the registry; 0 turns it off.
+    alias_poll_seconds: float = 2.0
     # Whether Triton may place models on a GPU. Unset: look for an NVIDIA device on this host.
     gpu_available: bool | None = None
 

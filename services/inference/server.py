@@ -37,6 +37,9 @@ async def create_app(settings: InferenceSettings) -> App:
         load_timeout=settings.model_load_timeout_seconds,
         load_concurrency=settings.model_load_concurrency,
         predict_timeout=settings.predict_timeout_seconds,
+        cold_start_wait=settings.cold_start_wait_seconds,
+        drain_seconds=settings.rollout_drain_seconds,
+        alias_poll_interval=settings.alias_poll_seconds,
     )
     await deployments.restore()
     supervisor = TritonSupervisor(
@@ -54,6 +57,7 @@ async def create_app(settings: InferenceSettings) -> App:
     async def on_start(server: RunningServer) -> None:
         # Health stays NOT_SERVING until this returns: Triton up, deployments reloading into it.
         await supervisor.start()
+        deployments.start_following_aliases()
 
     async def on_stop() -> None:
         await deployments.close()

@@ -4,14 +4,15 @@ in-memory routing table that Predict and the gateway read, and Predict itself.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from maas.common.v1 import common_pb2
 from maas.inference.v1 import inference_pb2
@@ -116,6 +117,9 @@ class Deployments:
         load_timeout: float,
         load_concurrency: int,
         predict_timeout: float,
+        cold_start_wait: float = 10.0,
+        drain_seconds: float = 2.0,
+        alias_poll_interval: float = 0.0,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -125,6 +129,13 @@ class Deployments:
         self.gpu_available = gpu_available
         self.load_timeout = load_timeout
         self.predict_timeout = predict_timeout
+        # How long a Predict without a deadline of its own waits for a loading deployment.
+        self.cold_start_wait = cold_start_wait
+        # How long a replaced revision stays loaded after routes stopped naming it: time for
+        # the gateway to hear of the switch and for requests already routed to reach Triton.
+        self.drain_seconds = drain_seconds
+        # How often alias-following deployments look up their alias; 0: never.
+        self.alias_poll_interval = alias_poll_interval
         self._load_slots = asyncio.Semaphore(load_concurrency)
         self._routes: dict[tuple[str, str], Route] = {}
         # Bumped on every change to a deployment, so that a load finishing late cannot
@@ -133,6 +144,9 @@ class Deployments:
         self._model_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
+        # The version each alias-following deployment last failed to roll to, so that the
+        # poller complains once, not every interval.
+        self._refused_rolls: dict[str, int] = {}
 
     # -- start-up, Triton restarts, shutdown ------------------------------------------------
 
@@ -177,6 +191,11 @@ class Deployments:
             route.serving = route.compiled = None
         self._notify()
 
+    def start_following_aliases(self) -> None:
+        """Poll the registry for moved aliases in the background (when an interval is set)."""
+        if self.alias_poll_interval > 0:
+            self._spawn(self._follow_aliases_forever())
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
@@ -214,7 +233,7 @@ class Deployments:
             cacheable=spec.cacheable,
             state=LOADING,
             message=f"loading version {version.version}",
-            triton_model=f"m_{deployment_id}",
+            triton_model=_triton_model_name(deployment_id),
             sha256=version.sha256,
             format=FORMATS[version.format],
             signature=version.signature,
@@ -295,7 +314,11 @@ class Deployments:
             message = f"loading version {updated.resolved_version}"
             if serving:
                 message += f"; version {serving.resolved_version} serves until it is ready"
-            updated = updated.replace(state=LOADING, message=message)
+            # Each revision is its own Triton model, so that the old one serves, untouched,
+            # until the new one is ready and routes have moved to it.
+            updated = updated.replace(
+                state=LOADING, message=message, triton_model=_triton_model_name(current.id)
+            )
         if not await asyncio.to_thread(self.store.save, updated):
             raise NotFound(f"deployment {spec.name!r} not found")
         route = self._routes.setdefault((tenant, updated.name), Route(updated))
@@ -311,14 +334,15 @@ class Deployments:
         if deployment is None:
             raise NotFound(f"deployment {name!r} not found")
         self._bump(deployment.id)
-        self._routes.pop((tenant, name), None)
+        route = self._routes.pop((tenant, name), None)
         self._notify()
-        # Waits for a load in flight on this model to finish before taking it away.
-        async with self._model_lock(deployment.triton_model):
-            await self.triton.unload(deployment.triton_model)
-            await asyncio.to_thread(self.repository.remove, deployment.triton_model)
+        triton_models = {deployment.triton_model}
+        if route is not None and route.serving is not None:
+            triton_models.add(route.serving.triton_model)
+        for triton_model in sorted(triton_models):
+            await self._unload(triton_model)
         self._generations.pop(deployment.id, None)
-        self._model_locks.pop(deployment.triton_model, None)
+        self._refused_rolls.pop(deployment.id, None)
 
     async def predict(
         self, tenant: str, request: inference_pb2.PredictRequest, timeout: float | None = None
@@ -327,17 +351,32 @@ class Deployments:
         if route is None:
             check_name("deployment", request.deployment)
             raise NotFound(f"deployment {request.deployment!r} not found")
+        if route.serving is None or route.compiled is None:
+            route = await self._wait_serving(tenant, request.deployment, timeout)
         serving, compiled = route.serving, route.compiled
-        if serving is None or compiled is None:
-            if route.deployment.state == FAILED:
-                raise FailedPrecondition(
-                    f"deployment {request.deployment!r} failed: {route.deployment.message}"
-                )
-            raise Unavailable(f"deployment {request.deployment!r} is still loading; retry shortly")
+        assert serving is not None and compiled is not None  # _wait_serving returns only then
         compiled.validate(headers_of_predict(request), request.output_names)
         infer = infer_request_of_predict(request, serving.triton_model, request_id_var.get())
         response = await self.triton.infer(infer, timeout if timeout is not None else self.predict_timeout)
         return predict_response_of_infer(response, serving.model, serving.resolved_version)
+
+    async def _wait_serving(self, tenant: str, name: str, timeout: float | None) -> Route:
+        """Cold start: wait, within the caller's deadline, for a loading deployment to serve."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.cold_start_wait)
+        while True:
+            route = self._routes.get((tenant, name))
+            if route is None:
+                raise NotFound(f"deployment {name!r} not found")
+            if route.serving is not None and route.compiled is not None:
+                return route
+            if route.deployment.state == FAILED:
+                raise FailedPrecondition(f"deployment {name!r} failed: {route.deployment.message}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"deployment {name!r} is still loading; retry shortly")
+            changed = self._changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
 
     async def watch_routes(self) -> AsyncIterator[list[Route]]:
         """The whole routing table now, then again after every change."""
@@ -353,7 +392,10 @@ class Deployments:
     # -- converging Triton to one deployment ------------------------------------------------
 
     def _converge_later(self, deployment: Deployment) -> None:
-        task = asyncio.create_task(self._converge(deployment, self._bump(deployment.id)))
+        self._spawn(self._converge(deployment, self._bump(deployment.id)))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -388,15 +430,20 @@ class Deployments:
                 await self._load_failed(deployment, generation, exc)
                 return
             if self._generations.get(deployment.id) != generation:
+                # Superseded while loading: nothing will ever route to this revision.
+                await self._unload_now(deployment.triton_model)
                 return
             stored = await asyncio.to_thread(self.store.set_state, deployment.id, READY, "")
             route = self._routes.get((deployment.tenant, deployment.name))
             if stored is None or route is None:
                 return  # deleted meanwhile; delete() unloads it
+            replaced = route.serving
             route.deployment = stored
             route.serving = stored
             route.compiled = CompiledSignature(stored.signature, stored.max_batch_size)
             self._notify()
+            if replaced is not None and replaced.triton_model != stored.triton_model:
+                self._spawn(self._drain(replaced))
             seconds = time.perf_counter() - started
             LOAD_SECONDS.observe(seconds)
             log.info(
@@ -414,10 +461,13 @@ class Deployments:
             reason = f"the model did not load within {self.load_timeout:.0f} s"
         route = self._routes.get((deployment.tenant, deployment.name))
         # A failed reload leaves the previous revision serving in Triton.
-        still_serving = bool(route and route.serving) and await self.triton.is_ready(deployment.triton_model)
+        serving = route.serving if route else None
+        still_serving = serving is not None and await self.triton.is_ready(serving.triton_model)
+        if serving is None or serving.triton_model != deployment.triton_model:
+            await self._unload_now(deployment.triton_model)
         message = f"version {deployment.resolved_version} failed to load: {reason}"
-        if still_serving and route and route.serving:
-            message += f"; version {route.serving.resolved_version} keeps serving"
+        if still_serving and serving is not None:
+            message += f"; version {serving.resolved_version} keeps serving"
         log.warning("deployment failed", extra={"deployment": deployment.name, "reason": reason})
         if self._generations.get(deployment.id) != generation:
             return
@@ -428,6 +478,68 @@ class Deployments:
         if not still_serving:
             route.serving = route.compiled = None
         self._notify()
+
+    async def _drain(self, replaced: Deployment) -> None:
+        """Unload a replaced revision once nothing can still be on its way to it. Triton's own
+        unload then waits for the requests it already holds."""
+        await asyncio.sleep(self.drain_seconds)
+        await self._unload(replaced.triton_model)
+        log.info(
+            "replaced revision unloaded",
+            extra={"deployment": replaced.name, "version": replaced.resolved_version},
+        )
+
+    async def _unload(self, triton_model: str) -> None:
+        # Waits for a load in flight on this model to finish before taking it away.
+        async with self._model_lock(triton_model):
+            await self._unload_now(triton_model)
+        self._model_locks.pop(triton_model, None)
+
+    async def _unload_now(self, triton_model: str) -> None:
+        """Unload and remove a model; the caller holds its lock."""
+        await self.triton.unload(triton_model)
+        await asyncio.to_thread(self.repository.remove, triton_model)
+
+    # -- following aliases ----------------------------------------------------------------------
+
+    async def _follow_aliases_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.alias_poll_interval)
+            try:
+                await self.follow_aliases()
+            except Exception:
+                # The poller must outlive a registry outage or any one bad deployment.
+                log.exception("following aliases failed")
+
+    async def follow_aliases(self) -> None:
+        """Roll every alias-following deployment whose alias now names another version."""
+        for (tenant, name), route in list(self._routes.items()):
+            deployment = route.deployment
+            if deployment.alias is None:
+                continue
+            try:
+                found = await self.registry.get_version(tenant, deployment.model, None, deployment.alias)
+            except MaasError as exc:
+                log.debug("alias lookup failed", extra={"deployment": name, "reason": str(exc)})
+                continue
+            if found.version == deployment.resolved_version:
+                continue
+            if self._refused_rolls.get(deployment.id) == found.version:
+                continue
+            log.info(
+                "alias moved; rolling the deployment",
+                extra={"deployment": name, "alias": deployment.alias, "version": found.version},
+            )
+            try:
+                await self.update(tenant, DeploymentSpec(name=name, alias=deployment.alias), ["alias"])
+            except NotFound:
+                continue  # deleted meanwhile
+            except MaasError as exc:
+                self._refused_rolls[deployment.id] = found.version
+                log.warning(
+                    "cannot roll to the alias's new version",
+                    extra={"deployment": name, "version": found.version, "reason": str(exc)},
+                )
 
     def _model_spec(self, deployment: Deployment) -> ModelSpec:
         return ModelSpec(
@@ -487,6 +599,11 @@ class Deployments:
             DEPLOYMENTS.labels(state).set(states[state])
         self._changed.set()
         self._changed = asyncio.Event()
+
+
+def _triton_model_name(deployment_id: str) -> str:
+    """A fresh Triton model name for one revision of a deployment."""
+    return f"m_{deployment_id}_{uuid.uuid4().hex[:8]}"
 
 
 def _check_target(version: int | None, alias: str | None) -> None:

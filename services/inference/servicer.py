@@ -18,6 +18,8 @@ DEVICE_NAMES = {
     inference_pb2.DEVICE_GPU: "GPU",
 }
 DEVICE_VALUES = {name: value for value, name in DEVICE_NAMES.items() if name}
+# Trailing metadata of Predict: which version answered (as PredictResponse.version says).
+MODEL_VERSION_KEY = "x-maas-model-version"
 STATE_VALUES = {
     "LOADING": inference_pb2.DEPLOYMENT_STATE_LOADING,
     "READY": inference_pb2.DEPLOYMENT_STATE_READY,
@@ -115,7 +117,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.DeleteDeploymentResponse()
 
     async def Predict(self, request, context):
-        return await self.deployments.predict(tenant_of(context), request, context.time_remaining())
+        response = await self.deployments.predict(tenant_of(context), request, context.time_remaining())
+        context.set_trailing_metadata(((MODEL_VERSION_KEY, str(response.version)),))
+        return response
 
 
 class RoutingServicer(inference_pb2_grpc.RoutingServiceServicer):

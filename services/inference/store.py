@@ -147,7 +147,7 @@ class DeploymentStore:
     def save(self, deployment: Deployment) -> bool:
         """Overwrite the row; False when it was deleted meanwhile."""
         values = _row_values(deployment)
-        for key in ("id", "tenant", "name", "triton_model", "create_time"):
+        for key in ("id", "tenant", "name", "create_time"):
             values.pop(key)
         with self.engine.begin() as connection:
             result = connection.execute(

@@ -103,7 +103,7 @@ async def test_predict_maps_deployment_and_triton_failures(stack):
     values = np.zeros((1, 4), np.float32)
     auth = stack.auth("reader")
     await expect_error(
-        stack.inference_stub.Predict(predict_request("loading", values), metadata=auth),
+        stack.inference_stub.Predict(predict_request("loading", values), metadata=auth, timeout=0.3),
         grpc.StatusCode.UNAVAILABLE,
     )
     details = await expect_error(
@@ -116,6 +116,28 @@ async def test_predict_maps_deployment_and_triton_failures(stack):
         grpc.StatusCode.UNAVAILABLE,
     )
     assert "retry later" in details
+
+
+async def test_predict_says_which_version_answered_in_trailing_metadata(stack):
+    call = stack.inference_stub.Predict(
+        predict_request("mlp", np.zeros((1, 4), np.float32)), metadata=stack.auth("reader")
+    )
+    response = await call
+    assert dict(await call.trailing_metadata())["x-maas-model-version"] == str(response.version) == "1"
+
+
+async def test_predict_waits_for_a_loading_deployment_within_its_deadline(stack):
+    values = np.zeros((1, 4), np.float32)
+    routes = [r for r in stack.routing.routes if r.deployment != "loading"]
+    call = stack.inference_stub.Predict(
+        predict_request("loading", values), metadata=stack.auth("reader"), timeout=10
+    )
+    waiting = asyncio.ensure_future(call)
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    stack.routing.publish([*routes, route("acme", "loading", stack.triton_address, version=2)])
+    response = await waiting
+    assert response.version == 2 and stack.triton.requests[-1].model_name == "acme--loading--2"
 
 
 async def test_predict_goes_through_inference_until_routes_arrive(tmp_path):

@@ -255,23 +255,84 @@ async def test_predict_finds_only_the_callers_deployments(deployments):
         await deployments.predict(TENANT, predict_request("Not A Name"))
 
 
-async def test_predict_while_loading_is_unavailable(deployments, triton):
+async def test_predict_while_loading_waits_for_the_deployment(deployments, triton):
     triton.load_delay = 0.3
     await deployments.create(TENANT, DeploymentSpec(name="web", model="digits", version=1))
+    assert (await deployments.predict(TENANT, predict_request(), timeout=5)).version == 1
+
+
+async def test_predict_while_loading_gives_up_at_its_deadline(deployments, triton):
+    triton.load_delay = 1.0
+    await deployments.create(TENANT, DeploymentSpec(name="web", model="digits", version=1))
     with pytest.raises(Unavailable, match="deployment 'web' is still loading"):
-        await deployments.predict(TENANT, predict_request())
+        await deployments.predict(TENANT, predict_request(), timeout=0.05)
     await wait_state(deployments, "web", READY)
-    await deployments.predict(TENANT, predict_request())
 
 
-async def test_an_update_rolls_to_the_new_version_while_the_old_one_serves(deployments, triton):
+async def test_predict_while_loading_fails_fast_when_the_load_fails(deployments, triton):
+    triton.load_delay = 0.1
+    triton.fail_loads = "bad artifact"
+    await deployments.create(TENANT, DeploymentSpec(name="web", model="digits", version=1))
+    with pytest.raises(FailedPrecondition, match="bad artifact"):
+        await deployments.predict(TENANT, predict_request(), timeout=5)
+
+
+async def test_an_update_rolls_to_the_new_version_while_the_old_one_serves(deployments, triton, repository):
     await deploy(deployments)
+    old = (await deployments.get(TENANT, "web")).triton_model
+    deployments.drain_seconds = 0.2
     triton.load_delay = 0.3
     updated = await deployments.update(TENANT, DeploymentSpec(name="web", version=2), ["version"])
     assert updated.state == LOADING and "version 1 serves until it is ready" in updated.message
-    assert (await deployments.predict(TENANT, predict_request())).version == 1
+    # The new version is a Triton model of its own; the old one is untouched meanwhile.
+    assert updated.triton_model != old
+    response = await deployments.predict(TENANT, predict_request())
+    assert response.version == 1 and triton.requests[-1].model_name == old
     await wait_state(deployments, "web", READY)
+    response = await deployments.predict(TENANT, predict_request())
+    assert response.version == 2 and triton.requests[-1].model_name == updated.triton_model
+    # Both stay loaded while the old one drains, then only the new one.
+    assert {old, updated.triton_model} <= triton.loaded
+    await asyncio.sleep(0.5)
+    assert triton.loaded == {updated.triton_model}
+    assert repository.names() == {updated.triton_model}
+
+
+async def test_a_superseded_roll_leaves_nothing_behind(deployments, triton, repository):
+    await deploy(deployments)
+    deployments.drain_seconds = 0
+    triton.load_delay = 0.2
+    await deployments.update(TENANT, DeploymentSpec(name="web", version=2), ["version"])
+    final = await deployments.update(TENANT, DeploymentSpec(name="web", version=1), ["version"])
+    await wait_state(deployments, "web", READY)
+    await asyncio.sleep(0.3)
+    assert triton.loaded == {final.triton_model}
+    assert repository.names() == {final.triton_model}
+
+
+async def test_an_alias_following_deployment_rolls_when_the_alias_moves(deployments, registry, triton):
+    deployments.drain_seconds = 0
+    await deploy(deployments, version=None, alias="production")
+    await deployments.follow_aliases()
+    assert (await deployments.get(TENANT, "web")).state == READY  # nothing moved
+    registry.aliases[(TENANT, "digits", "production")] = 2
+    await deployments.follow_aliases()
+    rolled = await wait_state(deployments, "web", READY)
+    assert rolled.resolved_version == 2 and rolled.alias == "production"
     assert (await deployments.predict(TENANT, predict_request())).version == 2
+
+
+async def test_an_alias_moved_to_an_unservable_version_is_refused_once(deployments, registry, triton):
+    await deploy(deployments, version=None, alias="production")
+    registry.add("digits", 3, state=registry_pb2.VERSION_STATE_ARCHIVED)
+    registry.aliases[(TENANT, "digits", "production")] = 3
+    loads = len(triton.loads)
+    await deployments.follow_aliases()
+    await deployments.follow_aliases()
+    current = await deployments.get(TENANT, "web")
+    assert current.resolved_version == 1 and current.state == READY
+    assert len(triton.loads) == loads
+    assert (await deployments.predict(TENANT, predict_request())).version == 1
 
 
 async def test_a_failed_update_leaves_the_old_version_serving(deployments, triton):

@@ -121,7 +121,9 @@ async def test_predict_over_grpc(stubs):
     x = np.ones((2, 4), dtype=np.float32)
     tensor = common_pb2.Tensor(name="x", datatype=common_pb2.DATA_TYPE_FP32, shape=[2, 4], raw=x.tobytes())
     request = inference_pb2.PredictRequest(deployment="web", inputs=[tensor])
-    response = await stub.Predict(request, metadata=METADATA)
+    call = stub.Predict(request, metadata=METADATA)
+    response = await call
+    assert dict(await call.trailing_metadata())["x-maas-model-version"] == "1"
     np.testing.assert_allclose(np.frombuffer(response.outputs[0].raw, np.float32).reshape(2, 3), x @ WEIGHTS)
     other_tenant = internal_metadata(TOKEN, "other")
     assert await code_of(stub.Predict(request, metadata=other_tenant)) == grpc.StatusCode.NOT_FOUND
