@@ -80,7 +80,7 @@ def spec_of(spec: trainer_pb2.TrainingSpec) -> TrainingSpec:
     if kind:
         arch = getattr(spec.architecture, kind)
         for field, value in arch.ListFields():
-            params[field.name] = list(value) if field.label == field.LABEL_REPEATED else value
+            params[field.name] = value if isinstance(value, (int, float, str)) else list(value)
         if kind == "recurrent":
             params["cell"] = CELLS.get(arch.cell, "unknown")
     source = spec.dataset.WhichOneof("source")

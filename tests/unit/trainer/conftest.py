@@ -9,9 +9,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from maas.registry.v1 import registry_pb2_grpc
 from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+
 from services.common.channels import internal_metadata
 from services.common.server import RunningServer, running
 from services.registry.config import RegistrySettings
