@@ -25,6 +25,7 @@ from maas.gateway.v1 import admin_pb2, admin_pb2_grpc
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from maas.tensors import from_tensor, to_tensor
+from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 CHUNK_BYTES = 1024 * 1024
@@ -348,3 +349,86 @@ class Client:
             if not token:
                 break
         return events
+
+    # --- training jobs ----------------------------------------------------------------------
+    @property
+    def trainer(self) -> trainer_pb2_grpc.TrainerServiceStub:
+        return trainer_pb2_grpc.TrainerServiceStub(self.channel)
+
+    def train(
+        self, model: str, architecture: str, dataset: str, *, parent_version: int = 0, **options: Any
+    ) -> trainer_pb2.Job:
+        """Queue a training job; the result is registered as a new version of `model`.
+
+        `dataset` is a built-in name (digits, iris, wine, breast_cancer, diabetes, shakespeare) or a
+        dataset of your tenant in the registry ("name", or "name@3" for version 3). Options are the
+        TrainingSpec fields (epochs=10, learning_rate=1e-3, optimizer="adamw", schedule="cosine",
+        batch_size, workers, device, seed, ...) plus the architecture's hyperparameters
+        (hidden_sizes=[128], channels=[32, 64], cell="gru", block_size=64, ...)."""
+        request = trainer_pb2.CreateTrainingJobRequest(
+            spec=training_spec(architecture, dataset, **options), model=model, parent_version=parent_version
+        )
+        return self._unary(self.trainer.CreateTrainingJob, request).job
+
+    def get_job(self, job_id: str) -> trainer_pb2.Job:
+        return self._unary(self.trainer.GetJob, trainer_pb2.GetJobRequest(id=job_id)).job
+
+    def list_jobs(self, state: str = "") -> list[trainer_pb2.Job]:
+        """All jobs of your tenant, newest first; `state` filters, e.g. "running"."""
+        value = trainer_pb2.JobState.Value(f"JOB_STATE_{state.upper()}") if state else 0
+        return self._paged(lambda token: self._unary(
+            self.trainer.ListJobs, trainer_pb2.ListJobsRequest(state=value, page_token=token)), "jobs")
+
+    def cancel_job(self, job_id: str) -> trainer_pb2.Job:
+        return self._unary(self.trainer.CancelJob, trainer_pb2.CancelJobRequest(id=job_id)).job
+
+    def watch_job(self, job_id: str, after_sequence: int = 0, timeout: float | None = None) -> Iterator[trainer_pb2.JobEvent]:
+        """The job's events, history first, until its terminal event (JobEvent.finished)."""
+        request = trainer_pb2.WatchJobRequest(id=job_id, after_sequence=after_sequence)
+        try:
+            for response in self.trainer.WatchJob(request, metadata=self._metadata, timeout=timeout):
+                yield response.event
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def wait_job(self, job_id: str, timeout: float | None = None) -> trainer_pb2.Job:
+        """Block until the job ends; returns it in its terminal state."""
+        for _ in self.watch_job(job_id, timeout=timeout):
+            pass
+        return self.get_job(job_id)
+
+
+ARCHITECTURE_FIELDS = {
+    "linear": (), "logistic": (), "mlp": ("hidden_sizes", "dropout"),
+    "cnn": ("channels", "hidden_size", "dropout"),
+    "recurrent": ("cell", "hidden_size", "num_layers", "dropout"),
+    "gpt": ("block_size", "embedding_dim", "num_layers", "num_heads", "dropout"),
+}
+BUILTIN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes", "shakespeare")
+
+
+def training_spec(architecture: str, dataset: str, **options: Any) -> trainer_pb2.TrainingSpec:
+    """A TrainingSpec from plain values; see Client.train."""
+    if architecture not in ARCHITECTURE_FIELDS:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURE_FIELDS)}")
+    params = {k: options.pop(k) for k in ARCHITECTURE_FIELDS[architecture] if k in options}
+    if "cell" in params:
+        params["cell"] = trainer_pb2.RecurrentCell.Value(f"RECURRENT_CELL_{params['cell'].upper()}")
+    source = trainer_pb2.DatasetSource(max_samples=options.pop("max_samples", 0))
+    if task := options.pop("task", ""):
+        source.task = trainer_pb2.Task.Value(f"TASK_{task.upper()}")
+    if dataset in BUILTIN_DATASETS:
+        source.builtin = dataset
+    else:
+        name, _, version = dataset.partition("@")
+        source.registry.name, source.registry.version = name, int(version or 0)
+    enums = {"optimizer": "OPTIMIZER", "schedule": "SCHEDULE", "device": "DEVICE"}
+    for field, prefix in enums.items():
+        if field in options:
+            value = options.pop(field).upper()
+            options[field] = 0 if value in ("AUTO", "CONSTANT") else trainer_pb2.DESCRIPTOR.enum_types_by_name[
+                prefix.title()].values_by_name[f"{prefix}_{value}"].number
+    spec = trainer_pb2.TrainingSpec(
+        architecture=trainer_pb2.Architecture(**{architecture: params}), dataset=source, **options
+    )
+    return spec

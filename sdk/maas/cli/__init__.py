@@ -14,6 +14,7 @@ from maas.cli.backup import backup, restore
 from maas.cli.deploy import deploy_app, predict
 from maas.cli.models import models_app
 from maas.cli.stack import down, status, up
+from maas.cli.train import jobs_app, train
 from maas.cli.usage import usage
 
 app = typer.Typer(
@@ -33,11 +34,13 @@ app.command()(status)
 app.command()(whoami)
 app.command()(predict)
 app.command()(usage)
+app.command()(train)
 admin_app.command()(backup)
 admin_app.command()(restore)
 app.add_typer(admin_app, name="admin")
 app.add_typer(models_app, name="models")
 app.add_typer(deploy_app, name="deploy")
+app.add_typer(jobs_app, name="jobs")
 
 
 def main() -> None:
