@@ -13,6 +13,7 @@ from maas.common.v1 import common_pb2
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from services.common.errors import InvalidArgument, NotFound
+from services.common.logs import request_id_var
 from services.common.oip import headers_of_infer
 from services.common.tensors import BY_PROTO
 from services.gateway.auth import current_caller
@@ -96,19 +97,26 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         _check_version(live, request.model_version)
         _refuse_shared_memory(request)
         live.signature.validate(headers_of_infer(request), [output.name for output in request.outputs])
+        target = live.target(request_id_var.get())
         cache_key = None
-        if live.route.cacheable and not bypass_requested(context.invocation_metadata() or ()):
+        # Cached answers are the deployment's own version's; the canary's share is never cached.
+        on_own_version = target.triton_model == live.route.triton_model
+        if (
+            on_own_version
+            and live.route.cacheable
+            and not bypass_requested(context.invocation_metadata() or ())
+        ):
             cache_key = infer_key(tenant, live.route, request)
             cached = await self.cache.get(cache_key)
             if cached is not None:
                 response = service_pb2.ModelInferResponse.FromString(cached)
                 response.id = request.id
                 return response, 1
-        request.model_name = live.route.triton_model
+        request.model_name = target.triton_model
         request.model_version = ""
         response = await infer(live, request, context, self.routes.default_timeout)
         response.model_name = deployment
-        response.model_version = str(live.route.version)
+        response.model_version = str(target.version)
         if cache_key is not None:
             # Stored without the caller's request id; a hit answers with its own.
             request_id, response.id = response.id, ""

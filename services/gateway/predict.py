@@ -61,19 +61,26 @@ class PredictHandler:
             return await self.proxy.forward_unary(PREDICT_PATH, request, context), 0
         live = await self.routes.wait_ready(tenant, name, context.time_remaining())
         live.signature.validate(headers_of_predict(message), message.output_names)
+        target = live.target(request_id_var.get())
         cache_key = None
-        if live.route.cacheable and not bypass_requested(context.invocation_metadata() or ()):
+        # Cached answers are the deployment's own version's; the canary's share is never cached.
+        on_own_version = target.triton_model == live.route.triton_model
+        if (
+            on_own_version
+            and live.route.cacheable
+            and not bypass_requested(context.invocation_metadata() or ())
+        ):
             cache_key = predict_key(tenant, live.route, message)
             cached = await self.cache.get(cache_key)
             if cached is not None:
-                _say_version(context, live.route.version)
+                _say_version(context, target.version)
                 return cached, 1
-        infer_request = infer_request_of_predict(message, live.route.triton_model, request_id_var.get())
+        infer_request = infer_request_of_predict(message, target.triton_model, request_id_var.get())
         response = await infer(live, infer_request, context, self.routes.default_timeout)
-        answer = predict_response_of_infer(response, live.route.model, live.route.version).SerializeToString()
+        answer = predict_response_of_infer(response, live.route.model, target.version).SerializeToString()
         if cache_key is not None:
             self.cache.put(cache_key, answer)
-        _say_version(context, live.route.version)
+        _say_version(context, target.version)
         return answer, 0
 
 

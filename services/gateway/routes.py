@@ -18,6 +18,7 @@ from services.common.channels import open_channel
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.interceptors import INTERNAL_TOKEN_KEY
 from services.common.tensors import CompiledSignature, check_signature
+from services.common.traffic import goes_to_canary
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,25 @@ COLD_START_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
+class Target:
+    """The Triton model one request goes to, and the version it is."""
+
+    triton_model: str
+    version: int
+
+
+@dataclass(frozen=True)
 class LiveRoute:
     route: inference_pb2.Route
     signature: CompiledSignature  # compiled once per route, used on every request
     triton: service_pb2_grpc.GRPCInferenceServiceStub  # on the address's long-lived channel
+
+    def target(self, request_id: str) -> Target:
+        """The deployment's own version, or its canary for the canary's share of requests."""
+        canary = self.route.canary if self.route.HasField("canary") else None
+        if canary is not None and goes_to_canary(request_id, canary.weight_percent):
+            return Target(canary.triton_model, canary.version)
+        return Target(self.route.triton_model, self.route.version)
 
 
 class RouteTable:
@@ -70,7 +86,9 @@ class RouteTable:
         live = self.find(tenant, deployment)
         if live.route.ready:
             return live
-        deadline = asyncio.get_running_loop().time() + (timeout or COLD_START_WAIT_SECONDS)
+        # Give up a little before the caller's deadline, so that it hears why.
+        budget = timeout - min(0.1, timeout / 10) if timeout else COLD_START_WAIT_SECONDS
+        deadline = asyncio.get_running_loop().time() + budget
         while not live.route.ready:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
@@ -160,7 +178,7 @@ async def infer(
         return await live.triton.ModelInfer(request, timeout=context.time_remaining() or default_timeout)
     except grpc.aio.AioRpcError as error:
         # Triton names its own model; the caller knows only the deployment.
-        details = (error.details() or "").replace(live.route.triton_model, deployment)
+        details = (error.details() or "").replace(request.model_name, deployment)
         code = error.code()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
             # Triton is down or the model is (re)loading: both pass, so the caller should retry.

@@ -34,6 +34,8 @@ class InferenceSettings(CommonSettings):
     rollout_drain_seconds: float = 2.0
     # How often deployments that follow an alias look it up in the registry; 0 turns it off.
     alias_poll_seconds: float = 2.0
+    # How often a canary's error rate is checked, over the requests since the last check.
+    canary_check_seconds: float = 5.0
     # Whether Triton may place models on a GPU. Unset: look for an NVIDIA device on this host.
     gpu_available: bool | None = None
 

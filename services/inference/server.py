@@ -40,6 +40,7 @@ async def create_app(settings: InferenceSettings) -> App:
         cold_start_wait=settings.cold_start_wait_seconds,
         drain_seconds=settings.rollout_drain_seconds,
         alias_poll_interval=settings.alias_poll_seconds,
+        canary_check_interval=settings.canary_check_seconds,
     )
     await deployments.restore()
     supervisor = TritonSupervisor(
@@ -57,7 +58,7 @@ async def create_app(settings: InferenceSettings) -> App:
     async def on_start(server: RunningServer) -> None:
         # Health stays NOT_SERVING until this returns: Triton up, deployments reloading into it.
         await supervisor.start()
-        deployments.start_following_aliases()
+        deployments.start_watching()
 
     async def on_stop() -> None:
         await deployments.close()

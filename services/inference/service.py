@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Collection, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,10 +31,11 @@ from services.common.errors import (
 from services.common.logs import request_id_var
 from services.common.oip import headers_of_predict, infer_request_of_predict, predict_response_of_infer
 from services.common.tensors import BY_PROTO, CompiledSignature, check_signature
+from services.common.traffic import goes_to_canary
 from services.common.validation import Page, check_name
 from services.inference.artifacts import ArtifactCache, Registry
 from services.inference.repository import ModelRepository, ModelSpec
-from services.inference.store import FAILED, LOADING, READY, Deployment, DeploymentStore, now
+from services.inference.store import FAILED, LOADING, READY, Canary, Deployment, DeploymentStore, now
 from services.inference.triton import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ UPDATABLE_FIELDS = frozenset({"version", "alias", "instances", "max_batch_size",
 FORMATS = {registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT: "TORCHSCRIPT", registry_pb2.ARTIFACT_FORMAT_ONNX: "ONNX"}
 # The generic runner feeds numeric tensors to torch and onnxruntime; strings and bfloat16 it cannot.
 UNSERVED_DATATYPES = {common_pb2.DATA_TYPE_BYTES, common_pb2.DATA_TYPE_BF16}
+# A canary is judged on its error rate only once a check window holds this many requests.
+MIN_CANARY_REQUESTS = 10
 
 
 class Triton(Protocol):
@@ -66,6 +69,7 @@ class Triton(Protocol):
     async def unload(self, triton_model: str) -> None: ...
     async def is_ready(self, triton_model: str) -> bool: ...
     async def loaded_models(self) -> set[str]: ...
+    async def request_counts(self, triton_model: str) -> tuple[int, int]: ...
     async def infer(
         self, request: service_pb2.ModelInferRequest, timeout: float
     ) -> service_pb2.ModelInferResponse: ...
@@ -93,6 +97,8 @@ class Route:
     # The row as it was when Triton last finished loading it; None while nothing serves.
     serving: Deployment | None = None
     compiled: CompiledSignature | None = None
+    # The canary once it is loaded and takes its share of the requests.
+    canary: Canary | None = None
 
     @property
     def ready(self) -> bool:
@@ -120,6 +126,7 @@ class Deployments:
         cold_start_wait: float = 10.0,
         drain_seconds: float = 2.0,
         alias_poll_interval: float = 0.0,
+        canary_check_interval: float = 0.0,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -136,6 +143,10 @@ class Deployments:
         self.drain_seconds = drain_seconds
         # How often alias-following deployments look up their alias; 0: never.
         self.alias_poll_interval = alias_poll_interval
+        # How often loaded canaries' error rates are checked (the window); 0: never.
+        self.canary_check_interval = canary_check_interval
+        # Triton's (success, failure) counts per canary model at the last check.
+        self._canary_counts: dict[str, tuple[int, int]] = {}
         self._load_slots = asyncio.Semaphore(load_concurrency)
         self._routes: dict[tuple[str, str], Route] = {}
         # Bumped on every change to a deployment, so that a load finishing late cannot
@@ -163,7 +174,9 @@ class Deployments:
         """Make Triton match the table: load every deployment, unload what is not in it."""
         deployments = await asyncio.to_thread(self.store.all)
         loaded = await self.triton.loaded_models()
-        wanted = {d.triton_model for d in deployments}
+        wanted = {d.triton_model for d in deployments} | {
+            d.canary.triton_model for d in deployments if d.canary is not None
+        }
         for stray in sorted(loaded - wanted):
             log.info("unloading a model that no deployment wants", extra={"triton_model": stray})
             await self.triton.unload(stray)
@@ -182,19 +195,25 @@ class Deployments:
                 )
             route.deployment = deployment
             self._converge_later(deployment)
+            if deployment.canary is not None and deployment.canary.state != FAILED:
+                route.canary = None
+                self._spawn(self._converge_canary(deployment, deployment.canary))
         self._notify()
         log.info("reconciled", extra={"deployments": len(deployments), "unloaded": len(loaded - wanted)})
 
     async def triton_down(self) -> None:
         """Triton went away: nothing is served until reconcile() after its restart."""
         for route in self._routes.values():
-            route.serving = route.compiled = None
+            route.serving = route.compiled = route.canary = None
         self._notify()
 
-    def start_following_aliases(self) -> None:
-        """Poll the registry for moved aliases in the background (when an interval is set)."""
+    def start_watching(self) -> None:
+        """Poll the registry for moved aliases and Triton for canary errors in the background
+        (each when its interval is set)."""
         if self.alias_poll_interval > 0:
-            self._spawn(self._follow_aliases_forever())
+            self._spawn(self._every(self.alias_poll_interval, self.follow_aliases))
+        if self.canary_check_interval > 0:
+            self._spawn(self._every(self.canary_check_interval, self.check_canaries))
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -339,10 +358,143 @@ class Deployments:
         triton_models = {deployment.triton_model}
         if route is not None and route.serving is not None:
             triton_models.add(route.serving.triton_model)
+        if deployment.canary is not None:
+            triton_models.add(deployment.canary.triton_model)
         for triton_model in sorted(triton_models):
             await self._unload(triton_model)
         self._generations.pop(deployment.id, None)
         self._refused_rolls.pop(deployment.id, None)
+
+    # -- canaries -------------------------------------------------------------------------------
+
+    async def start_canary(
+        self, tenant: str, name: str, version: int, weight: int, max_error_rate: float
+    ) -> Deployment:
+        """Load `version` beside the deployment's own and send it `weight` percent of requests;
+        with the canary's own version again, change only its weight and error threshold."""
+        current = await self.get(tenant, name)
+        _checked_range("weight_percent", weight, 99)
+        if not 0 <= max_error_rate <= 1:
+            raise InvalidArgument(f"max_error_rate must be between 0 and 1, got {max_error_rate}")
+        if current.alias is not None:
+            raise FailedPrecondition(
+                f"deployment {name!r} follows alias {current.alias!r}, which decides its version: "
+                "move the alias to roll, or pin a version (UpdateDeployment) to run a canary"
+            )
+        route = self._routes.setdefault((tenant, name), Route(current))
+        if current.canary is not None and current.canary.version == version:
+            held = current.canary.replace(weight=weight, max_error_rate=max_error_rate)
+            updated = await self._save(current.replace(canary=held, update_time=now()))
+            route.deployment = updated
+            if route.canary is not None:
+                route.canary = held
+            self._notify()
+            return updated
+        _check_target(version, None)
+        if version == current.resolved_version:
+            raise InvalidArgument(f"version {version} is what {name!r} serves already; canary another one")
+        found = await self._deployable_version(tenant, current.model, version, None)
+        if found.signature != current.signature:
+            raise FailedPrecondition(
+                f"version {version} has another signature than version {current.resolved_version}: "
+                "a canary must take the same inputs and give the same outputs"
+            )
+        canary = Canary(
+            version=version,
+            weight=weight,
+            max_error_rate=max_error_rate,
+            state=LOADING,
+            message=f"loading version {version}",
+            triton_model=_triton_model_name(current.id),
+            sha256=found.sha256,
+            format=FORMATS[found.format],
+        )
+        updated = await self._save(current.replace(canary=canary, update_time=now()))
+        route.deployment = updated
+        replaced, route.canary = current.canary, None
+        self._notify()
+        if replaced is not None:
+            self._spawn(self._drain(_canary_revision(current, replaced)))
+        self._spawn(self._converge_canary(updated, canary))
+        return updated
+
+    async def promote_canary(self, tenant: str, name: str) -> Deployment:
+        """The canary's version becomes the deployment's: routes switch to the model already
+        loaded, and the old version drains."""
+        current = await self.get(tenant, name)
+        canary = self._loaded_canary(current)
+        route = self._routes[(tenant, name)]
+        promoted = _canary_revision(current, canary).replace(
+            version=canary.version, state=READY, message="", update_time=now()
+        )
+        self._bump(current.id)  # a reload still in flight is superseded
+        promoted = await self._save(promoted)
+        replaced = route.serving
+        route.deployment = route.serving = promoted
+        route.compiled = CompiledSignature(promoted.signature, promoted.max_batch_size)
+        route.canary = None
+        self._notify()
+        if replaced is not None and replaced.triton_model != promoted.triton_model:
+            self._spawn(self._drain(replaced))
+        log.info("canary promoted", extra={"deployment": name, "version": canary.version})
+        return promoted
+
+    async def rollback_canary(self, tenant: str, name: str, reason: str = "") -> Deployment:
+        """All requests back to the deployment's version; the canary drains and is unloaded."""
+        current = await self.get(tenant, name)
+        if current.canary is None:
+            raise FailedPrecondition(f"deployment {name!r} has no canary to roll back")
+        changes: dict = {"canary": None, "update_time": now()}
+        if reason:
+            changes["message"] = f"canary version {current.canary.version} rolled back: {reason}"
+        updated = await self._save(current.replace(**changes))
+        route = self._routes.get((tenant, name))
+        if route is not None:
+            route.deployment = updated
+            route.canary = None
+        self._notify()
+        self._canary_counts.pop(current.canary.triton_model, None)
+        self._spawn(self._drain(_canary_revision(current, current.canary)))
+        log.info("canary rolled back", extra={"deployment": name, "reason": reason or "asked to"})
+        return updated
+
+    async def check_canaries(self) -> None:
+        """Roll back every canary whose failed fraction of requests since the last check
+        exceeds its max_error_rate (counted by Triton, whichever path the requests took)."""
+        for (tenant, name), route in list(self._routes.items()):
+            canary = route.canary
+            if canary is None or canary.max_error_rate <= 0:
+                continue
+            succeeded, failed = await self.triton.request_counts(canary.triton_model)
+            before = self._canary_counts.get(canary.triton_model, (0, 0))
+            self._canary_counts[canary.triton_model] = (succeeded, failed)
+            new_failures = failed - before[1]
+            total = succeeded - before[0] + new_failures
+            if total < MIN_CANARY_REQUESTS or new_failures / total <= canary.max_error_rate:
+                continue
+            reason = (
+                f"{new_failures} of its last {total} requests failed, "
+                f"above the max_error_rate of {canary.max_error_rate:g}"
+            )
+            with contextlib.suppress(NotFound, FailedPrecondition):  # deleted or rolled back meanwhile
+                await self.rollback_canary(tenant, name, reason)
+
+    def _loaded_canary(self, deployment: Deployment) -> Canary:
+        canary = deployment.canary
+        if canary is None:
+            raise FailedPrecondition(f"deployment {deployment.name!r} has no canary to promote")
+        route = self._routes.get((deployment.tenant, deployment.name))
+        if canary.state != READY or route is None or route.canary is None:
+            raise FailedPrecondition(
+                f"canary version {canary.version} is {canary.state}: promote it once it is READY, "
+                "or roll it back"
+            )
+        return canary
+
+    async def _save(self, deployment: Deployment) -> Deployment:
+        if not await asyncio.to_thread(self.store.save, deployment):
+            raise NotFound(f"deployment {deployment.name!r} not found")
+        return deployment
 
     async def predict(
         self, tenant: str, request: inference_pb2.PredictRequest, timeout: float | None = None
@@ -353,16 +505,21 @@ class Deployments:
             raise NotFound(f"deployment {request.deployment!r} not found")
         if route.serving is None or route.compiled is None:
             route = await self._wait_serving(tenant, request.deployment, timeout)
-        serving, compiled = route.serving, route.compiled
+        serving, compiled, canary = route.serving, route.compiled, route.canary
         assert serving is not None and compiled is not None  # _wait_serving returns only then
         compiled.validate(headers_of_predict(request), request.output_names)
-        infer = infer_request_of_predict(request, serving.triton_model, request_id_var.get())
+        triton_model, version = serving.triton_model, serving.resolved_version
+        if canary is not None and goes_to_canary(request_id_var.get(), canary.weight):
+            triton_model, version = canary.triton_model, canary.version
+        infer = infer_request_of_predict(request, triton_model, request_id_var.get())
         response = await self.triton.infer(infer, timeout if timeout is not None else self.predict_timeout)
-        return predict_response_of_infer(response, serving.model, serving.resolved_version)
+        return predict_response_of_infer(response, serving.model, version)
 
     async def _wait_serving(self, tenant: str, name: str, timeout: float | None) -> Route:
         """Cold start: wait, within the caller's deadline, for a loading deployment to serve."""
-        deadline = time.monotonic() + (timeout if timeout is not None else self.cold_start_wait)
+        # Give up a little before the caller's deadline, so that it hears why.
+        budget = timeout - min(0.1, timeout / 10) if timeout is not None else self.cold_start_wait
+        deadline = time.monotonic() + budget
         while True:
             route = self._routes.get((tenant, name))
             if route is None:
@@ -406,27 +563,10 @@ class Deployments:
                 return  # a newer change supersedes this one
             started = time.perf_counter()
             try:
-                artifact = await self.artifacts.fetch(
-                    deployment.tenant, deployment.model, deployment.resolved_version, deployment.sha256
-                )
-                changed = await asyncio.to_thread(
-                    self.repository.write, self._model_spec(deployment), artifact
-                )
-                if changed or not await self.triton.is_ready(deployment.triton_model):
-                    await asyncio.wait_for(
-                        self.triton.load(deployment.triton_model, self.load_timeout), self.load_timeout + 5
-                    )
-                if not await self.triton.is_ready(deployment.triton_model):
-                    raise ModelLoadError("the model server reports the model not ready after loading it")
+                await self._load_revision(deployment)
             except asyncio.CancelledError:
                 raise
-            except (MaasError, ModelLoadError, OSError, TimeoutError) as exc:
-                await self._load_failed(deployment, generation, exc)
-                return
             except Exception as exc:
-                log.exception(
-                    "unexpected failure loading a deployment", extra={"deployment": deployment.name}
-                )
                 await self._load_failed(deployment, generation, exc)
                 return
             if self._generations.get(deployment.id) != generation:
@@ -455,10 +595,30 @@ class Deployments:
                 },
             )
 
+    async def _load_revision(self, revision: Deployment) -> None:
+        """Download, write the model directory and load it into Triton; the caller holds the
+        model's lock. Raises what went wrong."""
+        try:
+            artifact = await self.artifacts.fetch(
+                revision.tenant, revision.model, revision.resolved_version, revision.sha256
+            )
+            changed = await asyncio.to_thread(self.repository.write, self._model_spec(revision), artifact)
+            if changed or not await self.triton.is_ready(revision.triton_model):
+                await asyncio.wait_for(
+                    self.triton.load(revision.triton_model, self.load_timeout), self.load_timeout + 5
+                )
+            if not await self.triton.is_ready(revision.triton_model):
+                raise ModelLoadError("the model server reports the model not ready after loading it")
+        except (asyncio.CancelledError, MaasError, ModelLoadError, OSError):
+            raise
+        except TimeoutError:
+            raise TimeoutError(f"the model did not load within {self.load_timeout:.0f} s") from None
+        except Exception:
+            log.exception("unexpected failure loading a model", extra={"deployment": revision.name})
+            raise
+
     async def _load_failed(self, deployment: Deployment, generation: int, exc: BaseException) -> None:
         reason = str(exc) or type(exc).__name__
-        if isinstance(exc, TimeoutError):
-            reason = f"the model did not load within {self.load_timeout:.0f} s"
         route = self._routes.get((deployment.tenant, deployment.name))
         # A failed reload leaves the previous revision serving in Triton.
         serving = route.serving if route else None
@@ -477,6 +637,46 @@ class Deployments:
         route.deployment = stored
         if not still_serving:
             route.serving = route.compiled = None
+        self._notify()
+
+    async def _converge_canary(self, deployment: Deployment, canary: Canary) -> None:
+        """Load a canary and let it take its share, or record why it could not load."""
+        revision = _canary_revision(deployment, canary)
+        async with self._load_slots, self._model_lock(canary.triton_model):
+            try:
+                await self._load_revision(revision)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reason = str(exc) or type(exc).__name__
+                log.warning("canary failed", extra={"deployment": deployment.name, "reason": reason})
+                await self._unload_now(canary.triton_model)
+                stored = await asyncio.to_thread(
+                    self.store.set_canary_state,
+                    deployment.id,
+                    canary.triton_model,
+                    FAILED,
+                    f"version {canary.version} failed to load: {reason}",
+                )
+                self._take_canary(deployment, stored, serving=False)
+                return
+            stored = await asyncio.to_thread(
+                self.store.set_canary_state, deployment.id, canary.triton_model, READY, ""
+            )
+            if stored is None:
+                # Rolled back, replaced or deleted meanwhile: nothing will route to it.
+                await self._unload_now(canary.triton_model)
+                return
+            self._take_canary(deployment, stored, serving=True)
+            log.info("canary ready", extra={"deployment": deployment.name, "version": canary.version})
+
+    def _take_canary(self, deployment: Deployment, stored: Deployment | None, *, serving: bool) -> None:
+        route = self._routes.get((deployment.tenant, deployment.name))
+        if stored is None or route is None:
+            return
+        # Keep what changed on the main revision meanwhile; take the canary's new state.
+        route.deployment = route.deployment.replace(canary=stored.canary)
+        route.canary = stored.canary if serving else None
         self._notify()
 
     async def _drain(self, replaced: Deployment) -> None:
@@ -502,20 +702,21 @@ class Deployments:
 
     # -- following aliases ----------------------------------------------------------------------
 
-    async def _follow_aliases_forever(self) -> None:
+    @staticmethod
+    async def _every(interval: float, check: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(self.alias_poll_interval)
+            await asyncio.sleep(interval)
             try:
-                await self.follow_aliases()
+                await check()
             except Exception:
-                # The poller must outlive a registry outage or any one bad deployment.
-                log.exception("following aliases failed")
+                # A watcher must outlive a registry or Triton outage and any one bad deployment.
+                log.exception("background check failed", extra={"check": check.__name__})
 
     async def follow_aliases(self) -> None:
         """Roll every alias-following deployment whose alias now names another version."""
         for (tenant, name), route in list(self._routes.items()):
             deployment = route.deployment
-            if deployment.alias is None:
+            if deployment.alias is None or deployment.canary is not None:
                 continue
             try:
                 found = await self.registry.get_version(tenant, deployment.model, None, deployment.alias)
@@ -599,6 +800,17 @@ class Deployments:
             DEPLOYMENTS.labels(state).set(states[state])
         self._changed.set()
         self._changed = asyncio.Event()
+
+
+def _canary_revision(deployment: Deployment, canary: Canary) -> Deployment:
+    """The canary seen as a revision of the deployment, to load it as such."""
+    return deployment.replace(
+        resolved_version=canary.version,
+        sha256=canary.sha256,
+        format=canary.format,
+        triton_model=canary.triton_model,
+        canary=None,
+    )
 
 
 def _triton_model_name(deployment_id: str) -> str:

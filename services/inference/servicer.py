@@ -67,12 +67,22 @@ def deployment_message(deployment: Deployment) -> inference_pb2.Deployment:
         message.version = deployment.version
     else:
         message.alias = deployment.alias or ""
+    if (canary := deployment.canary) is not None:
+        message.canary.CopyFrom(
+            inference_pb2.Canary(
+                version=canary.version,
+                weight_percent=canary.weight,
+                max_error_rate=canary.max_error_rate,
+                state=STATE_VALUES[canary.state],
+                message=canary.message,
+            )
+        )
     return message
 
 
 def route_message(route: Route, triton_address: str) -> inference_pb2.Route:
     served = route.served
-    return inference_pb2.Route(
+    message = inference_pb2.Route(
         tenant=served.tenant,
         deployment=served.name,
         model=served.model,
@@ -84,6 +94,15 @@ def route_message(route: Route, triton_address: str) -> inference_pb2.Route:
         cacheable=route.deployment.cacheable,
         ready=route.ready,
     )
+    if route.ready and route.canary is not None:
+        message.canary.CopyFrom(
+            inference_pb2.CanaryRoute(
+                version=route.canary.version,
+                triton_model=route.canary.triton_model,
+                weight_percent=route.canary.weight,
+            )
+        )
+    return message
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -115,6 +134,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def DeleteDeployment(self, request, context):
         await self.deployments.delete(tenant_of(context), request.name)
         return inference_pb2.DeleteDeploymentResponse()
+
+    async def StartCanary(self, request, context):
+        updated = await self.deployments.start_canary(
+            tenant_of(context), request.name, request.version, request.weight_percent, request.max_error_rate
+        )
+        return inference_pb2.StartCanaryResponse(deployment=deployment_message(updated))
+
+    async def PromoteCanary(self, request, context):
+        promoted = await self.deployments.promote_canary(tenant_of(context), request.name)
+        return inference_pb2.PromoteCanaryResponse(deployment=deployment_message(promoted))
+
+    async def RollbackCanary(self, request, context):
+        updated = await self.deployments.rollback_canary(tenant_of(context), request.name)
+        return inference_pb2.RollbackCanaryResponse(deployment=deployment_message(updated))
 
     async def Predict(self, request, context):
         response = await self.deployments.predict(tenant_of(context), request, context.time_remaining())

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Engine,
+    Float,
     Integer,
     LargeBinary,
     MetaData,
@@ -59,9 +60,47 @@ deployments = Table(
     Column("signature", LargeBinary, nullable=False),
     Column("create_time", DateTime(timezone=True), nullable=False),
     Column("update_time", DateTime(timezone=True), nullable=False),
+    # The canary: a second version answering canary_weight percent of the requests.
+    Column("canary_version", BigInteger, nullable=True),
+    Column("canary_weight", Integer, nullable=True),
+    Column("canary_max_error_rate", Float, nullable=True),
+    Column("canary_state", String(16), nullable=True),
+    Column("canary_message", Text, nullable=True),
+    Column("canary_triton_model", String(64), nullable=True),
+    Column("canary_sha256", String(64), nullable=True),
+    Column("canary_format", String(16), nullable=True),
     UniqueConstraint("tenant", "name", name="uq_deployments_tenant_name"),
     UniqueConstraint("triton_model", name="uq_deployments_triton_model"),
 )
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A second version of the deployment's model, served beside it to weight percent of requests."""
+
+    version: int
+    weight: int  # percent, 1 to 99
+    max_error_rate: float  # 0: never roll back on its own
+    state: str  # LOADING, READY or FAILED
+    message: str
+    triton_model: str
+    sha256: str
+    format: str
+
+    def replace(self, **changes) -> Canary:
+        return dataclasses.replace(self, **changes)
+
+
+CANARY_COLUMNS = {
+    "version": "canary_version",
+    "weight": "canary_weight",
+    "max_error_rate": "canary_max_error_rate",
+    "state": "canary_state",
+    "message": "canary_message",
+    "triton_model": "canary_triton_model",
+    "sha256": "canary_sha256",
+    "format": "canary_format",
+}
 
 
 @dataclass(frozen=True)
@@ -85,19 +124,26 @@ class Deployment:
     signature: common_pb2.Signature
     create_time: datetime
     update_time: datetime
+    canary: Canary | None = None
 
     def replace(self, **changes) -> Deployment:
         return dataclasses.replace(self, **changes)
 
 
 def _row_values(deployment: Deployment) -> dict:
-    values = dataclasses.asdict(deployment)
+    values = {field.name: getattr(deployment, field.name) for field in dataclasses.fields(deployment)}
     values["signature"] = deployment.signature.SerializeToString(deterministic=True)
+    canary = values.pop("canary")
+    for field, column in CANARY_COLUMNS.items():
+        values[column] = getattr(canary, field) if canary else None
     return values
 
 
 def _deployment(row) -> Deployment:
     values = dict(row._mapping)
+    canary = {field: values.pop(column) for field, column in CANARY_COLUMNS.items()}
+    if canary["version"] is not None:
+        values["canary"] = Canary(**canary)
     values["signature"] = common_pb2.Signature.FromString(values["signature"])
     for key in ("create_time", "update_time"):
         if values[key].tzinfo is None:  # SQLite keeps no zone; we always write UTC
@@ -163,6 +209,21 @@ class DeploymentStore:
                 .where(deployments.c.id == deployment_id)
                 .values(state=state, message=message, update_time=now())
             )
+            row = connection.execute(select(deployments).where(deployments.c.id == deployment_id)).first()
+        return _deployment(row) if row else None
+
+    def set_canary_state(
+        self, deployment_id: str, triton_model: str, state: str, message: str
+    ) -> Deployment | None:
+        """Record a canary load's outcome; None when that canary is gone meanwhile."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(deployments)
+                .where(deployments.c.id == deployment_id, deployments.c.canary_triton_model == triton_model)
+                .values(canary_state=state, canary_message=message, update_time=now())
+            )
+            if result.rowcount != 1:
+                return None
             row = connection.execute(select(deployments).where(deployments.c.id == deployment_id)).first()
         return _deployment(row) if row else None
 

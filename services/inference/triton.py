@@ -84,6 +84,15 @@ class TritonClient:
         index = await self._control.get_model_repository_index(client_timeout=10)
         return {model.name for model in index.models if model.state in ("READY", "LOADING")}
 
+    async def request_counts(self, triton_model: str) -> tuple[int, int]:
+        """(succeeded, failed) inference requests since the model was loaded."""
+        try:
+            response = await self._control.get_inference_statistics(triton_model, client_timeout=5)
+        except InferenceServerException:
+            return 0, 0
+        stats = [model.inference_stats for model in response.model_stats]
+        return sum(s.success.count for s in stats), sum(s.fail.count for s in stats)
+
     async def infer(
         self, request: service_pb2.ModelInferRequest, timeout: float
     ) -> service_pb2.ModelInferResponse:

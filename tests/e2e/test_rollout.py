@@ -1,7 +1,8 @@
-"""A deployment that follows an alias rolls when the alias moves, under continuous Predict load
-through the real gateway: no request fails, and every answer comes from exactly one of the two
-versions (the outputs match that version's model and the version it names, in the body and in
-the x-maas-model-version trailer)."""
+"""Under continuous Predict load through the real gateway: a deployment that follows an alias
+rolls when the alias moves, and a canary is started, promoted, started again and rolled back.
+No request fails, and every answer comes from exactly one of the two versions (the outputs match
+that version's model and the version it names, in the body and in the x-maas-model-version
+trailer)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ def roller(stack, digits, tmp_path_factory):
 class Load:
     """Predict in a loop from a few threads, recording every answer or error."""
 
-    def __init__(self, client: Client, x: np.ndarray) -> None:
+    def __init__(self, client: Client, x: np.ndarray, deployment: str = "roller") -> None:
         self.client = client
-        self.request = inference_pb2.PredictRequest(deployment="roller", inputs=[to_tensor("x", x)])
+        self.request = inference_pb2.PredictRequest(deployment=deployment, inputs=[to_tensor("x", x)])
         self.answers: list[tuple[float, float, int, str, np.ndarray]] = []  # start, seconds, ...
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
@@ -86,6 +87,20 @@ class Load:
         return [answer[2] for answer in self.answers]
 
 
+def check_answers(load: Load, references: dict[int, np.ndarray]) -> None:
+    assert load.errors == [], load.errors[:3]
+    for _, _, version, trailer, outputs in load.answers:
+        assert trailer == str(version)
+        np.testing.assert_allclose(outputs, references[version], rtol=1e-5, atol=1e-5)
+
+
+def wait_for(condition, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
 def p99_ms(seconds: list[float]) -> float:
     return float(np.percentile(seconds, 99) * 1000) if seconds else float("nan")
 
@@ -108,11 +123,8 @@ def test_moving_the_alias_rolls_the_deployment_without_failing_a_request(roller)
         switched_at = time.monotonic()
         time.sleep(4)  # past the drain: the old version is unloaded under load
 
-    assert load.errors == [], load.errors[:3]
+    check_answers(load, references)
     assert set(load.versions()) == {1, 2}
-    for _, _, version, trailer, outputs in load.answers:
-        assert trailer == str(version)
-        np.testing.assert_allclose(outputs, references[version], rtol=1e-5, atol=1e-5)
     # Once the new version has answered, the old one never does again.
     first_v2 = load.versions().index(2)
     late_v1 = [a for a in load.answers[first_v2:] if a[2] == 1 and a[0] > switched_at]
@@ -129,3 +141,44 @@ def test_moving_the_alias_rolls_the_deployment_without_failing_a_request(roller)
         p99_ms(rolling),
         len(rolling),
     )
+
+
+def test_a_canary_is_promoted_then_another_rolled_back_without_failing_a_request(roller) -> None:
+    client, models = roller
+    x = models[1].test_x[:4]
+    references = {version: model.reference(x) for version, model in models.items()}
+    client.create_deployment("canaried", "roller", version=1)
+    client.wait_ready("canaried", timeout=180)
+    stub, metadata = client.inference, client._metadata
+
+    def deployment() -> inference_pb2.Deployment:
+        return client.get_deployment("canaried")
+
+    def start(version: int) -> None:
+        request = inference_pb2.StartCanaryRequest(name="canaried", version=version, weight_percent=30)
+        stub.StartCanary(request, metadata=metadata, timeout=30)
+
+    with Load(client, x, "canaried") as load:
+        time.sleep(1)
+        start(2)
+        wait_for(lambda: deployment().canary.state == inference_pb2.DEPLOYMENT_STATE_READY, "canary ready")
+        wait_for(lambda: load.versions()[-40:].count(2) > 3, "the canary answers its share")
+        assert 1 in load.versions()[-40:]
+        stub.PromoteCanary(inference_pb2.PromoteCanaryRequest(name="canaried"), metadata=metadata, timeout=30)
+        promoted_at = len(load.answers)
+        wait_for(lambda: len(load.answers) > promoted_at + 40, "answers after the promotion")
+        assert set(load.versions()[-20:]) == {2}
+        start(1)
+        wait_for(lambda: load.versions()[-40:].count(1) > 3, "the second canary answers its share")
+        stub.RollbackCanary(
+            inference_pb2.RollbackCanaryRequest(name="canaried"), metadata=metadata, timeout=30
+        )
+        rolled_back_at = len(load.answers)
+        wait_for(lambda: len(load.answers) > rolled_back_at + 40, "answers after the rollback")
+        assert set(load.versions()[-20:]) == {2}
+        time.sleep(3)  # past the drain: the canary is unloaded under load
+
+    check_answers(load, references)
+    final = deployment()
+    assert final.version == final.resolved_version == 2 and not final.HasField("canary")
+    client.delete_deployment("canaried")

@@ -140,6 +140,38 @@ async def test_predict_waits_for_a_loading_deployment_within_its_deadline(stack)
     assert response.version == 2 and stack.triton.requests[-1].model_name == "acme--loading--2"
 
 
+async def test_a_canary_answers_its_share_the_same_way_for_each_request_id(stack):
+    canaried = route("acme", "mlp", stack.triton_address)
+    canaried.canary.CopyFrom(
+        inference_pb2.CanaryRoute(version=2, triton_model="acme--mlp--2", weight_percent=30)
+    )
+    others = [r for r in stack.routing.routes if r.deployment != "mlp"]
+    stack.routing.publish([*others, canaried])
+    request = predict_request("mlp", np.zeros((1, 4), np.float32))
+    for _ in range(500):  # until the gateway has the new route: a canary answer
+        if (await stack.inference_stub.Predict(request, metadata=stack.auth("reader"))).version == 2:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the canary never answered")
+
+    async def versions() -> list[int]:
+        answers = []
+        for number in range(100):
+            metadata = (*stack.auth("reader"), ("x-request-id", f"request-{number}"))
+            call = stack.inference_stub.Predict(request, metadata=metadata)
+            response = await call
+            trailer = dict(await call.trailing_metadata())["x-maas-model-version"]
+            assert trailer == str(response.version)
+            assert stack.triton.requests[-1].model_name == f"acme--mlp--{response.version}"
+            answers.append(response.version)
+        return answers
+
+    first = await versions()
+    assert 10 < first.count(2) < 60 and set(first) == {1, 2}
+    assert await versions() == first
+
+
 async def test_predict_goes_through_inference_until_routes_arrive(tmp_path):
     async with gateway_stack(tmp_path, routes_available=False) as stack:
         request = predict_request("mlp", np.zeros((1, 4), np.float32))

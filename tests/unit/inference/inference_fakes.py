@@ -89,6 +89,7 @@ class FakeTriton:
         self.keep_old_on_failure = True  # what real Triton does when a reload fails
         self.load_delay = 0.0
         self.requests: list[service_pb2.ModelInferRequest] = []
+        self.counts: dict[str, tuple[int, int]] = {}  # what request_counts reports
 
     async def load(self, triton_model: str, timeout: float) -> None:
         self.loads.append(triton_model)
@@ -109,6 +110,9 @@ class FakeTriton:
 
     async def loaded_models(self) -> set[str]:
         return set(self.loaded)
+
+    async def request_counts(self, triton_model: str) -> tuple[int, int]:
+        return self.counts.get(triton_model, (0, 0))
 
     async def infer(
         self, request: service_pb2.ModelInferRequest, timeout: float

@@ -19,6 +19,7 @@ from services.common.errors import (
     NotFound,
     Unavailable,
 )
+from services.common.logs import request_id_var
 from services.inference import service as service_module
 from services.inference.artifacts import ArtifactCache
 from services.inference.service import Deployments, DeploymentSpec
@@ -504,3 +505,148 @@ def test_settings_fill_paths_from_home(tmp_path: Path):
     assert settings.inference_database_url == f"sqlite:///{tmp_path / 'inference' / 'inference.db'}"
     assert settings.triton_address == "127.0.0.1:50061"
     assert InferenceSettings(home=tmp_path, triton_url="triton:8001").triton_address == "triton:8001"
+
+
+# -- canaries -----------------------------------------------------------------------------------
+
+
+async def start_canary(deployments: Deployments, weight: int = 50, max_error_rate: float = 0.0):
+    await deployments.start_canary(TENANT, "web", 2, weight, max_error_rate)
+    deadline = time.monotonic() + 5
+    while (await deployments.get(TENANT, "web")).canary.state != READY:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+
+async def versions_answering(deployments: Deployments, request_ids: range) -> dict[str, int]:
+    answers = {}
+    for number in request_ids:
+        token = request_id_var.set(f"request-{number}")
+        try:
+            answers[f"request-{number}"] = (await deployments.predict(TENANT, predict_request())).version
+        finally:
+            request_id_var.reset(token)
+    return answers
+
+
+async def test_a_canary_takes_its_share_the_same_way_for_each_request_id(deployments, triton):
+    await deploy(deployments)
+    started = await deployments.start_canary(TENANT, "web", 2, 20, 0.0)
+    assert started.canary.state == LOADING and started.canary.weight == 20
+    await start_canary(deployments, weight=20)
+    first = await versions_answering(deployments, range(200))
+    assert 20 < list(first.values()).count(2) < 60
+    assert await versions_answering(deployments, range(200)) == first
+    (route,) = await anext(deployments.watch_routes())
+    assert route.canary is not None and route.canary.triton_model in triton.loaded
+    # Hold at another weight: same canary, no reload.
+    loads = len(triton.loads)
+    held = await deployments.start_canary(TENANT, "web", 2, 90, 0.0)
+    assert held.canary.weight == 90 and held.canary.state == READY and len(triton.loads) == loads
+    assert list((await versions_answering(deployments, range(200))).values()).count(2) > 150
+
+
+async def test_promote_makes_the_canary_the_deployment_and_drains_the_old_version(deployments, triton):
+    await deploy(deployments)
+    deployments.drain_seconds = 0.1
+    old = (await deployments.get(TENANT, "web")).triton_model
+    await start_canary(deployments)
+    canary_model = (await deployments.get(TENANT, "web")).canary.triton_model
+    promoted = await deployments.promote_canary(TENANT, "web")
+    assert promoted.resolved_version == promoted.version == 2 and promoted.canary is None
+    assert promoted.triton_model == canary_model and len(triton.loads) == 2  # no reload
+    assert set((await versions_answering(deployments, range(20))).values()) == {2}
+    await asyncio.sleep(0.3)
+    assert triton.loaded == {canary_model} and old not in triton.loaded
+    assert (await deployments.get(TENANT, "web")).resolved_version == 2
+
+
+async def test_rollback_sends_everything_back_and_unloads_the_canary(deployments, triton, repository):
+    await deploy(deployments)
+    deployments.drain_seconds = 0
+    await start_canary(deployments)
+    rolled_back = await deployments.rollback_canary(TENANT, "web")
+    assert rolled_back.canary is None and rolled_back.resolved_version == 1
+    assert set((await versions_answering(deployments, range(20))).values()) == {1}
+    await asyncio.sleep(0.1)
+    assert triton.loaded == {rolled_back.triton_model}
+    assert repository.names() == {rolled_back.triton_model}
+    with pytest.raises(FailedPrecondition, match="no canary"):
+        await deployments.rollback_canary(TENANT, "web")
+    with pytest.raises(FailedPrecondition, match="no canary"):
+        await deployments.promote_canary(TENANT, "web")
+
+
+async def test_a_canary_failing_too_often_is_rolled_back_on_its_own(deployments, triton):
+    await deploy(deployments)
+    deployments.drain_seconds = 0
+    await start_canary(deployments, max_error_rate=0.2)
+    canary_model = (await deployments.get(TENANT, "web")).canary.triton_model
+    triton.counts[canary_model] = (50, 5)  # 9 % failed: within the threshold
+    await deployments.check_canaries()
+    assert (await deployments.get(TENANT, "web")).canary is not None
+    triton.counts[canary_model] = (55, 20)  # 15 of the last 20 failed
+    await deployments.check_canaries()
+    rolled_back = await deployments.get(TENANT, "web")
+    assert rolled_back.canary is None and "15 of its last 20 requests failed" in rolled_back.message
+    assert set((await versions_answering(deployments, range(20))).values()) == {1}
+
+
+async def test_a_canary_that_fails_to_load_takes_no_traffic(deployments, triton):
+    await deploy(deployments)
+    triton.fail_loads = "bad artifact"
+    await deployments.start_canary(TENANT, "web", 2, 50, 0.0)
+    deadline = time.monotonic() + 5
+    while (canary := (await deployments.get(TENANT, "web")).canary).state != FAILED:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert "bad artifact" in canary.message
+    assert set((await versions_answering(deployments, range(20))).values()) == {1}
+    with pytest.raises(FailedPrecondition, match="promote it once it is READY"):
+        await deployments.promote_canary(TENANT, "web")
+
+
+@pytest.mark.parametrize(
+    "version, weight, rate, error, complaint",
+    [
+        (2, 0, 0.0, InvalidArgument, "weight_percent must be between 1 and 99"),
+        (2, 100, 0.0, InvalidArgument, "weight_percent must be between 1 and 99"),
+        (2, 10, 1.5, InvalidArgument, "max_error_rate"),
+        (1, 10, 0.0, InvalidArgument, "serves already"),
+        (9, 10, 0.0, NotFound, "version 9"),
+    ],
+)
+async def test_start_canary_refuses_bad_requests(deployments, version, weight, rate, error, complaint):
+    await deploy(deployments)
+    with pytest.raises(error, match=complaint):
+        await deployments.start_canary(TENANT, "web", version, weight, rate)
+
+
+async def test_canaries_need_a_pinned_version_and_the_same_signature(deployments, registry):
+    await deploy(deployments, version=None, alias="production")
+    with pytest.raises(FailedPrecondition, match="follows alias"):
+        await deployments.start_canary(TENANT, "web", 2, 10, 0.0)
+    other = common_pb2.Signature(
+        inputs=[common_pb2.TensorSpec(name="z", datatype=common_pb2.DATA_TYPE_FP32, shape=[4])],
+        outputs=[common_pb2.TensorSpec(name="y", datatype=common_pb2.DATA_TYPE_FP32, shape=[3])],
+    )
+    registry.add("digits", 3, signature=other)
+    await deploy(deployments, name="pinned")
+    with pytest.raises(FailedPrecondition, match="another signature"):
+        await deployments.start_canary(TENANT, "pinned", 3, 10, 0.0)
+
+
+async def test_a_canary_survives_a_restart_of_triton(deployments, triton):
+    await deploy(deployments)
+    await start_canary(deployments)
+    await deployments.triton_down()
+    triton.loaded.clear()
+    await deployments.reconcile()
+    deadline = time.monotonic() + 5
+    while True:
+        (route,) = await anext(deployments.watch_routes())
+        if route.ready and route.canary is not None:
+            break
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert len(triton.loaded) == 2

@@ -80,6 +80,7 @@ class Deployment(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Lower-case letters, digits and dashes; unique within the tenant. Clients predict by it."""
     model: _builtins.str
@@ -103,6 +104,10 @@ class Deployment(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def canary(self) -> Global___Canary:
+        """A second version answering part of the requests; unset when there is none."""
+
     def __init__(
         self,
         *,
@@ -120,16 +125,55 @@ class Deployment(_message.Message):
         signature: _common_pb2.Signature | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        canary: Global___Canary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "create_time", b"create_time", "signature", b"signature", "target", b"target", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "canary", b"canary", "create_time", b"create_time", "signature", b"signature", "target", b"target", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cacheable", b"cacheable", "create_time", b"create_time", "device", b"device", "instances", b"instances", "max_batch_size", b"max_batch_size", "message", b"message", "model", b"model", "name", b"name", "resolved_version", b"resolved_version", "signature", b"signature", "state", b"state", "target", b"target", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cacheable", b"cacheable", "canary", b"canary", "create_time", b"create_time", "device", b"device", "instances", b"instances", "max_batch_size", b"max_batch_size", "message", b"message", "model", b"model", "name", b"name", "resolved_version", b"resolved_version", "signature", b"signature", "state", b"state", "target", b"target", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["version", "alias"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
 
 Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class Canary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    WEIGHT_PERCENT_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    weight_percent: _builtins.int
+    """Percent of requests the canary answers, 1 to 99. A request's x-request-id, when the
+    client sends one, always lands on the same side.
+    """
+    max_error_rate: _builtins.float
+    """Roll back on its own when the canary's failed fraction of requests over one check
+    window exceeds this (0 to 1); 0: never.
+    """
+    state: Global___DeploymentState.ValueType
+    """LOADING until it takes traffic; FAILED when it could not load."""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        weight_percent: _builtins.int = ...,
+        max_error_rate: _builtins.float = ...,
+        state: Global___DeploymentState.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_error_rate", b"max_error_rate", "message", b"message", "state", b"state", "version", b"version", "weight_percent", b"weight_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Canary: _TypeAlias = Canary  # noqa: Y015
 
 @_typing.final
 class CreateDeploymentRequest(_message.Message):
@@ -338,6 +382,134 @@ class DeleteDeploymentResponse(_message.Message):
 Global___DeleteDeploymentResponse: _TypeAlias = DeleteDeploymentResponse  # noqa: Y015
 
 @_typing.final
+class StartCanaryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    WEIGHT_PERCENT_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The deployment."""
+    version: _builtins.int
+    """Must have the deployment's signature."""
+    weight_percent: _builtins.int
+    max_error_rate: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        weight_percent: _builtins.int = ...,
+        max_error_rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_error_rate", b"max_error_rate", "name", b"name", "version", b"version", "weight_percent", b"weight_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartCanaryRequest: _TypeAlias = StartCanaryRequest  # noqa: Y015
+
+@_typing.final
+class StartCanaryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployment(self) -> Global___Deployment: ...
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartCanaryResponse: _TypeAlias = StartCanaryResponse  # noqa: Y015
+
+@_typing.final
+class PromoteCanaryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteCanaryRequest: _TypeAlias = PromoteCanaryRequest  # noqa: Y015
+
+@_typing.final
+class PromoteCanaryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployment(self) -> Global___Deployment: ...
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteCanaryResponse: _TypeAlias = PromoteCanaryResponse  # noqa: Y015
+
+@_typing.final
+class RollbackCanaryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackCanaryRequest: _TypeAlias = RollbackCanaryRequest  # noqa: Y015
+
+@_typing.final
+class RollbackCanaryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployment(self) -> Global___Deployment: ...
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackCanaryResponse: _TypeAlias = RollbackCanaryResponse  # noqa: Y015
+
+@_typing.final
 class PredictRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -406,6 +578,7 @@ class Route(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     CACHEABLE_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     deployment: _builtins.str
     model: _builtins.str
@@ -419,6 +592,10 @@ class Route(_message.Message):
     ready: _builtins.bool
     @_builtins.property
     def signature(self) -> _common_pb2.Signature: ...
+    @_builtins.property
+    def canary(self) -> Global___CanaryRoute:
+        """Present while a canary is loaded and takes its share of the requests."""
+
     def __init__(
         self,
         *,
@@ -432,14 +609,40 @@ class Route(_message.Message):
         max_batch_size: _builtins.int = ...,
         cacheable: _builtins.bool = ...,
         ready: _builtins.bool = ...,
+        canary: Global___CanaryRoute | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cacheable", b"cacheable", "deployment", b"deployment", "max_batch_size", b"max_batch_size", "model", b"model", "ready", b"ready", "signature", b"signature", "tenant", b"tenant", "triton_address", b"triton_address", "triton_model", b"triton_model", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cacheable", b"cacheable", "canary", b"canary", "deployment", b"deployment", "max_batch_size", b"max_batch_size", "model", b"model", "ready", b"ready", "signature", b"signature", "tenant", b"tenant", "triton_address", b"triton_address", "triton_model", b"triton_model", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Route: _TypeAlias = Route  # noqa: Y015
+
+@_typing.final
+class CanaryRoute(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    TRITON_MODEL_FIELD_NUMBER: _builtins.int
+    WEIGHT_PERCENT_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    triton_model: _builtins.str
+    weight_percent: _builtins.int
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        triton_model: _builtins.str = ...,
+        weight_percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["triton_model", b"triton_model", "version", b"version", "weight_percent", b"weight_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CanaryRoute: _TypeAlias = CanaryRoute  # noqa: Y015
 
 @_typing.final
 class WatchRoutesRequest(_message.Message):

@@ -60,6 +60,21 @@ class InferenceServiceStub:
                 request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.DeleteDeploymentRequest.SerializeToString,
                 response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.DeleteDeploymentResponse.FromString,
                 _registered_method=True)
+        self.StartCanary = channel.unary_unary(
+                '/maas.inference.v1.InferenceService/StartCanary',
+                request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.StartCanaryRequest.SerializeToString,
+                response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.StartCanaryResponse.FromString,
+                _registered_method=True)
+        self.PromoteCanary = channel.unary_unary(
+                '/maas.inference.v1.InferenceService/PromoteCanary',
+                request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.PromoteCanaryRequest.SerializeToString,
+                response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.PromoteCanaryResponse.FromString,
+                _registered_method=True)
+        self.RollbackCanary = channel.unary_unary(
+                '/maas.inference.v1.InferenceService/RollbackCanary',
+                request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.RollbackCanaryRequest.SerializeToString,
+                response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.RollbackCanaryResponse.FromString,
+                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/maas.inference.v1.InferenceService/Predict',
                 request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
@@ -102,6 +117,28 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartCanary(self, request, context):
+        """Serves a second version beside the deployment's own to a share of its requests; once
+        the canary is loaded. Called again with the same version, changes the weight (hold).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteCanary(self, request, context):
+        """The canary's version becomes the deployment's version, with no request dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackCanary(self, request, context):
+        """All traffic back to the deployment's version; the canary is unloaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Predict(self, request, context):
         """Named tensors in, named tensors out. Inputs are validated against the signature.
         """
@@ -136,6 +173,21 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.DeleteDeployment,
                     request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.DeleteDeploymentRequest.FromString,
                     response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.DeleteDeploymentResponse.SerializeToString,
+            ),
+            'StartCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartCanary,
+                    request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.StartCanaryRequest.FromString,
+                    response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.StartCanaryResponse.SerializeToString,
+            ),
+            'PromoteCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteCanary,
+                    request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.PromoteCanaryRequest.FromString,
+                    response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.PromoteCanaryResponse.SerializeToString,
+            ),
+            'RollbackCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackCanary,
+                    request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.RollbackCanaryRequest.FromString,
+                    response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.RollbackCanaryResponse.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
@@ -279,6 +331,87 @@ class InferenceService:
             '/maas.inference.v1.InferenceService/DeleteDeployment',
             maas_dot_inference_dot_v1_dot_inference__pb2.DeleteDeploymentRequest.SerializeToString,
             maas_dot_inference_dot_v1_dot_inference__pb2.DeleteDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.inference.v1.InferenceService/StartCanary',
+            maas_dot_inference_dot_v1_dot_inference__pb2.StartCanaryRequest.SerializeToString,
+            maas_dot_inference_dot_v1_dot_inference__pb2.StartCanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.inference.v1.InferenceService/PromoteCanary',
+            maas_dot_inference_dot_v1_dot_inference__pb2.PromoteCanaryRequest.SerializeToString,
+            maas_dot_inference_dot_v1_dot_inference__pb2.PromoteCanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.inference.v1.InferenceService/RollbackCanary',
+            maas_dot_inference_dot_v1_dot_inference__pb2.RollbackCanaryRequest.SerializeToString,
+            maas_dot_inference_dot_v1_dot_inference__pb2.RollbackCanaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

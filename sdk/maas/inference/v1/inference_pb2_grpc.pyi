@@ -39,6 +39,14 @@ class InferenceServiceStub:
     ListDeployments: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListDeploymentsRequest, _inference_pb2.ListDeploymentsResponse]
     UpdateDeployment: _grpc.UnaryUnaryMultiCallable[_inference_pb2.UpdateDeploymentRequest, _inference_pb2.UpdateDeploymentResponse]
     DeleteDeployment: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DeleteDeploymentRequest, _inference_pb2.DeleteDeploymentResponse]
+    StartCanary: _grpc.UnaryUnaryMultiCallable[_inference_pb2.StartCanaryRequest, _inference_pb2.StartCanaryResponse]
+    """Serves a second version beside the deployment's own to a share of its requests; once
+    the canary is loaded. Called again with the same version, changes the weight (hold).
+    """
+    PromoteCanary: _grpc.UnaryUnaryMultiCallable[_inference_pb2.PromoteCanaryRequest, _inference_pb2.PromoteCanaryResponse]
+    """The canary's version becomes the deployment's version, with no request dropped."""
+    RollbackCanary: _grpc.UnaryUnaryMultiCallable[_inference_pb2.RollbackCanaryRequest, _inference_pb2.RollbackCanaryResponse]
+    """All traffic back to the deployment's version; the canary is unloaded."""
     Predict: _grpc.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]
     """Named tensors in, named tensors out. Inputs are validated against the signature."""
 
@@ -53,6 +61,14 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     ListDeployments: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListDeploymentsRequest, _inference_pb2.ListDeploymentsResponse]  # type: ignore[assignment]
     UpdateDeployment: _aio.UnaryUnaryMultiCallable[_inference_pb2.UpdateDeploymentRequest, _inference_pb2.UpdateDeploymentResponse]  # type: ignore[assignment]
     DeleteDeployment: _aio.UnaryUnaryMultiCallable[_inference_pb2.DeleteDeploymentRequest, _inference_pb2.DeleteDeploymentResponse]  # type: ignore[assignment]
+    StartCanary: _aio.UnaryUnaryMultiCallable[_inference_pb2.StartCanaryRequest, _inference_pb2.StartCanaryResponse]  # type: ignore[assignment]
+    """Serves a second version beside the deployment's own to a share of its requests; once
+    the canary is loaded. Called again with the same version, changes the weight (hold).
+    """
+    PromoteCanary: _aio.UnaryUnaryMultiCallable[_inference_pb2.PromoteCanaryRequest, _inference_pb2.PromoteCanaryResponse]  # type: ignore[assignment]
+    """The canary's version becomes the deployment's version, with no request dropped."""
+    RollbackCanary: _aio.UnaryUnaryMultiCallable[_inference_pb2.RollbackCanaryRequest, _inference_pb2.RollbackCanaryResponse]  # type: ignore[assignment]
+    """All traffic back to the deployment's version; the canary is unloaded."""
     Predict: _aio.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]  # type: ignore[assignment]
     """Named tensors in, named tensors out. Inputs are validated against the signature."""
 
@@ -94,6 +110,32 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.DeleteDeploymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.DeleteDeploymentResponse, _abc.Awaitable[_inference_pb2.DeleteDeploymentResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StartCanary(
+        self,
+        request: _inference_pb2.StartCanaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.StartCanaryResponse, _abc.Awaitable[_inference_pb2.StartCanaryResponse]]:
+        """Serves a second version beside the deployment's own to a share of its requests; once
+        the canary is loaded. Called again with the same version, changes the weight (hold).
+        """
+
+    @_abc_1.abstractmethod
+    def PromoteCanary(
+        self,
+        request: _inference_pb2.PromoteCanaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.PromoteCanaryResponse, _abc.Awaitable[_inference_pb2.PromoteCanaryResponse]]:
+        """The canary's version becomes the deployment's version, with no request dropped."""
+
+    @_abc_1.abstractmethod
+    def RollbackCanary(
+        self,
+        request: _inference_pb2.RollbackCanaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.RollbackCanaryResponse, _abc.Awaitable[_inference_pb2.RollbackCanaryResponse]]:
+        """All traffic back to the deployment's version; the canary is unloaded."""
 
     @_abc_1.abstractmethod
     def Predict(
