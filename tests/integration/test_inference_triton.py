@@ -30,6 +30,7 @@ from services.common.channels import internal_metadata, tenant_of
 from services.common.server import running
 from services.inference.config import InferenceSettings
 from services.inference.server import create_app
+from services.inference.triton import TritonClient
 
 # torch marks TorchScript deprecated; it is still the registry's format.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.*")]
@@ -278,6 +279,11 @@ async def test_deploy_predict_survive_restarts_and_delete(tmp_path: Path) -> Non
                 assert routes["digits-ts"].tenant == TENANT and routes["digits-ts"].version == 1
                 triton_model = routes["digits-ts"].triton_model
                 assert await triton_control.is_model_ready(triton_model)
+                # What the canary check reads: Triton's own request counts for a model.
+                counter = TritonClient(f"127.0.0.1:{triton_grpc_port}")
+                succeeded, failed = await counter.request_counts(triton_model)
+                await counter.close()
+                assert succeeded >= 50 and failed == 0
 
                 # kill -9 Triton: the supervisor restarts it and the deployments come back by themselves.
                 pid_file = settings.directory / "triton.pid"
