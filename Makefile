@@ -43,6 +43,7 @@ lint-protos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.train
 
 clean:
 	rm -rf $(VENV) .tools

@@ -208,10 +208,9 @@ class Trainer:
             dataset_version = fetched.version
             config.update(dataset_file=fetched.path.name, dataset_format=fetched.format,
                           target_column=fetched.target_column)
-        task = check_fits(spec, info)
+        check_fits(spec, info)
         if spec.device == "cuda" and not await asyncio.to_thread(_cuda_available):
             raise FailedPrecondition("device cuda was asked for, but this trainer has no CUDA device: use auto or cpu")
-        config["task"] = task
         return config, dataset_version
 
     # Scheduling and running
