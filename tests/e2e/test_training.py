@@ -7,11 +7,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
-
 from maas import Client
 from maas.errors import ApiError
 from maas.trainer.v1 import trainer_pb2
+from sklearn.datasets import load_digits
 
 pytestmark = pytest.mark.slow
 
