@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 from services.common.server import ServerSpec, Servicer, start_server
@@ -37,22 +37,3 @@ async def test_stop_lets_in_flight_calls_finish() -> None:
         assert (await call).job.id == "done"
         await stopping
 
-
-async def test_trainer_says_unimplemented_plainly() -> None:
-    from services.common.server import running
-    from services.trainer.config import TrainerSettings
-    from services.trainer.server import create_app
-
-    app = await create_app(TrainerSettings(trainer_addr="127.0.0.1:0"))
-    async with running(app) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = trainer_pb2_grpc.TrainerServiceStub(channel)
-            try:
-                await stub.CreateTrainingJob(trainer_pb2.CreateTrainingJobRequest())
-            except grpc.aio.AioRpcError as error:
-                assert error.code() is grpc.StatusCode.UNIMPLEMENTED
-                assert "not available" in error.details()
-            else:
-                raise AssertionError("expected UNIMPLEMENTED")
-            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-            assert health.status == health_pb2.HealthCheckResponse.SERVING
