@@ -257,7 +257,7 @@ class Trainer:
             config["threads"] = self._settings.threads_per_job()
             await asyncio.to_thread((folder / JOB_FILE).write_text, json.dumps(config))
             running.process = await self._launch(folder, int(job.spec["workers"]), config["threads"])
-            if running.cancelled:
+            if running.cancelled or self._stopping:  # either came while the worker was starting
                 await running.process.stop(self._settings.trainer_stop_grace_seconds)
             result, error = await self._follow(running)
             code = await running.process.wait()
