@@ -39,6 +39,18 @@ def bypass_requested(metadata: Iterable[tuple[str, str | bytes]]) -> bool:
     return False
 
 
+def may_use_cache(
+    route_triton_model: str,
+    cacheable: bool,
+    target_triton_model: str,
+    metadata: Iterable[tuple[str, str | bytes]],
+) -> bool:
+    """Whether this call may be answered from, and stored in, the cache: the deployment opted in,
+    the caller did not ask to bypass it, and the call goes to the deployment's own version
+    (the canary's share is never cached)."""
+    return target_triton_model == route_triton_model and cacheable and not bypass_requested(metadata)
+
+
 class _Digest:
     def __init__(self, *parts: str) -> None:
         self._hash = hashlib.blake2b(digest_size=20)

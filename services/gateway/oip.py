@@ -17,7 +17,7 @@ from services.common.logs import request_id_var
 from services.common.oip import headers_of_infer
 from services.common.tensors import BY_PROTO
 from services.gateway.auth import current_caller
-from services.gateway.cache import ResponseCache, bypass_requested, infer_key
+from services.gateway.cache import ResponseCache, infer_key, may_use_cache
 from services.gateway.routes import LiveRoute, RouteTable, infer
 from services.gateway.usage import Meter
 
@@ -99,12 +99,11 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         live.signature.validate(headers_of_infer(request), [output.name for output in request.outputs])
         target = live.target(request_id_var.get())
         cache_key = None
-        # Cached answers are the deployment's own version's; the canary's share is never cached.
-        on_own_version = target.triton_model == live.route.triton_model
-        if (
-            on_own_version
-            and live.route.cacheable
-            and not bypass_requested(context.invocation_metadata() or ())
+        if may_use_cache(
+            live.route.triton_model,
+            live.route.cacheable,
+            target.triton_model,
+            context.invocation_metadata() or (),
         ):
             cache_key = infer_key(tenant, live.route, request)
             cached = await self.cache.get(cache_key)

@@ -14,7 +14,7 @@ from services.common.logs import request_id_var
 from services.common.oip import headers_of_predict, infer_request_of_predict, predict_response_of_infer
 from services.common.validation import check_name
 from services.gateway.auth import current_caller
-from services.gateway.cache import ResponseCache, bypass_requested, predict_key
+from services.gateway.cache import ResponseCache, may_use_cache, predict_key
 from services.gateway.proxy import Proxy
 from services.gateway.routes import RouteTable, infer
 from services.gateway.usage import Meter
@@ -63,12 +63,11 @@ class PredictHandler:
         live.signature.validate(headers_of_predict(message), message.output_names)
         target = live.target(request_id_var.get())
         cache_key = None
-        # Cached answers are the deployment's own version's; the canary's share is never cached.
-        on_own_version = target.triton_model == live.route.triton_model
-        if (
-            on_own_version
-            and live.route.cacheable
-            and not bypass_requested(context.invocation_metadata() or ())
+        if may_use_cache(
+            live.route.triton_model,
+            live.route.cacheable,
+            target.triton_model,
+            context.invocation_metadata() or (),
         ):
             cache_key = predict_key(tenant, live.route, message)
             cached = await self.cache.get(cache_key)
