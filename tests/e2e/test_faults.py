@@ -41,7 +41,7 @@ from maas.trainer.v1 import trainer_pb2  # noqa: F401
 from tritonclient.grpc import service_pb2  # noqa: F401  (registers inference.GRPCInferenceService)
 
 from services.stack.ephemeral import EphemeralStack
-from tests.support.digits import SIGNATURE, DigitsModel
+from tests.support.digits import DigitsModel, deploy_digits
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
@@ -64,13 +64,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, digits: DigitsModel) -> I
     stack = EphemeralStack(home=tmp_path_factory.mktemp("ops") / "home").up()
     try:
         admin = Client(stack.gateway, stack.admin_key)
-        admin.create_tenant("acme")
-        _, key = admin.create_api_key("acme", "developer")
-        acme = Client(stack.gateway, key)
-        acme.create_model("digits")
-        acme.upload_version("digits", digits.path, format="torchscript", signature=SIGNATURE)
-        acme.create_deployment("digits", "digits", version=1, max_batch_size=64)
-        acme.wait_ready("digits", timeout=180)
+        acme, key = deploy_digits(stack.gateway, stack.admin_key, digits, max_batch_size=64)
         x = digits.test_x[:4]
         yield Platform(stack, admin, acme, key, x, digits.reference(x))
     finally:

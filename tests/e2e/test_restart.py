@@ -15,7 +15,7 @@ from maas import Client
 from maas.errors import ApiError
 
 from services.stack.ephemeral import EphemeralStack
-from tests.support.digits import SIGNATURE
+from tests.support.digits import deploy_digits
 
 pytestmark = pytest.mark.slow
 
@@ -57,14 +57,7 @@ def alive(pid: int) -> bool:
 def test_kills_and_restarts(tmp_path, digits) -> None:
     stack = EphemeralStack(home=tmp_path / "home").up()
     try:
-        admin = Client(stack.gateway, stack.admin_key)
-        admin.create_tenant("acme")
-        _, key = admin.create_api_key("acme", "developer")
-        acme = Client(stack.gateway, key)
-        acme.create_model("digits")
-        acme.upload_version("digits", digits.path, format="torchscript", signature=SIGNATURE)
-        acme.create_deployment("digits", "digits", version=1)
-        acme.wait_ready("digits", timeout=180)
+        acme, key = deploy_digits(stack.gateway, stack.admin_key, digits)
         x = digits.test_x[:4]
         expected = digits.reference(x)
         np.testing.assert_allclose(acme.predict("digits", {"x": x})["logits"], expected, rtol=1e-5, atol=1e-5)

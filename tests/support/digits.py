@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from maas import Client
 from maas.tensors import signature
 from sklearn.datasets import load_digits
 
@@ -56,3 +57,20 @@ def train_digits_mlp(folder: Path, epochs: int = 30, seed: int = 0) -> DigitsMod
     with torch.inference_mode():
         accuracy = float((scripted(torch.from_numpy(x[test])).argmax(1).numpy() == y[test]).mean())
     return DigitsModel(scripted, path, x[test], y[test], accuracy)
+
+
+def deploy_digits(
+    gateway: str, admin_key: str, model: DigitsModel, tenant: str = "acme", max_batch_size: int = 8
+) -> tuple[Client, str]:
+    """A new tenant with a developer key, the digits model uploaded and deployed as "digits",
+    READY. Returns the tenant's client and its key."""
+    admin = Client(gateway, admin_key)
+    admin.create_tenant(tenant)
+    _, key = admin.create_api_key(tenant, "developer")
+    admin.close()
+    client = Client(gateway, key)
+    client.create_model("digits")
+    client.upload_version("digits", model.path, format="torchscript", signature=SIGNATURE)
+    client.create_deployment("digits", "digits", version=1, max_batch_size=max_batch_size)
+    client.wait_ready("digits", timeout=180)
+    return client, key
