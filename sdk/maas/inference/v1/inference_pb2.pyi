@@ -43,6 +43,32 @@ DEVICE_CPU: Device.ValueType  # 2
 DEVICE_GPU: Device.ValueType  # 3
 Global___Device: _TypeAlias = Device  # noqa: Y015
 
+class _ServingTask:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServingTaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServingTask.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVING_TASK_UNSPECIFIED: _ServingTask.ValueType  # 0
+    SERVING_TASK_PREDICT: _ServingTask.ValueType  # 1
+    """Named tensors in and out: Predict and the Open Inference Protocol."""
+    SERVING_TASK_GENERATE: _ServingTask.ValueType  # 2
+    """Text in, a stream of tokens out: Generate and ModelStreamInfer (Triton decoupled model)."""
+    SERVING_TASK_EMBED: _ServingTask.ValueType  # 3
+    """Strings in, one vector per string out: Embed."""
+
+class ServingTask(_ServingTask, metaclass=_ServingTaskEnumTypeWrapper):
+    """What a deployment answers, from the served version's metadata (`task`)."""
+
+SERVING_TASK_UNSPECIFIED: ServingTask.ValueType  # 0
+SERVING_TASK_PREDICT: ServingTask.ValueType  # 1
+"""Named tensors in and out: Predict and the Open Inference Protocol."""
+SERVING_TASK_GENERATE: ServingTask.ValueType  # 2
+"""Text in, a stream of tokens out: Generate and ModelStreamInfer (Triton decoupled model)."""
+SERVING_TASK_EMBED: ServingTask.ValueType  # 3
+"""Strings in, one vector per string out: Embed."""
+Global___ServingTask: _TypeAlias = ServingTask  # noqa: Y015
+
 class _DeploymentState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -61,6 +87,27 @@ DEPLOYMENT_STATE_LOADING: DeploymentState.ValueType  # 1
 DEPLOYMENT_STATE_READY: DeploymentState.ValueType  # 2
 DEPLOYMENT_STATE_FAILED: DeploymentState.ValueType  # 3
 Global___DeploymentState: _TypeAlias = DeploymentState  # noqa: Y015
+
+class _FinishReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FINISH_REASON_UNSPECIFIED: _FinishReason.ValueType  # 0
+    FINISH_REASON_LENGTH: _FinishReason.ValueType  # 1
+    """max_tokens were generated."""
+    FINISH_REASON_STOP: _FinishReason.ValueType  # 2
+    """The text reached one of the stop sequences (which is not included)."""
+
+class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper): ...
+
+FINISH_REASON_UNSPECIFIED: FinishReason.ValueType  # 0
+FINISH_REASON_LENGTH: FinishReason.ValueType  # 1
+"""max_tokens were generated."""
+FINISH_REASON_STOP: FinishReason.ValueType  # 2
+"""The text reached one of the stop sequences (which is not included)."""
+Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final
 class Deployment(_message.Message):
@@ -81,6 +128,8 @@ class Deployment(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     CANARY_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Lower-case letters, digits and dashes; unique within the tenant. Clients predict by it."""
     model: _builtins.str
@@ -98,6 +147,10 @@ class Deployment(_message.Message):
     state: Global___DeploymentState.ValueType
     message: _builtins.str
     """Why the deployment is FAILED, or what it is waiting for."""
+    task: Global___ServingTask.ValueType
+    """Output only: what the served version answers."""
+    precision: _builtins.str
+    """Output only: the served version's precision tag ("fp32", "fp16", "int8")."""
     @_builtins.property
     def signature(self) -> _common_pb2.Signature: ...
     @_builtins.property
@@ -126,10 +179,12 @@ class Deployment(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         canary: Global___Canary | None = ...,
+        task: Global___ServingTask.ValueType = ...,
+        precision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "canary", b"canary", "create_time", b"create_time", "signature", b"signature", "target", b"target", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cacheable", b"cacheable", "canary", b"canary", "create_time", b"create_time", "device", b"device", "instances", b"instances", "max_batch_size", b"max_batch_size", "message", b"message", "model", b"model", "name", b"name", "resolved_version", b"resolved_version", "signature", b"signature", "state", b"state", "target", b"target", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cacheable", b"cacheable", "canary", b"canary", "create_time", b"create_time", "device", b"device", "instances", b"instances", "max_batch_size", b"max_batch_size", "message", b"message", "model", b"model", "name", b"name", "precision", b"precision", "resolved_version", b"resolved_version", "signature", b"signature", "state", b"state", "target", b"target", "task", b"task", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["version", "alias"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
@@ -579,6 +634,7 @@ class Route(_message.Message):
     CACHEABLE_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     CANARY_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     deployment: _builtins.str
     model: _builtins.str
@@ -590,6 +646,7 @@ class Route(_message.Message):
     max_batch_size: _builtins.int
     cacheable: _builtins.bool
     ready: _builtins.bool
+    task: Global___ServingTask.ValueType
     @_builtins.property
     def signature(self) -> _common_pb2.Signature: ...
     @_builtins.property
@@ -610,10 +667,11 @@ class Route(_message.Message):
         cacheable: _builtins.bool = ...,
         ready: _builtins.bool = ...,
         canary: Global___CanaryRoute | None = ...,
+        task: Global___ServingTask.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cacheable", b"cacheable", "canary", b"canary", "deployment", b"deployment", "max_batch_size", b"max_batch_size", "model", b"model", "ready", b"ready", "signature", b"signature", "tenant", b"tenant", "triton_address", b"triton_address", "triton_model", b"triton_model", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cacheable", b"cacheable", "canary", b"canary", "deployment", b"deployment", "max_batch_size", b"max_batch_size", "model", b"model", "ready", b"ready", "signature", b"signature", "task", b"task", "tenant", b"tenant", "triton_address", b"triton_address", "triton_model", b"triton_model", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -678,3 +736,258 @@ class WatchRoutesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchRoutesResponse: _TypeAlias = WatchRoutesResponse  # noqa: Y015
+
+@_typing.final
+class GenerateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    prompt: _builtins.str
+    """Must not be empty; characters outside the model's vocabulary are refused."""
+    max_tokens: _builtins.int
+    """Tokens to generate; default 64, at most 2048."""
+    temperature: _builtins.float
+    """Softmax temperature; default 1.0; 0 picks the most likely token (greedy)."""
+    top_k: _builtins.int
+    """Sample only from the k most likely tokens; 0 or unset: no limit."""
+    top_p: _builtins.float
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p, in (0, 1];
+    default 1.0 (no limit).
+    """
+    seed: _builtins.int
+    """The same seed, prompt and parameters give the same text; unset: random."""
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Generation stops before the first of these strings would be emitted; at most 8."""
+
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        max_tokens: _builtins.int | None = ...,
+        temperature: _builtins.float | None = ...,
+        top_k: _builtins.int = ...,
+        top_p: _builtins.float | None = ...,
+        seed: _builtins.int | None = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "deployment", b"deployment", "max_tokens", b"max_tokens", "prompt", b"prompt", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
+    _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens) -> _WhichOneofReturnType__max_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
+
+Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class GenerateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The text this step adds (one token)."""
+    finish_reason: Global___FinishReason.ValueType
+    """Set on the last message only."""
+    prompt_tokens: _builtins.int
+    """On the last message: tokens in the prompt and tokens generated."""
+    completion_tokens: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        finish_reason: Global___FinishReason.ValueType = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "model", b"model", "prompt_tokens", b"prompt_tokens", "text", b"text", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class EmbedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    TEXTS_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 256 strings, none empty."""
+
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "texts", b"texts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
+
+@_typing.final
+class EmbedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    """Tokens read, after truncation to the model's input length."""
+    model: _builtins.str
+    version: _builtins.int
+    @_builtins.property
+    def embeddings(self) -> _common_pb2.Tensor:
+        """FP32 [len(texts), dimensions], L2-normalised rows, in the order of the texts."""
+
+    def __init__(
+        self,
+        *,
+        embeddings: _common_pb2.Tensor | None = ...,
+        prompt_tokens: _builtins.int = ...,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "model", b"model", "prompt_tokens", b"prompt_tokens", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
+
+@_typing.final
+class GetDeploymentLoadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeploymentLoadRequest: _TypeAlias = GetDeploymentLoadRequest  # noqa: Y015
+
+@_typing.final
+class VersionLoad(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    TRITON_MODEL_FIELD_NUMBER: _builtins.int
+    PENDING_REQUESTS_FIELD_NUMBER: _builtins.int
+    SUCCESS_COUNT_FIELD_NUMBER: _builtins.int
+    FAILURE_COUNT_FIELD_NUMBER: _builtins.int
+    EXECUTION_COUNT_FIELD_NUMBER: _builtins.int
+    AVERAGE_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    AVERAGE_QUEUE_MS_FIELD_NUMBER: _builtins.int
+    AVERAGE_COMPUTE_MS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    triton_model: _builtins.str
+    """Name of the model inside Triton."""
+    pending_requests: _builtins.int
+    """Requests Triton holds for this version right now, queued or executing."""
+    success_count: _builtins.int
+    """Cumulative since the version was loaded."""
+    failure_count: _builtins.int
+    execution_count: _builtins.int
+    """Batches executed; success_count / execution_count is the average batch size."""
+    average_batch_size: _builtins.float
+    average_queue_ms: _builtins.float
+    average_compute_ms: _builtins.float
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        triton_model: _builtins.str = ...,
+        pending_requests: _builtins.int = ...,
+        success_count: _builtins.int = ...,
+        failure_count: _builtins.int = ...,
+        execution_count: _builtins.int = ...,
+        average_batch_size: _builtins.float = ...,
+        average_queue_ms: _builtins.float = ...,
+        average_compute_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["average_batch_size", b"average_batch_size", "average_compute_ms", b"average_compute_ms", "average_queue_ms", b"average_queue_ms", "execution_count", b"execution_count", "failure_count", b"failure_count", "pending_requests", b"pending_requests", "success_count", b"success_count", "triton_model", b"triton_model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionLoad: _TypeAlias = VersionLoad  # noqa: Y015
+
+@_typing.final
+class GetDeploymentLoadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    instances: _builtins.int
+    max_batch_size: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionLoad]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        instances: _builtins.int = ...,
+        max_batch_size: _builtins.int = ...,
+        versions: _abc.Iterable[Global___VersionLoad] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "max_batch_size", b"max_batch_size", "name", b"name", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeploymentLoadResponse: _TypeAlias = GetDeploymentLoadResponse  # noqa: Y015

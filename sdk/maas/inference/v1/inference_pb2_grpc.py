@@ -80,6 +80,21 @@ class InferenceServiceStub:
                 request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
                 response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/maas.inference.v1.InferenceService/Generate',
+                request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/maas.inference.v1.InferenceService/Embed',
+                request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.GetDeploymentLoad = channel.unary_unary(
+                '/maas.inference.v1.InferenceService/GetDeploymentLoad',
+                request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentLoadRequest.SerializeToString,
+                response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentLoadResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -146,6 +161,31 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Server streaming: text from a text-generation deployment, one message per generated
+        token, the last one carrying the finish reason and the token counts. Cancelling the call
+        or passing its deadline stops generation within one token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Sentence embeddings of a batch of strings from an embedding deployment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeploymentLoad(self, request, context):
+        """What a deployment is doing now, read from Triton's statistics: requests in flight,
+        queue and compute time, batch sizes; one entry per served version (two during a canary
+        or a roll).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +233,21 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.PredictRequest.FromString,
                     response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.PredictResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'GetDeploymentLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeploymentLoad,
+                    request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentLoadRequest.FromString,
+                    response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentLoadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +494,87 @@ class InferenceService:
             '/maas.inference.v1.InferenceService/Predict',
             maas_dot_inference_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
             maas_dot_inference_dot_v1_dot_inference__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/maas.inference.v1.InferenceService/Generate',
+            maas_dot_inference_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            maas_dot_inference_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.inference.v1.InferenceService/Embed',
+            maas_dot_inference_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            maas_dot_inference_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeploymentLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.inference.v1.InferenceService/GetDeploymentLoad',
+            maas_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentLoadRequest.SerializeToString,
+            maas_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,18 @@ class InferenceServiceStub:
     """All traffic back to the deployment's version; the canary is unloaded."""
     Predict: _grpc.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]
     """Named tensors in, named tensors out. Inputs are validated against the signature."""
+    Generate: _grpc.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]
+    """Server streaming: text from a text-generation deployment, one message per generated
+    token, the last one carrying the finish reason and the token counts. Cancelling the call
+    or passing its deadline stops generation within one token.
+    """
+    Embed: _grpc.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
+    """Sentence embeddings of a batch of strings from an embedding deployment."""
+    GetDeploymentLoad: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetDeploymentLoadRequest, _inference_pb2.GetDeploymentLoadResponse]
+    """What a deployment is doing now, read from Triton's statistics: requests in flight,
+    queue and compute time, batch sizes; one entry per served version (two during a canary
+    or a roll).
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -71,6 +83,18 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """All traffic back to the deployment's version; the canary is unloaded."""
     Predict: _aio.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]  # type: ignore[assignment]
     """Named tensors in, named tensors out. Inputs are validated against the signature."""
+    Generate: _aio.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]  # type: ignore[assignment]
+    """Server streaming: text from a text-generation deployment, one message per generated
+    token, the last one carrying the finish reason and the token counts. Cancelling the call
+    or passing its deadline stops generation within one token.
+    """
+    Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Sentence embeddings of a batch of strings from an embedding deployment."""
+    GetDeploymentLoad: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetDeploymentLoadRequest, _inference_pb2.GetDeploymentLoadResponse]  # type: ignore[assignment]
+    """What a deployment is doing now, read from Triton's statistics: requests in flight,
+    queue and compute time, batch sizes; one entry per served version (two during a canary
+    or a roll).
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """Deployments (desired state) of registry versions onto Triton, and prediction."""
@@ -144,6 +168,36 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.PredictResponse, _abc.Awaitable[_inference_pb2.PredictResponse]]:
         """Named tensors in, named tensors out. Inputs are validated against the signature."""
+
+    @_abc_1.abstractmethod
+    def Generate(
+        self,
+        request: _inference_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.GenerateResponse], _abc.AsyncIterator[_inference_pb2.GenerateResponse]]:
+        """Server streaming: text from a text-generation deployment, one message per generated
+        token, the last one carrying the finish reason and the token counts. Cancelling the call
+        or passing its deadline stops generation within one token.
+        """
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _inference_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.EmbedResponse, _abc.Awaitable[_inference_pb2.EmbedResponse]]:
+        """Sentence embeddings of a batch of strings from an embedding deployment."""
+
+    @_abc_1.abstractmethod
+    def GetDeploymentLoad(
+        self,
+        request: _inference_pb2.GetDeploymentLoadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.GetDeploymentLoadResponse, _abc.Awaitable[_inference_pb2.GetDeploymentLoadResponse]]:
+        """What a deployment is doing now, read from Triton's statistics: requests in flight,
+        queue and compute time, batch sizes; one entry per served version (two during a canary
+        or a roll).
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -52,14 +52,14 @@ class _JobKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobKind.Value
     JOB_KIND_UNSPECIFIED: _JobKind.ValueType  # 0
     JOB_KIND_TRAINING: _JobKind.ValueType  # 1
     JOB_KIND_OPTIMIZATION: _JobKind.ValueType  # 2
-    """Not yet available: quantize, prune, distill or export an existing version."""
+    """Quantize, prune, distill or export an existing version."""
 
 class JobKind(_JobKind, metaclass=_JobKindEnumTypeWrapper): ...
 
 JOB_KIND_UNSPECIFIED: JobKind.ValueType  # 0
 JOB_KIND_TRAINING: JobKind.ValueType  # 1
 JOB_KIND_OPTIMIZATION: JobKind.ValueType  # 2
-"""Not yet available: quantize, prune, distill or export an existing version."""
+"""Quantize, prune, distill or export an existing version."""
 Global___JobKind: _TypeAlias = JobKind  # noqa: Y015
 
 class _RecurrentCell:
@@ -166,6 +166,27 @@ DEVICE_UNSPECIFIED: Device.ValueType  # 0
 DEVICE_CPU: Device.ValueType  # 1
 DEVICE_CUDA: Device.ValueType  # 2
 Global___Device: _TypeAlias = Device  # noqa: Y015
+
+class _Precision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PrecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Precision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRECISION_UNSPECIFIED: _Precision.ValueType  # 0
+    PRECISION_INT8: _Precision.ValueType  # 1
+    """Dynamic int8 quantization of the linear (and recurrent) layers."""
+    PRECISION_FP16: _Precision.ValueType  # 2
+    """Half-precision weights and activations."""
+
+class Precision(_Precision, metaclass=_PrecisionEnumTypeWrapper): ...
+
+PRECISION_UNSPECIFIED: Precision.ValueType  # 0
+PRECISION_INT8: Precision.ValueType  # 1
+"""Dynamic int8 quantization of the linear (and recurrent) layers."""
+PRECISION_FP16: Precision.ValueType  # 2
+"""Half-precision weights and activations."""
+Global___Precision: _TypeAlias = Precision  # noqa: Y015
 
 @_typing.final
 class LinearArchitecture(_message.Message):
@@ -648,14 +669,41 @@ class JobResult(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ParentMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    PARENT_METRICS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """train_*, val_* and test_* metrics, as registered with the version."""
+        """train_*, val_* and test_* metrics, as registered with the version. Optimization jobs
+        also report artifact_bytes, parameters, nonzero_parameters and latency_ms_per_sample.
+        """
+
+    @_builtins.property
+    def parent_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Optimization jobs: the same measurements of the parent version, taken in the same job."""
 
     def __init__(
         self,
@@ -663,10 +711,11 @@ class JobResult(_message.Message):
         model: _builtins.str = ...,
         version: _builtins.int = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        parent_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "model", b"model", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "model", b"model", "parent_metrics", b"parent_metrics", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -690,6 +739,7 @@ class Job(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     DATASET_VERSION_FIELD_NUMBER: _builtins.int
+    OPTIMIZATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """job-<time ordered hex>."""
     kind: Global___JobKind.ValueType
@@ -718,6 +768,10 @@ class Job(_message.Message):
     def result(self) -> Global___JobResult:
         """Set when SUCCEEDED."""
 
+    @_builtins.property
+    def optimization(self) -> Global___OptimizationSpec:
+        """Set for optimization jobs (kind JOB_KIND_OPTIMIZATION); `spec` is then unset."""
+
     def __init__(
         self,
         *,
@@ -735,10 +789,11 @@ class Job(_message.Message):
         message: _builtins.str = ...,
         attempts: _builtins.int = ...,
         dataset_version: _builtins.int = ...,
+        optimization: Global___OptimizationSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "progress", b"progress", "result", b"result", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "optimization", b"optimization", "progress", b"progress", "result", b"result", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "dataset_version", b"dataset_version", "end_time", b"end_time", "id", b"id", "kind", b"kind", "message", b"message", "model", b"model", "parent_version", b"parent_version", "progress", b"progress", "result", b"result", "spec", b"spec", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "dataset_version", b"dataset_version", "end_time", b"end_time", "id", b"id", "kind", b"kind", "message", b"message", "model", b"model", "optimization", b"optimization", "parent_version", b"parent_version", "progress", b"progress", "result", b"result", "spec", b"spec", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1151,3 +1206,241 @@ class WatchJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchJobResponse: _TypeAlias = WatchJobResponse  # noqa: Y015
+
+@_typing.final
+class QuantizeMethod(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRECISION_FIELD_NUMBER: _builtins.int
+    precision: Global___Precision.ValueType
+    def __init__(
+        self,
+        *,
+        precision: Global___Precision.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["precision", b"precision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuantizeMethod: _TypeAlias = QuantizeMethod  # noqa: Y015
+
+@_typing.final
+class PruneMethod(_message.Message):
+    """Magnitude pruning: the smallest weights of every linear and convolution layer are zeroed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_SPARSITY_FIELD_NUMBER: _builtins.int
+    FINETUNE_EPOCHS_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    target_sparsity: _builtins.float
+    """Fraction of those weights set to zero, in (0, 1)."""
+    finetune_epochs: _builtins.int
+    """Epochs of fine-tuning with the pruning mask held; default 0."""
+    learning_rate: _builtins.float
+    """For fine-tuning (Adam); default 1e-3."""
+    def __init__(
+        self,
+        *,
+        target_sparsity: _builtins.float = ...,
+        finetune_epochs: _builtins.int = ...,
+        learning_rate: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate", "learning_rate", b"learning_rate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate", "finetune_epochs", b"finetune_epochs", "learning_rate", b"learning_rate", "target_sparsity", b"target_sparsity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
+    _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
+
+Global___PruneMethod: _TypeAlias = PruneMethod  # noqa: Y015
+
+@_typing.final
+class DistillMethod(_message.Message):
+    """Knowledge distillation: a student network learns from the source version (the teacher)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDENT_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    temperature: _builtins.float
+    """Softens both distributions; default 4."""
+    alpha: _builtins.float
+    """Weight of the teacher's soft targets against the true labels, in [0, 1]; default 0.7."""
+    epochs: _builtins.int
+    """Default 30."""
+    learning_rate: _builtins.float
+    """Adam; default 1e-3."""
+    batch_size: _builtins.int
+    """Default 64."""
+    @_builtins.property
+    def student(self) -> Global___Architecture:
+        """The student; must be a classifier architecture (linear, logistic, mlp, cnn, recurrent)."""
+
+    def __init__(
+        self,
+        *,
+        student: Global___Architecture | None = ...,
+        temperature: _builtins.float | None = ...,
+        alpha: _builtins.float | None = ...,
+        epochs: _builtins.int | None = ...,
+        learning_rate: _builtins.float | None = ...,
+        batch_size: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_temperature", b"_temperature", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "student", b"student", "temperature", b"temperature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_temperature", b"_temperature", "alpha", b"alpha", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "student", b"student", "temperature", b"temperature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
+    _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
+    _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
+    _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
+    _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
+    _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__alpha) -> _WhichOneofReturnType__alpha | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+
+Global___DistillMethod: _TypeAlias = DistillMethod  # noqa: Y015
+
+@_typing.final
+class ExportMethod(_message.Message):
+    """ONNX export, checked against the source model with onnxruntime before it is registered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportMethod: _TypeAlias = ExportMethod  # noqa: Y015
+
+@_typing.final
+class OptimizationSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    QUANTIZE_FIELD_NUMBER: _builtins.int
+    PRUNE_FIELD_NUMBER: _builtins.int
+    DISTILL_FIELD_NUMBER: _builtins.int
+    EXPORT_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The version to optimize (the teacher, for distillation). It must be a TorchScript
+    version the trainer produced, or carry the same metadata.
+    """
+    version: _builtins.int
+    seed: _builtins.int
+    """Default 0."""
+    device: Global___Device.ValueType
+    @_builtins.property
+    def quantize(self) -> Global___QuantizeMethod: ...
+    @_builtins.property
+    def prune(self) -> Global___PruneMethod: ...
+    @_builtins.property
+    def distill(self) -> Global___DistillMethod: ...
+    @_builtins.property
+    def export(self) -> Global___ExportMethod: ...
+    @_builtins.property
+    def dataset(self) -> Global___DatasetSource:
+        """Data for fine-tuning, distillation and the accuracy measurement; default: the
+        dataset the source version was trained on (its metadata), with the same split.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        quantize: Global___QuantizeMethod | None = ...,
+        prune: Global___PruneMethod | None = ...,
+        distill: Global___DistillMethod | None = ...,
+        export: Global___ExportMethod | None = ...,
+        dataset: Global___DatasetSource | None = ...,
+        seed: _builtins.int | None = ...,
+        device: Global___Device.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "dataset", b"dataset", "distill", b"distill", "export", b"export", "method", b"method", "prune", b"prune", "quantize", b"quantize", "seed", b"seed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "dataset", b"dataset", "device", b"device", "distill", b"distill", "export", b"export", "method", b"method", "model", b"model", "prune", b"prune", "quantize", b"quantize", "seed", b"seed", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType_method: _TypeAlias = _typing.Literal["quantize", "prune", "distill", "export"]  # noqa: Y015
+    _WhichOneofArgType_method: _TypeAlias = _typing.Literal["method", b"method"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_method) -> _WhichOneofReturnType_method | None: ...
+
+Global___OptimizationSpec: _TypeAlias = OptimizationSpec  # noqa: Y015
+
+@_typing.final
+class CreateOptimizationJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model to register the result under; default the source model (a new version of it)."""
+    @_builtins.property
+    def spec(self) -> Global___OptimizationSpec: ...
+    def __init__(
+        self,
+        *,
+        spec: Global___OptimizationSpec | None = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateOptimizationJobRequest: _TypeAlias = CreateOptimizationJobRequest  # noqa: Y015
+
+@_typing.final
+class CreateOptimizationJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___Job: ...
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateOptimizationJobResponse: _TypeAlias = CreateOptimizationJobResponse  # noqa: Y015

@@ -62,6 +62,11 @@ class TrainerServiceStub:
                 request_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.CreateOptimizationJob = channel.unary_unary(
+                '/maas.trainer.v1.TrainerService/CreateOptimizationJob',
+                request_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.CreateOptimizationJobRequest.SerializeToString,
+                response_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.CreateOptimizationJobResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -100,7 +105,15 @@ class TrainerServiceServicer:
     def WatchJob(self, request, context):
         """Server streaming: the job's history first, then live events; the stream ends after the
         terminal event (SUCCEEDED, FAILED or CANCELLED).
-        Reserved for optimization jobs (quantize, prune, distill, export): CreateOptimizationJob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateOptimizationJob(self, request, context):
+        """Quantizes, prunes, distils or exports an existing version. The result is registered as a
+        new version with lineage (parent), precision, size, parameter counts, test accuracy and
+        latency per sample, each beside the parent's (JobResult.parent_metrics).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +146,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.WatchJobRequest.FromString,
                     response_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'CreateOptimizationJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOptimizationJob,
+                    request_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.CreateOptimizationJobRequest.FromString,
+                    response_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.CreateOptimizationJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +291,33 @@ class TrainerService:
             '/maas.trainer.v1.TrainerService/WatchJob',
             maas_dot_trainer_dot_v1_dot_trainer__pb2.WatchJobRequest.SerializeToString,
             maas_dot_trainer_dot_v1_dot_trainer__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateOptimizationJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.trainer.v1.TrainerService/CreateOptimizationJob',
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.CreateOptimizationJobRequest.SerializeToString,
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.CreateOptimizationJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,7 +46,11 @@ class TrainerServiceStub:
     WatchJob: _grpc.UnaryStreamMultiCallable[_trainer_pb2.WatchJobRequest, _trainer_pb2.WatchJobResponse]
     """Server streaming: the job's history first, then live events; the stream ends after the
     terminal event (SUCCEEDED, FAILED or CANCELLED).
-    Reserved for optimization jobs (quantize, prune, distill, export): CreateOptimizationJob.
+    """
+    CreateOptimizationJob: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CreateOptimizationJobRequest, _trainer_pb2.CreateOptimizationJobResponse]
+    """Quantizes, prunes, distils or exports an existing version. The result is registered as a
+    new version with lineage (parent), precision, size, parameter counts, test accuracy and
+    latency per sample, each beside the parent's (JobResult.parent_metrics).
     """
 
 @_typing.type_check_only
@@ -67,7 +71,11 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     WatchJob: _aio.UnaryStreamMultiCallable[_trainer_pb2.WatchJobRequest, _trainer_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Server streaming: the job's history first, then live events; the stream ends after the
     terminal event (SUCCEEDED, FAILED or CANCELLED).
-    Reserved for optimization jobs (quantize, prune, distill, export): CreateOptimizationJob.
+    """
+    CreateOptimizationJob: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CreateOptimizationJobRequest, _trainer_pb2.CreateOptimizationJobResponse]  # type: ignore[assignment]
+    """Quantizes, prunes, distils or exports an existing version. The result is registered as a
+    new version with lineage (parent), precision, size, parameter counts, test accuracy and
+    latency per sample, each beside the parent's (JobResult.parent_metrics).
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -115,7 +123,17 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.WatchJobResponse], _abc.AsyncIterator[_trainer_pb2.WatchJobResponse]]:
         """Server streaming: the job's history first, then live events; the stream ends after the
         terminal event (SUCCEEDED, FAILED or CANCELLED).
-        Reserved for optimization jobs (quantize, prune, distill, export): CreateOptimizationJob.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateOptimizationJob(
+        self,
+        request: _trainer_pb2.CreateOptimizationJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.CreateOptimizationJobResponse, _abc.Awaitable[_trainer_pb2.CreateOptimizationJobResponse]]:
+        """Quantizes, prunes, distils or exports an existing version. The result is registered as a
+        new version with lineage (parent), precision, size, parameter counts, test accuracy and
+        latency per sample, each beside the parent's (JobResult.parent_metrics).
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
