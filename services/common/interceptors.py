@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram
 
 from services.common import errors
@@ -90,9 +91,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         )
         behavior = getattr(handler, kind)
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        # Requests arrive as bytes and are parsed inside the call: grpc-aio's own deserializer
+        # answers undecodable bytes with UNKNOWN, where the caller should hear INVALID_ARGUMENT.
+        parse = _parser(method, handler.request_deserializer)
         return factory(
-            wrap(method, behavior),
-            request_deserializer=handler.request_deserializer,
+            wrap(method, behavior, parse, handler.request_streaming),
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
 
@@ -103,20 +107,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await self.authenticate(method, metadata)
         return metadata
 
-    def _wrap_unary(self, method: str, behavior: Callable[..., Any]):
+    def _wrap_unary(self, method: str, behavior: Callable[..., Any], parse: Parser, streaming: bool):
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(method, context):
-                return await behavior(request, context)
+                return await behavior(_parsed(request, parse, streaming), context)
 
         return handle
 
-    def _wrap_stream(self, method: str, behavior: Callable[..., Any]):
+    def _wrap_stream(self, method: str, behavior: Callable[..., Any], parse: Parser, streaming: bool):
         if not inspect.isasyncgenfunction(behavior):
             raise TypeError(f"{method}: streaming handlers must be async generators")
 
         async def handle(request: Any, context: grpc.aio.ServicerContext):
             async with self._call(method, context):
-                async for response in behavior(request, context):
+                async for response in behavior(_parsed(request, parse, streaming), context):
                     yield response
 
         return handle
@@ -149,6 +153,37 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             elapsed = time.perf_counter() - started
             REQUESTS.labels(self.service, method, code.name).inc()
             LATENCY.labels(self.service, method, code.name).observe(elapsed)
+
+
+Parser = Callable[[bytes], Any]
+
+
+def _parser(method: str, deserializer: Parser | None) -> Parser:
+    """The handler's request deserializer, raising InvalidArgument on bytes it cannot parse."""
+    if deserializer is None:
+        return lambda request: request  # a raw-bytes handler (the gateway's proxy) parses nothing
+
+    def parse(request: bytes) -> Any:
+        try:
+            return deserializer(request)
+        except (DecodeError, ValueError) as error:
+            raise errors.InvalidArgument(
+                f"the request is not a valid protobuf message for {method}: {error}"
+            ) from None
+
+    return parse
+
+
+def _parsed(request: Any, parse: Parser, streaming: bool) -> Any:
+    """One parsed request, or (client streaming) the request stream parsed message by message."""
+    if not streaming:
+        return parse(request)
+
+    async def messages():  # type: ignore[no-untyped-def]
+        async for raw in request:
+            yield parse(raw)
+
+    return messages()
 
 
 def _as_status(code: Any) -> grpc.StatusCode:

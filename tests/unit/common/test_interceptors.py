@@ -140,3 +140,18 @@ async def test_internal_token_is_required_but_health_is_open(stub) -> None:
     assert reply.job.id
     health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_undecodable_bytes_are_invalid_argument(stub) -> None:
+    _, channel = stub
+    raw = channel.unary_unary("/maas.trainer.v1.TrainerService/GetJob")
+    # Field 1 claims 100 bytes of string that never come: not a GetJobRequest.
+    code, details = await code_of(raw(b"\x0a\x64abc"))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in details and "GetJob" in details
+    streaming = channel.unary_stream("/maas.trainer.v1.TrainerService/WatchJob")
+    code, _ = await code_of(streaming(b"\xff\xff\xff").read())
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    # Decodable bytes still reach the handler.
+    reply = await raw(trainer_pb2.GetJobRequest(id="ok").SerializeToString())
+    assert trainer_pb2.GetJobResponse.FromString(reply).job.id
