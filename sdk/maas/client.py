@@ -287,6 +287,26 @@ class Client:
         response = self._unary(self.inference.Predict, request, timeout)
         return {tensor.name: from_tensor(tensor) for tensor in response.outputs}
 
+    # --- canaries and load -------------------------------------------------------------------
+    def start_canary(
+        self, name: str, version: int, weight_percent: int, max_error_rate: float = 0.0
+    ) -> inference_pb2.Deployment:
+        """Send `weight_percent` of the deployment's requests to `version`; with max_error_rate > 0
+        the canary is rolled back by itself once its failed fraction passes it."""
+        request = inference_pb2.StartCanaryRequest(
+            name=name, version=version, weight_percent=weight_percent, max_error_rate=max_error_rate)
+        return self._unary(self.inference.StartCanary, request).deployment
+
+    def promote_canary(self, name: str) -> inference_pb2.Deployment:
+        return self._unary(self.inference.PromoteCanary, inference_pb2.PromoteCanaryRequest(name=name)).deployment
+
+    def rollback_canary(self, name: str) -> inference_pb2.Deployment:
+        return self._unary(self.inference.RollbackCanary, inference_pb2.RollbackCanaryRequest(name=name)).deployment
+
+    def get_deployment_load(self, name: str) -> inference_pb2.GetDeploymentLoadResponse:
+        """What Triton holds and has done for each loaded version of the deployment."""
+        return self._unary(self.inference.GetDeploymentLoad, inference_pb2.GetDeploymentLoadRequest(name=name))
+
     # --- helpers ------------------------------------------------------------------------------
     def _paged(self, fetch: Callable[[str], Any], field: str) -> list[Any]:
         items: list[Any] = []

@@ -36,6 +36,10 @@ class InferenceSettings(CommonSettings):
     alias_poll_seconds: float = 2.0
     # How often a canary's error rate is checked, over the requests since the last check.
     canary_check_seconds: float = 5.0
+    # Triton's Prometheus endpoint, read for pending requests. Empty: our own Triton's metrics port.
+    triton_metrics_url: str = ""
+    # How often the per-deployment load gauges are refreshed from Triton; 0 turns them off.
+    load_refresh_seconds: float = 5.0
     # Whether Triton may place models on a GPU. Unset: look for an NVIDIA device on this host.
     gpu_available: bool | None = None
 
@@ -51,6 +55,10 @@ class InferenceSettings(CommonSettings):
     def triton_address(self) -> str:
         """host:port of the Triton gRPC endpoint the service drives."""
         return self.triton_url or f"127.0.0.1:{self.triton_grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return self.triton_metrics_url or f"http://127.0.0.1:{self.triton_metrics_port}/metrics"
 
     @property
     def directory(self) -> Path:

@@ -11,6 +11,7 @@ from services.common.interceptors import internal_token_authenticator
 from services.common.server import App, RunningServer, ServerSpec, Servicer, server_tls
 from services.inference.artifacts import ArtifactCache, Registry
 from services.inference.config import InferenceSettings
+from services.inference.load import LoadReporter
 from services.inference.repository import ModelRepository
 from services.inference.service import Deployments, gpu_on_this_host
 from services.inference.servicer import InferenceServicer, RoutingServicer
@@ -43,6 +44,7 @@ async def create_app(settings: InferenceSettings) -> App:
         canary_check_interval=settings.canary_check_seconds,
     )
     await deployments.restore()
+    loads = LoadReporter(deployments, triton, settings.metrics_url, settings.load_refresh_seconds)
     supervisor = TritonSupervisor(
         directory=directory,
         client=triton,
@@ -59,8 +61,10 @@ async def create_app(settings: InferenceSettings) -> App:
         # Health stays NOT_SERVING until this returns: Triton up, deployments reloading into it.
         await supervisor.start()
         deployments.start_watching()
+        loads.start()
 
     async def on_stop() -> None:
+        await loads.close()
         await deployments.close()
         await supervisor.stop()
         await triton.close()
@@ -73,7 +77,7 @@ async def create_app(settings: InferenceSettings) -> App:
         servicers=[
             Servicer(
                 inference_pb2_grpc.add_InferenceServiceServicer_to_server,
-                InferenceServicer(deployments),
+                InferenceServicer(deployments, loads),
                 "maas.inference.v1.InferenceService",
             ),
             Servicer(

@@ -546,6 +546,13 @@ class Deployments:
     def triton_address(self) -> str:
         return self.triton.address
 
+    def route(self, tenant: str, name: str) -> Route | None:
+        return self._routes.get((tenant, name))
+
+    def routes(self) -> list[Route]:
+        """Every deployment as the data path sees it now."""
+        return list(self._routes.values())
+
     # -- converging Triton to one deployment ------------------------------------------------
 
     def _converge_later(self, deployment: Deployment) -> None:

@@ -8,6 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.channels import tenant_of
+from services.inference.load import LoadReporter
 from services.inference.service import Deployments, DeploymentSpec, Route
 from services.inference.store import Deployment
 
@@ -106,8 +107,9 @@ def route_message(route: Route, triton_address: str) -> inference_pb2.Route:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, deployments: Deployments) -> None:
+    def __init__(self, deployments: Deployments, loads: LoadReporter) -> None:
         self.deployments = deployments
+        self.loads = loads
 
     async def CreateDeployment(self, request, context):
         created = await self.deployments.create(tenant_of(context), spec_of(request.deployment))
@@ -148,6 +150,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def RollbackCanary(self, request, context):
         updated = await self.deployments.rollback_canary(tenant_of(context), request.name)
         return inference_pb2.RollbackCanaryResponse(deployment=deployment_message(updated))
+
+    async def GetDeploymentLoad(self, request, context):
+        load = await self.loads.get(tenant_of(context), request.name)
+        deployment = load.deployment
+        return inference_pb2.GetDeploymentLoadResponse(
+            name=deployment.name,
+            instances=deployment.instances,
+            max_batch_size=deployment.max_batch_size,
+            versions=[
+                inference_pb2.VersionLoad(
+                    version=v.version,
+                    triton_model=v.triton_model,
+                    pending_requests=v.pending_requests,
+                    success_count=v.success_count,
+                    failure_count=v.failure_count,
+                    execution_count=v.execution_count,
+                    average_batch_size=v.average_batch_size,
+                    average_queue_ms=v.average_queue_ms,
+                    average_compute_ms=v.average_compute_ms,
+                )
+                for v in load.versions
+            ],
+        )
 
     async def Predict(self, request, context):
         response = await self.deployments.predict(tenant_of(context), request, context.time_remaining())

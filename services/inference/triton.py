@@ -86,12 +86,16 @@ class TritonClient:
 
     async def request_counts(self, triton_model: str) -> tuple[int, int]:
         """(succeeded, failed) inference requests since the model was loaded."""
+        stats = [model.inference_stats for model in await self.statistics(triton_model)]
+        return sum(s.success.count for s in stats), sum(s.fail.count for s in stats)
+
+    async def statistics(self, triton_model: str) -> list[service_pb2.ModelStatistics]:
+        """Triton's cumulative statistics of each loaded version of a model; none if it is not loaded."""
         try:
             response = await self._control.get_inference_statistics(triton_model, client_timeout=5)
         except InferenceServerException:
-            return 0, 0
-        stats = [model.inference_stats for model in response.model_stats]
-        return sum(s.success.count for s in stats), sum(s.fail.count for s in stats)
+            return []
+        return list(response.model_stats)
 
     async def infer(
         self, request: service_pb2.ModelInferRequest, timeout: float

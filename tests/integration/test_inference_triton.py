@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -23,12 +24,14 @@ import torch
 from maas.common.v1 import common_pb2
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from prometheus_client import REGISTRY
 from sklearn.datasets import load_digits
 from tritonclient.grpc.aio import InferenceServerClient
 
 from services.common.channels import internal_metadata, tenant_of
 from services.common.server import running
 from services.inference.config import InferenceSettings
+from services.inference.load import pending_by_model
 from services.inference.server import create_app
 from services.inference.triton import TritonClient
 
@@ -192,6 +195,7 @@ async def test_deploy_predict_survive_restarts_and_delete(tmp_path: Path) -> Non
         triton_http_port=free_port(),
         triton_metrics_port=free_port(),
         gpu_available=False,
+        load_refresh_seconds=0.5,
     )
     metadata = internal_metadata(TOKEN, TENANT)
     triton_control = InferenceServerClient(f"127.0.0.1:{triton_grpc_port}")
@@ -218,6 +222,8 @@ async def test_deploy_predict_survive_restarts_and_delete(tmp_path: Path) -> Non
                     stub, "digits-onnx", inference_pb2.DEPLOYMENT_STATE_READY, metadata
                 )
                 print(f"both deployments READY {time.perf_counter() - started:.1f} s after create")
+                load_request = inference_pb2.GetDeploymentLoadRequest(name="digits-ts")
+                load_before = (await stub.GetDeploymentLoad(load_request, metadata=metadata)).versions[0]
                 assert (ready.resolved_version, ready.instances, ready.max_batch_size) == (2, 1, 8)
 
                 response = await stub.Predict(batch, metadata=metadata)
@@ -284,6 +290,22 @@ async def test_deploy_predict_survive_restarts_and_delete(tmp_path: Path) -> Non
                 succeeded, failed = await counter.request_counts(triton_model)
                 await counter.close()
                 assert succeeded >= 50 and failed == 0
+                # GetDeploymentLoad reads the same statistics, and Triton's metrics endpoint
+                # exports the pending-request gauge for the model.
+                [load] = (await stub.GetDeploymentLoad(load_request, metadata=metadata)).versions
+                assert (load.version, load.triton_model) == (1, triton_model)
+                assert load.success_count - load_before.success_count >= 83 and load.failure_count == 0
+                assert 0 < load.execution_count <= load.success_count and load.average_batch_size >= 1
+                assert load.average_queue_ms > 0 and load.average_compute_ms > 0
+                metrics = urllib.request.urlopen(settings.metrics_url, timeout=5).read().decode()
+                assert triton_model in pending_by_model(metrics)
+                labels = {"tenant": TENANT, "deployment": "digits-ts"}
+                for _ in range(50):  # the gauges refresh every load_refresh_seconds; idle now
+                    if REGISTRY.get_sample_value("maas_inference_pending_requests", labels) == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                assert REGISTRY.get_sample_value("maas_inference_pending_requests", labels) == 0
+                assert REGISTRY.get_sample_value("maas_inference_batch_size", labels) is not None
 
                 # kill -9 Triton: the supervisor restarts it and the deployments come back by themselves.
                 pid_file = settings.directory / "triton.pid"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,7 @@ import typer
 from rich.table import Table
 
 from maas.cli._shared import AddressOption, ApiKeyOption, client, console, errors, fail
-from maas.client import DEVICES
+from maas.client import DEVICES, Client
 from maas.common.v1 import common_pb2
 from maas.errors import ApiError
 from maas.inference.v1 import inference_pb2
@@ -20,13 +21,19 @@ from maas.tensors import NUMPY_OF
 deploy_app = typer.Typer(help="Deployments onto Triton.", no_args_is_help=True)
 
 
+def _state(value: int) -> str:
+    return inference_pb2.DeploymentState.Name(value).removeprefix("DEPLOYMENT_STATE_")
+
+
 def deployment_row(d: inference_pb2.Deployment) -> list[str]:
     target = f"@{d.alias}" if d.HasField("alias") else f"v{d.version}"
-    state = inference_pb2.DeploymentState.Name(d.state).removeprefix("DEPLOYMENT_STATE_")
+    serves = f"{d.model} {target} (serving v{d.resolved_version})"
+    if d.HasField("canary"):
+        serves += f", canary v{d.canary.version} at {d.canary.weight_percent}% {_state(d.canary.state)}"
     return [
         d.name,
-        f"{d.model} {target} (serving v{d.resolved_version})",
-        state,
+        serves,
+        _state(d.state),
         str(d.instances),
         str(d.max_batch_size),
         d.message,
@@ -95,9 +102,7 @@ def deploy_get(name: str, api_key: ApiKeyOption = None, address: AddressOption =
         d = client(api_key, address).get_deployment(name)
     except ApiError as error:
         raise fail(error)
-    table = Table("deployment", "serves", "state", "instances", "max batch", "message")
-    table.add_row(*deployment_row(d))
-    console.print(table)
+    _print_deployment(d)
     for role, specs in (("input", d.signature.inputs), ("output", d.signature.outputs)):
         for spec in specs:
             dtype = common_pb2.DataType.Name(spec.datatype).removeprefix("DATA_TYPE_")
@@ -113,6 +118,70 @@ def deploy_delete(name: str, api_key: ApiKeyOption = None, address: AddressOptio
     except ApiError as error:
         raise fail(error)
     console.print(f"deleted deployment {name}")
+
+
+@deploy_app.command("canary")
+def deploy_canary(
+    name: str,
+    version: Annotated[int, typer.Option(help="The version to try; same signature as the deployment's")],
+    weight: Annotated[int, typer.Option(min=1, max=100, help="Percent of requests it answers")] = 10,
+    max_error_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Roll back by itself above this failed fraction; 0: never")
+    ] = 0.0,
+    api_key: ApiKeyOption = None,
+    address: AddressOption = None,
+) -> None:
+    """Start a canary, or change the weight of the running one."""
+    _show_change(lambda maas: maas.start_canary(name, version, weight, max_error_rate), api_key, address)
+
+
+@deploy_app.command("promote")
+def deploy_promote(name: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    """The canary's version becomes the deployment's; no request is dropped."""
+    _show_change(lambda maas: maas.promote_canary(name), api_key, address)
+
+
+@deploy_app.command("rollback")
+def deploy_rollback(name: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    """Every request back to the deployment's version; the canary is unloaded."""
+    _show_change(lambda maas: maas.rollback_canary(name), api_key, address)
+
+
+def _show_change(
+    change: Callable[[Client], inference_pb2.Deployment], api_key: str | None, address: str | None
+) -> None:
+    try:
+        deployment = change(client(api_key, address))
+    except ApiError as error:
+        raise fail(error) from None
+    _print_deployment(deployment)
+
+
+def _print_deployment(deployment: inference_pb2.Deployment) -> None:
+    table = Table("deployment", "serves", "state", "instances", "max batch", "message")
+    table.add_row(*deployment_row(deployment))
+    console.print(table)
+
+
+@deploy_app.command("load")
+def deploy_load(name: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    """What Triton holds and has done for each loaded version: in flight, counts, batch, queue time."""
+    try:
+        load = client(api_key, address).get_deployment_load(name)
+    except ApiError as error:
+        raise fail(error) from None
+    console.print(f"{load.name}: {load.instances} instance(s), max batch {load.max_batch_size}")
+    table = Table(
+        "version", "triton model", "pending", "succeeded", "failed", "batches", "avg batch", "queue ms",
+        "compute ms",
+    )
+    for v in load.versions:
+        table.add_row(
+            f"v{v.version}", v.triton_model, str(v.pending_requests), str(v.success_count),
+            str(v.failure_count), str(v.execution_count), f"{v.average_batch_size:.2f}",
+            f"{v.average_queue_ms:.3f}", f"{v.average_compute_ms:.3f}",
+        )
+    console.print(table)
 
 
 def predict(

@@ -114,6 +114,14 @@ class FakeTriton:
     async def request_counts(self, triton_model: str) -> tuple[int, int]:
         return self.counts.get(triton_model, (0, 0))
 
+    async def statistics(self, triton_model: str) -> list[service_pb2.ModelStatistics]:
+        succeeded, failed = self.counts.get(triton_model, (0, 0))
+        if triton_model not in self.loaded:
+            return []
+        stats = service_pb2.ModelStatistics(name=triton_model, version="1", execution_count=succeeded)
+        stats.inference_stats.success.count, stats.inference_stats.fail.count = succeeded, failed
+        return [stats]
+
     async def infer(
         self, request: service_pb2.ModelInferRequest, timeout: float
     ) -> service_pb2.ModelInferResponse:

@@ -14,6 +14,7 @@ from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.channels import internal_metadata
 from services.common.interceptors import internal_token_authenticator
 from services.common.server import App, ServerSpec, Servicer, running
+from services.inference.load import LoadReporter
 from services.inference.servicer import InferenceServicer, RoutingServicer
 from tests.unit.inference.inference_fakes import TENANT, WEIGHTS
 
@@ -22,14 +23,15 @@ METADATA = internal_metadata(TOKEN, TENANT)
 
 
 @pytest.fixture
-async def stubs(deployments):
+async def stubs(deployments, triton):
     spec = ServerSpec(
         service="inference",
         address="127.0.0.1:0",
         servicers=[
             Servicer(
                 inference_pb2_grpc.add_InferenceServiceServicer_to_server,
-                InferenceServicer(deployments),
+                # No Triton metrics endpoint: pending requests read as 0.
+                InferenceServicer(deployments, LoadReporter(deployments, triton, "http://127.0.0.1:9/metrics", 0)),
                 "maas.inference.v1.InferenceService",
             ),
             Servicer(
@@ -178,3 +180,22 @@ async def test_watch_routes_streams_every_tenants_routes(stubs):
     assert (route.max_batch_size, route.cacheable) == (4, True)
     assert route.signature.outputs[0].name == "y"
     watch.cancel()
+
+
+async def test_deployment_load_over_grpc(stubs, triton):
+    stub, _ = stubs
+    await create(stub, version=1, instances=2)
+    ready = await wait_ready(stub)
+    assert ready.state == inference_pb2.DEPLOYMENT_STATE_READY
+    request = inference_pb2.GetDeploymentLoadRequest(name="web")
+    load = await stub.GetDeploymentLoad(request, metadata=METADATA)
+    assert (load.name, load.instances, len(load.versions)) == ("web", 2, 1)
+    [version] = load.versions
+    triton.counts[version.triton_model] = (12, 3)
+    [version] = (await stub.GetDeploymentLoad(request, metadata=METADATA)).versions
+    assert (version.version, version.success_count, version.failure_count) == (1, 12, 3)
+    assert version.average_batch_size == 1.0
+    missing = inference_pb2.GetDeploymentLoadRequest(name="nope")
+    assert await code_of(stub.GetDeploymentLoad(missing, metadata=METADATA)) is grpc.StatusCode.NOT_FOUND
+    bad = inference_pb2.GetDeploymentLoadRequest(name="")
+    assert await code_of(stub.GetDeploymentLoad(bad, metadata=METADATA)) is grpc.StatusCode.INVALID_ARGUMENT

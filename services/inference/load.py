@@ -1,0 +1,220 @@
+"""Per-deployment load, read from Triton: its statistics API (cumulative counts and times per
+model) and its metrics endpoint (requests it holds right now). GetDeploymentLoad answers from
+it, and Prometheus gauges per deployment, refreshed in the background, let an operator, an
+alert or an autoscaler act on it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import Gauge
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2
+
+from services.inference.service import Deployments, Route
+from services.inference.store import FAILED, Deployment
+
+log = logging.getLogger(__name__)
+
+LABELS = ("tenant", "deployment")
+PENDING = Gauge(
+    "maas_inference_pending_requests",
+    "Requests Triton holds for the deployment (all its loaded versions), queued or executing",
+    LABELS,
+)
+QUEUE_MS = Gauge(
+    "maas_inference_queue_ms",
+    "Average time a request of the deployment waited in Triton's queue over the last refresh interval",
+    LABELS,
+)
+COMPUTE_MS = Gauge(
+    "maas_inference_compute_ms",
+    "Average time Triton computed a request of the deployment over the last refresh interval",
+    LABELS,
+)
+BATCH_SIZE = Gauge(
+    "maas_inference_batch_size",
+    "Average requests per model execution of the deployment over the last refresh interval",
+    LABELS,
+)
+GAUGES = (PENDING, QUEUE_MS, COMPUTE_MS, BATCH_SIZE)
+PENDING_METRIC = "nv_inference_pending_request_count"
+
+
+class TritonStatistics(Protocol):
+    """What load reporting needs of Triton (services.inference.triton.TritonClient)."""
+
+    async def statistics(self, triton_model: str) -> list[service_pb2.ModelStatistics]: ...
+
+
+@dataclass(frozen=True)
+class VersionLoad:
+    version: int
+    triton_model: str
+    pending_requests: int = 0
+    success_count: int = 0
+    failure_count: int = 0
+    execution_count: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+
+    @property
+    def average_batch_size(self) -> float:
+        return self.success_count / self.execution_count if self.execution_count else 0.0
+
+    @property
+    def average_queue_ms(self) -> float:
+        return self.queue_ns / self.success_count / 1e6 if self.success_count else 0.0
+
+    @property
+    def average_compute_ms(self) -> float:
+        return self.compute_ns / self.success_count / 1e6 if self.success_count else 0.0
+
+    def since(self, earlier: VersionLoad | None) -> VersionLoad:
+        """The counts accumulated after `earlier` (same model); all of them if it was reloaded."""
+        if earlier is None or earlier.success_count > self.success_count:
+            return self
+        return VersionLoad(
+            self.version,
+            self.triton_model,
+            self.pending_requests,
+            self.success_count - earlier.success_count,
+            self.failure_count - earlier.failure_count,
+            self.execution_count - earlier.execution_count,
+            self.queue_ns - earlier.queue_ns,
+            self.compute_ns - earlier.compute_ns,
+        )
+
+
+@dataclass(frozen=True)
+class DeploymentLoad:
+    deployment: Deployment
+    versions: list[VersionLoad]
+
+
+def loaded_versions(route: Route) -> list[tuple[int, str]]:
+    """(version, Triton model) of every revision of a deployment that Triton holds or is loading:
+    the one serving, the one a roll is loading, and the canary."""
+    revisions = [route.served, route.deployment]
+    found = {r.triton_model: r.resolved_version for r in revisions}
+    if route.deployment.canary is not None and route.deployment.canary.state != FAILED:
+        found[route.deployment.canary.triton_model] = route.deployment.canary.version
+    return [(version, model) for model, version in found.items()]
+
+
+def pending_by_model(metrics_text: str) -> dict[str, int]:
+    """Triton's pending-request gauge per model from its Prometheus exposition."""
+    pending: dict[str, int] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != PENDING_METRIC:
+            continue
+        for sample in family.samples:
+            model = sample.labels.get("model", "")
+            pending[model] = pending.get(model, 0) + int(sample.value)
+    return pending
+
+
+class LoadReporter:
+    def __init__(
+        self, deployments: Deployments, triton: TritonStatistics, metrics_url: str, refresh_seconds: float
+    ) -> None:
+        self.deployments = deployments
+        self.triton = triton
+        self.metrics_url = metrics_url
+        self.refresh_seconds = refresh_seconds
+        # Per Triton model, the counts at the last refresh: the gauges show the interval since.
+        self._last: dict[str, VersionLoad] = {}
+        self._labelled: set[tuple[str, str]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def get(self, tenant: str, name: str) -> DeploymentLoad:
+        deployment = await self.deployments.get(tenant, name)
+        route = self.deployments.route(tenant, name)
+        models = loaded_versions(route) if route is not None else []
+        return DeploymentLoad(deployment, await self._read(models, await self._pending()))
+
+    async def _pending(self) -> dict[str, int]:
+        """Pending requests per Triton model; empty (and logged) when the endpoint does not answer."""
+        try:
+            text = await asyncio.to_thread(self._fetch_metrics)
+        except OSError as error:
+            log.warning("Triton's metrics endpoint did not answer", extra={"error": str(error)})
+            return {}
+        return pending_by_model(text)
+
+    def _fetch_metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:  # noqa: S310 - our own URL
+            return response.read().decode()
+
+    async def _read(self, models: Iterable[tuple[int, str]], pending: dict[str, int]) -> list[VersionLoad]:
+        loads = []
+        for version, triton_model in models:
+            counts = VersionLoad(version, triton_model, pending_requests=pending.get(triton_model, 0))
+            for stats in await self.triton.statistics(triton_model):
+                inference = stats.inference_stats
+                counts = VersionLoad(
+                    version,
+                    triton_model,
+                    counts.pending_requests,
+                    counts.success_count + inference.success.count,
+                    counts.failure_count + inference.fail.count,
+                    counts.execution_count + stats.execution_count,
+                    counts.queue_ns + inference.queue.ns,
+                    counts.compute_ns
+                    + inference.compute_input.ns
+                    + inference.compute_infer.ns
+                    + inference.compute_output.ns,
+                )
+            loads.append(counts)
+        return loads
+
+    # -- the gauges ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.refresh_seconds > 0:
+            self._task = asyncio.create_task(self._run(), name="deployment-load")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("refreshing the deployment load gauges failed")
+            await asyncio.sleep(self.refresh_seconds)
+
+    async def refresh(self) -> None:
+        """Set every deployment's gauges from the counts since the last refresh."""
+        pending = await self._pending()
+        seen: set[tuple[str, str]] = set()
+        last: dict[str, VersionLoad] = {}
+        for route in self.deployments.routes():
+            labels = (route.deployment.tenant, route.deployment.name)
+            loads = await self._read(loaded_versions(route), pending)
+            window = [load.since(self._last.get(load.triton_model)) for load in loads]
+            last.update((load.triton_model, load) for load in loads)
+            requests = sum(w.success_count for w in window)
+            executions = sum(w.execution_count for w in window)
+            PENDING.labels(*labels).set(sum(load.pending_requests for load in loads))
+            QUEUE_MS.labels(*labels).set(sum(w.queue_ns for w in window) / requests / 1e6 if requests else 0)
+            COMPUTE_MS.labels(*labels).set(
+                sum(w.compute_ns for w in window) / requests / 1e6 if requests else 0
+            )
+            BATCH_SIZE.labels(*labels).set(requests / executions if executions else 0)
+            seen.add(labels)
+        for labels in self._labelled - seen:
+            for gauge in GAUGES:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
+        self._labelled, self._last = seen, last
