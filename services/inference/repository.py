@@ -1,7 +1,9 @@
 """Triton's model repository on disk: one directory per deployment, written atomically.
 
 <root>/<triton_model>/config.pbtxt
-<root>/<triton_model>/1/model.py     the generic runner (runner/model.py)
+<root>/<triton_model>/1/model.py     the runner of the deployment's task (runner/model.py for tensors,
+                                     runner/generate.py for text generation, runner/embed.py for embeddings)
+<root>/<triton_model>/1/*.py         modules that runner imports (runner/sampling.py for generation)
 <root>/<triton_model>/1/model.pt     or model.onnx: the artifact, hard-linked from the cache
 """
 
@@ -11,14 +13,27 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from maas.common.v1 import common_pb2
 
+from services.common.generation import GENERATION_INPUTS, GENERATION_OUTPUTS
+from services.common.serving import EMBED, GENERATE, PREDICT
 from services.common.tensors import BY_PROTO
 
-RUNNER = Path(__file__).parent / "runner" / "model.py"
+RUNNER_DIR = Path(__file__).parent / "runner"
+RUNNER = RUNNER_DIR / "model.py"
+# Per task: the files of its runner, by their name in the model's version directory.
+RUNNER_FILES = {
+    PREDICT: {"model.py": RUNNER},
+    GENERATE: {"model.py": RUNNER_DIR / "generate.py", "sampling.py": RUNNER_DIR / "sampling.py"},
+    # Written by the embeddings work: strings in, one vector per string out.
+    EMBED: {"model.py": RUNNER_DIR / "embed.py"},
+}
+# Per task: the version metadata its runner reads (passed as config parameters).
+RUNNER_METADATA_KEYS: dict[str, tuple[str, ...]] = {PREDICT: (), GENERATE: ("vocabulary",), EMBED: ()}
 ARTIFACT_FILE = {"TORCHSCRIPT": "model.pt", "ONNX": "model.onnx"}
 # Requests wait at most this long for others to join their batch: small, because on a
 # busy server batches form anyway and on an idle one nobody should wait.
@@ -37,6 +52,8 @@ class ModelSpec:
     instances: int
     device: str  # AUTO, CPU or GPU: what the deployment asked for
     on_gpu: bool  # where Triton places the instances on this host
+    task: str = PREDICT
+    runner_metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 def signature_json(signature: common_pb2.Signature) -> str:
@@ -74,23 +91,35 @@ def _tensor_block(tensors) -> list[str]:
 
 
 def config_text(spec: ModelSpec) -> str:
-    """config.pbtxt for one deployment: batching, instances and the runner's parameters."""
+    """config.pbtxt for one deployment: its task's tensors and transaction policy, batching,
+    instances and the runner's parameters."""
     parameters = {
         "artifact": ARTIFACT_FILE[spec.format],
         "format": spec.format,
         "sha256": spec.sha256,
         "device": spec.device,
         "signature": signature_json(spec.signature),
+        # JSON, so that characters such as a newline survive the text format.
+        **{key: json.dumps(value) for key, value in sorted(spec.runner_metadata.items())},
     }
+    generating = spec.task == GENERATE
+    inputs, outputs = (
+        (GENERATION_INPUTS, GENERATION_OUTPUTS) if generating else (spec.signature.inputs, spec.signature.outputs)
+    )
+    if generating:
+        # One stream per request, answered token by token: nothing to batch.
+        policy = ["model_transaction_policy {", "  decoupled: true", "}"]
+    else:
+        policy = ["dynamic_batching {", f"  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_MICROSECONDS}", "}"]
     lines = [
         f"name: {_quoted(spec.triton_model)}",
         'backend: "python"',
-        f"max_batch_size: {spec.max_batch_size}",
+        f"max_batch_size: {0 if generating else spec.max_batch_size}",
         "input [",
-        *_tensor_block(spec.signature.inputs),
+        *_tensor_block(inputs),
         "]",
         "output [",
-        *_tensor_block(spec.signature.outputs),
+        *_tensor_block(outputs),
         "]",
         "instance_group [",
         "  {",
@@ -98,9 +127,7 @@ def config_text(spec: ModelSpec) -> str:
         f"    kind: {'KIND_GPU' if spec.on_gpu else 'KIND_CPU'}",
         "  }",
         "]",
-        "dynamic_batching {",
-        f"  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_MICROSECONDS}",
-        "}",
+        *policy,
     ]
     for key, value in parameters.items():
         lines += [
@@ -127,14 +154,16 @@ class ModelRepository:
     def write(self, spec: ModelSpec, artifact: Path) -> bool:
         """Write the model directory; returns False when it already holds exactly this spec."""
         config = config_text(spec)
+        runner = RUNNER_FILES[spec.task]
         target = self.path(spec.triton_model)
-        if self._holds(target, config, ARTIFACT_FILE[spec.format]):
+        if self._holds(target, config, runner, ARTIFACT_FILE[spec.format]):
             return False
         build = self.staging / f"{spec.triton_model}-{uuid.uuid4().hex[:8]}"
         try:
             version_dir = build / "1"
             version_dir.mkdir(parents=True)
-            shutil.copyfile(RUNNER, version_dir / "model.py")
+            for name, source in runner.items():
+                shutil.copyfile(source, version_dir / name)
             _link_or_copy(artifact, version_dir / ARTIFACT_FILE[spec.format])
             (build / "config.pbtxt").write_text(config)
             # A directory cannot be renamed over a non-empty one: move the old one aside first.
@@ -161,11 +190,11 @@ class ModelRepository:
             shutil.rmtree(entry, ignore_errors=True)
 
     @staticmethod
-    def _holds(target: Path, config: str, artifact_file: str) -> bool:
+    def _holds(target: Path, config: str, runner: Mapping[str, Path], artifact_file: str) -> bool:
         try:
             return (
                 (target / "config.pbtxt").read_text() == config
-                and (target / "1" / "model.py").read_bytes() == RUNNER.read_bytes()
+                and all((target / "1" / name).read_bytes() == source.read_bytes() for name, source in runner.items())
                 and (target / "1" / artifact_file).is_file()
             )
         except OSError:

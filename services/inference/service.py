@@ -30,11 +30,12 @@ from services.common.errors import (
 )
 from services.common.logs import request_id_var
 from services.common.oip import headers_of_predict, infer_request_of_predict, predict_response_of_infer
+from services.common.serving import GENERATE, PREDICT, TENSOR_TASKS, check_task, task_of_metadata
 from services.common.tensors import BY_PROTO, CompiledSignature, check_signature
 from services.common.traffic import goes_to_canary
 from services.common.validation import Page, check_name
 from services.inference.artifacts import ArtifactCache, Registry
-from services.inference.repository import ModelRepository, ModelSpec
+from services.inference.repository import RUNNER_METADATA_KEYS, ModelRepository, ModelSpec
 from services.inference.store import FAILED, LOADING, READY, Canary, Deployment, DeploymentStore, now
 from services.inference.triton import ModelLoadError
 
@@ -258,6 +259,7 @@ class Deployments:
             signature=version.signature,
             create_time=created,
             update_time=created,
+            **_serving(version),
         )
         await asyncio.to_thread(self.store.create, deployment)
         self._routes[(tenant, spec.name)] = Route(deployment)
@@ -321,6 +323,7 @@ class Deployments:
                 sha256=found.sha256,
                 format=FORMATS[found.format],
                 signature=found.signature,
+                **_serving(found),
             )
         updated = current.replace(**changes, update_time=now())
         reload = current.state == FAILED or any(
@@ -398,6 +401,13 @@ class Deployments:
             raise FailedPrecondition(
                 f"version {version} has another signature than version {current.resolved_version}: "
                 "a canary must take the same inputs and give the same outputs"
+            )
+        if (serving := _serving(found))["runner_metadata"] != current.runner_metadata or (
+            serving["task"] != current.task
+        ):
+            raise FailedPrecondition(
+                f"version {version} serves another task or vocabulary than version "
+                f"{current.resolved_version}: a canary must answer the same requests"
             )
         canary = Canary(
             version=version,
@@ -507,6 +517,7 @@ class Deployments:
             route = await self._wait_serving(tenant, request.deployment, timeout)
         serving, compiled, canary = route.serving, route.compiled, route.canary
         assert serving is not None and compiled is not None  # _wait_serving returns only then
+        check_task(request.deployment, serving.task, TENSOR_TASKS, "Predict")
         compiled.validate(headers_of_predict(request), request.output_names)
         triton_model, version = serving.triton_model, serving.resolved_version
         if canary is not None and goes_to_canary(request_id_var.get(), canary.weight):
@@ -758,6 +769,8 @@ class Deployments:
             max_batch_size=deployment.max_batch_size,
             instances=deployment.instances,
             device=deployment.device,
+            task=deployment.task,
+            runner_metadata=deployment.runner_metadata,
             on_gpu=deployment.device == "GPU" or (deployment.device == "AUTO" and self.gpu_available),
         )
 
@@ -776,6 +789,17 @@ class Deployments:
             check_signature(found.signature)
         except InvalidArgument as exc:
             raise FailedPrecondition(f"{label} has an unusable signature: {exc}") from None
+        task = task_of_metadata(found.metadata)
+        if task == GENERATE:
+            if found.format != registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT:
+                raise FailedPrecondition(f"{label} is a language model: text generation serves TorchScript")
+            if not found.metadata.get("vocabulary"):
+                raise FailedPrecondition(
+                    f"{label} is a language model without a `vocabulary` in its metadata "
+                    "(its characters in token order): text generation cannot encode prompts"
+                )
+        if task != PREDICT:
+            return found  # runners of other tasks read their own inputs (text), not the signature's
         for tensor in [*found.signature.inputs, *found.signature.outputs]:
             if tensor.datatype in UNSERVED_DATATYPES:
                 raise FailedPrecondition(
@@ -807,6 +831,18 @@ class Deployments:
             DEPLOYMENTS.labels(state).set(states[state])
         self._changed.set()
         self._changed = asyncio.Event()
+
+
+def _serving(version: registry_pb2.Version) -> dict[str, Any]:
+    """The deployment fields that follow from the version it serves."""
+    task = task_of_metadata(version.metadata)
+    return {
+        "task": task,
+        "precision": version.precision or "fp32",
+        "runner_metadata": {
+            key: version.metadata[key] for key in RUNNER_METADATA_KEYS[task] if key in version.metadata
+        },
+    }
 
 
 def _canary_revision(deployment: Deployment, canary: Canary) -> Deployment:

@@ -8,6 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.channels import tenant_of
+from services.common.serving import TASK_VALUES
 from services.inference.load import LoadReporter
 from services.inference.service import Deployments, DeploymentSpec, Route
 from services.inference.store import Deployment
@@ -63,6 +64,8 @@ def deployment_message(deployment: Deployment) -> inference_pb2.Deployment:
         signature=deployment.signature,
         create_time=_timestamp(deployment.create_time),
         update_time=_timestamp(deployment.update_time),
+        task=TASK_VALUES[deployment.task],
+        precision=deployment.precision,
     )
     if deployment.version is not None:
         message.version = deployment.version
@@ -94,6 +97,7 @@ def route_message(route: Route, triton_address: str) -> inference_pb2.Route:
         max_batch_size=served.max_batch_size,
         cacheable=route.deployment.cacheable,
         ready=route.ready,
+        task=TASK_VALUES[served.task],
     )
     if route.ready and route.canary is not None:
         message.canary.CopyFrom(

@@ -4,6 +4,7 @@ by tenant, except `all()`, which the reconciler uses to see the whole table."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -69,6 +70,12 @@ deployments = Table(
     Column("canary_triton_model", String(64), nullable=True),
     Column("canary_sha256", String(64), nullable=True),
     Column("canary_format", String(16), nullable=True),
+    # What the served version answers (PREDICT, GENERATE or EMBED) and its precision tag, from
+    # the version when it was resolved; runner_metadata holds the version's metadata the runner
+    # needs (JSON), e.g. a language model's vocabulary.
+    Column("task", String(16), nullable=False, server_default="PREDICT"),
+    Column("precision", String(16), nullable=False, server_default=""),
+    Column("runner_metadata", Text, nullable=False, server_default="{}"),
     UniqueConstraint("tenant", "name", name="uq_deployments_tenant_name"),
     UniqueConstraint("triton_model", name="uq_deployments_triton_model"),
 )
@@ -125,6 +132,9 @@ class Deployment:
     create_time: datetime
     update_time: datetime
     canary: Canary | None = None
+    task: str = "PREDICT"  # PREDICT, GENERATE or EMBED
+    precision: str = ""
+    runner_metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def replace(self, **changes) -> Deployment:
         return dataclasses.replace(self, **changes)
@@ -133,6 +143,7 @@ class Deployment:
 def _row_values(deployment: Deployment) -> dict:
     values = {field.name: getattr(deployment, field.name) for field in dataclasses.fields(deployment)}
     values["signature"] = deployment.signature.SerializeToString(deterministic=True)
+    values["runner_metadata"] = json.dumps(deployment.runner_metadata, sort_keys=True)
     canary = values.pop("canary")
     for field, column in CANARY_COLUMNS.items():
         values[column] = getattr(canary, field) if canary else None
@@ -145,6 +156,7 @@ def _deployment(row) -> Deployment:
     if canary["version"] is not None:
         values["canary"] = Canary(**canary)
     values["signature"] = common_pb2.Signature.FromString(values["signature"])
+    values["runner_metadata"] = json.loads(values["runner_metadata"])
     for key in ("create_time", "update_time"):
         if values[key].tzinfo is None:  # SQLite keeps no zone; we always write UTC
             values[key] = values[key].replace(tzinfo=UTC)

@@ -1,0 +1,123 @@
+"""The Triton python-backend runner of text-generation deployments (a decoupled model): one
+response per generated token, then a last one with the finish reason and the token counts.
+
+Config parameters: `artifact` (the TorchScript language model beside this file), `device` and
+`vocabulary` (JSON: the model's characters in token order). Each request carries the prompt
+(BYTES input `prompt`) and the sampling settings as request parameters: max_tokens,
+temperature, top_k, top_p, seed and stop (a JSON list of strings). The tensor and parameter
+names match services/common/generation.py, which builds these requests; this file and
+sampling.py are all that the model directory holds, so they import nothing of the platform.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+# The caller's mistakes start with this, so that the gateway answers INVALID_ARGUMENT.
+INVALID_INPUT_PREFIX = "invalid input: "
+DEFAULT_MAX_TOKENS = 64
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        sys.path.insert(0, version_dir)  # sampling.py ships beside this file
+        import sampling
+        import torch
+
+        self.sampling = sampling
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        instances = sum(group.get("count", 1) for group in config.get("instance_group", [])) or 1
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // instances))
+        wants_gpu = args.get("model_instance_kind") == "GPU" and parameters.get("device", "AUTO") != "CPU"
+        device_id = args.get("model_instance_device_id", "0")
+        self.device = torch.device(f"cuda:{device_id}" if wants_gpu and torch.cuda.is_available() else "cpu")
+        self.module = torch.jit.load(os.path.join(version_dir, parameters["artifact"]), map_location=self.device)
+        self.module.eval()
+        self.vocabulary = sampling.Vocabulary(json.loads(parameters["vocabulary"]))
+        self.block_size = sampling.block_size_of(self.module)
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._generate(request, sender)
+            except InvalidInput as exc:
+                _fail(sender, INVALID_INPUT_PREFIX + str(exc), pb_utils.TritonError.INVALID_ARG)
+            except Exception as exc:  # every failure ends the stream with an error, never a dead stub
+                _fail(sender, f"generation failed: {exc}", pb_utils.TritonError.INTERNAL)
+        return None
+
+    def _generate(self, request, sender) -> None:
+        prompt, settings = self._read(request)
+        try:
+            prompt_tokens = self.vocabulary.encode(prompt)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        for step in self.sampling.generate(
+            self.module, self.vocabulary, prompt_tokens, settings, self.block_size, self.device
+        ):
+            if sender.is_cancelled():
+                # The client went away or its deadline passed: stop generating now.
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
+            if step.finish_reason:
+                final = [
+                    _bytes_tensor("text", ""),
+                    _bytes_tensor("finish_reason", step.finish_reason),
+                    pb_utils.Tensor("prompt_tokens", np.array([len(prompt_tokens)], dtype=np.int64)),
+                    pb_utils.Tensor("completion_tokens", np.array([step.completion_tokens], dtype=np.int64)),
+                ]
+                sender.send(
+                    pb_utils.InferenceResponse(output_tensors=final),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
+                return
+            sender.send(pb_utils.InferenceResponse(output_tensors=[_bytes_tensor("text", step.text)]))
+
+    def _read(self, request):
+        prompt_tensor = pb_utils.get_input_tensor_by_name(request, "prompt")
+        if prompt_tensor is None or prompt_tensor.as_numpy().size != 1:
+            raise InvalidInput("send the prompt as one BYTES element named 'prompt'")
+        prompt = prompt_tensor.as_numpy().reshape(-1)[0]
+        prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
+        if not prompt:
+            raise InvalidInput("the prompt is empty")
+        given = json.loads(request.parameters() or "{}")
+        try:
+            stop = json.loads(given.get("stop", "[]"))
+            settings = self.sampling.Settings(
+                max_tokens=int(given.get("max_tokens", DEFAULT_MAX_TOKENS)),
+                temperature=float(given.get("temperature", 1.0)),
+                top_k=int(given.get("top_k", 0)),
+                top_p=float(given.get("top_p", 1.0)),
+                seed=int(given["seed"]) if "seed" in given else None,
+                stop=tuple(str(item) for item in stop),
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"unreadable sampling parameters: {exc}") from None
+        # The gateway validates the ranges; internal callers of Triton are checked here too.
+        if settings.max_tokens < 1 or settings.temperature < 0 or not 0 < settings.top_p <= 1:
+            raise InvalidInput("max_tokens must be 1 or more, temperature 0 or more and top_p in (0, 1]")
+        return prompt, settings
+
+
+class InvalidInput(Exception):
+    """The request's content is at fault."""
+
+
+def _bytes_tensor(name: str, text: str):
+    return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
+
+
+def _fail(sender, message: str, code) -> None:
+    sender.send(
+        pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message[:2000], code)),
+        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+    )

@@ -1,0 +1,130 @@
+"""Token-by-token generation from a character-level language model (the trainer's GPT as
+TorchScript: tokens [B, T] -> logits [B, T, V]), with temperature, top-k, top-p, a seed and stop
+sequences. Plain torch: the Triton runner (runner/generate.py, which ships this file beside it)
+and the in-process benchmark run exactly this code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one generated token adds to the visible text; the last step has a finish reason."""
+
+    text: str
+    finish_reason: str = ""  # "length" or "stop" on the last step
+    completion_tokens: int = 0
+
+
+class Vocabulary:
+    def __init__(self, characters: str) -> None:
+        self.characters = characters
+        self.index = {character: token for token, character in enumerate(characters)}
+
+    def encode(self, text: str) -> list[int]:
+        unknown = sorted({character for character in text if character not in self.index})
+        if unknown:
+            raise ValueError(
+                f"the prompt holds characters the model does not know: {''.join(unknown)[:40]!r}; "
+                f"it knows {len(self.characters)} characters"
+            )
+        return [self.index[character] for character in text]
+
+
+def next_token(logits: torch.Tensor, settings: Settings, generator: torch.Generator) -> int:
+    """One token from the logits [V] of the last position."""
+    if settings.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / settings.temperature
+    if 0 < settings.top_k < logits.numel():
+        kth = torch.topk(logits, settings.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True)
+        cumulative = torch.cumsum(torch.softmax(ordered, dim=-1), dim=-1)
+        # Drop a token when the ones before it already reach top_p; the most likely one always stays.
+        drop = cumulative - torch.softmax(ordered, dim=-1) >= settings.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probabilities = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+class StopMatcher:
+    """Holds back text that may be the start of a stop sequence, so that no part of a stop
+    sequence is ever emitted."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text now safe to emit, whether a stop sequence was reached)."""
+        self.held += text
+        found = [self.held.find(stop) for stop in self.stops if stop in self.held]
+        if found:
+            emit, self.held = self.held[: min(found)], ""
+            return emit, True
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if self.held.endswith(stop[:n])), default=0)
+        emit = self.held[: len(self.held) - keep]
+        self.held = self.held[len(emit) :]
+        return emit, False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+def generate(
+    module: torch.nn.Module,
+    vocabulary: Vocabulary,
+    prompt_tokens: list[int],
+    settings: Settings,
+    block_size: int,
+    device: torch.device | None = None,
+) -> Iterator[Step]:
+    """One Step per generated token, then a last Step with the finish reason and token count."""
+    device = device or torch.device("cpu")
+    generator = torch.Generator(device=device)
+    if settings.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(settings.seed)
+    context = torch.tensor([prompt_tokens[-block_size:]], dtype=torch.long, device=device)
+    stops = StopMatcher(settings.stop)
+    for produced in range(1, settings.max_tokens + 1):
+        with torch.inference_mode():
+            logits = module(context)[0, -1]
+        token = next_token(logits, settings, generator)
+        text, stopped = stops.feed(vocabulary.characters[token])
+        if stopped:
+            if text:
+                yield Step(text)
+            yield Step("", "stop", produced)
+            return
+        yield Step(text)
+        context = torch.cat([context, torch.tensor([[token]], device=device)], dim=1)[:, -block_size:]
+    if held := stops.flush():
+        yield Step(held)
+    yield Step("", "length", settings.max_tokens)
+
+
+def block_size_of(module: torch.nn.Module) -> int:
+    """The longest context the model takes: its `block_size`, else its position table's size."""
+    if hasattr(module, "block_size"):
+        return int(module.block_size)
+    return int(module.positions.weight.shape[0])
