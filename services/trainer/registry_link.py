@@ -1,5 +1,6 @@
 """The trainer's calls to the registry, each on behalf of the job's tenant: fetch a dataset
-version, check a parent version, and register a finished job's artifact as a new version."""
+version, check a parent version, fetch a version to optimize, and register a finished job's
+artifact as a new version."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from services.common.channels import internal_metadata
 from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from services.common.remote_errors import domain_error
 from services.common.tensors import BY_TRITON
+from services.trainer.optimization_spec import SourceVersion
 
 CHUNK_BYTES = 1024 * 1024
 DATASET_FORMATS = {registry_pb2.DATASET_FORMAT_NPZ: "NPZ", registry_pb2.DATASET_FORMAT_CSV: "CSV"}
@@ -43,6 +45,8 @@ class Registration:
     dataset_version: int
     parent_version: int
     hyperparameters: dict[str, str]
+    format: str = "TORCHSCRIPT"  # or ONNX
+    precision: str = "fp32"
 
 
 class RegistryLink:
@@ -89,6 +93,30 @@ class RegistryLink:
         except grpc.aio.AioRpcError as error:
             raise domain_error("registry", error) from None
 
+    async def fetch_version(self, tenant: str, model: str, version: int, path: Path) -> SourceVersion:
+        """Download a model version's artifact to `path`, checking its sha256; returns its description."""
+        request = registry_pb2.DownloadVersionRequest(model=model, version=version)
+        partial = path.with_suffix(".partial")
+        digest, described = hashlib.sha256(), None
+        try:
+            with partial.open("wb") as file:
+                async for part in self._stub.DownloadVersion(request, metadata=self._metadata(tenant)):
+                    if part.HasField("version"):
+                        described = part.version
+                    else:
+                        digest.update(part.chunk)
+                        await asyncio.to_thread(file.write, part.chunk)
+        except grpc.aio.AioRpcError as error:
+            partial.unlink(missing_ok=True)
+            raise domain_error("registry", error) from None
+        if described is None or digest.hexdigest() != described.sha256:
+            partial.unlink(missing_ok=True)
+            raise FailedPrecondition(f"{model} version {version} arrived damaged (sha256 mismatch)")
+        partial.replace(path)
+        format = registry_pb2.ArtifactFormat.Name(described.format).removeprefix("ARTIFACT_FORMAT_")
+        return SourceVersion(model, version, format, described.precision, dict(described.metadata),
+                             described.lineage.dataset_version)
+
     async def register(self, tenant: str, registration: Registration) -> int:
         """Upload the artifact as a new version of the model (created if missing); returns the
         version number. A model this call created is deleted again if the upload fails."""
@@ -131,7 +159,7 @@ class RegistryLink:
         data = await asyncio.to_thread(registration.artifact.read_bytes)
         header = registry_pb2.VersionHeader(
             model=registration.model,
-            format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
+            format=registry_pb2.ArtifactFormat.Value(f"ARTIFACT_FORMAT_{registration.format}"),
             signature=signature_pb(registration.signature),
             sha256=hashlib.sha256(data).hexdigest(),
             size_bytes=len(data),
@@ -144,7 +172,7 @@ class RegistryLink:
                 parent_version=registration.parent_version,
                 hyperparameters=registration.hyperparameters,
             ),
-            precision="fp32",
+            precision=registration.precision,
         )
         yield registry_pb2.UploadVersionRequest(header=header)
         for start in range(0, len(data), CHUNK_BYTES):

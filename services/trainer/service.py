@@ -1,5 +1,7 @@
 """The trainer's domain logic: plain Python, no gRPC. Raises services.common.errors.*.
 
+Two kinds of job share this machinery: training jobs, and optimization jobs (quantize, prune,
+distil or export an existing version, whose artifact is fetched into the job folder at creation).
 A job is validated and its dataset fetched when it is created, so a bad request fails at once
 and never reaches a worker. Queued jobs start as slots free up (fair between tenants); each
 runs in its own worker process whose events are stored in order and fanned out to watchers.
@@ -18,8 +20,8 @@ import math
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,13 @@ from services.common.errors import FailedPrecondition, InvalidArgument, MaasErro
 from services.common.validation import Page, check_name
 from services.trainer import data as datasets
 from services.trainer.config import TrainerSettings
+from services.trainer.optimization_spec import (
+    TRAINING_SPEC_KEY,
+    OptimizationSpec,
+    check_source,
+    resolve_optimization,
+    student_spec,
+)
 from services.trainer.registry_link import Registration, RegistryLink
 from services.trainer.runner import WorkerProcess, launch, log_tail, pick_next, running_by_tenant
 from services.trainer.spec import TrainingSpec, check_fits, resolve
@@ -38,6 +47,8 @@ log = logging.getLogger(__name__)
 Launcher = Callable[[Path, int, int], Awaitable[WorkerProcess]]
 WATCH_QUEUE_SIZE = 1000
 ACTIVE = (JobState.QUEUED, JobState.RUNNING)
+# The version an optimization job starts from, downloaded into its folder when it is created.
+SOURCE_ARTIFACT = "source.pt"
 PROGRESS_FIELDS = ("epoch", "epochs", "step", "total_steps", "loss", "metrics", "samples_per_second", "eta_seconds")
 
 
@@ -100,27 +111,48 @@ class Trainer:
         check_name("model", model)
         if parent_version < 0:
             raise InvalidArgument("parent_version must be a version number, or 0 for none")
-        spec = resolve(spec, max_epochs=self._settings.trainer_max_epochs, max_workers=self._settings.trainer_max_workers)
-        job_id = f"job-{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
-        folder = self._folder(job_id)
-        folder.mkdir(parents=True)
+        spec = self._resolve(spec)
+        job_id, folder = self._new_folder()
         try:
             config, dataset_version = await self._prepare(tenant, spec, folder)
             if parent_version:
                 await self._registry.check_version(tenant, model, parent_version)
-            await asyncio.to_thread((folder / JOB_FILE).write_text, json.dumps(config))
-            queued = await asyncio.to_thread(self._store.in_states, [JobState.QUEUED])
-            job = JobRecord(
+            job = await self._queue(JobRecord(
                 id=job_id, tenant=tenant, kind="training", state=JobState.QUEUED, spec=spec.to_dict(),
                 model=model, parent_version=parent_version, dataset_version=dataset_version, create_time=now(),
                 message="queued",
-            )
-            job = await asyncio.to_thread(self._store.create, job, ("queued", {"position": len(queued)}))
+            ), config)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         log.info("job queued", extra={"job": job_id, "tenant": tenant, "architecture": spec.architecture})
-        self._wake.set()
+        return job
+
+    async def create_optimization_job(self, tenant: str, spec: OptimizationSpec, model: str) -> JobRecord:
+        """Queue a job that quantizes, prunes, distils or exports `spec.model` version
+        `spec.version`; its result becomes a new version of `model` (default: the same model)."""
+        check_name("model", spec.model)
+        model = model or spec.model
+        check_name("model", model)
+        spec = resolve_optimization(spec, max_epochs=self._settings.trainer_max_epochs)
+        job_id, folder = self._new_folder()
+        try:
+            source = await self._registry.fetch_version(tenant, spec.model, spec.version, folder / SOURCE_ARTIFACT)
+            training = replace(check_source(spec, source), device=spec.device)
+            students = [self._resolve(student_spec(spec, training))] if spec.method == "distill" else []
+            config, dataset_version = await self._prepare(tenant, training, folder, students)
+            config.update(kind="optimization", optimization=spec.to_dict(),
+                          source={"model": source.model, "version": source.version, "metadata": source.metadata})
+            job = await self._queue(JobRecord(
+                id=job_id, tenant=tenant, kind="optimization", state=JobState.QUEUED, spec=spec.to_dict(),
+                # Lineage links versions of one model; another target model names its parent in metadata.
+                model=model, parent_version=spec.version if model == spec.model else 0,
+                dataset_version=dataset_version, create_time=now(), message="queued",
+            ), config)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        log.info("job queued", extra={"job": job_id, "tenant": tenant, "optimization": spec.summary})
         return job
 
     async def get_job(self, tenant: str, job_id: str) -> JobRecord:
@@ -191,8 +223,27 @@ class Trainer:
 
     # Preparing a job
 
-    async def _prepare(self, tenant: str, spec: TrainingSpec, folder: Path) -> tuple[dict[str, Any], int]:
-        """Check the spec against its dataset; fetch a registry dataset into the job folder."""
+    def _resolve(self, spec: TrainingSpec) -> TrainingSpec:
+        return resolve(spec, max_epochs=self._settings.trainer_max_epochs, max_workers=self._settings.trainer_max_workers)
+
+    def _new_folder(self) -> tuple[str, Path]:
+        job_id = f"job-{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+        folder = self._folder(job_id)
+        folder.mkdir(parents=True)
+        return job_id, folder
+
+    async def _queue(self, job: JobRecord, config: dict[str, Any]) -> JobRecord:
+        await asyncio.to_thread((self._folder(job.id) / JOB_FILE).write_text, json.dumps(config))
+        queued = await asyncio.to_thread(self._store.in_states, [JobState.QUEUED])
+        job = await asyncio.to_thread(self._store.create, job, ("queued", {"position": len(queued)}))
+        self._wake.set()
+        return job
+
+    async def _prepare(
+        self, tenant: str, spec: TrainingSpec, folder: Path, also_fits: Sequence[TrainingSpec] = ()
+    ) -> tuple[dict[str, Any], int]:
+        """Check the spec (and `also_fits`, e.g. a distillation student) against its dataset;
+        fetch a registry dataset into the job folder."""
         config: dict[str, Any] = {"spec": spec.to_dict()}
         if spec.builtin:
             info = await asyncio.to_thread(datasets.describe_builtin, spec.dataset)
@@ -208,7 +259,8 @@ class Trainer:
             dataset_version = fetched.version
             config.update(dataset_file=fetched.path.name, dataset_format=fetched.format,
                           target_column=fetched.target_column)
-        check_fits(spec, info)
+        for fitting in (spec, *also_fits):
+            check_fits(fitting, info)
         if spec.device == "cuda" and not await asyncio.to_thread(_cuda_available):
             raise FailedPrecondition("device cuda was asked for, but this trainer has no CUDA device: use auto or cpu")
         return config, dataset_version
@@ -256,7 +308,7 @@ class Trainer:
             config = json.loads(await asyncio.to_thread((folder / JOB_FILE).read_text))
             config["threads"] = self._settings.threads_per_job()
             await asyncio.to_thread((folder / JOB_FILE).write_text, json.dumps(config))
-            running.process = await self._launch(folder, int(job.spec["workers"]), config["threads"])
+            running.process = await self._launch(folder, int(job.spec.get("workers", 1)), config["threads"])
             if running.cancelled or self._stopping:  # either came while the worker was starting
                 await running.process.stop(self._settings.trainer_stop_grace_seconds)
             result, error = await self._follow(running)
@@ -264,7 +316,7 @@ class Trainer:
             if running.cancelled or self._stopping:
                 return
             if code == 0 and result:
-                await self._register(running, result)
+                await self._register(running, result, config)
                 return
             reason = error or f"the worker exited with code {code}: {log_tail(folder) or 'no output'}"
             await self._finish(job.id, [JobState.RUNNING], JobState.FAILED, reason)
@@ -300,18 +352,28 @@ class Trainer:
                 await self._emit(running.job.id, kind, event)
         return result, error
 
-    async def _register(self, running: RunningJob, result: dict[str, Any]) -> None:
+    async def _register(self, running: RunningJob, result: dict[str, Any], config: dict[str, Any]) -> None:
         job = running.job
-        spec = TrainingSpec.from_dict(job.spec)
         running.registering = True
-        metrics = {k: float(v) for k, v in result["metrics"].items() if math.isfinite(v)}
+        metrics = _finite(result["metrics"])
+        # The spec of the data (and, for training, the network): what an optimization job rebuilds.
+        data = TrainingSpec.from_dict(config["spec"])
         metadata = {**result["metadata"], "job": job.id,
-                    "dataset": f"builtin:{spec.dataset}" if spec.builtin else f"registry:{spec.dataset}"}
+                    "dataset": f"builtin:{data.dataset}" if data.builtin else f"registry:{data.dataset}"}
+        if job.kind == "optimization":
+            spec = OptimizationSpec.from_dict(job.spec)
+            metadata = {**config["source"]["metadata"], **metadata, "optimization": spec.summary,
+                        "parent": f"{spec.model}:{spec.version}"}
+            hyperparameters = spec.lineage_hyperparameters()
+        else:
+            metadata[TRAINING_SPEC_KEY] = json.dumps(data.to_dict())
+            hyperparameters = data.lineage_hyperparameters()
         registration = Registration(
             model=job.model, artifact=self._folder(job.id) / result["artifact"], signature=result["signature"],
-            metrics=metrics, metadata=metadata, job_id=job.id, dataset="" if spec.builtin else spec.dataset,
+            metrics=metrics, metadata=metadata, job_id=job.id, dataset="" if data.builtin else data.dataset,
             dataset_version=job.dataset_version, parent_version=job.parent_version,
-            hyperparameters=spec.lineage_hyperparameters(),
+            hyperparameters=hyperparameters, format=result.get("format", "TORCHSCRIPT"),
+            precision=result.get("precision", "fp32"),
         )
         try:
             version = await self._registry.register(job.tenant, registration)
@@ -319,6 +381,8 @@ class Trainer:
             await self._finish(job.id, [JobState.RUNNING], JobState.FAILED, f"registering the result failed: {exc}")
             return
         outcome = {"model": job.model, "version": version, "metrics": metrics}
+        if "parent_metrics" in result:
+            outcome["parent_metrics"] = _finite(result["parent_metrics"])
         await self._finish(job.id, [JobState.RUNNING], JobState.SUCCEEDED,
                            f"registered as {job.model} version {version}", result=outcome)
 
@@ -379,6 +443,10 @@ class Trainer:
 def _check_job_id(job_id: str) -> None:
     if not job_id.startswith("job-") or len(job_id) > 40 or not job_id[4:].isalnum():
         raise InvalidArgument(f"invalid job id {job_id[:60]!r}: job ids look like job-0193a2b4c5d6e7f8a9b0")
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
 
 
 def _cuda_available() -> bool:

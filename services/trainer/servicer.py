@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 from services.common.channels import tenant_of
+from services.trainer.optimization_spec import OptimizationSpec
 from services.trainer.service import Trainer
 from services.trainer.spec import TrainingSpec
 from services.trainer.store import EventRecord, JobRecord, JobState
@@ -30,12 +31,17 @@ TASKS = {trainer_pb2.TASK_UNSPECIFIED: "", trainer_pb2.TASK_CLASSIFICATION: "cla
          trainer_pb2.TASK_REGRESSION: "regression"}
 CELLS = {trainer_pb2.RECURRENT_CELL_UNSPECIFIED: "lstm", trainer_pb2.RECURRENT_CELL_LSTM: "lstm",
          trainer_pb2.RECURRENT_CELL_GRU: "gru", trainer_pb2.RECURRENT_CELL_RNN: "rnn"}
+PRECISIONS = {trainer_pb2.PRECISION_UNSPECIFIED: "", trainer_pb2.PRECISION_INT8: "int8",
+              trainer_pb2.PRECISION_FP16: "fp16"}
+KINDS = {"training": trainer_pb2.JOB_KIND_TRAINING, "optimization": trainer_pb2.JOB_KIND_OPTIMIZATION}
 STATES = {state: trainer_pb2.JobState.Value(f"JOB_STATE_{state.value}") for state in JobState}
 # Spec fields that are `optional` in the proto: unset means "the default".
 OPTIONAL_FIELDS = (
     "learning_rate", "weight_decay", "momentum", "step_epochs", "step_gamma", "batch_size", "epochs",
     "early_stopping_patience", "seed", "validation_fraction", "test_fraction", "workers",
 )
+OPTIONAL_PRUNE_FIELDS = ("learning_rate",)
+OPTIONAL_DISTILL_FIELDS = ("temperature", "alpha", "epochs", "learning_rate", "batch_size")
 
 
 def _reverse(mapping: dict[int, str]) -> dict[str, int]:
@@ -73,26 +79,60 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         async for event in self.trainer.watch_job(tenant_of(context), request.id, request.after_sequence):
             yield trainer_pb2.WatchJobResponse(event=event_pb(event))
 
+    async def CreateOptimizationJob(self, request, context):  # noqa: N802
+        job = await self.trainer.create_optimization_job(
+            tenant_of(context), optimization_spec_of(request.spec), request.model
+        )
+        return trainer_pb2.CreateOptimizationJobResponse(job=job_pb(job))
 
-def spec_of(spec: trainer_pb2.TrainingSpec) -> TrainingSpec:
-    kind = spec.architecture.WhichOneof("kind") or ""
+
+def _architecture_of(architecture: trainer_pb2.Architecture) -> tuple[str, dict[str, Any]]:
+    kind = architecture.WhichOneof("kind") or ""
     params: dict[str, Any] = {}
     if kind:
-        arch = getattr(spec.architecture, kind)
+        arch = getattr(architecture, kind)
         for field, value in arch.ListFields():
             params[field.name] = value if isinstance(value, (int, float, str)) else list(value)
         if kind == "recurrent":
             params["cell"] = CELLS.get(arch.cell, "unknown")
-    source = spec.dataset.WhichOneof("source")
+    return kind, params
+
+
+def _architecture_pb(kind: str, params: dict[str, Any]) -> trainer_pb2.Architecture:
+    params = dict(params)
+    if kind == "recurrent":
+        params["cell"] = _reverse(CELLS)[params["cell"]]
+    return trainer_pb2.Architecture(**{kind: params})
+
+
+def _dataset_of(dataset: trainer_pb2.DatasetSource) -> dict[str, Any]:
+    source = dataset.WhichOneof("source")
+    return {
+        "dataset": dataset.registry.name if source == "registry" else dataset.builtin,
+        "builtin": source != "registry",
+        "dataset_version": dataset.registry.version if source == "registry" else 0,
+        "task": TASKS.get(dataset.task, "unknown"),
+        "max_samples": dataset.max_samples,
+    }
+
+
+def _dataset_pb(spec: TrainingSpec | OptimizationSpec) -> trainer_pb2.DatasetSource:
+    dataset = trainer_pb2.DatasetSource(task=_reverse(TASKS).get(spec.task, 0), max_samples=spec.max_samples)
+    if spec.builtin:
+        dataset.builtin = spec.dataset
+    else:
+        dataset.registry.name = spec.dataset
+        dataset.registry.version = spec.dataset_version
+    return dataset
+
+
+def spec_of(spec: trainer_pb2.TrainingSpec) -> TrainingSpec:
+    kind, params = _architecture_of(spec.architecture)
     optional = {name: getattr(spec, name) for name in OPTIONAL_FIELDS if spec.HasField(name)}
     return TrainingSpec(
         architecture=kind or "(unset)",
-        dataset=spec.dataset.registry.name if source == "registry" else spec.dataset.builtin,
-        builtin=source != "registry",
-        dataset_version=spec.dataset.registry.version if source == "registry" else 0,
         hyperparameters=params,
-        task=TASKS.get(spec.dataset.task, "unknown"),
-        max_samples=spec.dataset.max_samples,
+        **_dataset_of(spec.dataset),
         optimizer=OPTIMIZERS.get(spec.optimizer, "unknown"),
         schedule=SCHEDULES.get(spec.schedule, "unknown"),
         device=DEVICES.get(spec.device, "unknown"),
@@ -100,21 +140,52 @@ def spec_of(spec: trainer_pb2.TrainingSpec) -> TrainingSpec:
     )
 
 
+def optimization_spec_of(spec: trainer_pb2.OptimizationSpec) -> OptimizationSpec:
+    method = spec.WhichOneof("method") or ""
+    fields: dict[str, Any] = {}
+    if method == "quantize":
+        fields["precision"] = PRECISIONS.get(spec.quantize.precision, "unknown")
+    elif method == "prune":
+        fields["target_sparsity"] = spec.prune.target_sparsity
+        fields["finetune_epochs"] = spec.prune.finetune_epochs
+        fields.update({n: getattr(spec.prune, n) for n in OPTIONAL_PRUNE_FIELDS if spec.prune.HasField(n)})
+    elif method == "distill":
+        fields["student"], fields["student_hyperparameters"] = _architecture_of(spec.distill.student)
+        fields.update({n: getattr(spec.distill, n) for n in OPTIONAL_DISTILL_FIELDS if spec.distill.HasField(n)})
+    # An unset dataset means "the source's own"; only a named one replaces it.
+    dataset = _dataset_of(spec.dataset) if spec.dataset.WhichOneof("source") else {}
+    return OptimizationSpec(
+        model=spec.model, version=spec.version, method=method, **fields, **dataset,
+        seed=spec.seed if spec.HasField("seed") else None, device=DEVICES.get(spec.device, "unknown"),
+    )
+
+
+def optimization_pb(data: dict[str, Any]) -> trainer_pb2.OptimizationSpec:
+    spec = OptimizationSpec.from_dict(data)
+    message = trainer_pb2.OptimizationSpec(model=spec.model, version=spec.version, seed=spec.seed,
+                                           device=_reverse(DEVICES).get(spec.device, 0))
+    if spec.method == "quantize":
+        message.quantize.precision = _reverse(PRECISIONS)[spec.precision]
+    elif spec.method == "prune":
+        message.prune.CopyFrom(trainer_pb2.PruneMethod(
+            target_sparsity=spec.target_sparsity, finetune_epochs=spec.finetune_epochs,
+            learning_rate=spec.learning_rate))
+    elif spec.method == "distill":
+        message.distill.CopyFrom(trainer_pb2.DistillMethod(
+            student=_architecture_pb(spec.student, spec.student_hyperparameters),
+            **{name: getattr(spec, name) for name in OPTIONAL_DISTILL_FIELDS}))
+    else:
+        message.export.SetInParent()
+    if spec.dataset:
+        message.dataset.CopyFrom(_dataset_pb(spec))
+    return message
+
+
 def spec_pb(spec: dict[str, Any]) -> trainer_pb2.TrainingSpec:
     resolved = TrainingSpec.from_dict(spec)
-    params = dict(resolved.hyperparameters)
-    if resolved.architecture == "recurrent":
-        params["cell"] = _reverse(CELLS)[params["cell"]]
-    architecture = trainer_pb2.Architecture(**{resolved.architecture: params})
-    dataset = trainer_pb2.DatasetSource(task=_reverse(TASKS).get(resolved.task, 0), max_samples=resolved.max_samples)
-    if resolved.builtin:
-        dataset.builtin = resolved.dataset
-    else:
-        dataset.registry.name = resolved.dataset
-        dataset.registry.version = resolved.dataset_version
     return trainer_pb2.TrainingSpec(
-        architecture=architecture,
-        dataset=dataset,
+        architecture=_architecture_pb(resolved.architecture, resolved.hyperparameters),
+        dataset=_dataset_pb(resolved),
         optimizer=_reverse(OPTIMIZERS)[resolved.optimizer],
         schedule=_reverse(SCHEDULES).get(resolved.schedule, 0),
         device=_reverse(DEVICES).get(resolved.device, 0),
@@ -147,15 +218,18 @@ def result_pb(result: dict[str, Any]) -> trainer_pb2.JobResult:
     return trainer_pb2.JobResult(
         model=result.get("model", ""), version=int(result.get("version", 0)),
         metrics={k: float(v) for k, v in result.get("metrics", {}).items()},
+        parent_metrics={k: float(v) for k, v in result.get("parent_metrics", {}).items()},
     )
 
 
 def job_pb(job: JobRecord) -> trainer_pb2.Job:
+    optimization = job.kind == "optimization"
     return trainer_pb2.Job(
         id=job.id,
-        kind=trainer_pb2.JOB_KIND_TRAINING,
+        kind=KINDS[job.kind],
         state=STATES[job.state],
-        spec=spec_pb(job.spec),
+        spec=None if optimization else spec_pb(job.spec),
+        optimization=optimization_pb(job.spec) if optimization else None,
         model=job.model,
         parent_version=job.parent_version,
         create_time=_timestamp(job.create_time),

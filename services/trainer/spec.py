@@ -100,7 +100,7 @@ def resolve(spec: TrainingSpec, *, max_epochs: int, max_workers: int) -> Trainin
     adam_like = spec.optimizer in ("adam", "adamw")
     resolved = replace(
         spec,
-        hyperparameters=_architecture_parameters(spec.architecture, spec.hyperparameters),
+        hyperparameters=architecture_parameters(spec.architecture, spec.hyperparameters),
         learning_rate=_default(spec.learning_rate, 1e-3 if adam_like else 1e-2),
         weight_decay=_default(spec.weight_decay, 1e-2 if spec.optimizer == "adamw" else 0.0),
         momentum=_default(spec.momentum, 0.9 if spec.optimizer == "momentum" else 0.0),
@@ -180,7 +180,7 @@ def _check_split(spec: TrainingSpec, samples: int) -> None:
         )
 
 
-def _architecture_parameters(arch: str, given: dict[str, Any]) -> dict[str, Any]:
+def architecture_parameters(arch: str, given: dict[str, Any]) -> dict[str, Any]:
     defaults = ARCHITECTURE_DEFAULTS[arch]
     params = {**defaults, **{k: v for k, v in given.items() if v not in (None, [], 0, "")}}
     # Dropout 0 is meaningful and equals the default, so the filter above loses nothing.

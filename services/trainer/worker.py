@@ -1,4 +1,4 @@
-"""python -m services.trainer.worker JOB_FOLDER: one training job in its own process.
+"""python -m services.trainer.worker JOB_FOLDER: one training or optimization job in its own process.
 
 The trainer service starts it (through `torchrun` when the job has several workers) and reads
 its events, one JSON object per line, from its stdout: started, progress, checkpoint, log,
@@ -84,7 +84,7 @@ def main(folder: Path) -> int:
         run(folder, rank, world, events)
     except Exception as exc:  # every failure becomes the job's reason, not a bare exit code
         logging.getLogger(__name__).debug("job failed", exc_info=True)
-        logging.getLogger(__name__).error("training failed: %s", exc, exc_info=False)
+        logging.getLogger(__name__).error("the job failed: %s", exc, exc_info=False)
         events({"type": "error", "message": f"{type(exc).__name__}: {exc}" if not _is_domain(exc) else str(exc)})
         return 1
     return 0
@@ -103,8 +103,13 @@ def run(folder: Path, rank: int, world: int, events: EventWriter) -> None:
         lock = (folder / LOCK_FILE).open("a")
         fcntl.flock(lock, fcntl.LOCK_EX)
     config = json.loads((folder / JOB_FILE).read_text())
-    spec = TrainingSpec.from_dict(config["spec"])
     torch.set_num_threads(int(config.get("threads", 1)))
+    if config.get("kind") == "optimization":
+        from services.trainer.optimization import optimize
+
+        events(optimize(folder, config, events, pick_device(config["optimization"]["device"], rank)))
+        return
+    spec = TrainingSpec.from_dict(config["spec"])
     device = pick_device(spec.device, rank)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
