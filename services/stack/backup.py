@@ -4,9 +4,12 @@ the admin key, copied while the stack serves.
 Consistency: each database is copied as one snapshot (SQLite's online backup API; pg_dump's
 single transaction for PostgreSQL). Snapshots are taken in dependency order: services that
 point at registry versions (gateway, trainer, inference) first, the registry after them, and
-the blobs last. Versions are immutable and a blob is written before its row, so every version a
+the blobs last, the trainer's job folders after its database. Versions are immutable and a blob is written before its row, so every version a
 snapshot names has its row and its bytes in the backup. (A model deleted during the backup can
-leave its row without bytes; restore reports such blobs as missing.)
+leave its row without bytes; restore reports such blobs as missing.) The job folders hold what
+a restored trainer resumes an unfinished job from (job.json, the newest checkpoint) and the
+workers' logs; a checkpoint being written aside (*.tmp) is left out, its finished predecessor
+is what a resume reads.
 
 Supported: SQLite -> SQLite and PostgreSQL -> PostgreSQL per service (pg_dump / pg_restore on
 PATH), local or S3 blob stores on either side. Redis holds only caches, rate-limit windows and
@@ -48,6 +51,9 @@ SERVICES: tuple[tuple[str, type[CommonSettings]], ...] = (
     ("registry", RegistrySettings),
 )
 SECRET_FILES = ("admin.key", "internal.token")
+JOBS_DIR = "trainer-jobs"
+# Files written aside and renamed into place: half-written while the backup runs.
+PARTIAL_SUFFIXES = (".tmp", ".partial")
 
 
 class BackupError(Exception):
@@ -60,6 +66,7 @@ class Report:
     databases: dict[str, str]  # service -> engine
     blobs: int
     missing_blobs: list[str]
+    job_files: int = 0  # files of the trainer's job folders
 
 
 def database_url(service: str, settings: CommonSettings) -> str:
@@ -137,6 +144,10 @@ def backup(destination: Path) -> Report:
         databases[service] = {"engine": engine, "file": file_name}
         log.info("database copied", extra={"service": service, "engine": engine})
 
+    trainer = settings["trainer"]
+    assert isinstance(trainer, TrainerSettings)
+    job_files = _copy_tree(trainer.trainer_jobs_dir, destination / JOBS_DIR)
+
     target_blobs = LocalBlobStore(destination / "blobs")
     copied, missing = _copy_blobs(open_blob_store(registry), target_blobs)
     shutil.rmtree(target_blobs.temp_dir, ignore_errors=True)
@@ -146,9 +157,9 @@ def backup(destination: Path) -> Report:
         if (home / name).exists():
             _copy_secret(home / name, destination / name)
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "databases": databases, "blobs": copied, "missing_blobs": missing}
+                "databases": databases, "blobs": copied, "missing_blobs": missing, "job_files": job_files}
     (destination / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return Report(destination, {s: d["engine"] for s, d in databases.items()}, copied, missing)
+    return Report(destination, {s: d["engine"] for s, d in databases.items()}, copied, missing, job_files)
 
 
 def restore(source: Path) -> Report:
@@ -176,6 +187,9 @@ def restore(source: Path) -> Report:
             )
         _require_empty(service, url)
         plan.append((service, url, entry))
+    jobs_dir = settings["trainer"].trainer_jobs_dir  # type: ignore[attr-defined]
+    if jobs_dir.exists() and any(jobs_dir.iterdir()):
+        raise BackupError(f"trainer: {jobs_dir} holds job folders; restore into an empty MAAS_HOME")
 
     for service, url, entry in plan:
         dump = source / "databases" / entry["file"]
@@ -186,6 +200,7 @@ def restore(source: Path) -> Report:
                  str(dump))
         log.info("database restored", extra={"service": service})
 
+    job_files = _copy_tree(source / JOBS_DIR, jobs_dir)
     copied, missing = _copy_blobs(LocalBlobStore(source / "blobs"), open_blob_store(registry))
     shutil.rmtree(source / "blobs" / "tmp", ignore_errors=True)
 
@@ -194,7 +209,7 @@ def restore(source: Path) -> Report:
         if (source / name).exists():
             _copy_secret(source / name, home / name)
     return Report(home, {s: e["engine"] for s, e in manifest["databases"].items()}, copied,
-                  [*manifest.get("missing_blobs", []), *missing])
+                  [*manifest.get("missing_blobs", []), *missing], job_files)
 
 
 def _copy_blobs(source: BlobStore, target: BlobStore) -> tuple[int, list[str]]:
@@ -217,6 +232,24 @@ def _copy_blobs(source: BlobStore, target: BlobStore) -> tuple[int, list[str]]:
         writer.commit(digest, writer.size)
         copied += 1
     return copied, missing
+
+
+def _copy_tree(source: Path, target: Path) -> int:
+    """Every finished file under `source` into `target`; returns how many were copied."""
+    if not source.is_dir():
+        return 0
+    copied = 0
+    for path in sorted(source.rglob("*")):
+        if path.suffix in PARTIAL_SUFFIXES or not path.is_file():
+            continue
+        destination = target / path.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copy2(path, destination)
+        except FileNotFoundError:
+            continue  # the trainer removed it since it was listed (a job that failed to start)
+        copied += 1
+    return copied
 
 
 def _copy_secret(source: Path, target: Path) -> None:

@@ -21,7 +21,8 @@ def _backup_module():  # type: ignore[no-untyped-def]
 
 
 def backup(path: Annotated[Path, typer.Argument(help="A new or empty directory")]) -> None:
-    """Copy every service's SQL data, the registry's blobs and the admin key, while the stack serves."""
+    """Copy every service's SQL data, the registry's blobs, the trainer's job folders and the admin key,
+    while the stack serves."""
     module = _backup_module()
     try:
         report = module.backup(path)
@@ -29,7 +30,10 @@ def backup(path: Annotated[Path, typer.Argument(help="A new or empty directory")
         errors.print(f"[red]backup failed[/]: {error}")
         raise typer.Exit(1) from None
     engines = ", ".join(f"{service} ({engine})" for service, engine in report.databases.items())
-    console.print(f"backed up {engines} and {report.blobs} blob(s) to [bold]{report.path}[/]")
+    console.print(
+        f"backed up {engines}, {report.blobs} blob(s) and {report.job_files} training job file(s) "
+        f"to [bold]{report.path}[/]"
+    )
     if report.missing_blobs:
         errors.print(
             f"[yellow]{len(report.missing_blobs)} blob(s) vanished during the backup[/] (deleted meanwhile)"
@@ -45,7 +49,8 @@ def restore(path: Annotated[Path, typer.Argument(help="A directory `maas admin b
         errors.print(f"[red]restore failed[/]: {error}")
         raise typer.Exit(1) from None
     console.print(
-        f"restored {', '.join(report.databases)} and {report.blobs} blob(s) into [bold]{report.path}[/]; "
+        f"restored {', '.join(report.databases)}, {report.blobs} blob(s) and {report.job_files} training job "
+        f"file(s) into [bold]{report.path}[/]; "
         "start the stack with `maas up`"
     )
     if report.missing_blobs:
