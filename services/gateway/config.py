@@ -30,6 +30,9 @@ class GatewaySettings(CommonSettings):
     # Usage counters: in memory -> Redis every push interval, Redis -> SQL every flush interval.
     usage_push_seconds: float = 1.0
     usage_flush_seconds: float = 10.0
+    # How often jobs created through the gateway are checked and, once ended, their run time
+    # counted against the training quota; 0 turns settling off.
+    training_settle_seconds: float = 5.0
 
     @model_validator(mode="after")
     def _default_database(self) -> GatewaySettings:

@@ -60,6 +60,8 @@ class Backend:
 
 # A check run before a call is forwarded (e.g. the training budget); raises to refuse it.
 Guard = Callable[[str], Awaitable[None]]
+# Run with (tenant, key id, response bytes) after a call succeeded (e.g. recording a new job).
+Recorder = Callable[[str, str, bytes], Awaitable[None]]
 
 
 class Proxy(grpc.GenericRpcHandler):
@@ -71,14 +73,17 @@ class Proxy(grpc.GenericRpcHandler):
         audit: AuditLog | None = None,
         meter: Meter | None = None,
         guards: Mapping[str, Guard] | None = None,
+        recorders: Mapping[str, Recorder] | None = None,
     ) -> None:
         """`backends` holds one Backend per FORWARDED name; methods in `served_here` (full
         paths) are left to the gateway's own handlers. `guards` maps a full path to a check
-        that gets the caller's tenant before the call is forwarded."""
+        that gets the caller's tenant before the call is forwarded; `recorders` a full path
+        to what is done with a successful answer."""
         self.token = token
         self.audit = audit
         self.meter = meter
         self.guards = dict(guards or {})
+        self.recorders = dict(recorders or {})
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._unary: dict[str, tuple[Backend, grpc.aio.UnaryUnaryMultiCallable]] = {}
         for name, service in FORWARDED.items():
@@ -105,10 +110,19 @@ class Proxy(grpc.GenericRpcHandler):
         if guard is not None:
             await guard(current_caller().tenant)
         try:
-            return await call(request, metadata=self._metadata(context), timeout=context.time_remaining())
+            response = await call(request, metadata=self._metadata(context), timeout=context.time_remaining())
         except grpc.aio.AioRpcError as error:
             await self._abort(backend, error, context)
             raise  # unreachable: abort raises
+        recorder = self.recorders.get(path)
+        if recorder is not None:
+            caller = current_caller()
+            try:
+                await recorder(caller.tenant, caller.key_id, response)
+            except Exception:
+                # The backend did the work: the caller hears so; what was not recorded is logged.
+                log.exception("recording a successful call failed", extra={"method": path})
+        return response
 
     def _handler(self, backend: Backend, path: str, method: MethodDescriptor) -> grpc.RpcMethodHandler:
         if not method.server_streaming:

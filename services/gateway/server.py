@@ -23,12 +23,17 @@ from services.gateway.routes import RouteTable
 from services.gateway.service import Admin
 from services.gateway.servicer import AdminServicer
 from services.gateway.store import GatewayStore, KeyRecord, RateLimit
+from services.gateway.training import TrainingSettlement
 from services.gateway.usage import Meter
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The grpc.health.v1 entry that says whether Redis is reachable (the gateway serves either way).
 REDIS_HEALTH = "redis"
-CREATE_TRAINING_JOB = "/maas.trainer.v1.TrainerService/CreateTrainingJob"
+# Calls that start training work: checked against the training quota, their jobs settled later.
+JOB_CREATING = (
+    "/maas.trainer.v1.TrainerService/CreateTrainingJob",
+    "/maas.trainer.v1.TrainerService/CreateOptimizationJob",
+)
 
 
 async def open_store(settings: GatewaySettings) -> GatewayStore:
@@ -55,13 +60,17 @@ async def create_app(settings: GatewaySettings) -> App:
     }
     credentials = internal_credentials(settings)
     backends = {name: Backend.open(name, addresses[name], credentials) for name in FORWARDED}
+    settlement = TrainingSettlement(
+        store, backends["trainer"].channel, settings.internal_token, admission, settings.training_settle_seconds
+    )
     proxy = Proxy(
         settings.internal_token,
         backends,
         served_here={predict.PREDICT_PATH},
         audit=audit,
         meter=meter,
-        guards={CREATE_TRAINING_JOB: admission.check_training},
+        guards={path: admission.check_training for path in JOB_CREATING},
+        recorders={path: settlement.record for path in JOB_CREATING},
     )
     routes = RouteTable(
         backends["inference"].channel, settings.internal_token, settings.predict_timeout_seconds
@@ -105,8 +114,10 @@ async def create_app(settings: GatewaySettings) -> App:
         routes.start()
         audit.start()
         meter.start()
+        settlement.start()
 
     async def on_stop() -> None:
+        await settlement.close()
         await routes.close()
         for backend in backends.values():
             await backend.close()

@@ -112,6 +112,28 @@ audit_events = Table(
     Column("code", String(32), nullable=False),
 )
 
+# Jobs created through the gateway, until the seconds they ran are counted (settle_time set).
+training_jobs = Table(
+    "training_jobs",
+    metadata,
+    Column("job_id", String(100), primary_key=True),
+    Column("tenant", String(63), nullable=False),
+    Column("api_key_id", String(12), nullable=False),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+    Column("settle_time", DateTime(timezone=True), nullable=True, index=True),
+    Column("seconds", BigInteger, nullable=True),
+)
+
+
+@dataclass(frozen=True)
+class TrainingJobRecord:
+    job_id: str
+    tenant: str
+    api_key_id: str
+    create_time: datetime
+    settle_time: datetime | None = None
+    seconds: int | None = None
+
 
 @dataclass(frozen=True)
 class TenantRecord:
@@ -221,6 +243,12 @@ def _quota(row) -> QuotaRecord:  # type: ignore[no-untyped-def]
     rate_limit = RateLimit(row.rate_requests_per_second, row.rate_burst, row.rate_tokens_per_minute)
     budgets = {name: getattr(row, name) for name in QUOTA_FIELDS}
     return QuotaRecord(row.tenant, **budgets, rate_limit=rate_limit, update_time=_utc(row.update_time))
+
+
+def _training_job(row) -> TrainingJobRecord:  # type: ignore[no-untyped-def]
+    return TrainingJobRecord(
+        row.job_id, row.tenant, row.api_key_id, _utc(row.create_time), _utc(row.settle_time), row.seconds
+    )
 
 
 def _rate_columns(rate_limit: RateLimit | None) -> dict[str, float | int | None]:
@@ -379,6 +407,42 @@ class GatewayStore:
             AuditRecord(r.id, _utc(r.time), r.tenant, r.api_key_id, r.method, r.resource, r.code)
             for r in rows
         ]
+
+    def add_training_job(self, job: TrainingJobRecord) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.execute(
+                self._insert(training_jobs)
+                .values(
+                    job_id=job.job_id, tenant=job.tenant, api_key_id=job.api_key_id, create_time=job.create_time
+                )
+                .on_conflict_do_nothing(index_elements=["job_id"])
+            )
+
+    def unsettled_training_jobs(self, limit: int) -> list[TrainingJobRecord]:
+        """Oldest first."""
+        query = (
+            select(training_jobs)
+            .where(training_jobs.c.settle_time.is_(None))
+            .order_by(training_jobs.c.create_time)
+            .limit(limit)
+        )
+        with Session(self.engine) as session:
+            return [_training_job(row) for row in session.execute(query)]
+
+    def settle_training_job(self, job_id: str, seconds: int, when: datetime) -> bool:
+        """Marks the job settled; False if it was already (by another gateway replica)."""
+        with Session(self.engine) as session, session.begin():
+            result = session.execute(
+                update(training_jobs)
+                .where(training_jobs.c.job_id == job_id, training_jobs.c.settle_time.is_(None))
+                .values(settle_time=when, seconds=seconds)
+            )
+        return result.rowcount == 1
+
+    def get_training_job(self, job_id: str) -> TrainingJobRecord | None:
+        with Session(self.engine) as session:
+            row = session.execute(select(training_jobs).where(training_jobs.c.job_id == job_id)).first()
+        return _training_job(row) if row else None
 
     def _insert(self, table: Table):  # type: ignore[no-untyped-def]
         """INSERT with ON CONFLICT support for the engine's dialect."""

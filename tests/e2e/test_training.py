@@ -4,6 +4,8 @@ Predict through the gateway with the accuracy the job reported."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from maas import Client
 from maas.errors import ApiError
 from maas.trainer.v1 import trainer_pb2
 from sklearn.datasets import load_digits
+
+from services.gateway.training import job_seconds
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +57,14 @@ def test_train_watch_deploy_predict(stack, keys) -> None:
         assert logits.shape == (64, 10)
         assert (logits.argmax(1) == digits.target[:64]).mean() >= 0.95
         maas.delete_deployment("digits-cnn")
+
+    # The gateway settles the job's run time into the tenant's usage (every 5 s by default).
+    with Client(stack.gateway, stack.admin_key) as admin:
+        deadline = time.monotonic() + 30
+        while (used := sum(row.training_seconds for row in admin.get_usage("trainee"))) == 0:
+            assert time.monotonic() < deadline, "the job's training seconds never reached usage"
+            time.sleep(0.5)
+        assert used == job_seconds(job) > 0
 
     with Client(stack.gateway, keys["reader"]) as reader:
         assert reader.get_job(job.id).id == job.id

@@ -282,12 +282,12 @@ async def gateway_stack(
         (inference_pb2_grpc.add_InferenceServiceServicer_to_server, inference),
         (inference_pb2_grpc.add_RoutingServiceServicer_to_server, routing),
     )
+    settings_overrides.setdefault("trainer_addr", closed_address())
     settings = GatewaySettings(
         home=tmp_path,
         gateway_addr="127.0.0.1:0",
         registry_addr=registry_address,
         inference_addr=inference_address,
-        trainer_addr=closed_address(),
         internal_token=TOKEN,
         redis_url=redis_url or f"redis://{closed_address()}/0",
         **settings_overrides,

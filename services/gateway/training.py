@@ -1,0 +1,112 @@
+"""Training minutes: a job's quota is checked when it is created (Admission.check_training) and
+what it really ran is counted once it ends.
+
+Every job created through the gateway is recorded in the gateway's SQL with its tenant and
+key. A background task asks the trainer about unsettled jobs and, for each one that reached a
+terminal state, counts its seconds (end - start, times its workers) against the tenant's
+training quota and in usage. The record is marked settled in the same step (a conditional
+update, so only one replica counts a job); a gateway that restarts picks up whatever was left
+unsettled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from datetime import UTC, datetime
+
+import grpc
+from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from prometheus_client import Counter
+
+from services.common.channels import internal_metadata
+from services.gateway.admission import Admission
+from services.gateway.store import GatewayStore, TrainingJobRecord
+
+log = logging.getLogger(__name__)
+
+TERMINAL = frozenset({trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED})
+SETTLED = Counter("maas_gateway_training_seconds_settled_total", "Training seconds counted once jobs ended", ["tenant"])
+# Jobs looked at per round: the oldest unsettled first.
+BATCH = 100
+
+
+def job_seconds(job: trainer_pb2.Job) -> int:
+    """What a terminal job ran: its wall time times its workers, rounded up; 0 if it never started."""
+    if not (job.HasField("start_time") and job.HasField("end_time")):
+        return 0
+    elapsed = (job.end_time.ToDatetime() - job.start_time.ToDatetime()).total_seconds()
+    workers = job.spec.workers if job.spec.HasField("workers") and job.spec.workers > 0 else 1
+    return max(0, math.ceil(elapsed * workers))
+
+
+class TrainingSettlement:
+    def __init__(
+        self,
+        store: GatewayStore,
+        trainer: grpc.aio.Channel,
+        token: str,
+        admission: Admission,
+        interval_seconds: float,
+    ) -> None:
+        self.store = store
+        self.trainer = trainer_pb2_grpc.TrainerServiceStub(trainer)
+        self.token = token
+        self.admission = admission
+        self.interval_seconds = interval_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    async def record(self, tenant: str, key_id: str, response: bytes) -> None:
+        """After CreateTrainingJob or CreateOptimizationJob succeeded: remember the job to settle."""
+        # Both responses carry the job as field 1.
+        job = trainer_pb2.CreateTrainingJobResponse.FromString(response).job
+        record = TrainingJobRecord(job.id, tenant, key_id, datetime.now(UTC))
+        await asyncio.to_thread(self.store.add_training_job, record)
+
+    def start(self) -> None:
+        if self.interval_seconds > 0:
+            self._task = asyncio.create_task(self._run(), name="training-settlement")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.settle_ended()
+            except Exception:
+                log.exception("settling training jobs failed; they are tried again next round")
+            await asyncio.sleep(self.interval_seconds)
+
+    async def settle_ended(self) -> int:
+        """Count every recorded job that has ended; returns how many were settled."""
+        settled = 0
+        for record in await asyncio.to_thread(self.store.unsettled_training_jobs, BATCH):
+            job = await self._job(record)
+            if job is not None and job.state not in TERMINAL:
+                continue
+            # A job the trainer no longer knows is settled with nothing to count.
+            seconds = job_seconds(job) if job is not None else 0
+            if await asyncio.to_thread(self.store.settle_training_job, record.job_id, seconds, datetime.now(UTC)):
+                if seconds:
+                    await self.admission.settle_training(record.tenant, record.api_key_id, seconds)
+                    SETTLED.labels(record.tenant).inc(seconds)
+                settled += 1
+                log.info("training job settled", extra={"job": record.job_id, "seconds": seconds})
+        return settled
+
+    async def _job(self, record: TrainingJobRecord) -> trainer_pb2.Job | None:
+        request = trainer_pb2.GetJobRequest(id=record.job_id)
+        try:
+            response = await self.trainer.GetJob(
+                request, metadata=internal_metadata(self.token, record.tenant), timeout=10
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() is grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return response.job

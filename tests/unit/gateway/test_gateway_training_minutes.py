@@ -1,0 +1,168 @@
+"""Training minutes through the real gateway and a real redis-server, in front of a scripted
+trainer: jobs created through the gateway are recorded, settled once they end (run time times
+workers) into usage and the training quota, also by a gateway started after the one that saw
+the job created; a used-up quota refuses the next CreateTrainingJob and CreateOptimizationJob."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from maas.gateway.v1 import admin_pb2
+from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+
+from services.common.channels import tenant_of
+from services.common.database import make_engine
+from services.common.server import running
+from services.gateway.server import create_app
+from services.gateway.store import GatewayStore
+from services.gateway.training import job_seconds
+from tests.unit.gateway.gateway_fakes import gateway_stack, serve
+from tests.unit.gateway.test_gateway_limits import set_quota
+
+
+def stamp(value: datetime) -> Timestamp:
+    result = Timestamp()
+    result.FromDatetime(value)
+    return result
+
+
+class ScriptedTrainer(trainer_pb2_grpc.TrainerServiceServicer):
+    """Queues every job it is given; the test ends them with the run time it wants."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, tuple[str, trainer_pb2.Job]] = {}  # id -> (tenant, job)
+
+    def _create(self, context, **fields) -> trainer_pb2.Job:  # type: ignore[no-untyped-def]
+        job = trainer_pb2.Job(id=f"job-{len(self.jobs) + 1}", state=trainer_pb2.JOB_STATE_QUEUED, **fields)
+        self.jobs[job.id] = (tenant_of(context), job)
+        return job
+
+    async def CreateTrainingJob(self, request, context):  # noqa: N802
+        return trainer_pb2.CreateTrainingJobResponse(job=self._create(context, spec=request.spec))
+
+    async def CreateOptimizationJob(self, request, context):  # noqa: N802
+        return trainer_pb2.CreateOptimizationJobResponse(job=self._create(context))
+
+    async def GetJob(self, request, context):  # noqa: N802
+        tenant, job = self.jobs.get(request.id, ("", None))
+        if job is None or tenant != tenant_of(context):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.id} not found")
+        return trainer_pb2.GetJobResponse(job=job)
+
+    def end(self, job_id: str, seconds: float, state: int = trainer_pb2.JOB_STATE_SUCCEEDED) -> None:
+        job = self.jobs[job_id][1]
+        start = datetime.now(UTC) - timedelta(seconds=seconds)
+        job.state = state
+        job.start_time.CopyFrom(stamp(start))
+        job.end_time.CopyFrom(stamp(start + timedelta(seconds=seconds)))
+
+
+@pytest.fixture
+async def trainer():
+    scripted = ScriptedTrainer()
+    server, address = await serve((trainer_pb2_grpc.add_TrainerServiceServicer_to_server, scripted))
+    yield scripted, address
+    await server.stop(0)
+
+
+async def training_seconds(stack) -> int:  # type: ignore[no-untyped-def]
+    response = await stack.admin.GetUsage(
+        admin_pb2.GetUsageRequest(tenant="acme"), metadata=stack.auth("admin-of-admin")
+    )
+    return sum(row.training_seconds for row in response.rows)
+
+
+async def eventually(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def test_job_seconds_are_wall_time_times_workers() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    job = trainer_pb2.Job(start_time=stamp(start), end_time=stamp(start + timedelta(seconds=10.2)))
+    assert job_seconds(job) == 11
+    job.spec.workers = 4
+    assert job_seconds(job) == 41
+    assert job_seconds(trainer_pb2.Job(state=trainer_pb2.JOB_STATE_CANCELLED)) == 0  # cancelled while queued
+
+
+async def test_jobs_are_settled_after_a_gateway_restart_and_then_the_quota_refuses(tmp_path, redis_server,
+                                                                                     trainer) -> None:
+    scripted, address = trainer
+    # The first gateway records jobs but never settles (as if it stopped before they ended).
+    async with gateway_stack(
+        tmp_path, redis_url=redis_server.url, trainer_addr=address, training_settle_seconds=0
+    ) as stack:
+        await set_quota(stack, "acme", training_minutes_per_day=1)
+        stub = trainer_pb2_grpc.TrainerServiceStub(stack.channel)
+        spec = trainer_pb2.TrainingSpec(workers=2)
+        created = await stub.CreateTrainingJob(
+            trainer_pb2.CreateTrainingJobRequest(model="m", spec=spec), metadata=stack.auth("developer")
+        )
+        optimized = await stub.CreateOptimizationJob(
+            trainer_pb2.CreateOptimizationJobRequest(), metadata=stack.auth("developer")
+        )
+        store = GatewayStore(make_engine(stack.settings.gateway_database_url))
+        pending = {job.job_id: job for job in store.unsettled_training_jobs(10)}
+        assert set(pending) == {created.job.id, optimized.job.id}
+        assert pending[created.job.id].tenant == "acme"
+        assert pending[created.job.id].api_key_id == stack.key_ids["developer"]
+
+        # A later gateway on the same database settles what has ended, and only that.
+        scripted.end(created.job.id, seconds=40)  # 2 workers: 80 s, over the 60 s budget
+        restarted = stack.settings.model_copy(update={"training_settle_seconds": 0.05})
+        async with running(await create_app(restarted)):
+
+            async def first_settled() -> bool:
+                return store.get_training_job(created.job.id).settle_time is not None
+
+            await eventually(first_settled)
+            assert store.get_training_job(created.job.id).seconds == 80
+            assert store.get_training_job(optimized.job.id).settle_time is None  # still queued
+
+            async def in_usage() -> bool:  # the settling gateway's meter pushes through Redis
+                return await training_seconds(stack) == 80
+
+            await eventually(in_usage)
+
+            for call, request in (
+                (stub.CreateTrainingJob, trainer_pb2.CreateTrainingJobRequest(model="m", spec=spec)),
+                (stub.CreateOptimizationJob, trainer_pb2.CreateOptimizationJobRequest()),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call(request, metadata=stack.auth("developer"))
+                assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "training seconds per day" in refused.value.details()
+
+            # A job cancelled before it started costs nothing, and is settled all the same.
+            scripted.jobs[optimized.job.id][1].state = trainer_pb2.JOB_STATE_CANCELLED
+
+            async def second_settled() -> bool:
+                return store.get_training_job(optimized.job.id).settle_time is not None
+
+            await eventually(second_settled)
+            assert store.get_training_job(optimized.job.id).seconds == 0
+            assert await training_seconds(stack) == 80
+        store.engine.dispose()
+
+
+async def test_a_refused_or_failed_create_records_no_job(tmp_path, redis_server, trainer) -> None:
+    _, address = trainer
+    async with gateway_stack(
+        tmp_path, redis_url=redis_server.url, trainer_addr=address, training_settle_seconds=0
+    ) as stack:
+        stub = trainer_pb2_grpc.TrainerServiceStub(stack.channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # a reader may not train
+            await stub.CreateTrainingJob(trainer_pb2.CreateTrainingJobRequest(), metadata=stack.auth("reader"))
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        store = GatewayStore(make_engine(stack.settings.gateway_database_url))
+        assert store.unsettled_training_jobs(10) == []
+        store.engine.dispose()
