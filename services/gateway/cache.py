@@ -89,6 +89,13 @@ def predict_key(tenant: str, route: inference_pb2.Route, request: inference_pb2.
     return f"maas:{{{tenant}}}:cache:{digest.hexdigest()}"
 
 
+def embed_key(tenant: str, route: inference_pb2.Route, texts: list[bytes]) -> str:
+    digest = _Digest("embed", *_route_parts(route))
+    for text in texts:
+        digest.bytes(text)
+    return f"maas:{{{tenant}}}:cache:{digest.hexdigest()}"
+
+
 def infer_key(tenant: str, route: inference_pb2.Route, request: service_pb2.ModelInferRequest) -> str:
     digest = _Digest("oip", *_route_parts(route))
     raw = list(request.raw_input_contents)
