@@ -20,6 +20,7 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from prometheus_client import Gauge
 from redis.exceptions import NoScriptError
 
 from services.common.errors import ResourceExhausted
@@ -73,17 +74,25 @@ end
 return result
 """
 
-# Settling: ARGV per key is delta, ttl.
+# Settling: ARGV per key is delta, ttl. Returns the counters' new values.
 ADJUST_SCRIPT = """
+local values = {}
 for i = 1, #KEYS do
-  redis.call('INCRBY', KEYS[i], ARGV[2*i - 1])
+  values[i] = redis.call('INCRBY', KEYS[i], ARGV[2*i - 1])
   redis.call('EXPIRE', KEYS[i], ARGV[2*i])
 end
-return 1
+return values
 """
 
 DAY_TTL = 2 * 86400
 MONTH_TTL = 32 * 86400
+
+# What an alert on a quota near exhaustion reads; above 1 when settled usage overshot the budget.
+QUOTA_USED = Gauge(
+    "maas_gateway_quota_used_ratio",
+    "Part of a tenant's quota used in the current period, as last seen by this gateway",
+    ["tenant", "resource", "period"],
+)
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,12 @@ class Counter:
     reset_at: float  # unix time the period ends
     what: str
     subject: str
+    # (tenant, resource, period) of the maas_gateway_quota_used_ratio gauge; empty: not reported.
+    labels: tuple[str, ...] = ()
+
+    def report(self, used: int) -> None:
+        if self.labels and self.limit > 0:
+            QUOTA_USED.labels(*self.labels).set(used / self.limit)
 
 
 @dataclass(frozen=True)
@@ -257,7 +272,10 @@ class Limiter:
                 self.link.lost(error)
             else:
                 return self._read(result, buckets, counters)
-        return self.local.reserve(buckets, counters)
+        denial = self.local.reserve(buckets, counters)
+        for counter in counters:
+            counter.report(self.local.used(counter.key))
+        return denial
 
     def _read(
         self, result: list[int], buckets: Sequence[Bucket], counters: Sequence[Counter]
@@ -266,26 +284,35 @@ class Limiter:
         if admitted:
             for counter, used in zip(counters, result[4:]):
                 self.local.seen(counter.key, int(used), counter.ttl_seconds)
+                counter.report(int(used))
             return None
         limits = [*buckets, *counters]
         limit = limits[index - 1]
+        if isinstance(limit, Counter):
+            limit.report(limit.limit - remaining)
         retry = retry_ms / 1000 if retry_ms >= 0 else limit.reset_at - time.time()  # type: ignore[union-attr]
         return Denial(limit, remaining, retry)
 
-    async def adjust(self, counters: Sequence[tuple[str, int, int]]) -> None:
-        """Add (key, delta, ttl) to counters: settling a reservation with what was really used."""
+    async def adjust(self, counters: Sequence[Counter]) -> None:
+        """Add each counter's cost (a delta) to it: settling a reservation with what was really used."""
         if not counters:
             return
         if self.link.up:
             args: list[int] = []
-            for _, delta, ttl in counters:
-                args += [delta, ttl]
+            for counter in counters:
+                args += [counter.cost, counter.ttl_seconds]
             try:
-                await self._adjust([key for key, _, _ in counters], args)
-                return
+                values = await self._adjust([counter.key for counter in counters], args)
             except REDIS_DOWN_ERRORS as error:
                 self.link.lost(error)
-        self.local.adjust(counters)
+            else:
+                for counter, used in zip(counters, values):
+                    self.local.seen(counter.key, int(used), counter.ttl_seconds)
+                    counter.report(int(used))
+                return
+        self.local.adjust([(counter.key, counter.cost, counter.ttl_seconds) for counter in counters])
+        for counter in counters:
+            counter.report(self.local.used(counter.key))
 
 
 @dataclass(frozen=True)
@@ -389,6 +416,7 @@ class Gate:
                     periods.day_ends,
                     f"{unit.replace('_', ' ')} per day of tenant {tenant}",
                     f"tenant:{tenant}",
+                    (tenant, unit, "day"),
                 )
             )
         if per_month > 0:
@@ -401,6 +429,7 @@ class Gate:
                     periods.month_ends,
                     f"{unit.replace('_', ' ')} per month of tenant {tenant}",
                     f"tenant:{tenant}",
+                    (tenant, unit, "month"),
                 )
             )
         return counters
@@ -408,7 +437,7 @@ class Gate:
     async def _settle(self, tenant: str, unit: str, per_day: int, per_month: int, delta: int) -> None:
         if delta:
             counters = self._counters(tenant, unit, per_day, per_month, delta)
-            await self.limiter.adjust([(c.key, c.cost, c.ttl_seconds) for c in counters])
+            await self.limiter.adjust(counters)
 
     @staticmethod
     def _token_buckets(

@@ -10,7 +10,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "deploy" / "monitoring"
-REQUIRED_ALERTS = {"MaasHighErrorRate", "MaasPredictLatencyP99High", "MaasTritonDown", "MaasRedisDegraded"}
+REQUIRED_ALERTS = {
+    "MaasHighErrorRate", "MaasPredictLatencyP99High", "MaasTritonDown", "MaasRedisDegraded",
+    "MaasInferenceQueueBacklog", "MaasQuotaNearExhaustion",
+}
 
 METRIC_DEFINITION = re.compile(r'(?:Counter|Gauge|Histogram|Summary)\(\s*"(maas_[a-z0-9_]+)"')
 METRIC_NAME = re.compile(r"\b(maas_[a-z0-9_]+)")

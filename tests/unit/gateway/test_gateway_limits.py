@@ -19,6 +19,7 @@ from maas.common.v1 import common_pb2
 from maas.gateway.v1 import admin_pb2
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from prometheus_client import REGISTRY
 
 from services.common.server import running
 from services.gateway.limits import Bucket, Counter, Gate, Limiter, LocalLimiter
@@ -136,6 +137,9 @@ async def test_daily_request_quota_has_no_overshoot_under_concurrency(stack):
     refused = [r for r in results if r is not None]
     assert all(r.code() is grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
     assert "requests per day of tenant acme" in refused[0].details()
+    # What the "quota near exhaustion" alert reads: the budget is all used.
+    labels = {"tenant": "acme", "resource": "requests", "period": "day"}
+    assert REGISTRY.get_sample_value("maas_gateway_quota_used_ratio", labels) == 1.0
     # The other tenant has its own budget; admin calls are never limited.
     other_tenant = inference_pb2_grpc.InferenceServiceStub(stack.channel)
     await other_tenant.Predict(predict_request(deployment="secret"), metadata=stack.auth("other"))

@@ -14,6 +14,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from maas.gateway.v1 import admin_pb2
 from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from prometheus_client import REGISTRY
 
 from services.common.channels import tenant_of
 from services.common.database import make_engine
@@ -132,6 +133,8 @@ async def test_jobs_are_settled_after_a_gateway_restart_and_then_the_quota_refus
                 return await training_seconds(stack) == 80
 
             await eventually(in_usage)
+            labels = {"tenant": "acme", "resource": "training_seconds", "period": "day"}
+            assert REGISTRY.get_sample_value("maas_gateway_quota_used_ratio", labels) == pytest.approx(80 / 60)
 
             for call, request in (
                 (stub.CreateTrainingJob, trainer_pb2.CreateTrainingJobRequest(model="m", spec=spec)),
