@@ -1,0 +1,87 @@
+"""`maas embed` (sentence embeddings from a deployment) and `maas models import-pretrained` (a
+pretrained embedding model that ships in a Python package, exported and uploaded as a version)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from maas.cli._shared import AddressOption, ApiKeyOption, client, console, errors, fail
+from maas.errors import ApiError
+
+# Columns of a vector the table shows; --json prints all of them.
+PREVIEW_DIMS = 4
+
+
+def embed(
+    deployment: str,
+    texts: Annotated[list[str], typer.Argument(help="1 to 256 texts, each one argument")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full vectors as JSON")] = False,
+    api_key: ApiKeyOption = None,
+    address: AddressOption = None,
+) -> None:
+    """Embed TEXTs with an embedding deployment: one L2-normalised vector per text."""
+    try:
+        vectors = client(api_key, address).embed(deployment, texts)
+    except ApiError as error:
+        raise fail(error) from None
+    if as_json:
+        print(json.dumps(vectors.tolist()))
+        return
+    table = Table("text", f"vector ({vectors.shape[1]} dims)")
+    for text, vector in zip(texts, vectors, strict=True):
+        preview = ", ".join(f"{value:+.4f}" for value in vector[:PREVIEW_DIMS])
+        table.add_row(text if len(text) <= 60 else text[:59] + "…", f"[{preview}, …]")
+    console.print(table)
+    if len(texts) > 1:
+        console.print("cosine similarity (rows are unit vectors, so this is their dot product):")
+        similarity = Table("", *(str(i) for i in range(len(texts))))
+        for i, row in enumerate(vectors @ vectors.T):
+            similarity.add_row(str(i), *(f"{value:.3f}" for value in row))
+        console.print(similarity)
+
+
+def import_pretrained(
+    name: Annotated[str, typer.Argument(help="The packaged model: all-minilm-l6-v2")],
+    model: Annotated[str, typer.Option("--model", help="Registry model to add the version to")],
+    alias: Annotated[str, typer.Option(help="Point this alias at the new version")] = "",
+    api_key: ApiKeyOption = None,
+    address: AddressOption = None,
+) -> None:
+    """Export a pretrained embedding model shipped in a Python package to ONNX (checked against
+    sentence-transformers with onnxruntime) and upload it as a new version. Nothing is downloaded."""
+    # Heavy imports (torch, sentence-transformers) wait until the export runs.
+    from maas.pretrained import import_pretrained as run_import
+
+    maas = client(api_key, address)
+    try:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=errors,
+        ) as progress:
+            uploads: list = []
+
+            def advance(size: int) -> None:
+                if not uploads:
+                    uploads.append(progress.add_task("uploading model.onnx", total=None))
+                progress.advance(uploads[0], size)
+
+            version = run_import(maas, name, model, alias=alias, log=errors.print, progress=advance)
+    except ApiError as error:
+        raise fail(error) from None
+    except (ValueError, RuntimeError) as error:
+        errors.print(f"[red]import failed:[/] {error}")
+        raise typer.Exit(1) from None
+    console.print(
+        f"{model} version [bold]{version.version}[/] ready: {version.metadata['dimensions']}-dim embeddings, "
+        f"from {version.metadata['source']}{f', alias {alias}' if alias else ''}\n"
+        f"deploy it with `maas deploy create NAME --model {model} --version {version.version}`, "
+        "then `maas embed NAME 'some text'`"
+    )
