@@ -417,6 +417,19 @@ class Client:
             pass
         return self.get_job(job_id)
 
+    def optimize(self, model: str, version: int, method: str, *, into: str = "", **options: Any) -> trainer_pb2.Job:
+        """Queue an optimization job on a version; the result is registered as a new version of
+        `into` (default `model`) with its precision, size, accuracy and latency beside the parent's
+        (Job.result.metrics and parent_metrics once it SUCCEEDED).
+
+        `method` and its options: "quantize" (precision="int8" or "fp16"); "prune" (target_sparsity=0.5,
+        finetune_epochs=3, learning_rate); "distill" (student="mlp" with its hyperparameters such as
+        hidden_sizes=[32], temperature=4, alpha=0.7, epochs=30, learning_rate, batch_size); "export"
+        (ONNX). All take dataset (default: the version's own training data and split), seed, device."""
+        request = trainer_pb2.CreateOptimizationJobRequest(
+            spec=optimization_spec(model, version, method, **options), model=into)
+        return self._unary(self.trainer.CreateOptimizationJob, request).job
+
 
 ARCHITECTURE_FIELDS = {
     "linear": (), "logistic": (), "mlp": ("hidden_sizes", "dropout"),
@@ -427,13 +440,18 @@ ARCHITECTURE_FIELDS = {
 BUILTIN_DATASETS = ("digits", "iris", "wine", "breast_cancer", "diabetes", "shakespeare")
 
 
-def training_spec(architecture: str, dataset: str, **options: Any) -> trainer_pb2.TrainingSpec:
-    """A TrainingSpec from plain values; see Client.train."""
+def _architecture(architecture: str, options: dict[str, Any]) -> trainer_pb2.Architecture:
+    """The architecture message; takes its hyperparameters out of `options`."""
     if architecture not in ARCHITECTURE_FIELDS:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURE_FIELDS)}")
     params = {k: options.pop(k) for k in ARCHITECTURE_FIELDS[architecture] if k in options}
     if "cell" in params:
         params["cell"] = trainer_pb2.RecurrentCell.Value(f"RECURRENT_CELL_{params['cell'].upper()}")
+    return trainer_pb2.Architecture(**{architecture: params})
+
+
+def _dataset_source(dataset: str, options: dict[str, Any]) -> trainer_pb2.DatasetSource:
+    """A built-in name, or a registry dataset "name" / "name@3"; takes max_samples and task out of `options`."""
     source = trainer_pb2.DatasetSource(max_samples=options.pop("max_samples", 0))
     if task := options.pop("task", ""):
         source.task = trainer_pb2.Task.Value(f"TASK_{task.upper()}")
@@ -442,13 +460,38 @@ def training_spec(architecture: str, dataset: str, **options: Any) -> trainer_pb
     else:
         name, _, version = dataset.partition("@")
         source.registry.name, source.registry.version = name, int(version or 0)
+    return source
+
+
+def optimization_spec(model: str, version: int, method: str, **options: Any) -> trainer_pb2.OptimizationSpec:
+    """An OptimizationSpec from plain values; see Client.optimize."""
+    spec = trainer_pb2.OptimizationSpec(model=model, version=version, seed=options.pop("seed", None))
+    if dataset := options.pop("dataset", ""):
+        spec.dataset.CopyFrom(_dataset_source(dataset, options))
+    if device := options.pop("device", ""):
+        spec.device = 0 if device.upper() == "AUTO" else trainer_pb2.Device.Value(f"DEVICE_{device.upper()}")
+    if method == "quantize":
+        spec.quantize.precision = trainer_pb2.Precision.Value(f"PRECISION_{options.pop('precision').upper()}")
+    elif method == "prune":
+        spec.prune.CopyFrom(trainer_pb2.PruneMethod(**options))
+    elif method == "distill":
+        student = _architecture(options.pop("student"), options)
+        spec.distill.CopyFrom(trainer_pb2.DistillMethod(student=student, **options))
+    elif method == "export":
+        spec.export.SetInParent()
+    else:
+        raise ValueError(f"unknown method {method!r}; choose one of quantize, prune, distill, export")
+    return spec
+
+
+def training_spec(architecture: str, dataset: str, **options: Any) -> trainer_pb2.TrainingSpec:
+    """A TrainingSpec from plain values; see Client.train."""
+    arch = _architecture(architecture, options)
+    source = _dataset_source(dataset, options)
     enums = {"optimizer": "OPTIMIZER", "schedule": "SCHEDULE", "device": "DEVICE"}
     for field, prefix in enums.items():
         if field in options:
             value = options.pop(field).upper()
             options[field] = 0 if value in ("AUTO", "CONSTANT") else trainer_pb2.DESCRIPTOR.enum_types_by_name[
                 prefix.title()].values_by_name[f"{prefix}_{value}"].number
-    spec = trainer_pb2.TrainingSpec(
-        architecture=trainer_pb2.Architecture(**{architecture: params}), dataset=source, **options
-    )
-    return spec
+    return trainer_pb2.TrainingSpec(architecture=arch, dataset=source, **options)

@@ -22,6 +22,8 @@ STUDENTS = ("linear", "logistic", "mlp", "cnn", "recurrent")
 # The metadata key under which training registers its resolved spec: what an optimization job
 # needs to rebuild the network and the exact data split of the version it starts from.
 TRAINING_SPEC_KEY = "training_spec"
+# The metadata key of an optimized version holding its parent's measurements (JSON), taken in its job.
+PARENT_METRICS_KEY = "parent_metrics"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from services.common.validation import Page, check_name
 from services.trainer import data as datasets
 from services.trainer.config import TrainerSettings
 from services.trainer.optimization_spec import (
+    PARENT_METRICS_KEY,
     TRAINING_SPEC_KEY,
     OptimizationSpec,
     check_source,
@@ -362,8 +363,10 @@ class Trainer:
                     "dataset": f"builtin:{data.dataset}" if data.builtin else f"registry:{data.dataset}"}
         if job.kind == "optimization":
             spec = OptimizationSpec.from_dict(job.spec)
+            # The parent's measurements travel with the child: the parent's own version predates them.
             metadata = {**config["source"]["metadata"], **metadata, "optimization": spec.summary,
-                        "parent": f"{spec.model}:{spec.version}"}
+                        "parent": f"{spec.model}:{spec.version}",
+                        PARENT_METRICS_KEY: json.dumps(_finite(result.get("parent_metrics", {})))}
             hyperparameters = spec.lineage_hyperparameters()
         else:
             metadata[TRAINING_SPEC_KEY] = json.dumps(data.to_dict())

@@ -13,6 +13,7 @@ from maas.cli.admin import admin_app, whoami
 from maas.cli.backup import backup, restore
 from maas.cli.deploy import deploy_app, predict
 from maas.cli.models import models_app
+from maas.cli.optimize import optimize
 from maas.cli.stack import down, status, up
 from maas.cli.train import jobs_app, train
 from maas.cli.usage import usage
@@ -35,6 +36,7 @@ app.command()(whoami)
 app.command()(predict)
 app.command()(usage)
 app.command()(train)
+app.command()(optimize)
 admin_app.command()(backup)
 admin_app.command()(restore)
 app.add_typer(admin_app, name="admin")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -152,3 +153,43 @@ def model_delete(model: str, api_key: ApiKeyOption = None, address: AddressOptio
     except ApiError as error:
         raise fail(error)
     console.print(f"deleted {model}")
+
+
+def compare_table(versions: list[registry_pb2.Version]) -> Table:
+    """Versions side by side: precision, format, size, parameters, accuracy and latency. A parent's
+    measurements that its own version lacks come from its optimized children, whose jobs took them."""
+    measured = {v.version: dict(v.metrics) for v in versions}
+    for child in versions:
+        model, _, parent = child.metadata.get("parent", "").rpartition(":")
+        if model == child.model and parent.isdigit() and int(parent) in measured and "parent_metrics" in child.metadata:
+            for name, value in json.loads(child.metadata["parent_metrics"]).items():
+                measured[int(parent)].setdefault(name, value)
+    formats = {v: k for k, v in FORMATS.items()}
+    table = Table("version", "parent", "precision", "format", "size", "parameters", "non-zero", "accuracy",
+                  "latency ms")
+    for v in versions:
+        metrics = measured[v.version]
+        if "test_accuracy" in metrics:
+            quality = f"{metrics['test_accuracy']:.2%}"
+        else:
+            quality = f"r2 {metrics['test_r2']:.3f}" if "test_r2" in metrics else "-"
+        latency = metrics.get("latency_ms_per_sample")
+        parent = v.metadata.get("parent") or (str(v.lineage.parent_version) if v.lineage.parent_version else "-")
+        table.add_row(str(v.version), parent, v.precision or "-", formats.get(v.format, "?"), f"{v.size_bytes:,}",
+                      _count(metrics, "parameters"), _count(metrics, "nonzero_parameters"), quality,
+                      f"{latency:.4f}" if latency is not None else "-")
+    return table
+
+
+def _count(metrics: dict[str, float], name: str) -> str:
+    return f"{int(metrics[name]):,}" if name in metrics else "-"
+
+
+@models_app.command("compare")
+def model_compare(model: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    """Compare a model's versions (e.g. its fp32 and int8 tiers): size, accuracy and latency."""
+    try:
+        versions = client(api_key, address).list_versions(model)
+    except ApiError as error:
+        raise fail(error) from None
+    console.print(compare_table(versions))
