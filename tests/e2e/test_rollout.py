@@ -1,5 +1,6 @@
 """Under continuous Predict load through the real gateway: a deployment that follows an alias
-rolls when the alias moves, and a canary is started, promoted, started again and rolled back.
+rolls when the alias moves, and a canary is started, promoted, started again and rolled back
+with `maas deploy canary|promote|rollback`, `maas deploy load` showing what Triton did.
 No request fails, and every answer comes from exactly one of the two versions (the outputs match
 that version's model and the version it names, in the body and in the x-maas-model-version
 trailer)."""
@@ -29,7 +30,8 @@ def roller(stack, digits, tmp_path_factory):
     """Tenant `rollout`: model `roller` with two versions that answer differently."""
     admin = Client(stack.gateway, stack.admin_key)
     admin.create_tenant("rollout")
-    client = Client(stack.gateway, admin.create_api_key("rollout", "developer")[1])
+    key = admin.create_api_key("rollout", "developer")[1]
+    client = Client(stack.gateway, key)
     admin.close()
     second = train_digits_mlp(tmp_path_factory.mktemp("digits-v2"), epochs=3, seed=1)
     client.create_model("roller", "two versions of the digits MLP")
@@ -38,7 +40,7 @@ def roller(stack, digits, tmp_path_factory):
     client.set_alias("roller", "production", 1)
     client.create_deployment("roller", "roller", alias="production")
     client.wait_ready("roller", timeout=180)
-    yield client, {1: digits, 2: second}
+    yield client, {1: digits, 2: second}, key
     client.close()
 
 
@@ -106,7 +108,7 @@ def p99_ms(seconds: list[float]) -> float:
 
 
 def test_moving_the_alias_rolls_the_deployment_without_failing_a_request(roller) -> None:
-    client, models = roller
+    client, models, _ = roller
     x = models[1].test_x[:4]
     references = {version: model.reference(x) for version, model in models.items()}
     assert not np.allclose(references[1], references[2], atol=1e-3)
@@ -143,20 +145,24 @@ def test_moving_the_alias_rolls_the_deployment_without_failing_a_request(roller)
     )
 
 
-def test_a_canary_is_promoted_then_another_rolled_back_without_failing_a_request(roller) -> None:
-    client, models = roller
+def test_a_canary_is_promoted_then_another_rolled_back_without_failing_a_request(stack, roller) -> None:
+    client, models, key = roller
     x = models[1].test_x[:4]
     references = {version: model.reference(x) for version, model in models.items()}
     client.create_deployment("canaried", "roller", version=1)
     client.wait_ready("canaried", timeout=180)
-    stub, metadata = client.inference, client._metadata
+    env = dict(stack.env, MAAS_API_KEY=key, COLUMNS="200")
+
+    def maas(*args: str) -> str:
+        result = stack.maas("deploy", *args, env=env, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
 
     def deployment() -> inference_pb2.Deployment:
         return client.get_deployment("canaried")
 
     def start(version: int) -> None:
-        request = inference_pb2.StartCanaryRequest(name="canaried", version=version, weight_percent=30)
-        stub.StartCanary(request, metadata=metadata, timeout=30)
+        assert f"canary v{version} at 30%" in maas("canary", "canaried", "--version", str(version), "--weight", "30")
 
     with Load(client, x, "canaried") as load:
         time.sleep(1)
@@ -164,15 +170,13 @@ def test_a_canary_is_promoted_then_another_rolled_back_without_failing_a_request
         wait_for(lambda: deployment().canary.state == inference_pb2.DEPLOYMENT_STATE_READY, "canary ready")
         wait_for(lambda: load.versions()[-40:].count(2) > 3, "the canary answers its share")
         assert 1 in load.versions()[-40:]
-        stub.PromoteCanary(inference_pb2.PromoteCanaryRequest(name="canaried"), metadata=metadata, timeout=30)
+        maas("promote", "canaried")
         promoted_at = len(load.answers)
         wait_for(lambda: len(load.answers) > promoted_at + 40, "answers after the promotion")
         assert set(load.versions()[-20:]) == {2}
         start(1)
         wait_for(lambda: load.versions()[-40:].count(1) > 3, "the second canary answers its share")
-        stub.RollbackCanary(
-            inference_pb2.RollbackCanaryRequest(name="canaried"), metadata=metadata, timeout=30
-        )
+        maas("rollback", "canaried")
         rolled_back_at = len(load.answers)
         wait_for(lambda: len(load.answers) > rolled_back_at + 40, "answers after the rollback")
         assert set(load.versions()[-20:]) == {2}
@@ -181,4 +185,20 @@ def test_a_canary_is_promoted_then_another_rolled_back_without_failing_a_request
     check_answers(load, references)
     final = deployment()
     assert final.version == final.resolved_version == 2 and not final.HasField("canary")
+    # Triton counted the requests the promoted version answered; the CLI shows them.
+    [served] = client.get_deployment_load("canaried").versions
+    assert served.version == 2 and served.success_count >= load.versions().count(2) - 1
+    assert served.failure_count == 0 and served.execution_count > 0
+    shown = maas("load", "canaried")
+    assert "v2" in shown and served.triton_model in shown
+
+    # Operations on what is not there say why, with the CLI's exit status 1.
+    for args, complaint in (
+        (("promote", "canaried"), "FAILED_PRECONDITION"),
+        (("rollback", "nope"), "NOT_FOUND"),
+        (("canary", "canaried", "--version", "9"), "NOT_FOUND"),
+        (("load", "nope"), "NOT_FOUND"),
+    ):
+        result = stack.maas("deploy", *args, env=env, check=False)
+        assert result.returncode == 1 and complaint in result.stderr, (args, result.stderr)
     client.delete_deployment("canaried")
