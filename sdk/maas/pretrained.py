@@ -181,25 +181,37 @@ def import_pretrained(
     progress: Callable[[int], None] | None = None,
 ) -> registry_pb2.Version:
     """Export the packaged model `name` and upload it as a new version of `model` (created if missing)."""
-    from maas.errors import ApiError
-
     with tempfile.TemporaryDirectory(prefix="maas-pretrained-") as scratch:
         exported = export_embedding(name, Path(scratch), log)
         log(f"export matches sentence-transformers (max abs diff {exported.max_abs_diff:.1e}); uploading")
-        try:
-            client.create_model(model, f"{name} sentence embeddings ({exported.metadata['source']})")
-        except ApiError as error:
-            if error.code.name != "ALREADY_EXISTS":
-                raise
-        version = client.upload_version(
-            model,
-            exported.path,
-            format="onnx",
-            signature=exported.signature,
-            metadata=exported.metadata,
-            precision="fp32",
-            progress=progress,
-        )
+        return upload_embedding(client, exported, model, alias=alias, progress=progress)
+
+
+def upload_embedding(
+    client: Client,
+    exported: EmbeddingExport,
+    model: str,
+    *,
+    alias: str = "",
+    progress: Callable[[int], None] | None = None,
+) -> registry_pb2.Version:
+    """Upload an export as a new version of `model` (created if missing), tagged as an embedding model."""
+    from maas.errors import ApiError
+
+    try:
+        client.create_model(model, f"sentence embeddings ({exported.metadata['source']})")
+    except ApiError as error:
+        if error.code.name != "ALREADY_EXISTS":
+            raise
+    version = client.upload_version(
+        model,
+        exported.path,
+        format="onnx",
+        signature=exported.signature,
+        metadata=exported.metadata,
+        precision="fp32",
+        progress=progress,
+    )
     if alias:
         client.set_alias(model, alias, version.version)
     return version
