@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -286,6 +286,31 @@ class Client:
         )
         response = self._unary(self.inference.Predict, request, timeout)
         return {tensor.name: from_tensor(tensor) for tensor in response.outputs}
+
+    def generate(
+        self, deployment: str, prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
+        top_k: int = 0, top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Iterator[inference_pb2.GenerateResponse]:
+        """Stream text from a text-generation deployment: one response per token, the last one
+        with finish_reason and the token counts. Stopping the iteration early (break, close())
+        cancels the call, and the model stops generating."""
+        request = inference_pb2.GenerateRequest(
+            deployment=deployment, prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop=list(stop))
+        call = self.inference.Generate(request, metadata=self._metadata, timeout=timeout)
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    def embed(self, deployment: str, texts: Sequence[str], timeout: float | None = None) -> np.ndarray:
+        """Sentence embeddings from an embedding deployment: FP32 [len(texts), dimensions],
+        L2-normalised rows in the order of `texts` (1 to 256 non-empty strings)."""
+        request = inference_pb2.EmbedRequest(deployment=deployment, texts=list(texts))
+        return from_tensor(self._unary(self.inference.Embed, request, timeout).embeddings)
 
     # --- canaries and load -------------------------------------------------------------------
     def start_canary(

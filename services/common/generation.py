@@ -149,7 +149,7 @@ def generation_of_infer(request: service_pb2.ModelInferRequest) -> tuple[str, Sa
             continue  # Triton's own parameters (priority, ...) pass through unchecked
         kind = parameter.WhichOneof("parameter_choice")
         if kind not in fields:
-            raise InvalidArgument(f"parameter {name!r} must be a {fields[0].removesuffix('_param')}")
+            raise InvalidArgument(f"parameter {name!r} must be of type {fields[0].removesuffix('_param')}")
         settings[name] = getattr(parameter, kind)
     if "stop" in settings:
         try:
@@ -181,20 +181,20 @@ def stream_request(
     return request
 
 
-class StreamError(Exception):
-    """Triton answered an error inside the stream; `invalid_input` when the prompt is at fault."""
-
-    def __init__(self, message: str) -> None:
-        self.invalid_input = message.startswith(INVALID_INPUT_PREFIX)
-        super().__init__(message.removeprefix(INVALID_INPUT_PREFIX) if self.invalid_input else message)
+class GenerationFailed(RuntimeError):
+    """The model failed while generating (reported as INTERNAL)."""
 
 
 def generate_response_of_stream(
     response: service_pb2.ModelStreamInferResponse, model: str, version: int
 ) -> inference_pb2.GenerateResponse:
-    """One streamed Triton response as a GenerateResponse; raises StreamError for an error."""
+    """One streamed Triton response as a GenerateResponse. An error response raises
+    InvalidArgument when the caller's input is at fault (e.g. characters the model does not
+    know), else GenerationFailed."""
     if response.error_message:
-        raise StreamError(response.error_message)
+        if response.error_message.startswith(INVALID_INPUT_PREFIX):
+            raise InvalidArgument(response.error_message.removeprefix(INVALID_INPUT_PREFIX))
+        raise GenerationFailed(f"generation failed: {response.error_message}")
     infer = response.infer_response
     outputs = {tensor.name: infer.raw_output_contents[index] for index, tensor in enumerate(infer.outputs)}
     message = inference_pb2.GenerateResponse(model=model, version=version)

@@ -61,6 +61,20 @@ class Admission:
             raise
         self.meter.add(tenant, key_id, requests=1)
 
+    async def reserve_tokens(self, tenant: str, key_id: str, key_limit: RateLimit | None, tokens: int) -> None:
+        """Before a text call already admitted as a request: reserve its most tokens, or raise
+        RateLimited."""
+        try:
+            await self.gate.reserve_tokens(tenant, key_id, key_limit, await self.quotas.get(tenant), tokens)
+        except RateLimited:
+            self.meter.add(tenant, key_id, rejected=1)
+            raise
+
+    async def settle_tokens(self, tenant: str, key_id: str, reserved: int, used: int) -> None:
+        """After a text call: count the tokens it used instead of the reservation, and meter them."""
+        await self.gate.settle_tokens(tenant, await self.quotas.get(tenant), reserved, used)
+        self.meter.add(tenant, key_id, tokens=used)
+
     async def check_training(self, tenant: str) -> None:
         await self.gate.check_training(tenant, await self.quotas.get(tenant))
 

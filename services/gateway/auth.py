@@ -19,7 +19,7 @@ from services.common.errors import PermissionDenied, Unauthenticated
 from services.gateway.admission import Admission
 from services.gateway.audit import AuditLog, is_mutating
 from services.gateway.keys import Role, parse_key, secret_matches
-from services.gateway.store import GatewayStore, KeyRecord
+from services.gateway.store import GatewayStore, KeyRecord, RateLimit
 
 MISSING_KEY = "missing API key: send metadata authorization: Bearer <key>"
 UNKNOWN_KEY = "API key not recognised: check it was copied whole, or ask an admin for a new one"
@@ -27,6 +27,8 @@ UNKNOWN_KEY = "API key not recognised: check it was copied whole, or ask an admi
 MAX_CACHED_KEYS = 100_000
 
 READ_PREFIXES = ("Get", "List", "Download", "Watch")
+# InferenceService calls that only use a deployment: readers may make them.
+INFERENCE_CALLS = ("Predict", "Generate", "Embed")
 # AdminService methods any role may call (GetUsage checks the tenant itself).
 ANY_ROLE_ADMIN_METHODS = ("WhoAmI", "GetUsage")
 
@@ -36,6 +38,7 @@ class Caller:
     tenant: str
     role: Role
     key_id: str
+    rate_limit: RateLimit | None = None  # the key's own limit; None: the gateway's default
 
 
 caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
@@ -64,7 +67,7 @@ def _required_roles() -> dict[str, Role]:
         trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"],
     ):
         for path, name in _methods(service):
-            reads = name.startswith(READ_PREFIXES) or name == "Predict"
+            reads = name.startswith(READ_PREFIXES) or name in INFERENCE_CALLS
             roles[path] = Role.READER if reads else Role.DEVELOPER
     for path, _ in _methods(service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]):
         roles[path] = Role.READER
@@ -125,7 +128,7 @@ class ApiKeyAuthenticator:
             )
         if self.admission is not None:
             await self.admission.admit(key.tenant, key.id, key.rate_limit, method)
-        caller_var.set(Caller(key.tenant, key.role, key.id))
+        caller_var.set(Caller(key.tenant, key.role, key.id, key.rate_limit))
 
     def forget(self, key_id: str) -> None:
         """Drop a cached lookup (after a revocation or a new rate limit through this gateway)."""

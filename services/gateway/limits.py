@@ -375,6 +375,17 @@ class Gate:
             if denial is not None:
                 raise RateLimited(denial)
 
+    async def reserve_tokens(
+        self, tenant: str, key_id: str, key_limit: RateLimit | None, quota: QuotaRecord, tokens: int
+    ) -> None:
+        """Reserve `tokens` for a call admitted already (its request counted); RateLimited if over."""
+        buckets = self._token_buckets(tenant, key_id, key_limit or self.default_key_limit, quota, tokens)
+        counters = self._counters(tenant, "tokens", quota.tokens_per_day, quota.tokens_per_month, tokens)
+        if buckets or counters:
+            denial = await self.limiter.reserve(buckets, counters)
+            if denial is not None:
+                raise RateLimited(denial)
+
     async def settle_tokens(self, tenant: str, quota: QuotaRecord, reserved: int, used: int) -> None:
         """After a text call: count the tokens really generated instead of the reservation."""
         await self._settle(tenant, "tokens", quota.tokens_per_day, quota.tokens_per_month, used - reserved)

@@ -1,9 +1,12 @@
 """The standard Open Inference Protocol (inference.GRPCInferenceService) on the gateway, so
 that stock tritonclient works against it. Model names are deployment names in the caller's
-tenant; inference goes straight to the deployment's Triton."""
+tenant; inference goes straight to the deployment's Triton: ModelInfer for tensor models,
+ModelStreamInfer (tritonclient's start_stream / async_stream_infer) for text generation."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.metadata
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
@@ -12,12 +15,15 @@ import grpc
 from maas.common.v1 import common_pb2
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, MaasError, NotFound
+from services.common.generation import generate_response_of_stream, generation_of_infer
 from services.common.logs import request_id_var
 from services.common.oip import headers_of_infer
+from services.common.serving import TASK_NAMES, TENSOR_TASKS, check_task
 from services.common.tensors import BY_PROTO
-from services.gateway.auth import current_caller
+from services.gateway.auth import Caller, current_caller
 from services.gateway.cache import ResponseCache, infer_key, may_use_cache
+from services.gateway.generate import Generation, TokenAccount, error_response
 from services.gateway.routes import LiveRoute, RouteTable, infer
 from services.gateway.usage import Meter
 
@@ -28,10 +34,11 @@ BATCH_DIM = -1
 
 
 class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, routes: RouteTable, cache: ResponseCache, meter: Meter) -> None:
+    def __init__(self, routes: RouteTable, cache: ResponseCache, meter: Meter, generation: Generation) -> None:
         self.routes = routes
         self.cache = cache
         self.meter = meter
+        self.generation = generation
 
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -95,6 +102,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         deployment = request.model_name
         live = await self.routes.wait_ready(tenant, deployment, context.time_remaining())
         _check_version(live, request.model_version)
+        check_task(deployment, TASK_NAMES.get(live.route.task, ""), TENSOR_TASKS, "ModelInfer")
         _refuse_shared_memory(request)
         live.signature.validate(headers_of_infer(request), [output.name for output in request.outputs])
         target = live.target(request_id_var.get())
@@ -122,6 +130,52 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             self.cache.put(cache_key, response.SerializeToString())
             response.id = request_id
         return response, 0
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Generation requests on one stream, served concurrently; like Triton, a refused request
+        gets a response with its error_message and the stream goes on."""
+        caller = current_caller()
+        responses: asyncio.Queue[service_pb2.ModelStreamInferResponse | None] = asyncio.Queue()
+
+        async def serve(request: service_pb2.ModelInferRequest) -> None:
+            try:
+                async for response in self._stream_one(caller, request, context):
+                    responses.put_nowait(response)
+            except MaasError as error:
+                responses.put_nowait(error_response(request, error))
+
+        async def read_all() -> None:
+            async with asyncio.TaskGroup() as group:
+                async for request in request_iterator:
+                    group.create_task(serve(request))
+
+        reader = asyncio.create_task(read_all())
+        reader.add_done_callback(lambda _: responses.put_nowait(None))
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+            await reader  # raises what went wrong reading or serving, if anything did
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _stream_one(
+        self, caller: Caller, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        deployment = request.model_name
+        prompt, sampling = generation_of_infer(request)
+        live, target = await self.generation.route(caller, deployment, context, "ModelStreamInfer")
+        _check_version(live, request.model_version)
+        # Forwarded as sent (its id and Triton's own parameters kept), to the version's Triton model.
+        request.model_name, request.model_version = target.triton_model, ""
+        async with self.generation.budget(caller, TokenAccount(prompt, sampling)) as account:
+            async for response in self.generation.stream(live, request, context):
+                if not response.error_message:
+                    account.saw(generate_response_of_stream(response, deployment, target.version))
+                response.infer_response.model_name = deployment
+                response.infer_response.model_version = str(target.version)
+                yield response
 
     def _find(self, deployment: str, version: str) -> LiveRoute:
         live = self.routes.find(current_caller().tenant, deployment)

@@ -173,18 +173,25 @@ async def infer(
     default_timeout: float,
 ) -> service_pb2.ModelInferResponse:
     """One ModelInfer on the route's Triton, its errors mapped to what the caller can act on."""
-    deployment = live.route.deployment
     try:
         return await live.triton.ModelInfer(request, timeout=context.time_remaining() or default_timeout)
     except grpc.aio.AioRpcError as error:
-        # Triton names its own model; the caller knows only the deployment.
-        details = (error.details() or "").replace(request.model_name, deployment)
-        code = error.code()
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
-            # Triton is down or the model is (re)loading: both pass, so the caller should retry.
-            log.warning("triton unavailable", extra={"deployment": deployment, "details": details})
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"deployment {deployment!r} cannot serve right now, retry later"
-            )
-        await context.abort(code, details)
+        await abort_for_triton(error, live, request.model_name, context)
         raise  # unreachable: abort raises
+
+
+async def abort_for_triton(
+    error: grpc.aio.AioRpcError, live: LiveRoute, triton_model: str, context: grpc.aio.ServicerContext
+) -> None:
+    """End the caller's call with Triton's error, mapped to what the caller can act on."""
+    deployment = live.route.deployment
+    # Triton names its own model; the caller knows only the deployment.
+    details = (error.details() or "").replace(triton_model, deployment)
+    code = error.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+        # Triton is down or the model is (re)loading: both pass, so the caller should retry.
+        log.warning("triton unavailable", extra={"deployment": deployment, "details": details})
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, f"deployment {deployment!r} cannot serve right now, retry later"
+        )
+    await context.abort(code, details)

@@ -10,7 +10,7 @@ from tritonclient.grpc import service_pb2_grpc
 from services.common.channels import internal_credentials
 from services.common.database import make_engine, upgrade
 from services.common.server import App, RunningServer, ServerSpec, Servicer, server_tls
-from services.gateway import oip, predict
+from services.gateway import embed, generate, oip, predict
 from services.gateway.admission import Admission, QuotaCache
 from services.gateway.audit import AuditLog
 from services.gateway.auth import ApiKeyAuthenticator
@@ -66,7 +66,7 @@ async def create_app(settings: GatewaySettings) -> App:
     proxy = Proxy(
         settings.internal_token,
         backends,
-        served_here={predict.PREDICT_PATH},
+        served_here={predict.PREDICT_PATH, generate.GENERATE_PATH, embed.EMBED_PATH},
         audit=audit,
         meter=meter,
         guards={path: admission.check_training for path in JOB_CREATING},
@@ -75,6 +75,7 @@ async def create_app(settings: GatewaySettings) -> App:
     routes = RouteTable(
         backends["inference"].channel, settings.internal_token, settings.predict_timeout_seconds
     )
+    generation = generate.Generation(routes, admission, meter)
     spec = ServerSpec(
         service="gateway",
         address=settings.gateway_addr,
@@ -89,8 +90,12 @@ async def create_app(settings: GatewaySettings) -> App:
                 predict.add_to_server, predict.PredictHandler(routes, proxy, cache, meter), predict.SERVICE
             ),
             Servicer(
+                generate.add_to_server, generate.GenerateHandler(generation), generate.SERVICE
+            ),
+            Servicer(embed.add_to_server, embed.EmbedHandler(routes, proxy, cache, meter), embed.SERVICE),
+            Servicer(
                 service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-                oip.OipServicer(routes, cache, meter),
+                oip.OipServicer(routes, cache, meter, generation),
                 oip.SERVICE,
             ),
         ],

@@ -20,6 +20,7 @@ from maas.registry.v1 import registry_pb2
 from prometheus_client import Gauge, Histogram
 from tritonclient.grpc import service_pb2
 
+from services.common.embedding import EmbeddingModel, check_texts
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -28,9 +29,15 @@ from services.common.errors import (
     NotFound,
     Unavailable,
 )
+from services.common.generation import (
+    check_prompt,
+    generate_response_of_stream,
+    sampling_of_generate,
+    stream_request,
+)
 from services.common.logs import request_id_var
 from services.common.oip import headers_of_predict, infer_request_of_predict, predict_response_of_infer
-from services.common.serving import GENERATE, PREDICT, TENSOR_TASKS, check_task, task_of_metadata
+from services.common.serving import EMBED, GENERATE, PREDICT, TENSOR_TASKS, check_task, task_of_metadata
 from services.common.tensors import BY_PROTO, CompiledSignature, check_signature
 from services.common.traffic import goes_to_canary
 from services.common.validation import Page, check_name
@@ -74,6 +81,9 @@ class Triton(Protocol):
     async def infer(
         self, request: service_pb2.ModelInferRequest, timeout: float
     ) -> service_pb2.ModelInferResponse: ...
+    def stream(
+        self, request: service_pb2.ModelInferRequest, timeout: float
+    ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]: ...
 
 
 @dataclass(frozen=True)
@@ -509,22 +519,64 @@ class Deployments:
     async def predict(
         self, tenant: str, request: inference_pb2.PredictRequest, timeout: float | None = None
     ) -> inference_pb2.PredictResponse:
-        route = self._routes.get((tenant, request.deployment))
-        if route is None:
-            check_name("deployment", request.deployment)
-            raise NotFound(f"deployment {request.deployment!r} not found")
-        if route.serving is None or route.compiled is None:
-            route = await self._wait_serving(tenant, request.deployment, timeout)
-        serving, compiled, canary = route.serving, route.compiled, route.canary
-        assert serving is not None and compiled is not None  # _wait_serving returns only then
+        route = await self._serving_route(tenant, request.deployment, timeout)
+        serving, compiled = route.serving, route.compiled
+        assert serving is not None and compiled is not None  # _serving_route returns only then
         check_task(request.deployment, serving.task, TENSOR_TASKS, "Predict")
         compiled.validate(headers_of_predict(request), request.output_names)
-        triton_model, version = serving.triton_model, serving.resolved_version
-        if canary is not None and goes_to_canary(request_id_var.get(), canary.weight):
-            triton_model, version = canary.triton_model, canary.version
+        triton_model, version = self._target(route)
         infer = infer_request_of_predict(request, triton_model, request_id_var.get())
         response = await self.triton.infer(infer, timeout if timeout is not None else self.predict_timeout)
         return predict_response_of_infer(response, serving.model, version)
+
+    async def embed(
+        self, tenant: str, request: inference_pb2.EmbedRequest, timeout: float | None = None
+    ) -> inference_pb2.EmbedResponse:
+        texts = check_texts(request.texts)
+        route = await self._serving_route(tenant, request.deployment, timeout)
+        serving = route.serving
+        assert serving is not None  # _serving_route returns only then
+        check_task(request.deployment, serving.task, (EMBED,), "Embed")
+        model = EmbeddingModel.of(request.deployment, serving.signature)
+        triton_model, version = self._target(route)
+        requests = model.requests(texts, triton_model, serving.max_batch_size, request_id_var.get())
+        budget = timeout if timeout is not None else self.predict_timeout
+        answers = await asyncio.gather(*(self.triton.infer(r, budget) for r in requests))
+        return model.response(answers, serving.model, version)
+
+    async def generate(
+        self, tenant: str, request: inference_pb2.GenerateRequest, timeout: float | None = None
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Text from a generation deployment, one message per token; leaving the iteration
+        early (a cancelled caller) cancels the Triton stream."""
+        prompt, sampling = check_prompt(request.prompt), sampling_of_generate(request)
+        route = await self._serving_route(tenant, request.deployment, timeout)
+        serving = route.serving
+        assert serving is not None  # _serving_route returns only then
+        check_task(request.deployment, serving.task, (GENERATE,), "Generate")
+        triton_model, version = self._target(route)
+        infer = stream_request(prompt, sampling, triton_model, request_id_var.get())
+        async for response in self.triton.stream(infer, timeout if timeout is not None else self.predict_timeout):
+            yield generate_response_of_stream(response, serving.model, version)
+
+    async def _serving_route(self, tenant: str, name: str, timeout: float | None) -> Route:
+        """The deployment's route once it serves (waiting out a cold start), or NOT_FOUND."""
+        route = self._routes.get((tenant, name))
+        if route is None:
+            check_name("deployment", name)
+            raise NotFound(f"deployment {name!r} not found")
+        if route.serving is None or route.compiled is None:
+            route = await self._wait_serving(tenant, name, timeout)
+        return route
+
+    @staticmethod
+    def _target(route: Route) -> tuple[str, int]:
+        """The Triton model and version of this request: the canary's for its share of requests."""
+        canary, serving = route.canary, route.serving
+        assert serving is not None
+        if canary is not None and goes_to_canary(request_id_var.get(), canary.weight):
+            return canary.triton_model, canary.version
+        return serving.triton_model, serving.resolved_version
 
     async def _wait_serving(self, tenant: str, name: str, timeout: float | None) -> Route:
         """Cold start: wait, within the caller's deadline, for a loading deployment to serve."""

@@ -183,6 +183,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         context.set_trailing_metadata(((MODEL_VERSION_KEY, str(response.version)),))
         return response
 
+    async def Generate(self, request, context):
+        version = None
+        async for response in self.deployments.generate(tenant_of(context), request, context.time_remaining()):
+            if version is None:
+                version = response.version
+                context.set_trailing_metadata(((MODEL_VERSION_KEY, str(version)),))
+            yield response
+
+    async def Embed(self, request, context):
+        response = await self.deployments.embed(tenant_of(context), request, context.time_remaining())
+        context.set_trailing_metadata(((MODEL_VERSION_KEY, str(response.version)),))
+        return response
+
 
 class RoutingServicer(inference_pb2_grpc.RoutingServiceServicer):
     """Internal: every tenant's routes, for the gateway's direct path to Triton."""

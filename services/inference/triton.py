@@ -16,7 +16,7 @@ import signal
 import sys
 import sysconfig
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -104,6 +104,22 @@ class TritonClient:
             return await self._stub.ModelInfer(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise _infer_error(exc) from None
+
+    async def stream(
+        self, request: service_pb2.ModelInferRequest, timeout: float
+    ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        """The responses of a decoupled model to one request; leaving early cancels the call,
+        which stops the model at its next response."""
+        call = self._stub.ModelStreamInfer(timeout=timeout)
+        try:
+            await call.write(request)
+            await call.done_writing()
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            raise _infer_error(exc) from None
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         await self._control.close()

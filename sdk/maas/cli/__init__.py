@@ -12,6 +12,8 @@ from maas.cli._shared import TlsCaOption
 from maas.cli.admin import admin_app, whoami
 from maas.cli.backup import backup, restore
 from maas.cli.deploy import deploy_app, predict
+from maas.cli.embed import embed, import_pretrained
+from maas.cli.generate import generate
 from maas.cli.models import models_app
 from maas.cli.optimize import optimize
 from maas.cli.stack import down, status, up
@@ -34,12 +36,15 @@ app.command()(down)
 app.command()(status)
 app.command()(whoami)
 app.command()(predict)
+app.command()(embed)
+app.command()(generate)
 app.command()(usage)
 app.command()(train)
 app.command()(optimize)
 admin_app.command()(backup)
 admin_app.command()(restore)
 app.add_typer(admin_app, name="admin")
+models_app.command("import-pretrained")(import_pretrained)
 app.add_typer(models_app, name="models")
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(jobs_app, name="jobs")

@@ -268,13 +268,16 @@ async def test_shared_memory_is_refused(stack):
     assert stack.triton.requests == []
 
 
-async def test_streaming_infer_is_refused_plainly(stack):
+async def test_streaming_infer_to_a_tensor_model_says_to_use_predict(stack):
     stub = service_pb2_grpc.GRPCInferenceServiceStub(stack.channel)
 
     async def one_request():
-        yield service_pb2.ModelInferRequest(model_name="mlp")
+        request = service_pb2.ModelInferRequest(model_name="mlp", id="r1")
+        request.inputs.add(name="prompt", datatype="BYTES", shape=[1])
+        request.raw_input_contents.append(b"\x02\x00\x00\x00hi")
+        yield request
 
     call = stub.ModelStreamInfer(one_request(), metadata=stack.auth("reader"))
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        _ = [message async for message in call]
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    (response,) = [message async for message in call]
+    assert "use Predict" in response.error_message and response.infer_response.id == "r1"
+    assert stack.triton.requests == []

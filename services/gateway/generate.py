@@ -1,0 +1,161 @@
+"""Text generation on the gateway: maas.inference.v1.InferenceService/Generate and the Open
+Inference Protocol's ModelStreamInfer, both streamed straight from the deployment's Triton
+(a decoupled model) after auth, validation and a token reservation.
+
+Tokens: before the call the prompt's length plus max_tokens are reserved against the tenant's
+token limits and quotas; afterwards the reservation is settled to what was used (the counts of
+the last response, or, when the client cancels or its deadline passes, the prompt plus the tokens
+streamed so far) and metered. Cancelling the client's call cancels the Triton stream, and the
+runner stops at the next token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from maas.inference.v1 import inference_pb2
+from tritonclient.grpc import service_pb2
+
+from services.common.errors import MaasError
+from services.common.generation import (
+    Sampling,
+    check_prompt,
+    generate_response_of_stream,
+    is_final,
+    sampling_of_generate,
+    stream_request,
+)
+from services.common.logs import request_id_var
+from services.common.serving import GENERATE, TASK_NAMES, check_task
+from services.common.validation import check_name
+from services.gateway.admission import Admission
+from services.gateway.auth import Caller, current_caller
+from services.gateway.routes import LiveRoute, RouteTable, Target, abort_for_triton
+from services.gateway.usage import Meter
+
+log = logging.getLogger(__name__)
+
+SERVICE = "maas.inference.v1.InferenceService"
+GENERATE_PATH = f"/{SERVICE}/Generate"
+# Trailing metadata: which version answered, as for Predict.
+MODEL_VERSION_KEY = "x-maas-model-version"
+
+
+class TokenAccount:
+    """One generation's tokens: what was reserved, and what the stream shows was used."""
+
+    def __init__(self, prompt: str, sampling: Sampling) -> None:
+        self.reserved = len(prompt) + sampling.max_tokens
+        self.prompt_tokens = len(prompt)  # the models are character-level: one token per character
+        self.completion_tokens = 0
+        self.finished = False
+
+    def saw(self, message: inference_pb2.GenerateResponse) -> None:
+        if is_final(message):
+            self.prompt_tokens, self.completion_tokens = message.prompt_tokens, message.completion_tokens
+            self.finished = True
+        else:
+            self.completion_tokens += 1
+
+    @property
+    def used(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Generation:
+    """What Generate and ModelStreamInfer share: the route, the token budget, the Triton stream."""
+
+    def __init__(self, routes: RouteTable, admission: Admission, meter: Meter) -> None:
+        self.routes = routes
+        self.admission = admission
+        self.meter = meter
+
+    async def route(
+        self, caller: Caller, deployment: str, context: grpc.aio.ServicerContext, call: str
+    ) -> tuple[LiveRoute, Target]:
+        name = check_name("deployment", deployment)
+        live = await self.routes.wait_ready(caller.tenant, name, context.time_remaining())
+        check_task(name, TASK_NAMES.get(live.route.task, ""), (GENERATE,), call)
+        return live, live.target(request_id_var.get())
+
+    @contextlib.asynccontextmanager
+    async def budget(self, caller: Caller, account: TokenAccount) -> AsyncIterator[TokenAccount]:
+        """Reserve the account's tokens, then settle and meter what was used, however it ends
+        (finished, failed, cancelled by the client, past its deadline)."""
+        await self.admission.reserve_tokens(caller.tenant, caller.key_id, caller.rate_limit, account.reserved)
+        failed = False
+        try:
+            yield account
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            failed = True
+            raise
+        finally:
+            # Shielded: a cancelled call must still settle, or its reservation would stay counted.
+            await asyncio.shield(
+                self.admission.settle_tokens(caller.tenant, caller.key_id, account.reserved, account.used)
+            )
+            if failed:
+                self.meter.add(caller.tenant, caller.key_id, errors=1)
+
+    async def stream(
+        self,
+        live: LiveRoute,
+        request: service_pb2.ModelInferRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        """Triton's responses to one generation request; the Triton call is cancelled when the
+        caller's call ends early (cancel, deadline) or the consumer stops reading."""
+        call = live.triton.ModelStreamInfer(timeout=context.time_remaining() or self.routes.default_timeout)
+        try:
+            await call.write(request)
+            await call.done_writing()
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as error:
+            await abort_for_triton(error, live, request.model_name, context)
+        finally:
+            call.cancel()
+
+
+class GenerateHandler:
+    """InferenceService/Generate."""
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
+
+    async def generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        caller = current_caller()
+        prompt, sampling = check_prompt(request.prompt), sampling_of_generate(request)
+        live, target = await self.generation.route(caller, request.deployment, context, "Generate")
+        context.set_trailing_metadata(((MODEL_VERSION_KEY, str(target.version)),))
+        triton_request = stream_request(prompt, sampling, target.triton_model, request_id_var.get())
+        async with self.generation.budget(caller, TokenAccount(prompt, sampling)) as account:
+            async for response in self.generation.stream(live, triton_request, context):
+                message = generate_response_of_stream(response, live.route.model, target.version)
+                account.saw(message)
+                yield message
+
+
+def add_to_server(handler: GenerateHandler, server: grpc.aio.Server) -> None:
+    """Mount Generate alone; Predict and the proxy serve the rest of InferenceService."""
+    method = grpc.unary_stream_rpc_method_handler(
+        handler.generate,
+        request_deserializer=inference_pb2.GenerateRequest.FromString,
+        response_serializer=inference_pb2.GenerateResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Generate": method}),))
+
+
+def error_response(request: service_pb2.ModelInferRequest, error: MaasError) -> service_pb2.ModelStreamInferResponse:
+    """A refused request inside an Open Inference Protocol stream, as Triton reports one."""
+    response = service_pb2.ModelStreamInferResponse(error_message=str(error))
+    response.infer_response.id = request.id
+    response.infer_response.model_name = request.model_name
+    return response
