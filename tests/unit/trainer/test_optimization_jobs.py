@@ -1,6 +1,7 @@
 """Optimization jobs over gRPC with a real registry and a scripted stand-in for the worker:
 validation and status codes, the source fetched into the job folder, the spec round trip,
-registration with precision, format, lineage and parent metrics, cancel, and both job kinds."""
+registration with precision, format, lineage and parent metrics, cancel, both job kinds, and a
+trainer restart that runs an interrupted optimization job again."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import io
 import json
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2
-from maas.trainer.v1 import trainer_pb2
+from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from onnx import TensorProto, helper
 
-from tests.unit.trainer.conftest import TenantStub, watch
+from services.common.server import running
+from services.trainer.server import create_app
+from tests.unit.trainer.conftest import TenantStub, registry_server, trainer_settings, watch  # noqa: F401
 from tests.unit.trainer.test_trainer_jobs import (  # noqa: F401  (fixtures)
     CODE,
     create,
@@ -26,7 +30,7 @@ from tests.unit.trainer.test_trainer_jobs import (  # noqa: F401  (fixtures)
     trainer_server,
     wait_state,
 )
-from tests.unit.trainer.trainer_fakes import torchscript_result
+from tests.unit.trainer.trainer_fakes import FakeLauncher, torchscript_result
 
 SIGNATURE = common_pb2.Signature(
     inputs=[common_pb2.TensorSpec(name="x", datatype=common_pb2.DATA_TYPE_FP32, shape=[4])],
@@ -216,3 +220,26 @@ def _training_job(settings) -> str:
 
 
 
+
+
+async def test_a_restart_runs_an_interrupted_optimization_job_again(tmp_path, registry_server) -> None:  # noqa: F811
+    settings = trainer_settings(tmp_path, registry_server.port)
+    first = FakeLauncher()
+    async with running(await create_app(settings, first)) as server, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = TenantStub(trainer_pb2_grpc.TrainerServiceStub(channel), "tenant-a")
+        await trained_source(stub, first)
+        job = await optimize(stub, optimization(**INT8))
+        await wait_state(stub, job.id, trainer_pb2.JOB_STATE_RUNNING)
+    # No checkpoint to resume from: the next trainer starts the job over from its folder.
+    again = FakeLauncher((lambda folder: [{**torchscript_result(folder), "precision": "int8",
+                                           "parent_metrics": {"test_accuracy": 0.9}}], 0))
+    async with running(await create_app(settings, again)) as server, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = TenantStub(trainer_pb2_grpc.TrainerServiceStub(channel), "tenant-a")
+        done = await wait_state(stub, job.id, trainer_pb2.JOB_STATE_SUCCEEDED)
+        assert done.attempts == 2 and done.kind == trainer_pb2.JOB_KIND_OPTIMIZATION
+        assert done.result.version == 2 and done.result.parent_metrics["test_accuracy"] == pytest.approx(0.9)
+        assert (again.launched[0][0] / "source.pt").exists()
+        lines = [e.log.message for e in await watch(stub, job.id) if e.WhichOneof("kind") == "log"]
+        assert any("starts over" in line for line in lines)
