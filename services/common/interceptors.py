@@ -140,7 +140,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             # The handler aborted with a status of its own.
             code = _as_status(context.code())
             raise
-        except Exception as exc:
+        except Exception as raised:
+            exc = _sole_error(raised)
             code = status_of(exc)
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("unhandled error in %s", method)
@@ -153,6 +154,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             elapsed = time.perf_counter() - started
             REQUESTS.labels(self.service, method, code.name).inc()
             LATENCY.labels(self.service, method, code.name).observe(elapsed)
+
+
+def _sole_error(exc: Exception) -> Exception:
+    """The one error inside (nested) exception groups of one, as a TaskGroup raises it; else exc."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 Parser = Callable[[bytes], Any]

@@ -418,12 +418,12 @@ class GatewayStore:
                 .on_conflict_do_nothing(index_elements=["job_id"])
             )
 
-    def unsettled_training_jobs(self, limit: int) -> list[TrainingJobRecord]:
-        """Oldest first."""
+    def unsettled_training_jobs(self, after: str, limit: int) -> list[TrainingJobRecord]:
+        """A page of unsettled jobs by id (the trainer's ids sort by creation), after `after`."""
         query = (
             select(training_jobs)
-            .where(training_jobs.c.settle_time.is_(None))
-            .order_by(training_jobs.c.create_time)
+            .where(training_jobs.c.settle_time.is_(None), training_jobs.c.job_id > after)
+            .order_by(training_jobs.c.job_id)
             .limit(limit)
         )
         with Session(self.engine) as session:

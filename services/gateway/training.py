@@ -26,10 +26,14 @@ from services.gateway.store import GatewayStore, TrainingJobRecord
 
 log = logging.getLogger(__name__)
 
-TERMINAL = frozenset({trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED})
-SETTLED = Counter("maas_gateway_training_seconds_settled_total", "Training seconds counted once jobs ended", ["tenant"])
-# Jobs looked at per round: the oldest unsettled first.
-BATCH = 100
+TERMINAL = frozenset(
+    {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
+)
+SETTLED = Counter(
+    "maas_gateway_training_seconds_settled_total", "Training seconds counted once jobs ended", ["tenant"]
+)
+# Unsettled jobs read from SQL at a time; a round goes through all of them.
+PAGE = 100
 
 
 def job_seconds(job: trainer_pb2.Job) -> int:
@@ -85,7 +89,7 @@ class TrainingSettlement:
     async def settle_ended(self) -> int:
         """Count every recorded job that has ended; returns how many were settled."""
         settled = 0
-        for record in await asyncio.to_thread(self.store.unsettled_training_jobs, BATCH):
+        for record in await self._unsettled():
             job = await self._job(record)
             if job is not None and job.state not in TERMINAL:
                 continue
@@ -98,6 +102,15 @@ class TrainingSettlement:
                 settled += 1
                 log.info("training job settled", extra={"job": record.job_id, "seconds": seconds})
         return settled
+
+    async def _unsettled(self) -> list[TrainingJobRecord]:
+        records: list[TrainingJobRecord] = []
+        while True:
+            after = records[-1].job_id if records else ""
+            page = await asyncio.to_thread(self.store.unsettled_training_jobs, after, PAGE)
+            records += page
+            if len(page) < PAGE:
+                return records
 
     async def _job(self, record: TrainingJobRecord) -> trainer_pb2.Job | None:
         request = trainer_pb2.GetJobRequest(id=record.job_id)

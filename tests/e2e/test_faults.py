@@ -246,6 +246,10 @@ PROPER_CODES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS,
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
 }
+# Answers decided by the key and the method alone, before the request body is read.
+BEFORE_THE_BODY = {
+    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 METHODS = [
     method
     for name in PUBLIC_SERVICES
@@ -351,7 +355,7 @@ def test_malformed_messages_get_proper_status_codes(platform: Platform, raw_chan
         payloads = [data.draw(st.binary(max_size=128)) for _ in range(count)]
     metadata = (("authorization", f"Bearer {data.draw(st.sampled_from([platform.stack.admin_key, platform.acme_key, 'maas_bogus']))}"),)
     code, details = _call(raw_channel, method, payloads, metadata)
-    if not all(_parses(method, p) for p in payloads) and code is not grpc.StatusCode.UNAUTHENTICATED:
+    if not all(_parses(method, p) for p in payloads) and code not in BEFORE_THE_BODY:
         # Bytes that are not a message of this type: the caller's mistake, said as such (a
         # client-streaming call may end earlier, on what its first, well-formed, message said).
         allowed = PROPER_CODES if method.client_streaming and _parses(method, payloads[0]) else set()

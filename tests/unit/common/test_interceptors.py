@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,6 +43,10 @@ def test_unexpected_exceptions_are_internal() -> None:
     assert status_of(errors.MaasError("bare base class")) is grpc.StatusCode.INTERNAL
 
 
+async def _fail(error: Exception) -> None:
+    raise error
+
+
 class ScriptedTrainer(trainer_pb2_grpc.TrainerServiceServicer):
     """Each RPC does what its request's id says: raise a domain error, crash, abort, or stream."""
 
@@ -49,6 +55,12 @@ class ScriptedTrainer(trainer_pb2_grpc.TrainerServiceServicer):
             raise errors.NotFound("job missing not found")
         if request.id == "crash":
             raise KeyError("secret internals")
+        if request.id.startswith("grouped"):
+            # A TaskGroup wraps what its tasks raise in an ExceptionGroup.
+            async with asyncio.TaskGroup() as group:
+                group.create_task(_fail(errors.NotFound("job grouped not found")))
+                if request.id == "grouped-twice":
+                    group.create_task(_fail(errors.Unavailable("and something else")))
         if request.id == "abort":
             await context.abort(grpc.StatusCode.ABORTED, "handler aborted itself")
         return trainer_pb2.GetJobResponse(job=trainer_pb2.Job(id=request_id_var.get()))
@@ -155,3 +167,12 @@ async def test_undecodable_bytes_are_invalid_argument(stub) -> None:
     # Decodable bytes still reach the handler.
     reply = await raw(trainer_pb2.GetJobRequest(id="ok").SerializeToString())
     assert trainer_pb2.GetJobResponse.FromString(reply).job.id
+
+
+
+async def test_a_domain_error_inside_a_task_group_keeps_its_status(stub) -> None:
+    trainer, _ = stub
+    code, details = await code_of(trainer.GetJob(trainer_pb2.GetJobRequest(id="grouped")))
+    assert (code, details) == (grpc.StatusCode.NOT_FOUND, "job grouped not found")
+    code, _ = await code_of(trainer.GetJob(trainer_pb2.GetJobRequest(id="grouped-twice")))
+    assert code is grpc.StatusCode.INTERNAL  # two different failures: no one status says it

@@ -17,10 +17,10 @@ from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from prometheus_client import REGISTRY
 
 from services.common.channels import tenant_of
-from services.common.database import make_engine
+from services.common.database import make_engine, upgrade
 from services.common.server import running
-from services.gateway.server import create_app
-from services.gateway.store import GatewayStore
+from services.gateway.server import MIGRATIONS, create_app
+from services.gateway.store import GatewayStore, TrainingJobRecord
 from services.gateway.training import job_seconds
 from tests.unit.gateway.gateway_fakes import gateway_stack, serve
 from tests.unit.gateway.test_gateway_limits import set_quota
@@ -112,7 +112,7 @@ async def test_jobs_are_settled_after_a_gateway_restart_and_then_the_quota_refus
             trainer_pb2.CreateOptimizationJobRequest(), metadata=stack.auth("developer")
         )
         store = GatewayStore(make_engine(stack.settings.gateway_database_url))
-        pending = {job.job_id: job for job in store.unsettled_training_jobs(10)}
+        pending = {job.job_id: job for job in store.unsettled_training_jobs("", 10)}
         assert set(pending) == {created.job.id, optimized.job.id}
         assert pending[created.job.id].tenant == "acme"
         assert pending[created.job.id].api_key_id == stack.key_ids["developer"]
@@ -167,5 +167,23 @@ async def test_a_refused_or_failed_create_records_no_job(tmp_path, redis_server,
             await stub.CreateTrainingJob(trainer_pb2.CreateTrainingJobRequest(), metadata=stack.auth("reader"))
         assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
         store = GatewayStore(make_engine(stack.settings.gateway_database_url))
-        assert store.unsettled_training_jobs(10) == []
+        assert store.unsettled_training_jobs("", 10) == []
         store.engine.dispose()
+
+
+def test_the_store_pages_unsettled_jobs_and_settles_each_once(tmp_path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
+    upgrade(engine, MIGRATIONS)
+    store = GatewayStore(engine)
+    now = datetime.now(UTC)
+    for number in range(5):
+        store.add_training_job(TrainingJobRecord(f"job-{number}", "acme", "key", now))
+    store.add_training_job(TrainingJobRecord("job-0", "acme", "key", now))  # recorded twice: kept once
+    first = store.unsettled_training_jobs("", 3)
+    assert [job.job_id for job in first] == ["job-0", "job-1", "job-2"]
+    assert [job.job_id for job in store.unsettled_training_jobs(first[-1].job_id, 3)] == ["job-3", "job-4"]
+    assert store.settle_training_job("job-1", 42, now) is True
+    assert store.settle_training_job("job-1", 42, now) is False  # another replica got there first
+    assert store.get_training_job("job-1").seconds == 42
+    assert "job-1" not in [job.job_id for job in store.unsettled_training_jobs("", 10)]
+    engine.dispose()
