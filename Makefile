@@ -46,6 +46,8 @@ lint-protos: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.train
+	$(BIN)/python -m benchmarks.embed
+	$(BIN)/python -m benchmarks.rollout
 
 clean:
 	rm -rf $(VENV) .tools
