@@ -124,6 +124,8 @@ def test_cli_embed(stack, clients):
     vectors = np.array(json.loads(result.stdout))
     assert vectors.shape == (2, 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    table = stack.maas("embed", "minilm", "hello world", "hi there", env=env).stdout
+    assert "384 dims" in table and "cosine similarity" in table
     bad = stack.maas("embed", "absent", "hello", env=env, check=False)
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
 
