@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.train
 	$(BIN)/python -m benchmarks.embed
+	$(BIN)/python -m benchmarks.generate
 	$(BIN)/python -m benchmarks.rollout
 
 clean:

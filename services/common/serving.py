@@ -32,6 +32,11 @@ CALLS = {
 TENSOR_TASKS = (PREDICT, EMBED)
 
 
+def task_of_route(value: int) -> str:
+    """A Route's task enum as a task name; values this build does not know serve tensors."""
+    return TASK_NAMES.get(value, PREDICT)
+
+
 def task_of_metadata(metadata: Mapping[str, str]) -> str:
     return TASK_OF_METADATA.get(metadata.get("task", ""), PREDICT)
 

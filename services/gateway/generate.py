@@ -29,7 +29,7 @@ from services.common.generation import (
     stream_request,
 )
 from services.common.logs import request_id_var
-from services.common.serving import GENERATE, TASK_NAMES, check_task
+from services.common.serving import GENERATE, check_task, task_of_route
 from services.common.validation import check_name
 from services.gateway.admission import Admission
 from services.gateway.auth import Caller, current_caller
@@ -78,7 +78,7 @@ class Generation:
     ) -> tuple[LiveRoute, Target]:
         name = check_name("deployment", deployment)
         live = await self.routes.wait_ready(caller.tenant, name, context.time_remaining())
-        check_task(name, TASK_NAMES.get(live.route.task, ""), (GENERATE,), call)
+        check_task(name, task_of_route(live.route.task), (GENERATE,), call)
         return live, live.target(request_id_var.get())
 
     @contextlib.asynccontextmanager

@@ -19,7 +19,7 @@ from services.common.errors import InvalidArgument, MaasError, NotFound
 from services.common.generation import generate_response_of_stream, generation_of_infer
 from services.common.logs import request_id_var
 from services.common.oip import headers_of_infer
-from services.common.serving import TASK_NAMES, TENSOR_TASKS, check_task
+from services.common.serving import TENSOR_TASKS, check_task, task_of_route
 from services.common.tensors import BY_PROTO
 from services.gateway.auth import Caller, current_caller
 from services.gateway.cache import ResponseCache, infer_key, may_use_cache
@@ -102,7 +102,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         deployment = request.model_name
         live = await self.routes.wait_ready(tenant, deployment, context.time_remaining())
         _check_version(live, request.model_version)
-        check_task(deployment, TASK_NAMES.get(live.route.task, ""), TENSOR_TASKS, "ModelInfer")
+        check_task(deployment, task_of_route(live.route.task), TENSOR_TASKS, "ModelInfer")
         _refuse_shared_memory(request)
         live.signature.validate(headers_of_infer(request), [output.name for output in request.outputs])
         target = live.target(request_id_var.get())

@@ -12,6 +12,7 @@ from maas.inference.v1 import inference_pb2
 from services.common.errors import InvalidArgument
 from services.common.logs import request_id_var
 from services.common.oip import headers_of_predict, infer_request_of_predict, predict_response_of_infer
+from services.common.serving import TENSOR_TASKS, check_task, task_of_route
 from services.common.validation import check_name
 from services.gateway.auth import current_caller
 from services.gateway.cache import ResponseCache, may_use_cache, predict_key
@@ -60,6 +61,7 @@ class PredictHandler:
         if not self.routes.synced and self.routes.get(tenant, name) is None:
             return await self.proxy.forward_unary(PREDICT_PATH, request, context), 0
         live = await self.routes.wait_ready(tenant, name, context.time_remaining())
+        check_task(name, task_of_route(live.route.task), TENSOR_TASKS, "Predict")
         live.signature.validate(headers_of_predict(message), message.output_names)
         target = live.target(request_id_var.get())
         cache_key = None

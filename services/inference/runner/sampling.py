@@ -124,7 +124,11 @@ def generate(
 
 
 def block_size_of(module: torch.nn.Module) -> int:
-    """The longest context the model takes: its `block_size`, else its position table's size."""
-    if hasattr(module, "block_size"):
-        return int(module.block_size)
-    return int(module.positions.weight.shape[0])
+    """The longest context the model takes: the `block_size` of the module or of a submodule (the
+    trainer registers the GPT wrapped as `net`), else the size of a `positions` table."""
+    for part in module.modules():
+        if hasattr(part, "block_size"):
+            return int(part.block_size)
+        if hasattr(part, "positions"):
+            return int(part.positions.weight.shape[0])
+    raise ValueError("the model has no block_size or positions table: its context length is unknown")

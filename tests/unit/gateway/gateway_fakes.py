@@ -171,6 +171,54 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+class FakeGenerator(FakeTriton):
+    """Also a decoupled text model: ModelStreamInfer answers one token ("a", "b", ...) per
+    response, every `delay` seconds, up to max_tokens or `stop_after` tokens (finish "stop"),
+    then a last response with the counts; a prompt holding "~" is refused as invalid input."""
+
+    def __init__(self, delay: float = 0.0, stop_after: int = 0) -> None:
+        super().__init__()
+        self.delay = delay
+        self.stop_after = stop_after
+        self.streams: list[service_pb2.ModelInferRequest] = []
+        self.cancelled = asyncio.Event()
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        async for request in request_iterator:
+            self.streams.append(request)
+            prompt = request.raw_input_contents[0][4:].decode()
+            if "~" in prompt:
+                yield service_pb2.ModelStreamInferResponse(error_message="invalid input: '~' is not known")
+                continue
+            max_tokens = request.parameters["max_tokens"].int64_param
+            count = min(max_tokens, self.stop_after or max_tokens)
+            try:
+                for index in range(count):
+                    await asyncio.sleep(self.delay)
+                    yield _generated(request.id, text=chr(ord("a") + index % 26))
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            reason = "stop" if count < max_tokens else "length"
+            yield _generated(
+                request.id, text="", finish_reason=reason, prompt_tokens=len(prompt), completion_tokens=count
+            )
+
+
+def _generated(request_id: str, **outputs) -> service_pb2.ModelStreamInferResponse:
+    response = service_pb2.ModelStreamInferResponse()
+    response.infer_response.id = request_id  # Triton echoes the request's id
+    for name, value in outputs.items():
+        if isinstance(value, str):
+            response.infer_response.outputs.add(name=name, datatype="BYTES", shape=[1])
+            encoded = value.encode()
+            response.infer_response.raw_output_contents.append(len(encoded).to_bytes(4, "little") + encoded)
+        else:
+            response.infer_response.outputs.add(name=name, datatype="INT64", shape=[1])
+            response.infer_response.raw_output_contents.append(value.to_bytes(8, "little", signed=True))
+    return response
+
+
 def signature() -> common_pb2.Signature:
     return common_pb2.Signature(
         inputs=[common_pb2.TensorSpec(name="x", datatype=common_pb2.DATA_TYPE_FP32, shape=[4])],
@@ -185,6 +233,7 @@ def route(
     ready: bool = True,
     cacheable: bool = False,
     version: int = 1,
+    task: int = inference_pb2.SERVING_TASK_PREDICT,
 ) -> inference_pb2.Route:
     return inference_pb2.Route(
         tenant=tenant,
@@ -197,6 +246,7 @@ def route(
         max_batch_size=8,
         ready=ready,
         cacheable=cacheable,
+        task=task,
     )
 
 
@@ -219,7 +269,7 @@ class Stack:
     registry: FakeRegistry
     inference: FakeInference
     routing: FakeRouting
-    triton: FakeTriton
+    triton: FakeGenerator
     triton_address: str
     keys: dict[str, str] = field(default_factory=dict)  # "admin", "reader", ... -> plaintext
     key_ids: dict[str, str] = field(default_factory=dict)
@@ -259,7 +309,7 @@ async def gateway_stack(
     tmp_path: Path, *, routes_available: bool = True, redis_url: str = "", **settings_overrides
 ) -> AsyncIterator[Stack]:
     """`redis_url` empty: a closed port, so the gateway runs on its Redis fallbacks."""
-    registry, inference, triton = FakeRegistry(), FakeInference(), FakeTriton()
+    registry, inference, triton = FakeRegistry(), FakeInference(), FakeGenerator()
     triton_server, triton_address = await serve(
         (service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, triton)
     )

@@ -105,3 +105,23 @@ def test_unknown_characters_are_named():
 
 def test_block_size_comes_from_the_model():
     assert block_size_of(Cycle(6, 9)) == 9
+
+
+def test_block_size_is_found_in_a_wrapped_scripted_model():
+    class Gpt(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block_size = 5
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return tokens.float()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Gpt()
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.net(tokens)
+
+    assert block_size_of(torch.jit.script(Wrapped())) == 5

@@ -1,0 +1,124 @@
+"""`make bench`: streaming text generation from the trainer's character-level GPT through the
+gateway's Generate (auth, token reservation and settlement in Redis, Triton's decoupled python
+backend sending one response per token) vs. the same TorchScript and the same sampling code
+(services/inference/runner/sampling.py) in this process. Writes its section into BENCHMARKS.md.
+
+Time to first token: from the call to the first token in the caller's hands. Tokens/s: tokens
+generated over the whole call. Both paths sample with the same settings and seeds, so they
+generate the same text; runs alternate between the paths, so load elsewhere hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from maas import Client
+from maas.gateway.v1 import admin_pb2
+
+from benchmarks.run import machine
+from services.inference.runner.sampling import Settings, Vocabulary, block_size_of, generate
+from services.stack.ephemeral import EphemeralStack
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER = "# Benchmarks\n\nWritten by `make bench` (benchmarks/run.py). Newest run first.\n\n"
+PROMPT = "ROMEO:\n"
+TRAINING = dict(epochs=1, max_samples=20_000, batch_size=64, block_size=64, embedding_dim=64, num_layers=2,
+                num_heads=4, learning_rate=3e-3, device="cpu", seed=0)
+
+
+def in_process(module, vocabulary: Vocabulary, settings: Settings) -> tuple[float, float, str]:
+    """(seconds to the first token, seconds in all, text) of one generation in this process."""
+    started = time.perf_counter()
+    first, pieces = 0.0, []
+    for step in generate(module, vocabulary, vocabulary.encode(PROMPT), settings, block_size_of(module)):
+        if not first:
+            first = time.perf_counter() - started
+        pieces.append(step.text)
+    return first, time.perf_counter() - started, "".join(pieces)
+
+
+def through_gateway(client: Client, deployment: str, settings: Settings) -> tuple[float, float, str]:
+    started = time.perf_counter()
+    first, pieces = 0.0, []
+    for response in client.generate(
+        deployment, PROMPT, max_tokens=settings.max_tokens, temperature=settings.temperature, seed=settings.seed
+    ):
+        if not first:
+            first = time.perf_counter() - started
+        pieces.append(response.text)
+    return first, time.perf_counter() - started, "".join(pieces)
+
+
+def row(path: str, runs: list[tuple[float, float, str]], tokens: int, base: tuple[float, float] | None) -> str:
+    ttft = statistics.median(run[0] for run in runs) * 1000
+    rate = tokens / statistics.median(run[1] for run in runs)
+    ratios = f"{ttft / base[0]:.2f} | {rate / base[1]:.2f}" if base else "1.00 | 1.00"
+    return f"| {path} | {ttft:.2f} | {rate:,.0f} | {ratios} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=20, help="Generations per path")
+    parser.add_argument("--tokens", type=int, default=200, help="max_tokens of each generation")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch, EphemeralStack() as stack:
+        admin = Client(stack.gateway, stack.admin_key)
+        admin.create_tenant("bench")
+        record, key = admin.create_api_key("bench", "developer")
+        # Limits that never bite but that every call is checked against (token buckets and quota).
+        admin.set_api_key_rate_limit(record.id, 1e6, burst=1_000_000, tokens_per_minute=10**9)
+        admin.set_quota(admin_pb2.Quota(tenant="bench", tokens_per_day=10**12))
+        client = Client(stack.gateway, key)
+        job = client.train("bench-gpt", "gpt", "shakespeare", **TRAINING)
+        version = client.wait_job(job.id, timeout=900).result.version
+        client.create_deployment("bench-gpt", "bench-gpt", version=version)
+        client.wait_ready("bench-gpt", timeout=300)
+        artifact = Path(scratch) / "model.pt"
+        record = client.download_version("bench-gpt", version, artifact)
+        module = torch.jit.load(str(artifact)).eval()
+        # The runner's thread count: the host's cores split between the model's instances (one).
+        torch.set_num_threads(os.cpu_count() or 1)
+        vocabulary = Vocabulary(record.metadata["vocabulary"])
+        local, gateway = [], []
+        for run in range(args.runs + 1):
+            settings = Settings(max_tokens=args.tokens, temperature=1.0, seed=run)
+            measured = in_process(module, vocabulary, settings), through_gateway(client, "bench-gpt", settings)
+            if run:  # the first run of each path warms up
+                local.append(measured[0])
+                gateway.append(measured[1])
+        same_text = sum(a[2] == b[2] for a, b in zip(local, gateway, strict=True))
+        client.close()
+        admin.close()
+    base = (statistics.median(r[0] for r in local) * 1000, args.tokens / statistics.median(r[1] for r in local))
+    section = "\n".join([
+        f"## Streaming generation — {datetime.date.today().isoformat()}",
+        "",
+        f"Machine: {machine()}, torch {torch.__version__}. No GPU. Written by `make bench` (benchmarks/generate.py).",
+        f"Model: the trainer's character-level GPT ({TRAINING['num_layers']} layers, {TRAINING['embedding_dim']} "
+        f"dims, block {TRAINING['block_size']}) trained 1 epoch on 20,000 characters of Shakespeare. Each run "
+        f"generates {args.tokens} tokens (temperature 1, seed = run) from {PROMPT!r}; median of {args.runs} runs per "
+        "path, alternating. In process: the same TorchScript and sampling code, called directly. Gateway: "
+        "`Client.generate` -> gateway (auth, token reservation and settlement) -> Triton decoupled model "
+        f"-> one gRPC message per token. Same text on both paths in {same_text} of {args.runs} runs.",
+        "",
+        "| path | time to first token ms | tokens/s | TTFT ratio | tokens/s ratio |",
+        "|---|---:|---:|---:|---:|",
+        row("in process", local, args.tokens, None),
+        row("gateway Generate (streamed)", gateway, args.tokens, base),
+        "",
+    ])
+    print(section)
+    previous = args.output.read_text().removeprefix(HEADER) if args.output.exists() else ""
+    args.output.write_text(HEADER + section + ("\n" + previous if previous else ""))
+
+
+if __name__ == "__main__":
+    main()
