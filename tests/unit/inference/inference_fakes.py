@@ -122,6 +122,19 @@ class FakeTriton:
         stats.inference_stats.success.count, stats.inference_stats.fail.count = succeeded, failed
         return [stats]
 
+    async def stream(
+        self, request: service_pb2.ModelInferRequest, timeout: float
+    ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        """A decoupled text model: the prompt back, one character per response, then the counts."""
+        self.requests.append(request)
+        prompt = request.raw_input_contents[0][4:].decode()
+        if "~" in prompt:
+            yield service_pb2.ModelStreamInferResponse(error_message="invalid input: '~' is not known")
+            return
+        for character in prompt:
+            yield _stream_response(text=character)
+        yield _stream_response(text="", finish_reason="length", prompt_tokens=len(prompt), completion_tokens=len(prompt))
+
     async def infer(
         self, request: service_pb2.ModelInferRequest, timeout: float
     ) -> service_pb2.ModelInferResponse:
@@ -134,3 +147,16 @@ class FakeTriton:
         response.outputs.add(name="y", datatype="FP32", shape=y.shape)
         response.raw_output_contents.append(y.astype(np.float32).tobytes())
         return response
+
+
+def _stream_response(**outputs) -> service_pb2.ModelStreamInferResponse:
+    response = service_pb2.ModelStreamInferResponse()
+    for name, value in outputs.items():
+        if isinstance(value, str):
+            encoded = value.encode()
+            response.infer_response.outputs.add(name=name, datatype="BYTES", shape=[1])
+            response.infer_response.raw_output_contents.append(len(encoded).to_bytes(4, "little") + encoded)
+        else:
+            response.infer_response.outputs.add(name=name, datatype="INT64", shape=[1])
+            response.infer_response.raw_output_contents.append(value.to_bytes(8, "little", signed=True))
+    return response

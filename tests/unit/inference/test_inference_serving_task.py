@@ -12,7 +12,7 @@ from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
 from tritonclient.grpc import model_config_pb2
 
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.serving import EMBED, GENERATE, PREDICT
 from services.inference.repository import ModelSpec, config_text
 from services.inference.service import DeploymentSpec
@@ -131,3 +131,31 @@ async def test_deployments_and_routes_carry_the_task_and_precision(deployments, 
     assert (message.task, message.precision) == (inference_pb2.SERVING_TASK_GENERATE, "int8")
     (route,) = [route_message(route, "t:1") for route in await anext(deployments.watch_routes())]
     assert route.task == inference_pb2.SERVING_TASK_GENERATE
+
+
+async def test_generate_streams_from_a_generation_deployment(deployments, registry, triton):
+    add_gpt(registry)
+    await deployments.create(TENANT, DeploymentSpec(name="chat", model="gpt", version=1))
+    await wait_state(deployments, "chat", READY)
+    request = inference_pb2.GenerateRequest(deployment="chat", prompt="abc", max_tokens=3, seed=4)
+    *tokens, final = [message async for message in deployments.generate(TENANT, request)]
+    assert [t.text for t in tokens] == ["a", "b", "c"] and (final.model, final.version) == ("gpt", 1)
+    assert final.finish_reason == inference_pb2.FINISH_REASON_LENGTH and final.completion_tokens == 3
+    assert triton.requests[-1].parameters["seed"].int64_param == 4
+
+
+async def test_generate_refuses_bad_prompts_and_tensor_deployments(deployments, registry):
+    add_gpt(registry)
+    await deployments.create(TENANT, DeploymentSpec(name="chat", model="gpt", version=1))
+    await deployments.create(TENANT, DeploymentSpec(name="web", model="digits", version=1))
+    await wait_state(deployments, "chat", READY)
+    await wait_state(deployments, "web", READY)
+    for fields, error, complaint in [
+        ({"deployment": "chat", "prompt": ""}, InvalidArgument, "must not be empty"),
+        ({"deployment": "chat", "prompt": "a~"}, InvalidArgument, "'~' is not known"),
+        ({"deployment": "chat", "prompt": "a", "top_k": -1}, InvalidArgument, "top_k"),
+        ({"deployment": "web", "prompt": "a"}, FailedPrecondition, "use Predict"),
+        ({"deployment": "nope", "prompt": "a"}, NotFound, "not found"),
+    ]:
+        with pytest.raises(error, match=complaint):
+            _ = [m async for m in deployments.generate(TENANT, inference_pb2.GenerateRequest(**fields))]
