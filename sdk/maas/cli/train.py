@@ -113,16 +113,21 @@ def follow_job(maas: Client, job_id: str) -> None:
 
 
 def job_row(job: trainer_pb2.Job) -> list[str]:
-    spec = job.spec
-    data = spec.dataset.builtin or f"{spec.dataset.registry.name}@{job.dataset_version}"
     progress = f"{job.progress.epoch}/{job.progress.epochs}" if job.progress.epochs else ""
     result = f"v{job.result.version}" if job.result.version else ""
-    return [job.id, state_name(job.state), job.model, spec.architecture.WhichOneof("kind") or "", data,
-            progress, result, job.message]
+    if job.kind == trainer_pb2.JOB_KIND_OPTIMIZATION:
+        # An optimization job's "architecture" is its method, its data the version it starts from.
+        spec = job.optimization
+        what, data = spec.WhichOneof("method") or "", f"{spec.model} v{spec.version}"
+    else:
+        dataset = job.spec.dataset
+        what = job.spec.architecture.WhichOneof("kind") or ""
+        data = dataset.builtin or f"{dataset.registry.name}@{job.dataset_version}"
+    return [job.id, state_name(job.state), job.model, what, data, progress, result, job.message]
 
 
 def jobs_table(jobs: list[trainer_pb2.Job]) -> Table:
-    table = Table("job", "state", "model", "architecture", "dataset", "epoch", "result", "message")
+    table = Table("job", "state", "model", "architecture or method", "dataset or source", "epoch", "result", "message")
     for job in jobs:
         table.add_row(*job_row(job))
     return table
