@@ -155,7 +155,8 @@ def check_source(spec: OptimizationSpec, source: SourceVersion) -> TrainingSpec:
             f"{name} is {source.format}: optimization starts from a TorchScript version (e.g. the one it was exported from)"
         )
     precision = source.precision or "fp32"
-    if spec.method != "distill" and precision != "fp32":
+    # Every method rebuilds or measures the float network; a quantized teacher would be counted wrong.
+    if precision != "fp32":
         raise InvalidArgument(
             f"{name} is already {precision}: {spec.method} starts from an fp32 version (its parent, for example)"
         )

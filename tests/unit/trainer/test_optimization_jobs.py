@@ -134,6 +134,7 @@ async def test_sources_that_cannot_be_optimized(trainer, registry, launcher) -> 
     await upload(registry, "iris", torchscript_bytes(), registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, "int8", metadata)
     await expect(CODE.INVALID_ARGUMENT, optimize(trainer, optimization(2, **INT8)),
                  "iris version 2 is already int8: quantize starts from an fp32 version")
+    await expect(CODE.INVALID_ARGUMENT, optimize(trainer, optimization(2, **distill())), "already int8: distill")
     await trained_source(trainer, launcher, "sugar", spec("linear", "diabetes"), "regression")
     await expect(CODE.INVALID_ARGUMENT, optimize(trainer, optimization(model="sugar", **distill())),
                  "distillation needs a classifier teacher; sugar version 1 is a regression model")
