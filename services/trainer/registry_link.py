@@ -138,7 +138,7 @@ class RegistryLink:
 
     async def _create_model(self, tenant: str, registration: Registration) -> bool:
         request = registry_pb2.CreateModelRequest(
-            name=registration.model, description=f"trained by job {registration.job_id}"
+            name=registration.model, description=f"created by trainer job {registration.job_id}"
         )
         try:
             await self._stub.CreateModel(request, metadata=self._metadata(tenant))
