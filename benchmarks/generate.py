@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
 import tempfile
 import time
@@ -23,12 +22,13 @@ from maas import Client
 from maas.gateway.v1 import admin_pb2
 
 from benchmarks.run import machine
-from services.inference.runner.sampling import Settings, Vocabulary, block_size_of, generate
+from services.inference.runner.sampling import THREADS, Settings, Vocabulary, block_size_of, generate
 from services.stack.ephemeral import EphemeralStack
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = "# Benchmarks\n\nWritten by `make bench` (benchmarks/run.py). Newest run first.\n\n"
 PROMPT = "ROMEO:\n"
+WARMUP = 3
 TRAINING = dict(epochs=1, max_samples=20_000, batch_size=64, block_size=64, embedding_dim=64, num_layers=2,
                 num_heads=4, learning_rate=3e-3, device="cpu", seed=0)
 
@@ -84,14 +84,13 @@ def main() -> None:
         artifact = Path(scratch) / "model.pt"
         record = client.download_version("bench-gpt", version, artifact)
         module = torch.jit.load(str(artifact)).eval()
-        # The runner's thread count: the host's cores split between the model's instances (one).
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(THREADS)  # as the runner does
         vocabulary = Vocabulary(record.metadata["vocabulary"])
         local, gateway = [], []
-        for run in range(args.runs + 1):
+        for run in range(args.runs + WARMUP):
             settings = Settings(max_tokens=args.tokens, temperature=1.0, seed=run)
             measured = in_process(module, vocabulary, settings), through_gateway(client, "bench-gpt", settings)
-            if run:  # the first run of each path warms up
+            if run >= WARMUP:  # TorchScript specialises on the first calls' shapes
                 local.append(measured[0])
                 gateway.append(measured[1])
         same_text = sum(a[2] == b[2] for a, b in zip(local, gateway, strict=True))
@@ -105,7 +104,7 @@ def main() -> None:
         f"Model: the trainer's character-level GPT ({TRAINING['num_layers']} layers, {TRAINING['embedding_dim']} "
         f"dims, block {TRAINING['block_size']}) trained 1 epoch on 20,000 characters of Shakespeare. Each run "
         f"generates {args.tokens} tokens (temperature 1, seed = run) from {PROMPT!r}; median of {args.runs} runs per "
-        "path, alternating. In process: the same TorchScript and sampling code, called directly. Gateway: "
+        f"path, alternating, after {WARMUP} warm-up runs; {THREADS} torch thread in both. In process: the same TorchScript and sampling code, called directly. Gateway: "
         "`Client.generate` -> gateway (auth, token reservation and settlement) -> Triton decoupled model "
         f"-> one gRPC message per token. Same text on both paths in {same_text} of {args.runs} runs.",
         "",

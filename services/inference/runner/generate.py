@@ -33,8 +33,7 @@ class TritonPythonModel:
         self.sampling = sampling
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        instances = sum(group.get("count", 1) for group in config.get("instance_group", [])) or 1
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // instances))
+        torch.set_num_threads(sampling.THREADS)
         wants_gpu = args.get("model_instance_kind") == "GPU" and parameters.get("device", "AUTO") != "CPU"
         device_id = args.get("model_instance_device_id", "0")
         self.device = torch.device(f"cuda:{device_id}" if wants_gpu and torch.cuda.is_available() else "cpu")
