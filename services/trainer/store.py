@@ -36,7 +36,7 @@ class JobState(StrEnum):
 class JobRecord:
     id: str
     tenant: str
-    kind: str  # "training"; "optimization" later
+    kind: str  # "training" or "optimization"
     state: JobState
     spec: dict[str, Any]
     model: str

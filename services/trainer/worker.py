@@ -3,7 +3,8 @@
 The trainer service starts it (through `torchrun` when the job has several workers) and reads
 its events, one JSON object per line, from its stdout: started, progress, checkpoint, log,
 result or error. Everything else the process prints goes to stderr (the job's worker.log).
-The job folder holds job.json (written by the service), the checkpoint and the exported model.
+The job folder holds job.json (written by the service), the checkpoint and the exported model;
+an optimization job's also holds source.pt, the version it starts from (see optimization.py).
 A worker whose trainer dies exits too: the restarted trainer resumes the job from its checkpoint.
 """
 
