@@ -1,6 +1,7 @@
-"""End to end through the real stack: the packaged all-MiniLM-L6-v2 exported to ONNX, uploaded to
-two tenants, deployed on Triton (embedding runner, dynamic batching), then Embed through the gateway
-with the SDK and the CLI: vectors match in-process sentence-transformers, similar sentences are
+"""End to end through the real stack: the packaged all-MiniLM-L6-v2 imported with
+`maas models import-pretrained` (exported to ONNX, checked, uploaded), copied to a second tenant,
+deployed on Triton (embedding runner, dynamic batching), then Embed through the gateway with the
+SDK and the CLI: vectors match in-process sentence-transformers, similar sentences are
 closer, identical calls are served from the cache of their own tenant only, prompt tokens and cache
 hits reach usage; and the bad calls."""
 
@@ -13,7 +14,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from maas import Client, pretrained
+from maas import Client
 from maas.errors import ApiError
 from maas.inference.v1 import inference_pb2
 
@@ -42,18 +43,30 @@ def sentence_model():
 
 @pytest.fixture(scope="module")
 def clients(stack, tmp_path_factory):
-    """Tenants "lexica" and "rivals", each with the model deployed as "minilm" (cacheable)."""
-    exported = pretrained.export_embedding("all-minilm-l6-v2", tmp_path_factory.mktemp("minilm"))
+    """Tenants "lexica" and "rivals", each with the model deployed as "minilm" (cacheable): lexica
+    imports it with the CLI, rivals uploads the same artifact downloaded from lexica's registry."""
     admin = Client(stack.gateway, stack.admin_key)
     clients, keys = {}, {}
     for tenant in ("lexica", "rivals"):
         admin.create_tenant(tenant)
         keys[tenant] = admin.create_api_key(tenant, "developer")[1]
-        client = Client(stack.gateway, keys[tenant])
-        version = pretrained.upload_embedding(client, exported, "minilm")
-        assert version.metadata["task"] == "embedding" and version.precision == "fp32"
-        client.create_deployment("minilm", "minilm", version=version.version, max_batch_size=16, cacheable=True)
-        clients[tenant] = client
+        clients[tenant] = Client(stack.gateway, keys[tenant])
+    imported = stack.maas(
+        "models", "import-pretrained", "all-minilm-l6-v2", "--model", "minilm",
+        env=dict(stack.env, MAAS_API_KEY=keys["lexica"]),
+    )
+    assert "minilm version 1 ready" in imported.stdout, imported.stderr
+    version = clients["lexica"].get_version("minilm", 1)
+    assert version.metadata["task"] == "embedding" and version.precision == "fp32"
+    assert float(version.metadata["export_max_abs_diff"]) < 1e-4
+    artifact = tmp_path_factory.mktemp("minilm") / "model.onnx"
+    clients["lexica"].download_version("minilm", 1, artifact)
+    clients["rivals"].create_model("minilm")
+    clients["rivals"].upload_version(
+        "minilm", artifact, format="onnx", signature=version.signature, metadata=dict(version.metadata)
+    )
+    for client in clients.values():
+        client.create_deployment("minilm", "minilm", version=1, max_batch_size=16, cacheable=True)
     for client in clients.values():
         deployment = client.wait_ready("minilm", timeout=180)
         assert deployment.task == inference_pb2.SERVING_TASK_EMBED
@@ -128,6 +141,8 @@ def test_cli_embed(stack, clients):
     assert "384 dims" in table and "cosine similarity" in table
     bad = stack.maas("embed", "absent", "hello", env=env, check=False)
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
+    unknown = stack.maas("models", "import-pretrained", "bert-huge", "--model", "big", env=env, check=False)
+    assert unknown.returncode == 1 and "all-minilm-l6-v2" in unknown.stderr
 
 
 def test_bad_calls(clients, digits):
