@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2_grpc
 from services.common.embedding import MAX_TEXTS, MAX_TOTAL_BYTES
 from services.gateway.cache import LOOKUPS
 from tests.support.embedding import DIMENSIONS, embedding_answer, embedding_signature, tokens_of, vector_of
-from tests.unit.gateway.gateway_fakes import gateway_stack, route, serve
+from tests.unit.gateway.gateway_fakes import FakeInference, gateway_stack, route, serve
 
 MAX_BATCH = 4
 
@@ -174,3 +174,22 @@ async def test_wrong_deployments_are_refused(stack):
     details = await expect_error(stack, ["hi"], grpc.StatusCode.FAILED_PRECONDITION, "mlp")
     assert "PREDICT task" in details and "Predict" in details
     assert stack.embedder.requests == []
+
+
+async def test_embed_goes_through_the_inference_service_until_routes_arrive(tmp_path, monkeypatch):
+    forwarded = []
+
+    async def inference_embed(self, request, context):
+        forwarded.append((request, dict(context.invocation_metadata())))
+        return inference_pb2.EmbedResponse(prompt_tokens=7, model="served-by-inference", version=3)
+
+    monkeypatch.setattr(FakeInference, "Embed", inference_embed, raising=False)
+    async with gateway_stack(tmp_path, routes_available=False) as stack:
+        response, _ = await embed(stack, "reader", ["hello"])
+        assert (response.model, response.prompt_tokens) == ("served-by-inference", 7)
+        [(request, metadata)] = forwarded
+        assert list(request.texts) == ["hello"] and metadata["x-maas-tenant"] == "acme"
+        # The texts are checked before anything is forwarded.
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await embed(stack, "reader", [""])
+        assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT and len(forwarded) == 1
