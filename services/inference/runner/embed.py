@@ -59,7 +59,8 @@ class TritonPythonModel:
         metadata = self.session.get_modelmeta().custom_metadata_map
         if TOKENIZER_PROP not in metadata:
             raise pb_utils.TritonModelException(
-                f"the ONNX file has no {TOKENIZER_PROP!r} metadata: import it with `maas models import-pretrained`"
+                f"the ONNX file has no {TOKENIZER_PROP!r} metadata: "
+                "import it with `maas models import-pretrained`"
             )
         self.tokenizer = Tokenizer.from_str(metadata[TOKENIZER_PROP])
         self.output = self.session.get_outputs()[0].name

@@ -119,7 +119,9 @@ async def test_identical_calls_hit_the_cache_within_the_tenant_only(stack):
     await embed(stack, "reader", ["and another", "a cached sentence"])
     await embed(stack, "other", ["a cached sentence", "and another"])
     assert [r.model_name for r in stack.embedder.requests[1:]] == ["acme--minilm--1", "other--minilm--1"]
-    await embed(stack, "reader", ["a cached sentence", "and another"], metadata=(("cache-control", "no-cache"),))
+    await embed(
+        stack, "reader", ["a cached sentence", "and another"], metadata=(("cache-control", "no-cache"),)
+    )
     assert len(stack.embedder.requests) == 4
 
 
@@ -170,7 +172,9 @@ async def test_bad_texts_are_refused_before_triton(stack, texts, message):
 
 async def test_wrong_deployments_are_refused(stack):
     assert "not found" in await expect_error(stack, ["hi"], grpc.StatusCode.NOT_FOUND, "nope")
-    assert "invalid deployment name" in await expect_error(stack, ["hi"], grpc.StatusCode.INVALID_ARGUMENT, "Bad!")
+    assert "invalid deployment name" in await expect_error(
+        stack, ["hi"], grpc.StatusCode.INVALID_ARGUMENT, "Bad!"
+    )
     details = await expect_error(stack, ["hi"], grpc.StatusCode.FAILED_PRECONDITION, "mlp")
     assert "PREDICT task" in details and "Predict" in details
     assert stack.embedder.requests == []

@@ -56,7 +56,9 @@ def runner_module(monkeypatch):
     utils.TritonModelException = type("TritonModelException", (Exception,), {})
     utils.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
-    spec = importlib.util.spec_from_file_location("maas_embed_runner_under_test", RUNNER_FILES[EMBED]["model.py"])
+    spec = importlib.util.spec_from_file_location(
+        "maas_embed_runner_under_test", RUNNER_FILES[EMBED]["model.py"]
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -70,11 +72,18 @@ def make_runner(module, exported: pretrained.EmbeddingExport, fmt: str = "ONNX")
             {"name": "tokens", "datatype": "INT64", "shape": [1]},
         ],
     }
-    parameters = {"artifact": "model.onnx", "format": fmt, "device": "AUTO", "signature": json.dumps(signature)}
+    parameters = {
+        "artifact": "model.onnx",
+        "format": fmt,
+        "device": "AUTO",
+        "signature": json.dumps(signature),
+    }
     runner = module.TritonPythonModel()
     runner.initialize(
         {
-            "model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in parameters.items()}}),
+            "model_config": json.dumps(
+                {"parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+            ),
             # The export directory holds model.onnx directly: point the version at "." beside it.
             "model_repository": str(exported.path.parent),
             "model_version": ".",
@@ -110,7 +119,9 @@ def test_unknown_pretrained_name_is_refused(tmp_path):
         pretrained.export_embedding("bert-huge", tmp_path)
 
 
-def test_runner_matches_sentence_transformers_across_batched_requests(runner_module, exported, sentence_model):
+def test_runner_matches_sentence_transformers_across_batched_requests(
+    runner_module, exported, sentence_model
+):
     runner = make_runner(runner_module, exported)
     long_text = " ".join(["tokens"] * 600)  # truncated to 256 tokens, like sentence-transformers does
     batches = [SENTENCES[:3], [SENTENCES[3], long_text]]

@@ -19,10 +19,16 @@ from tests.unit.inference.test_inference_service import wait_state
 @pytest.fixture
 async def minilm(deployments, registry, triton):
     version = registry.add(
-        "minilm", 1, artifact=b"onnx bytes", fmt=registry_pb2.ARTIFACT_FORMAT_ONNX, signature=embedding_signature()
+        "minilm",
+        1,
+        artifact=b"onnx bytes",
+        fmt=registry_pb2.ARTIFACT_FORMAT_ONNX,
+        signature=embedding_signature(),
     )
     version.metadata.update({"task": "embedding", "dimensions": str(DIMENSIONS)})
-    await deployments.create(TENANT, DeploymentSpec(name="minilm", model="minilm", version=1, max_batch_size=3))
+    await deployments.create(
+        TENANT, DeploymentSpec(name="minilm", model="minilm", version=1, max_batch_size=3)
+    )
     ready = await wait_state(deployments, "minilm", READY)
     sent = []
 
