@@ -29,6 +29,7 @@ status:
 	$(BIN)/maas status
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/pytest
 
 # Everything but the suites that start Triton or the whole stack.

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -37,11 +41,6 @@ def postgres_url() -> Iterator[str]:
 
 
 # --- redis_server: a throwaway redis-server the test may kill and restart (gateway tests) ---
-
-import shutil
-import socket
-import subprocess
-import time
 
 
 class RedisServer:

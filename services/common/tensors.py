@@ -122,7 +122,7 @@ class CompiledSignature:
                 )
             shape = header.shape
             if len(shape) != len(dims) + 1 or any(
-                got < 0 or (want != -1 and got != want) for got, want in zip(shape[1:], dims)
+                got < 0 or (want != -1 and got != want) for got, want in zip(shape[1:], dims, strict=True)
             ):
                 raise InvalidArgument(
                     f"input {header.name!r} has shape {list(shape)[:10]}; the model expects {self.describe(dims)}"

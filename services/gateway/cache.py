@@ -99,7 +99,7 @@ def embed_key(tenant: str, route: inference_pb2.Route, texts: list[bytes]) -> st
 def infer_key(tenant: str, route: inference_pb2.Route, request: service_pb2.ModelInferRequest) -> str:
     digest = _Digest("oip", *_route_parts(route))
     raw = list(request.raw_input_contents)
-    inputs = sorted(zip(request.inputs, raw or [b""] * len(request.inputs)), key=lambda pair: pair[0].name)
+    inputs = sorted(zip(request.inputs, raw or [b""] * len(request.inputs), strict=True), key=lambda pair: pair[0].name)
     for tensor, content in inputs:
         digest.text(f"{tensor.name}:{tensor.datatype}:{list(tensor.shape)}")
         digest.bytes(_parameters(tensor.parameters))

@@ -186,7 +186,7 @@ class LocalLimiter:
             used = self.used(counter.key)
             if used + max(counter.cost, 1) > counter.limit:
                 return Denial(counter, max(0, counter.limit - used), counter.reset_at - now)
-        for bucket, level in zip(buckets, levels):
+        for bucket, level in zip(buckets, levels, strict=True):
             self._buckets[bucket.key] = (level, now)
         for counter in counters:
             self._counters[counter.key] = (self.used(counter.key) + counter.cost, now + counter.ttl_seconds)
@@ -239,7 +239,7 @@ class Limiter:
                 if not future.done():
                     future.set_exception(error)
             return
-        for (_, _, future), result in zip(queued, results):
+        for (_, _, future), result in zip(queued, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
@@ -282,7 +282,7 @@ class Limiter:
     ) -> Denial | None:
         admitted, index, remaining, retry_ms = (int(v) for v in result[:4])
         if admitted:
-            for counter, used in zip(counters, result[4:]):
+            for counter, used in zip(counters, result[4:], strict=True):
                 self.local.seen(counter.key, int(used), counter.ttl_seconds)
                 counter.report(int(used))
             return None
@@ -306,7 +306,7 @@ class Limiter:
             except REDIS_DOWN_ERRORS as error:
                 self.link.lost(error)
             else:
-                for counter, used in zip(counters, values):
+                for counter, used in zip(counters, values, strict=True):
                     self.local.seen(counter.key, int(used), counter.ttl_seconds)
                     counter.report(int(used))
                 return

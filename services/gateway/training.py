@@ -11,7 +11,6 @@ unsettled."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from prometheus_client import Counter
 
 from services.common.channels import internal_metadata
+from services.common.periodic import Periodic
 from services.gateway.admission import Admission
 from services.gateway.store import GatewayStore, TrainingJobRecord
 
@@ -58,8 +58,7 @@ class TrainingSettlement:
         self.trainer = trainer_pb2_grpc.TrainerServiceStub(trainer)
         self.token = token
         self.admission = admission
-        self.interval_seconds = interval_seconds
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = Periodic("training-settlement", self.settle_ended, interval_seconds)
 
     async def record(self, tenant: str, key_id: str, response: bytes) -> None:
         """After CreateTrainingJob or CreateOptimizationJob succeeded: remember the job to settle."""
@@ -69,22 +68,10 @@ class TrainingSettlement:
         await asyncio.to_thread(self.store.add_training_job, record)
 
     def start(self) -> None:
-        if self.interval_seconds > 0:
-            self._task = asyncio.create_task(self._run(), name="training-settlement")
+        self._rounds.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.settle_ended()
-            except Exception:
-                log.exception("settling training jobs failed; they are tried again next round")
-            await asyncio.sleep(self.interval_seconds)
+        await self._rounds.close()
 
     async def settle_ended(self) -> int:
         """Count every recorded job that has ended; returns how many were settled."""

@@ -156,5 +156,5 @@ class Meter:
 
 
 def _counts(flat: list[bytes]) -> Mapping[str, int]:
-    pairs = zip(flat[::2], flat[1::2])
+    pairs = zip(flat[::2], flat[1::2], strict=True)
     return {name.decode(): int(value) for name, value in pairs if name.decode() in USAGE_FIELDS}

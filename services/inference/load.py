@@ -17,6 +17,7 @@ from prometheus_client import Gauge
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2
 
+from services.common.periodic import Periodic
 from services.inference.service import Deployments, Route
 from services.inference.store import FAILED, Deployment
 
@@ -127,11 +128,10 @@ class LoadReporter:
         self.deployments = deployments
         self.triton = triton
         self.metrics_url = metrics_url
-        self.refresh_seconds = refresh_seconds
         # Per Triton model, the counts at the last refresh: the gauges show the interval since.
         self._last: dict[str, VersionLoad] = {}
         self._labelled: set[tuple[str, str]] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = Periodic("deployment-load", self.refresh, refresh_seconds)
 
     async def get(self, tenant: str, name: str) -> DeploymentLoad:
         deployment = await self.deployments.get(tenant, name)
@@ -177,22 +177,10 @@ class LoadReporter:
     # -- the gauges ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.refresh_seconds > 0:
-            self._task = asyncio.create_task(self._run(), name="deployment-load")
+        self._rounds.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("refreshing the deployment load gauges failed")
-            await asyncio.sleep(self.refresh_seconds)
+        await self._rounds.close()
 
     async def refresh(self) -> None:
         """Set every deployment's gauges from the counts since the last refresh."""

@@ -22,7 +22,7 @@ def whoami(api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
     try:
         key = client(api_key, address).whoami()
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     role = {v: k for k, v in ROLES.items()}.get(key.role, "?")
     console.print(f"key {key.id}: tenant [bold]{key.tenant}[/], role {role}")
 
@@ -42,7 +42,7 @@ def tenant_create(
     try:
         tenant = client(api_key, address).create_tenant(name, display_name)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     console.print(f"created tenant [bold]{tenant.name}[/]")
 
 
@@ -51,7 +51,7 @@ def tenant_list(api_key: ApiKeyOption = None, address: AddressOption = None) -> 
     try:
         tenants = client(api_key, address).list_tenants()
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     table = Table("tenant", "display name", "created")
     for tenant in tenants:
         table.add_row(tenant.name, tenant.display_name, tenant.create_time.ToJsonString())
@@ -72,7 +72,7 @@ def key_create(
     try:
         record, plaintext = client(api_key, address).create_api_key(tenant, role, description)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     errors.print(f"key {record.id} for tenant {record.tenant} ({role}); store it now, it is not shown again:")
     print(plaintext)
 
@@ -82,7 +82,7 @@ def key_list(tenant: str, api_key: ApiKeyOption = None, address: AddressOption =
     try:
         keys = client(api_key, address).list_api_keys(tenant)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     roles = {v: k for k, v in ROLES.items()}
     table = Table("id", "role", "revoked", "description", "created")
     for key in keys:
@@ -101,7 +101,7 @@ def key_revoke(key_id: str, api_key: ApiKeyOption = None, address: AddressOption
     try:
         client(api_key, address).revoke_api_key(key_id)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     console.print(f"revoked {key_id}")
 
 
@@ -123,7 +123,7 @@ def key_limit(
             key_id, None if clear else rps, burst, tokens_per_minute
         )
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     if key.HasField("rate_limit"):
         limit = key.rate_limit
         console.print(
@@ -175,7 +175,7 @@ def quota_set(
     try:
         saved = client(api_key, address).set_quota(quota)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     _print_quota(saved)
 
 
@@ -185,7 +185,7 @@ def quota_get(tenant: str, api_key: ApiKeyOption = None, address: AddressOption 
     try:
         quota = client(api_key, address).get_quota(tenant)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     _print_quota(quota)
 
 
@@ -218,7 +218,7 @@ def audit(
     try:
         events = client(api_key, address).list_audit_events(tenant, key, method, limit)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     table = Table("time", "tenant", "key", "method", "resource", "outcome")
     for event in events:
         table.add_row(

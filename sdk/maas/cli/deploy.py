@@ -78,10 +78,10 @@ def deploy_create(
         else:
             console.print(f"{name} is loading; `maas deploy get {name}`")
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     except (RuntimeError, TimeoutError) as error:
         errors.print(f"[red]{error}[/]")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 @deploy_app.command("list")
@@ -89,7 +89,7 @@ def deploy_list(api_key: ApiKeyOption = None, address: AddressOption = None) -> 
     try:
         deployments = client(api_key, address).list_deployments()
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     table = Table("deployment", "serves", "state", "instances", "max batch", "message")
     for d in deployments:
         table.add_row(*deployment_row(d))
@@ -101,7 +101,7 @@ def deploy_get(name: str, api_key: ApiKeyOption = None, address: AddressOption =
     try:
         d = client(api_key, address).get_deployment(name)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     _print_deployment(d)
     for role, specs in (("input", d.signature.inputs), ("output", d.signature.outputs)):
         for spec in specs:
@@ -116,7 +116,7 @@ def deploy_delete(name: str, api_key: ApiKeyOption = None, address: AddressOptio
     try:
         client(api_key, address).delete_deployment(name)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     console.print(f"deleted deployment {name}")
 
 
@@ -199,7 +199,7 @@ def predict(
         arrays = load_inputs(inputs, signature)
         outputs = maas.predict(deployment, arrays)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     print(json.dumps({name: array.tolist() for name, array in outputs.items()}))
 
 

@@ -26,7 +26,7 @@ def model_create(
     try:
         client(api_key, address).create_model(name, description)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     console.print(f"created model [bold]{name}[/]")
 
 
@@ -35,7 +35,7 @@ def model_list(api_key: ApiKeyOption = None, address: AddressOption = None) -> N
     try:
         models = client(api_key, address).list_models()
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     table = Table("model", "latest version", "aliases", "description")
     for model in models:
         aliases = ", ".join(f"{k}→{v}" for k, v in sorted(model.aliases.items()))
@@ -91,7 +91,7 @@ def model_upload(
         if alias:
             maas.set_alias(model, alias, version.version)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     console.print(
         f"{model} version [bold]{version.version}[/] ready (sha256 {version.sha256[:12]}…, "
         f"{version.size_bytes} bytes){f', alias {alias}' if alias else ''}"
@@ -103,7 +103,7 @@ def model_versions(model: str, api_key: ApiKeyOption = None, address: AddressOpt
     try:
         versions = client(api_key, address).list_versions(model)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     formats = {v: k for k, v in FORMATS.items()}
     table = Table("version", "format", "precision", "size", "state", "sha256", "created")
     for v in versions:
@@ -127,7 +127,7 @@ def model_alias(
     try:
         client(api_key, address).set_alias(model, alias, version)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     console.print(f"{model}@{alias} → {version}")
 
 
@@ -142,7 +142,7 @@ def model_download(
     try:
         record = client(api_key, address).download_version(model, version, output)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     console.print(f"wrote {output} ({record.size_bytes} bytes)")
 
 
@@ -151,7 +151,7 @@ def model_delete(model: str, api_key: ApiKeyOption = None, address: AddressOptio
     try:
         client(api_key, address).delete_model(model)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     console.print(f"deleted {model}")
 
 

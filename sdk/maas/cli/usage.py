@@ -34,7 +34,7 @@ def usage(
     try:
         rows = client(api_key, address).get_usage(tenant, key, start, end)
     except ApiError as error:
-        raise fail(error)
+        raise fail(error) from None
     table = Table("day", *(name.replace("_", " ") for name in COLUMNS), title=_title(tenant, key))
     for row in rows:
         table.add_row(row.day, *(f"{getattr(row, name):,}" for name in COLUMNS))

@@ -96,7 +96,7 @@ class TritonPythonModel:
             )
 
         def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
-            return session.run(fetch_names, dict(zip(feed_names, arrays)))
+            return session.run(fetch_names, dict(zip(feed_names, arrays, strict=True)))
 
         return run
 
@@ -140,7 +140,7 @@ class TritonPythonModel:
 
     def _run_checked(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         outputs = self.run(
-            [np.ascontiguousarray(array, dtype=dtype) for array, (_, dtype) in zip(arrays, self.inputs)]
+            [np.ascontiguousarray(array, dtype=dtype) for array, (_, dtype) in zip(arrays, self.inputs, strict=True)]
         )
         if len(outputs) != len(self.outputs):
             raise ValueError(
@@ -151,7 +151,7 @@ class TritonPythonModel:
     def _response(self, outputs: list[np.ndarray]):
         tensors = [
             pb_utils.Tensor(name, np.ascontiguousarray(array, dtype=dtype))
-            for (name, dtype), array in zip(self.outputs, outputs)
+            for (name, dtype), array in zip(self.outputs, outputs, strict=True)
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
 

@@ -109,7 +109,7 @@ def test_requests_are_batched_into_one_forward_and_split_back(runner_class, mlp,
     batches = [np.random.rand(n, 4).astype(np.float32) for n in (1, 2, 3)]
     responses = runner.execute([Request(x=batch) for batch in batches])
     assert calls == [[(6, 4)]]  # one forward for all three requests
-    for batch, response in zip(batches, responses):
+    for batch, response in zip(batches, responses, strict=True):
         assert response.error is None
         with torch.inference_mode():
             expected = mlp(torch.from_numpy(batch)).numpy()
@@ -187,7 +187,7 @@ def test_onnx_artifacts_run_through_onnxruntime(runner_class, mlp, tmp_path):
     batches = [np.random.rand(n, 4).astype(np.float32) for n in (2, 5)]
     responses = runner.execute([Request(x=batch) for batch in batches])
     assert calls == [[(7, 4)]]
-    for batch, response in zip(batches, responses):
+    for batch, response in zip(batches, responses, strict=True):
         with torch.inference_mode():
             expected = mlp(torch.from_numpy(batch)).numpy()
         np.testing.assert_allclose(response.outputs["y"], expected, rtol=1e-5, atol=1e-6)
