@@ -87,7 +87,10 @@ def test_the_umbrella_renders_every_service_wired_to_its_peers(helm: str, yaml: 
         assert secret_env[f"MAAS_{name.upper()}_DATABASE_URL"]["name"] == f"maas-{name}-db"
 
     triton_host, triton_port = configs["t-inference"]["data"]["MAAS_TRITON_URL"].split(":")
-    assert {p["name"]: p["port"] for p in services[triton_host]["spec"]["ports"]}["grpc"] == int(triton_port)
+    triton_ports = {p["name"]: p["port"] for p in services[triton_host]["spec"]["ports"]}
+    assert triton_ports["grpc"] == int(triton_port)
+    metrics_url = configs["t-inference"]["data"]["MAAS_TRITON_METRICS_URL"]
+    assert metrics_url == f"http://{triton_host}:{triton_ports['metrics']}/metrics"
     registry = configs["t-registry"]["data"]
     assert registry["MAAS_REGISTRY_S3_BUCKET"] and registry["MAAS_REGISTRY_S3_ENDPOINT_URL"]
     assert configs["t-gateway"]["data"]["MAAS_REDIS_URL"].startswith("redis://")

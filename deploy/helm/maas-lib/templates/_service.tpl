@@ -33,6 +33,8 @@ data:
   {{- with .Values.triton }}
   # Triton runs in its own Deployment and sees the model repository on the shared volume.
   MAAS_TRITON_URL: {{ printf "%s-triton:%v" $.Release.Name .grpcPort | quote }}
+  # Pending requests per model, for GetDeploymentLoad and the load gauges.
+  MAAS_TRITON_METRICS_URL: {{ printf "http://%s-triton:%v/metrics" $.Release.Name .metricsPort | quote }}
   MAAS_INFERENCE_DIR: /var/lib/maas/inference
   MAAS_GPU_AVAILABLE: {{ .gpu.enabled | quote }}
   {{- end }}
