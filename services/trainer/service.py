@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Gauge
+
 from services.common.errors import FailedPrecondition, InvalidArgument, MaasError
 from services.common.validation import Page, check_name
 from services.trainer import data as datasets
@@ -50,6 +52,9 @@ WATCH_QUEUE_SIZE = 1000
 ACTIVE = (JobState.QUEUED, JobState.RUNNING)
 # The version an optimization job starts from, downloaded into its folder when it is created.
 SOURCE_ARTIFACT = "source.pt"
+# Read by the queue-backlog alert; set on every scheduling pass (job created, started, ended).
+QUEUED_JOBS = Gauge("maas_trainer_queued_jobs", "Jobs waiting for a worker slot")
+RUNNING_JOBS = Gauge("maas_trainer_running_jobs", "Jobs with a worker running")
 PROGRESS_FIELDS = ("epoch", "epochs", "step", "total_steps", "loss", "metrics", "samples_per_second", "eta_seconds")
 
 
@@ -282,6 +287,8 @@ class Trainer:
     async def _start_what_fits(self) -> None:
         while not self._stopping:
             queued = await asyncio.to_thread(self._store.in_states, [JobState.QUEUED])
+            QUEUED_JOBS.set(len(queued))
+            RUNNING_JOBS.set(len(self._running))
             job = pick_next(
                 queued,
                 running_by_tenant([r.job for r in self._running.values()]),

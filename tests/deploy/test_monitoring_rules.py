@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "deploy" / "monitoring"
 REQUIRED_ALERTS = {
     "MaasHighErrorRate", "MaasPredictLatencyP99High", "MaasTritonDown", "MaasRedisDegraded",
-    "MaasInferenceQueueBacklog", "MaasQuotaNearExhaustion",
+    "MaasInferenceQueueBacklog", "MaasTrainingQueueBacklog", "MaasQuotaNearExhaustion",
 }
 
 METRIC_DEFINITION = re.compile(r'(?:Counter|Gauge|Histogram|Summary)\(\s*"(maas_[a-z0-9_]+)"')

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from maas.registry.v1 import registry_pb2
 from maas.trainer.v1 import trainer_pb2
+from prometheus_client import REGISTRY
 
 from services.common.server import running
 from services.trainer.runner import pick_next
@@ -210,6 +211,7 @@ async def test_cancel_queued_and_running_jobs(trainer, other_trainer, launcher) 
     queued = await create(trainer, spec())  # the tenant's one slot is taken
     await asyncio.sleep(0.1)
     assert (await trainer.GetJob(trainer_pb2.GetJobRequest(id=queued.id))).job.state == trainer_pb2.JOB_STATE_QUEUED
+    assert backlog() == (1, 1)  # what the queue-backlog alert reads
     await expect(CODE.NOT_FOUND, other_trainer.CancelJob(trainer_pb2.CancelJobRequest(id=queued.id)))
     cancelled = (await trainer.CancelJob(trainer_pb2.CancelJobRequest(id=queued.id))).job
     assert cancelled.state == trainer_pb2.JOB_STATE_CANCELLED
@@ -220,6 +222,16 @@ async def test_cancel_queued_and_running_jobs(trainer, other_trainer, launcher) 
     events = await watch(trainer, running_job.id)
     assert events[-1].finished.state == trainer_pb2.JOB_STATE_CANCELLED
     assert len(launcher.launched) == 1  # the cancelled queued job never started
+    for _ in range(50):
+        if backlog() == (0, 0):
+            break
+        await asyncio.sleep(0.05)
+    assert backlog() == (0, 0)
+
+
+def backlog() -> tuple[float | None, float | None]:
+    """The trainer's queued and running job gauges."""
+    return REGISTRY.get_sample_value("maas_trainer_queued_jobs"), REGISTRY.get_sample_value("maas_trainer_running_jobs")
 
 
 async def test_list_pages_newest_first_and_filters_by_state(trainer) -> None:
