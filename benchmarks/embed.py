@@ -23,11 +23,10 @@ from maas import Client, pretrained
 from maas.gateway.v1 import admin_pb2
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from benchmarks.run import Result, drive, machine
+from benchmarks.run import Result, add_section, drive, machine
 from services.stack.ephemeral import EphemeralStack
 
 ROOT = Path(__file__).resolve().parent.parent
-HEADER = "# Benchmarks\n\nWritten by `make bench` (benchmarks/run.py). Newest run first.\n\n"
 WORDS = (
     "the a model server request batch token vector gateway cache tenant quota latency cluster "
     "river mountain city music guitar market bank rate coffee morning train station window garden "
@@ -154,8 +153,7 @@ def main() -> None:
 
     section = report(rows, args.seconds, exported.max_abs_diff, (load_before, os.getloadavg()[0]))
     print(section)
-    previous = args.output.read_text().removeprefix(HEADER) if args.output.exists() else ""
-    args.output.write_text(HEADER + section + ("\n" + previous if previous else ""))
+    add_section(args.output, section)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ import torch
 from maas import Client
 from maas.gateway.v1 import admin_pb2
 
-from benchmarks.run import machine
+from benchmarks.run import add_section, machine
 from services.inference.runner.sampling import THREADS, Settings, Vocabulary, block_size_of, generate
 from services.stack.ephemeral import EphemeralStack
 
 ROOT = Path(__file__).resolve().parent.parent
-HEADER = "# Benchmarks\n\nWritten by `make bench` (benchmarks/run.py). Newest run first.\n\n"
 PROMPT = "ROMEO:\n"
 WARMUP = 3
 TRAINING = dict(epochs=1, max_samples=20_000, batch_size=64, block_size=64, embedding_dim=64, num_layers=2,
@@ -115,8 +114,7 @@ def main() -> None:
         "",
     ])
     print(section)
-    previous = args.output.read_text().removeprefix(HEADER) if args.output.exists() else ""
-    args.output.write_text(HEADER + section + ("\n" + previous if previous else ""))
+    add_section(args.output, section)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 from maas import Client, to_tensor
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from benchmarks.run import ROOT, machine
+from benchmarks.run import ROOT, add_section, machine
 from services.stack.ephemeral import EphemeralStack
 from tests.support.digits import SIGNATURE, train_digits_mlp
 
@@ -171,21 +171,6 @@ def report(phases: list[Phase], clients: int, steady: float, load_average: float
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section in BENCHMARKS.md (or add it after the title), leaving the rest."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        title_end = text.find("\n## ")
-        start = end = title_end + 1 if title_end >= 0 else len(text)
-        section += "\n"
-    else:
-        following = text.find("\n## ", start + len(SECTION))
-        end = following + 1 if following >= 0 else len(text)
-        section += "\n" if following >= 0 else ""
-    path.write_text(text[:start] + section + text[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=16)
@@ -217,7 +202,7 @@ def main() -> None:
 
     section = report(phases, args.clients, args.steady_seconds, load_average)
     print(section)
-    write_section(args.output, section)
+    add_section(args.output, section)
 
 
 if __name__ == "__main__":

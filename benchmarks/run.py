@@ -172,6 +172,19 @@ def report(runs: dict[int, list[Result]], seconds: float, batch: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+INTRO = (
+    "# Benchmarks\n\nWritten by `make bench` (benchmarks/run.py, train.py, embed.py, generate.py, rollout.py).\n"
+    "Each run puts its section at the top: newest first, earlier runs kept below for their analysis.\n\n"
+)
+
+
+def add_section(path: Path, section: str) -> None:
+    """Put a new run's section first, under the title; everything already there stays below it."""
+    text = path.read_text() if path.exists() else ""
+    first = text.find("\n#")  # the first section (or group heading) after the title
+    earlier = text[first + 1 :] if first >= 0 else ""
+    path.write_text(INTRO + section.rstrip() + "\n" + ("\n" + earlier if earlier else ""))
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, nargs="+", default=[16, 64])
@@ -202,9 +215,7 @@ def main() -> None:
 
     section = report(runs, args.seconds, args.batch)
     print(section)
-    header = "# Benchmarks\n\nWritten by `make bench` (benchmarks/run.py). Newest run first.\n\n"
-    previous = args.output.read_text().removeprefix(header) if args.output.exists() else ""
-    args.output.write_text(header + section + ("\n" + previous if previous else ""))
+    add_section(args.output, section)
 
 
 if __name__ == "__main__":

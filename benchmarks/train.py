@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from sklearn.datasets import load_digits
 
+from benchmarks.run import add_section
 from services.common.channels import internal_metadata
 from services.common.server import running
 from services.registry.config import RegistrySettings
@@ -37,7 +38,6 @@ from services.trainer.server import create_app as create_trainer
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token"
 BATCH = 64
-HEADER = "# Benchmarks\n\nWritten by `make bench` (benchmarks/run.py). Newest run first.\n\n"
 
 
 def plain_loop(epochs: int, threads: int) -> tuple[float, float]:
@@ -144,8 +144,7 @@ def main() -> None:
         "",
     ])
     print(section)
-    previous = args.output.read_text().removeprefix(HEADER) if args.output.exists() else ""
-    args.output.write_text(HEADER + section + ("\n" + previous if previous else ""))
+    add_section(args.output, section)
 
 
 if __name__ == "__main__":
