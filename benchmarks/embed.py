@@ -20,10 +20,9 @@ from pathlib import Path
 
 import grpc
 from maas import Client, pretrained
-from maas.gateway.v1 import admin_pb2
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from benchmarks.run import Result, add_section, drive, machine
+from benchmarks.run import Result, add_section, bench_key, drive, machine
 from services.stack.ephemeral import EphemeralStack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,12 +127,7 @@ def main() -> None:
     rows: list[tuple[Result, int, Result]] = []
     with tempfile.TemporaryDirectory() as scratch, EphemeralStack() as stack:
         exported = pretrained.export_embedding("all-minilm-l6-v2", Path(scratch))
-        admin = Client(stack.gateway, stack.admin_key)
-        admin.create_tenant("bench")
-        record, key = admin.create_api_key("bench", "developer")
-        # Limits that never bite but that every call is checked against (one Redis script).
-        admin.set_api_key_rate_limit(record.id, 1e6, burst=1_000_000)
-        admin.set_quota(admin_pb2.Quota(tenant="bench", requests_per_day=10**12))
+        key = bench_key(stack)
         client = Client(stack.gateway, key)
         version = pretrained.upload_embedding(client, exported, "minilm")
         client.create_deployment("minilm", "minilm", version=version.version, max_batch_size=32)

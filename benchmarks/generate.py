@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 from maas import Client
-from maas.gateway.v1 import admin_pb2
 
-from benchmarks.run import add_section, machine
+from benchmarks.run import add_section, bench_key, machine
 from services.inference.runner.sampling import THREADS, Settings, Vocabulary, block_size_of, generate
 from services.stack.ephemeral import EphemeralStack
 
@@ -69,12 +68,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch, EphemeralStack() as stack:
-        admin = Client(stack.gateway, stack.admin_key)
-        admin.create_tenant("bench")
-        record, key = admin.create_api_key("bench", "developer")
-        # Limits that never bite but that every call is checked against (token buckets and quota).
-        admin.set_api_key_rate_limit(record.id, 1e6, burst=1_000_000, tokens_per_minute=10**9)
-        admin.set_quota(admin_pb2.Quota(tenant="bench", tokens_per_day=10**12))
+        key = bench_key(stack)
         client = Client(stack.gateway, key)
         job = client.train("bench-gpt", "gpt", "shakespeare", **TRAINING)
         version = client.wait_job(job.id, timeout=900).result.version
@@ -94,7 +88,6 @@ def main() -> None:
                 gateway.append(measured[1])
         same_text = sum(a[2] == b[2] for a, b in zip(local, gateway, strict=True))
         client.close()
-        admin.close()
     base = (statistics.median(r[0] for r in local) * 1000, args.tokens / statistics.median(r[1] for r in local))
     section = "\n".join([
         f"## Streaming generation — {datetime.date.today().isoformat()}",
