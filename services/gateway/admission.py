@@ -70,9 +70,11 @@ class Admission:
             self.meter.add(tenant, key_id, rejected=1)
             raise
 
-    async def settle_tokens(self, tenant: str, key_id: str, reserved: int, used: int) -> None:
+    async def settle_tokens(
+        self, tenant: str, key_id: str, key_limit: RateLimit | None, reserved: int, used: int
+    ) -> None:
         """After a text call: count the tokens it used instead of the reservation, and meter them."""
-        await self.gate.settle_tokens(tenant, await self.quotas.get(tenant), reserved, used)
+        await self.gate.settle_tokens(tenant, key_id, key_limit, await self.quotas.get(tenant), reserved, used)
         self.meter.add(tenant, key_id, tokens=used)
 
     async def check_training(self, tenant: str) -> None:

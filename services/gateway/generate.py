@@ -97,7 +97,9 @@ class Generation:
         finally:
             # Shielded: a cancelled call must still settle, or its reservation would stay counted.
             await asyncio.shield(
-                self.admission.settle_tokens(caller.tenant, caller.key_id, account.reserved, account.used)
+                self.admission.settle_tokens(
+                    caller.tenant, caller.key_id, caller.rate_limit, account.reserved, account.used
+                )
             )
             if failed:
                 self.meter.add(caller.tenant, caller.key_id, errors=1)

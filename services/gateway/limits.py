@@ -84,6 +84,19 @@ end
 return values
 """
 
+# Giving back part of what a reservation took from token buckets. ARGV per key: amount, burst.
+# A bucket that expired meanwhile is full again and is left alone.
+REFUND_SCRIPT = """
+for i = 1, #KEYS do
+  local tokens = tonumber(redis.call('HGET', KEYS[i], 'tokens'))
+  if tokens then
+    local refilled = math.min(tonumber(ARGV[2*i]), tokens + tonumber(ARGV[2*i - 1]))
+    redis.call('HSET', KEYS[i], 'tokens', tostring(refilled))
+  end
+end
+return #KEYS
+"""
+
 DAY_TTL = 2 * 86400
 MONTH_TTL = 32 * 86400
 
@@ -192,6 +205,12 @@ class LocalLimiter:
             self._counters[counter.key] = (self.used(counter.key) + counter.cost, now + counter.ttl_seconds)
         return None
 
+    def refund(self, buckets: Sequence[Bucket]) -> None:
+        for bucket in buckets:
+            if bucket.key in self._buckets:
+                tokens, at = self._buckets[bucket.key]
+                self._buckets[bucket.key] = (min(bucket.burst, tokens + bucket.cost), at)
+
     def adjust(self, counters: Sequence[tuple[str, int, int]]) -> None:
         for key, delta, ttl in counters:
             self._counters[key] = (self.used(key) + delta, self.clock() + ttl)
@@ -208,6 +227,7 @@ class Limiter:
         self.local = local or LocalLimiter()
         self._admit = link.client.register_script(ADMIT_SCRIPT)
         self._adjust = link.client.register_script(ADJUST_SCRIPT)
+        self._refund = link.client.register_script(REFUND_SCRIPT)
         self._queued: list[tuple[list[str], list[float | int], asyncio.Future[list[int]]]] = []
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -315,6 +335,22 @@ class Limiter:
             counter.report(self.local.used(counter.key))
 
 
+    async def refund(self, buckets: Sequence[Bucket]) -> None:
+        """Give each bucket its cost back (up to its burst): a reservation used less than it took."""
+        if not buckets:
+            return
+        if self.link.up:
+            args: list[float] = []
+            for bucket in buckets:
+                args += [bucket.cost, bucket.burst]
+            try:
+                await self._refund([bucket.key for bucket in buckets], args)
+                return
+            except REDIS_DOWN_ERRORS as error:
+                self.link.lost(error)
+        self.local.refund(buckets)
+
+
 @dataclass(frozen=True)
 class Periods:
     """The UTC day and month a call falls in, and when each ends."""
@@ -386,9 +422,15 @@ class Gate:
             if denial is not None:
                 raise RateLimited(denial)
 
-    async def settle_tokens(self, tenant: str, quota: QuotaRecord, reserved: int, used: int) -> None:
-        """After a text call: count the tokens really generated instead of the reservation."""
+    async def settle_tokens(
+        self, tenant: str, key_id: str, key_limit: RateLimit | None, quota: QuotaRecord, reserved: int, used: int
+    ) -> None:
+        """After a text call: count the tokens really used instead of the reservation, in the
+        day and month quotas and in the tokens-per-minute buckets (what was not used goes back)."""
         await self._settle(tenant, "tokens", quota.tokens_per_day, quota.tokens_per_month, used - reserved)
+        if used < reserved:
+            limit = key_limit or self.default_key_limit
+            await self.limiter.refund(self._token_buckets(tenant, key_id, limit, quota, reserved - used))
 
     async def check_training(self, tenant: str, quota: QuotaRecord) -> None:
         """Before a training job: refuse once the tenant's training minutes are used up."""

@@ -246,13 +246,27 @@ async def test_token_reservations_and_settlement(redis_server):
         await gate.admit("acme", "k1", None, quota, tokens=300)
         with pytest.raises(Exception, match="tokens per day of tenant acme"):
             await gate.admit("acme", "k1", None, quota, tokens=300)
-        # Only 100 of the 300 reserved were generated: 400 are left for today.
-        await gate.settle_tokens("acme", quota, reserved=300, used=100)
+        # Only 100 of the 300 reserved were generated: 400 are left for today, and 900 of this
+        # minute's 1000 (without the refund, 700).
+        await gate.settle_tokens("acme", "k1", None, quota, reserved=300, used=100)
         await gate.admit("acme", "k1", None, quota, tokens=350)
         with pytest.raises(Exception, match="tokens per minute of API key k1"):
-            await gate.admit("acme", "k1", None, QuotaRecord("acme"), tokens=400)
+            await gate.admit("acme", "k1", None, QuotaRecord("acme"), tokens=700)
+        await gate.settle_tokens("acme", "k1", None, quota, reserved=350, used=0)
+        await gate.admit("acme", "k1", None, QuotaRecord("acme"), tokens=850)
     finally:
         await link.close()
+
+
+def test_local_refund_gives_back_up_to_the_burst():
+    limiter = LocalLimiter(clock=lambda: 1000.0)
+    bucket = Bucket("tpm", rate=1.0, burst=100, cost=80, what="tokens per minute of x", subject="key:x")
+    assert limiter.reserve([bucket], []) is None
+    assert limiter.reserve([bucket], []) is not None  # 20 left
+    limiter.refund([Bucket("tpm", 1.0, 100, 70, "w", "s")])
+    assert limiter.reserve([bucket], []) is None  # 90 were there
+    limiter.refund([Bucket("tpm", 1.0, 100, 500, "w", "s")])
+    assert limiter.reserve([bucket], []) is None and limiter.reserve([bucket], []) is not None  # capped at 100
 
 
 def test_local_limiter_follows_the_same_rules():
