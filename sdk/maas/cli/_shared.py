@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from maas.client import Client
 from maas.common.v1 import common_pb2
@@ -16,6 +17,13 @@ from maas.tensors import datatype
 
 console = Console()
 errors = Console(stderr=True)
+
+
+def upload_progress() -> Progress:
+    """A bar of bytes sent and their rate, on stderr (stdout stays for results)."""
+    return Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=errors
+    )
 
 ApiKeyOption = Annotated[
     str | None, typer.Option("--api-key", envvar="MAAS_API_KEY", help="Defaults to $MAAS_HOME/admin.key")

@@ -7,10 +7,9 @@ import json
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from maas.cli._shared import AddressOption, ApiKeyOption, client, console, errors, fail
+from maas.cli._shared import AddressOption, ApiKeyOption, client, console, errors, fail, upload_progress
 from maas.errors import ApiError
 
 # Columns of a vector the table shows; --json prints all of them.
@@ -59,13 +58,7 @@ def import_pretrained(
 
     maas = client(api_key, address)
     try:
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=errors,
-        ) as progress:
+        with upload_progress() as progress:
             uploads: list = []
 
             def advance(size: int) -> None:

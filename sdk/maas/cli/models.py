@@ -7,10 +7,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from maas.cli._shared import AddressOption, ApiKeyOption, client, console, errors, fail, parse_specs
+from maas.cli._shared import (
+    AddressOption,
+    ApiKeyOption,
+    client,
+    console,
+    fail,
+    parse_specs,
+    upload_progress,
+)
 from maas.client import FORMATS
 from maas.common.v1 import common_pb2
 from maas.errors import ApiError
@@ -73,13 +80,7 @@ def model_upload(
             except ApiError as error:
                 if error.code.name != "ALREADY_EXISTS":
                     raise
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=errors,
-        ) as progress:
+        with upload_progress() as progress:
             task = progress.add_task(f"uploading {artifact.name}", total=artifact.stat().st_size)
             version = maas.upload_version(
                 model,
