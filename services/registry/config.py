@@ -37,6 +37,10 @@ class RegistrySettings(CommonSettings):
     registry_chunk_bytes: int = MIB
     # Largest artifact or dataset file an upload may declare.
     registry_max_artifact_bytes: int = 4 * 1024 * MIB
+    # TEST-ONLY: true skips the TorchScript operator allowlist at upload (the pickle scan and the
+    # format checks stay on), so a test can prove the runtime fence alone holds. Never set it in
+    # a deployment: a model could then call aten::from_file or custom operators.
+    registry_unsafe_skip_operator_check: bool = False
 
     @model_validator(mode="after")
     def _check_sizes(self) -> RegistrySettings:

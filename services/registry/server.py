@@ -42,6 +42,7 @@ async def create_app(settings: RegistrySettings) -> App:
         blobs,
         chunk_bytes=settings.registry_chunk_bytes,
         max_artifact_bytes=settings.registry_max_artifact_bytes,
+        check_operators=not settings.registry_unsafe_skip_operator_check,
     )
     servicer = Servicer(
         registry_pb2_grpc.add_RegistryServiceServicer_to_server,

@@ -63,12 +63,19 @@ class VersionUpload:
 
 class Registry:
     def __init__(
-        self, store: RegistryStore, blobs: BlobStore, *, chunk_bytes: int, max_artifact_bytes: int
+        self,
+        store: RegistryStore,
+        blobs: BlobStore,
+        *,
+        chunk_bytes: int,
+        max_artifact_bytes: int,
+        check_operators: bool = True,
     ) -> None:
         self._store = store
         self._blobs = blobs
         self._chunk_bytes = chunk_bytes
         self._max_artifact_bytes = max_artifact_bytes
+        self._check_operators = check_operators
         self._content_locks = _KeyedLocks()
 
     # Models
@@ -122,7 +129,7 @@ class Registry:
             chunks,
             header.sha256,
             header.size_bytes,
-            lambda path: check_artifact(artifact_format, path),
+            lambda path: check_artifact(artifact_format, path, check_operators=self._check_operators),
             lambda: self._store.add_version(tenant, header.model, new),
         )
 
