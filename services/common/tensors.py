@@ -18,6 +18,11 @@ from maas.common.v1 import common_pb2
 from services.common.errors import InvalidArgument
 
 TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")
+# Bounds of a signature's tensors: every dim fits Triton's and numpy's 32-bit-safe sizes, and one
+# sample fits a message well above the default limit (MAAS_MAX_MESSAGE_BYTES, 64 MiB), so that a
+# deployer who raises that limit keeps working signatures.
+MAX_SIGNATURE_DIM = 2**31 - 1
+MAX_SIGNATURE_TENSOR_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,9 @@ def dtype_name(value: int) -> str:
     return BY_PROTO[value].triton if value in BY_PROTO else "UNSPECIFIED"
 
 
-def check_signature(signature: common_pb2.Signature) -> None:
-    """A signature is usable when it has named, typed inputs and outputs with sane dims."""
+def check_signature(signature: common_pb2.Signature, max_tensor_bytes: int = MAX_SIGNATURE_TENSOR_BYTES) -> None:
+    """A signature is usable when it has named, typed inputs and outputs with sane dims, and one
+    sample of each tensor fits in `max_tensor_bytes`."""
     if not signature.inputs or not signature.outputs:
         raise InvalidArgument("signature needs at least one input and one output")
     seen: set[str] = set()
@@ -80,6 +86,23 @@ def check_signature(signature: common_pb2.Signature) -> None:
                 raise InvalidArgument(
                     f"{role} {spec.name!r} has shape {list(spec.shape)}: dims are positive, or -1 for any size"
                 )
+            _check_tensor_size(role, spec, max_tensor_bytes)
+
+
+def _check_tensor_size(role: str, spec: common_pb2.TensorSpec, max_tensor_bytes: int) -> None:
+    """One sample of the tensor (its fixed dims; -1 counted as 1) must fit in a message: a larger
+    dim cannot be sent, and overflows the runtimes' own size arithmetic (Triton's int64)."""
+    if any(d > MAX_SIGNATURE_DIM for d in spec.shape):
+        raise InvalidArgument(
+            f"{role} {spec.name!r} has shape {list(spec.shape)[:16]}: each dim must be at most {MAX_SIGNATURE_DIM}"
+        )
+    # BYTES elements are at least one byte each.
+    sample_bytes = math.prod(d for d in spec.shape if d > 0) * max(BY_PROTO[spec.datatype].itemsize, 1)
+    if sample_bytes > max_tensor_bytes:
+        raise InvalidArgument(
+            f"{role} {spec.name!r} has shape {list(spec.shape)[:16]}: one sample would take {sample_bytes} bytes, "
+            f"more than the {max_tensor_bytes} bytes a tensor may have"
+        )
 
 
 @dataclass(frozen=True)

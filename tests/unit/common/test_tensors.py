@@ -110,3 +110,26 @@ def test_sdk_tensor_converts_big_endian() -> None:
     array = np.arange(3, dtype=">f4")
     tensor = to_tensor("t", array)
     assert tensor.raw == np.arange(3, dtype="<f4").tobytes()
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ([2**62], rf"input 'x' has shape \[{2**62}\]: each dim must be at most {2**31 - 1}"),
+        ([-1, 2**31], "each dim must be at most"),
+        # Each dim is fine, their product is not: 2**20 * 2**10 FP32 elements are 4 GiB.
+        ([2**20, 2**10], "one sample would take 4294967296 bytes, more than the 268435456 bytes"),
+    ],
+)
+def test_signature_dims_are_bounded(shape, message) -> None:
+    sig = signature({"x": ("FP32", shape)}, {"y": ("FP32", [1])})
+    with pytest.raises(InvalidArgument, match=message):
+        check_signature(sig)
+
+
+def test_signature_size_bound_counts_the_dtype_and_can_be_lowered() -> None:
+    check_signature(signature({"x": ("UINT8", [2**28])}, {"y": ("FP32", [-1, 2**26])}))
+    with pytest.raises(InvalidArgument, match="output 'y'.*more than the 268435456 bytes"):
+        check_signature(signature({"x": ("UINT8", [1])}, {"y": ("FP64", [2**26])}))
+    with pytest.raises(InvalidArgument, match="more than the 1024 bytes"):
+        check_signature(signature({"x": ("BYTES", [2048])}, {"y": ("FP32", [1])}), max_tensor_bytes=1024)
