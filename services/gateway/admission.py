@@ -53,13 +53,12 @@ class Admission:
             return
         quota = await self.quotas.get(tenant)
         try:
+            # Counts the call in usage (requests or rejected) in the same step.
             await self.gate.admit(tenant, key_id, key_limit, quota)
         except RateLimited:
-            self.meter.add(tenant, key_id, rejected=1)
             if is_mutating(method):
                 self.audit.record(tenant, key_id, method, "", "RESOURCE_EXHAUSTED")
             raise
-        self.meter.add(tenant, key_id, requests=1)
 
     async def reserve_tokens(self, tenant: str, key_id: str, key_limit: RateLimit | None, tokens: int) -> None:
         """Before a text call already admitted as a request: reserve its most tokens, or raise

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from services.common.settings import CommonSettings
+from services.gateway.limits import RedisDownPolicy
 
 
 class GatewaySettings(CommonSettings):
@@ -24,6 +25,13 @@ class GatewaySettings(CommonSettings):
     # Redis: per-command timeout, and how often its health is checked (and a lost one retried).
     redis_timeout_seconds: float = 0.25
     redis_check_seconds: float = 0.5
+    # While Redis is unreachable, calls a quota applies to are admitted from a lease ("lease": each
+    # gateway process up to its share of what was left) or refused ("refuse").
+    gateway_redis_down_policy: RedisDownPolicy = RedisDownPolicy.LEASE
+    # The gateway processes sharing one Redis; each one's default share is 1 / this.
+    gateway_processes: int = Field(default=1, ge=1)
+    # A process's share of a quota's remainder while Redis is down; 0: 1 / gateway_processes.
+    gateway_fallback_quota_share: float = Field(default=0.0, ge=0.0, le=1.0)
     # The request cache, for deployments marked cacheable.
     cache_ttl_seconds: float = 300.0
     cache_max_entry_bytes: int = 1024 * 1024
@@ -33,6 +41,10 @@ class GatewaySettings(CommonSettings):
     # How often jobs created through the gateway are checked and, once ended, their run time
     # counted against the training quota; 0 turns settling off.
     training_settle_seconds: float = 5.0
+
+    @property
+    def fallback_quota_share(self) -> float:
+        return self.gateway_fallback_quota_share or 1 / self.gateway_processes
 
     @model_validator(mode="after")
     def _default_database(self) -> GatewaySettings:

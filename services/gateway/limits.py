@@ -10,11 +10,14 @@ on from the last values Redis reported."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -26,43 +29,60 @@ from redis.exceptions import NoScriptError
 from services.common.errors import ResourceExhausted
 from services.gateway.redis_link import REDIS_DOWN_ERRORS, RedisLink
 from services.gateway.store import QuotaRecord, RateLimit
+from services.gateway.usage import DIRTY_SET, HASH_TTL, usage_key
 
-# KEYS: buckets first, then counters. ARGV[1]: number of buckets; then per bucket rate (per
-# second), burst, cost; then per counter limit, cost, ttl seconds. A counter with cost 0 only
-# checks that some budget is left. Returns {1, 0, 0, 0, counter values...} when admitted,
-# {0, index, remaining, retry milliseconds (-1: until the period ends)} when not.
+log = logging.getLogger(__name__)
+
+# KEYS: buckets, then counters, then (when counted) the call's usage hash and the usage dirty set.
+# ARGV: number of buckets, number of counters, 1 when usage is counted; then per bucket rate (per
+# second), burst, cost; then per counter limit, cost, ttl seconds; then (when counted) the usage
+# hash's ttl. A counter with cost 0 only checks that some budget is left. The usage hash counts
+# the call as one of `requests` or `rejected`, in the same atomic step as the admission, so usage
+# is exactly as durable as the quota counters.
+# Returns {1, 0, 0, 0, counter values...} when admitted, {0, index, remaining, retry
+# milliseconds (-1: until the period ends)} when not.
 ADMIT_SCRIPT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local buckets = tonumber(ARGV[1])
+local buckets, counters, usage = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local function count(field)
+  if usage == 1 then
+    local hash = KEYS[buckets + counters + 1]
+    redis.call('HINCRBY', hash, field, 1)
+    redis.call('EXPIRE', hash, ARGV[#ARGV])
+    redis.call('SADD', KEYS[buckets + counters + 2], hash)
+  end
+end
 local levels = {}
 for i = 1, buckets do
-  local rate, burst, cost = tonumber(ARGV[3*i - 1]), tonumber(ARGV[3*i]), tonumber(ARGV[3*i + 1])
+  local rate, burst, cost = tonumber(ARGV[3*i + 1]), tonumber(ARGV[3*i + 2]), tonumber(ARGV[3*i + 3])
   local state = redis.call('HMGET', KEYS[i], 'tokens', 'ms')
   local tokens = tonumber(state[1]) or burst
   local since = math.max(0, now - (tonumber(state[2]) or now))
   tokens = math.min(burst, tokens + since * rate / 1000)
   if tokens < cost then
+    count('rejected')
     return {0, i, math.floor(tokens), math.ceil((cost - tokens) * 1000 / rate)}
   end
   levels[i] = tokens - cost
 end
-local base = 3 * buckets + 1
+local base = 3 * buckets + 3
 local used = {}
-for j = 1, #KEYS - buckets do
+for j = 1, counters do
   local limit, cost = tonumber(ARGV[base + 3*j - 2]), tonumber(ARGV[base + 3*j - 1])
   used[j] = tonumber(redis.call('GET', KEYS[buckets + j]) or '0')
   if used[j] + math.max(cost, 1) > limit then
+    count('rejected')
     return {0, buckets + j, math.max(0, limit - used[j]), -1}
   end
 end
 for i = 1, buckets do
-  local rate, burst = tonumber(ARGV[3*i - 1]), tonumber(ARGV[3*i])
+  local rate, burst = tonumber(ARGV[3*i + 1]), tonumber(ARGV[3*i + 2])
   redis.call('HSET', KEYS[i], 'tokens', tostring(levels[i]), 'ms', now)
   redis.call('PEXPIRE', KEYS[i], math.ceil(burst * 1000 / rate) + 1000)
 end
 local result = {1, 0, 0, 0}
-for j = 1, #KEYS - buckets do
+for j = 1, counters do
   local key, cost, ttl = KEYS[buckets + j], tonumber(ARGV[base + 3*j - 1]), tonumber(ARGV[base + 3*j])
   if cost > 0 then
     result[4 + j] = redis.call('INCRBY', key, cost)
@@ -71,6 +91,7 @@ for j = 1, #KEYS - buckets do
     result[4 + j] = used[j]
   end
 end
+count('requests')
 return result
 """
 
@@ -80,6 +101,40 @@ local values = {}
 for i = 1, #KEYS do
   values[i] = redis.call('INCRBY', KEYS[i], ARGV[2*i - 1])
   redis.call('EXPIRE', KEYS[i], ARGV[2*i])
+end
+return values
+"""
+
+# Writing back what a gateway admitted while Redis was down, in one atomic step. KEYS: counters,
+# then usage hashes, then the usage dirty set. ARGV: number of counters; per counter delta, floor,
+# ttl; the usage hashes' ttl; per usage hash its number of fields, then field, count pairs.
+# A counter ends at least at its floor (what this gateway last saw plus its delta), so a Redis
+# that lost writes when it was killed is repaired. Returns the counters' new values.
+WRITE_BACK_SCRIPT = """
+local counters = tonumber(ARGV[1])
+local values = {}
+for i = 1, counters do
+  local delta, floor, ttl = tonumber(ARGV[3*i - 1]), tonumber(ARGV[3*i]), tonumber(ARGV[3*i + 1])
+  local value = redis.call('INCRBY', KEYS[i], delta)
+  if value < floor then
+    redis.call('SET', KEYS[i], floor)
+    value = floor
+  end
+  redis.call('EXPIRE', KEYS[i], ttl)
+  values[i] = value
+end
+local at = 3 * counters + 2
+local ttl = ARGV[at]
+at = at + 1
+for k = counters + 1, #KEYS - 1 do
+  local fields = tonumber(ARGV[at])
+  at = at + 1
+  for _ = 1, fields do
+    redis.call('HINCRBY', KEYS[k], ARGV[at], ARGV[at + 1])
+    at = at + 2
+  end
+  redis.call('EXPIRE', KEYS[k], ttl)
+  redis.call('SADD', KEYS[#KEYS], KEYS[k])
 end
 return values
 """
@@ -144,6 +199,8 @@ class Denial:
     limit: Bucket | Counter
     remaining: int
     retry_after_seconds: float
+    # Why, when not simply "exhausted": the budget cannot be checked right now.
+    reason: str = ""
 
 
 class RateLimited(ResourceExhausted):
@@ -154,7 +211,8 @@ class RateLimited(ResourceExhausted):
         limit = denial.limit
         retry = max(denial.retry_after_seconds, 0.001)
         limit_value = limit.burst if isinstance(limit, Bucket) else limit.limit
-        message = f"{limit.what} exhausted ({limit_value:g}); retry in {retry:.3g} s"
+        message = denial.reason or f"{limit.what} exhausted ({limit_value:g})"
+        message += f"; retry in {retry:.3g} s"
         super().__init__(message)
         status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message)
         delay = Duration()
@@ -170,21 +228,68 @@ class RateLimited(ResourceExhausted):
         )
 
 
-class LocalLimiter:
-    """The same rules as ADMIT_SCRIPT in process memory: the fallback while Redis is down."""
+class RedisDownPolicy(StrEnum):
+    """What a gateway does with quota counters while Redis is unreachable."""
 
-    def __init__(self, clock=time.time) -> None:  # type: ignore[no-untyped-def]
+    LEASE = "lease"  # admit up to a share of what was left when Redis was last seen
+    REFUSE = "refuse"  # refuse every call a quota applies to
+
+
+@dataclass
+class _Tally:
+    """A quota counter as this process knows it."""
+
+    ttl_seconds: int
+    expires: float = 0.0
+    seen: int | None = None  # what Redis last reported; None: never seen by this process
+    delta: int = 0  # taken in process since then, not yet written back to Redis
+    lease: int | None = None  # the most this process may take while Redis is down
+
+    def known(self, now: float) -> bool:
+        return self.seen is not None and self.expires > now
+
+
+class LocalLimiter:
+    """The fallback while Redis is down, and what this process must write back when it returns.
+
+    Token buckets run the same rules as ADMIT_SCRIPT, per process (best effort). Quota counters
+    are held to a lease: a `share` of what was left when Redis last reported the counter (the
+    share is 1 / the number of gateway processes, so that all of them together stay within the
+    quota), or refused outright (policy "refuse"). A counter this process never saw from Redis
+    is refused: it may be anywhere up to its limit."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        share: float = 1.0,
+        policy: RedisDownPolicy = RedisDownPolicy.LEASE,
+        retry_seconds: float = 1.0,
+    ) -> None:
         self.clock = clock
+        self.share = share
+        self.policy = policy
+        self.retry_seconds = retry_seconds
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
-        self._counters: dict[str, tuple[int, float]] = {}  # key -> (used, expires at)
+        self._counters: dict[str, _Tally] = {}
+        self._unwritten: set[str] = set()  # counters with a delta or a lease to settle with Redis
+        self._usage: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    @property
+    def pending(self) -> bool:
+        """Whether something was taken in process that Redis does not know of yet."""
+        return bool(self._unwritten or self._usage)
 
     def seen(self, key: str, used: int, ttl_seconds: int) -> None:
-        """What Redis last reported for a counter: the starting point should Redis go away."""
-        self._counters[key] = (used, self.clock() + ttl_seconds)
+        """What Redis reported for a counter: the basis of a lease should Redis go away."""
+        tally = self._counters.setdefault(key, _Tally(ttl_seconds))
+        tally.seen, tally.expires = used, self.clock() + ttl_seconds
 
     def used(self, key: str) -> int:
-        used, expires = self._counters.get(key, (0, 0.0))
-        return used if expires > self.clock() else 0
+        """The counter as far as this process knows: the floor Redis must not be below."""
+        tally = self._counters.get(key)
+        if tally is None:
+            return 0
+        return (tally.seen if tally.known(self.clock()) else 0) + tally.delta  # type: ignore[operator]
 
     def reserve(self, buckets: Sequence[Bucket], counters: Sequence[Counter]) -> Denial | None:
         now = self.clock()
@@ -196,14 +301,38 @@ class LocalLimiter:
                 return Denial(bucket, math.floor(tokens), (bucket.cost - tokens) / bucket.rate)
             levels.append(tokens - bucket.cost)
         for counter in counters:
-            used = self.used(counter.key)
-            if used + max(counter.cost, 1) > counter.limit:
-                return Denial(counter, max(0, counter.limit - used), counter.reset_at - now)
+            denial = self._check(counter, now)
+            if denial is not None:
+                return denial
         for bucket, level in zip(buckets, levels, strict=True):
             self._buckets[bucket.key] = (level, now)
         for counter in counters:
-            self._counters[counter.key] = (self.used(counter.key) + counter.cost, now + counter.ttl_seconds)
+            self._take(counter.key, counter.cost, counter.ttl_seconds)
         return None
+
+    def _check(self, counter: Counter, now: float) -> Denial | None:
+        tally = self._counters.get(counter.key)
+        unreachable = f"{counter.what} cannot be checked while the quota store (Redis) is unreachable"
+        if self.policy is RedisDownPolicy.REFUSE or tally is None or not tally.known(now):
+            return Denial(counter, 0, self.retry_seconds, unreachable)
+        seen = tally.seen or 0
+        if tally.lease is None:
+            tally.lease = math.floor(max(0, counter.limit - seen) * self.share)
+            self._unwritten.add(counter.key)
+        if counter.cost > 0:
+            over = tally.delta + counter.cost > tally.lease
+        else:
+            over = seen + tally.delta + 1 > counter.limit
+        if over:
+            left = max(0, min(tally.lease - tally.delta, counter.limit - seen - tally.delta))
+            reason = f"{unreachable}, and this gateway's share of it ({tally.lease}) is used up"
+            return Denial(counter, left, self.retry_seconds, reason)
+        return None
+
+    def _take(self, key: str, delta: int, ttl_seconds: int) -> None:
+        tally = self._counters.setdefault(key, _Tally(ttl_seconds))
+        tally.delta += delta
+        self._unwritten.add(key)
 
     def refund(self, buckets: Sequence[Bucket]) -> None:
         for bucket in buckets:
@@ -212,15 +341,49 @@ class LocalLimiter:
                 self._buckets[bucket.key] = (min(bucket.burst, tokens + bucket.cost), at)
 
     def adjust(self, counters: Sequence[tuple[str, int, int]]) -> None:
+        """Settled usage (a delta, maybe past the lease: it was used) for the write-back."""
         for key, delta, ttl in counters:
-            self._counters[key] = (self.used(key) + delta, self.clock() + ttl)
+            self._take(key, delta, ttl)
+
+    def count(self, usage_key: str, field: str, value: int = 1) -> None:
+        """A call's usage while Redis is down, written back with the counters."""
+        self._usage[usage_key][field] += value
+
+    def unwritten(self) -> tuple[list[tuple[str, int, int, int]], dict[str, dict[str, int]]]:
+        """What to write back: (key, delta, floor, ttl) per counter, and the usage counts, which
+        leave this process (`restore` puts them back should the write fail)."""
+        now = self.clock()
+        counters = []
+        for key in sorted(self._unwritten):
+            tally = self._counters[key]
+            seen = tally.seen if tally.known(now) else 0
+            counters.append((key, tally.delta, max(0, seen + tally.delta), tally.ttl_seconds))  # type: ignore[operator]
+        usage = {key: dict(counts) for key, counts in self._usage.items()}
+        self._usage.clear()
+        return counters, usage
+
+    def restore(self, usage: dict[str, dict[str, int]]) -> None:
+        for key, counts in usage.items():
+            for field, value in counts.items():
+                self._usage[key][field] += value
+
+    def written(self, counters: Sequence[tuple[str, int, int, int]], values: Sequence[int]) -> None:
+        """Redis took the write-back: its values are the new basis, the leases are over."""
+        for (key, delta, _, ttl), value in zip(counters, values, strict=True):
+            tally = self._counters[key]
+            tally.delta -= delta  # what was taken meanwhile stays for the next write-back
+            tally.seen, tally.expires, tally.lease = int(value), self.clock() + ttl, None
+            if tally.delta == 0:
+                self._unwritten.discard(key)
 
 
 class Limiter:
     """Reserves against Redis, or against the LocalLimiter while Redis is down.
 
     Reservations made in the same event-loop turn travel together in one pipeline: one write
-    and one read for all of them instead of one each. Each is still its own atomic script."""
+    and one read for all of them instead of one each. Each is still its own atomic script.
+    What was taken in process while Redis was down is written back (WRITE_BACK_SCRIPT) before
+    anything is admitted against Redis again."""
 
     def __init__(self, link: RedisLink, local: LocalLimiter | None = None) -> None:
         self.link = link
@@ -228,8 +391,46 @@ class Limiter:
         self._admit = link.client.register_script(ADMIT_SCRIPT)
         self._adjust = link.client.register_script(ADJUST_SCRIPT)
         self._refund = link.client.register_script(REFUND_SCRIPT)
+        self._write_back = link.client.register_script(WRITE_BACK_SCRIPT)
+        self._writing_back = asyncio.Lock()
         self._queued: list[tuple[list[str], list[float | int], asyncio.Future[list[int]]]] = []
         self._sending: set[asyncio.Task[None]] = set()
+        link.when_back.append(self.write_back)
+
+    async def _redis_ready(self) -> bool:
+        """Redis is up and holds everything this process took: admit against it."""
+        if not self.link.up:
+            return False
+        return not self.local.pending or await self.write_back()
+
+    async def write_back(self) -> bool:
+        """Write what was taken in process while Redis was down to Redis, in one atomic script;
+        whether Redis now holds it all."""
+        async with self._writing_back:
+            if not self.local.pending:
+                return True
+            if not self.link.up:
+                return False
+            counters, usage = self.local.unwritten()
+            keys = [key for key, *_ in counters] + list(usage) + [DIRTY_SET]
+            args: list[int | str] = [len(counters)]
+            for _, delta, floor, ttl in counters:
+                args += [delta, floor, ttl]
+            args.append(HASH_TTL)
+            for counts in usage.values():
+                args.append(len(counts))
+                for field, value in counts.items():
+                    args += [field, value]
+            try:
+                values = await self._write_back(keys, args)
+            except REDIS_DOWN_ERRORS as error:
+                # Unknown whether it landed; writing it again may count it twice, never less.
+                self.local.restore(usage)
+                self.link.lost(error)
+                return False
+            self.local.written(counters, [int(value) for value in values])
+            log.info("wrote back what was admitted while redis was away", extra={"counters": len(counters)})
+            return True
 
     def _run_admit(self, keys: list[str], args: list[float | int]) -> asyncio.Future[list[int]]:
         loop = asyncio.get_running_loop()
@@ -277,22 +478,31 @@ class Limiter:
                 await self.link.client.script_load(ADMIT_SCRIPT)
         raise AssertionError("unreachable")
 
-    async def reserve(self, buckets: Sequence[Bucket], counters: Sequence[Counter]) -> Denial | None:
-        """All or nothing: takes from every bucket and counter, or from none and says why."""
-        if self.link.up:
+    async def reserve(
+        self, buckets: Sequence[Bucket], counters: Sequence[Counter], usage_key: str = ""
+    ) -> Denial | None:
+        """All or nothing: takes from every bucket and counter, or from none and says why.
+        With a `usage_key`, the call is counted there as admitted (`requests`) or `rejected`."""
+        if await self._redis_ready():
             keys = [b.key for b in buckets] + [c.key for c in counters]
-            args: list[float | int] = [len(buckets)]
+            args: list[float | int] = [len(buckets), len(counters), 1 if usage_key else 0]
             for b in buckets:
                 args += [b.rate, b.burst, b.cost]
             for c in counters:
                 args += [c.limit, c.cost, c.ttl_seconds]
+            if usage_key:
+                keys += [usage_key, DIRTY_SET]
+                args.append(HASH_TTL)
             try:
                 result = await self._run_admit(keys, args)
             except REDIS_DOWN_ERRORS as error:
+                # Whether Redis ran it is unknown: counted again in process, it may count twice.
                 self.link.lost(error)
             else:
                 return self._read(result, buckets, counters)
         denial = self.local.reserve(buckets, counters)
+        if usage_key:
+            self.local.count(usage_key, "rejected" if denial else "requests")
         for counter in counters:
             counter.report(self.local.used(counter.key))
         return denial
@@ -310,6 +520,7 @@ class Limiter:
         limit = limits[index - 1]
         if isinstance(limit, Counter):
             limit.report(limit.limit - remaining)
+            self.local.seen(limit.key, limit.limit - remaining, limit.ttl_seconds)
         retry = retry_ms / 1000 if retry_ms >= 0 else limit.reset_at - time.time()  # type: ignore[union-attr]
         return Denial(limit, remaining, retry)
 
@@ -317,7 +528,7 @@ class Limiter:
         """Add each counter's cost (a delta) to it: settling a reservation with what was really used."""
         if not counters:
             return
-        if self.link.up:
+        if await self._redis_ready():
             args: list[int] = []
             for counter in counters:
                 args += [counter.cost, counter.ttl_seconds]
@@ -333,7 +544,6 @@ class Limiter:
         self.local.adjust([(counter.key, counter.cost, counter.ttl_seconds) for counter in counters])
         for counter in counters:
             counter.report(self.local.used(counter.key))
-
 
     async def refund(self, buckets: Sequence[Bucket]) -> None:
         """Give each bucket its cost back (up to its burst): a reservation used less than it took."""
@@ -374,10 +584,8 @@ class Periods:
 
 
 class Gate:
-    """Which limits apply to a call, and the reservation against them.
-
-    Limits that are zero (unlimited) are skipped; with none left the call costs no Redis
-    round trip at all."""
+    """Which limits apply to a call, and the reservation against them (which also counts the
+    call's usage). Limits that are zero (unlimited) are skipped."""
 
     def __init__(self, limiter: Limiter, default_key_limit: RateLimit) -> None:
         self.limiter = limiter
@@ -406,10 +614,12 @@ class Gate:
         if tokens:
             buckets += self._token_buckets(tenant, key_id, limit, quota, tokens)
             counters += self._counters(tenant, "tokens", quota.tokens_per_day, quota.tokens_per_month, tokens)
-        if buckets or counters:
-            denial = await self.limiter.reserve(buckets, counters)
-            if denial is not None:
-                raise RateLimited(denial)
+        # Even a call without limits makes this round trip: its usage is counted in Redis, in
+        # the same pipeline as the calls admitted in the same event-loop turn.
+        usage = usage_key(self.periods().day, tenant, key_id)
+        denial = await self.limiter.reserve(buckets, counters, usage)
+        if denial is not None:
+            raise RateLimited(denial)
 
     async def reserve_tokens(
         self, tenant: str, key_id: str, key_limit: RateLimit | None, quota: QuotaRecord, tokens: int

@@ -37,6 +37,8 @@ class RedisLink:
         self.up = False
         # Called with the new state on every change (health status, logs).
         self.on_change: Callable[[bool], Awaitable[None]] | None = None
+        # Called when Redis is back: what was held in process while it was away goes back first.
+        self.when_back: list[Callable[[], Awaitable[object]]] = []
         self._probe: asyncio.Task[None] | None = None
         self._notifications: set[asyncio.Task[None]] = set()
         REDIS_UP.set(0)
@@ -79,7 +81,10 @@ class RedisLink:
             log.info("redis reachable")
         else:
             log.warning("redis unreachable; cache bypassed, limits held in process", extra={"reason": reason})
-        if self.on_change is not None:
-            task = asyncio.get_running_loop().create_task(self.on_change(up))
+        callbacks = [self.on_change(up)] if self.on_change is not None else []
+        if up:
+            callbacks += [callback() for callback in self.when_back]
+        for callback in callbacks:
+            task = asyncio.get_running_loop().create_task(callback)
             self._notifications.add(task)
             task.add_done_callback(self._notifications.discard)

@@ -16,7 +16,7 @@ from services.gateway.audit import AuditLog
 from services.gateway.auth import ApiKeyAuthenticator
 from services.gateway.cache import ResponseCache
 from services.gateway.config import GatewaySettings
-from services.gateway.limits import Gate, Limiter
+from services.gateway.limits import Gate, Limiter, LocalLimiter
 from services.gateway.proxy import FORWARDED, Backend, Proxy
 from services.gateway.redis_link import RedisLink
 from services.gateway.routes import RouteTable
@@ -49,7 +49,12 @@ async def create_app(settings: GatewaySettings) -> App:
     meter = Meter(link, store, settings.usage_push_seconds, settings.usage_flush_seconds)
     quotas = QuotaCache(store, settings.quota_cache_seconds)
     default_key_limit = RateLimit(settings.default_key_requests_per_second, settings.default_key_burst)
-    admission = Admission(Gate(Limiter(link), default_key_limit), quotas, meter, audit)
+    local = LocalLimiter(
+        share=settings.fallback_quota_share,
+        policy=settings.gateway_redis_down_policy,
+        retry_seconds=settings.redis_check_seconds,
+    )
+    admission = Admission(Gate(Limiter(link, local), default_key_limit), quotas, meter, audit)
     cache = ResponseCache(link, settings.cache_ttl_seconds, settings.cache_max_entry_bytes)
     authenticator = ApiKeyAuthenticator(store, settings.auth_cache_seconds, admission=admission, audit=audit)
     admin = Admin(store, on_revoke=authenticator.forget, quotas=quotas, meter=meter, audit=audit)

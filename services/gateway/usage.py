@@ -32,8 +32,8 @@ HASH_TTL = 7 * 86400  # a hash nobody flushes (no gateway left) does not live fo
 Slot = tuple[str, str, str]  # (day, tenant, key id)
 
 
-def _hash_key(slot: Slot) -> str:
-    day, tenant, key_id = slot
+def usage_key(day: str, tenant: str, key_id: str) -> str:
+    """The Redis hash of one key's usage on one UTC day."""
     return f"maas:{{{tenant}}}:usage:{day}:{key_id}"
 
 
@@ -102,7 +102,7 @@ class Meter:
         pending, self._pending = self._pending, defaultdict(lambda: defaultdict(int))
         pipe = self.link.client.pipeline(transaction=False)
         for slot, counts in pending.items():
-            key = _hash_key(slot)
+            key = usage_key(*slot)
             for name, value in counts.items():
                 pipe.hincrby(key, name, value)
             pipe.expire(key, HASH_TTL)
