@@ -106,19 +106,27 @@ return values
 """
 
 # Writing back what a gateway admitted while Redis was down, in one atomic step. KEYS: counters,
-# then usage hashes, then the usage dirty set. ARGV: number of counters; per counter delta, floor,
-# ttl; the usage hashes' ttl; per usage hash its number of fields, then field, count pairs.
-# A counter ends at least at its floor (what this gateway last saw plus its delta), so a Redis
-# that lost writes when it was killed is repaired. Returns the counters' new values.
+# then usage hashes, then the usage dirty set. ARGV: number of counters; per counter delta, seen
+# (what this gateway last saw of it from Redis), ttl; the usage hashes' ttl; per usage hash its
+# number of fields, then field, count pairs. A Redis killed with writes not yet on disk comes
+# back with counters too low. Each counter's `:repair` hash gathers, for 5 minutes after an
+# outage, the highest value any gateway saw before it (`base`) and the deltas written back since
+# (`added`): the counter ends at least at base + added, what it held before the outage plus all
+# that was admitted in process. Returns the counters' new values.
 WRITE_BACK_SCRIPT = """
 local counters = tonumber(ARGV[1])
 local values = {}
 for i = 1, counters do
-  local delta, floor, ttl = tonumber(ARGV[3*i - 1]), tonumber(ARGV[3*i]), tonumber(ARGV[3*i + 1])
+  local delta, seen, ttl = tonumber(ARGV[3*i - 1]), tonumber(ARGV[3*i]), tonumber(ARGV[3*i + 1])
+  local repair = KEYS[i] .. ':repair'
   local value = redis.call('INCRBY', KEYS[i], delta)
-  if value < floor then
-    redis.call('SET', KEYS[i], floor)
-    value = floor
+  local base = math.max(tonumber(redis.call('HGET', repair, 'base') or '0'), seen)
+  local added = redis.call('HINCRBY', repair, 'added', delta)
+  redis.call('HSET', repair, 'base', base)
+  redis.call('EXPIRE', repair, 300)
+  if value < base + added then
+    value = base + added
+    redis.call('SET', KEYS[i], value)
   end
   redis.call('EXPIRE', KEYS[i], ttl)
   values[i] = value
@@ -350,14 +358,14 @@ class LocalLimiter:
         self._usage[usage_key][field] += value
 
     def unwritten(self) -> tuple[list[tuple[str, int, int, int]], dict[str, dict[str, int]]]:
-        """What to write back: (key, delta, floor, ttl) per counter, and the usage counts, which
+        """What to write back: (key, delta, seen, ttl) per counter, and the usage counts, which
         leave this process (`restore` puts them back should the write fail)."""
         now = self.clock()
         counters = []
         for key in sorted(self._unwritten):
             tally = self._counters[key]
-            seen = tally.seen if tally.known(now) else 0
-            counters.append((key, tally.delta, max(0, seen + tally.delta), tally.ttl_seconds))  # type: ignore[operator]
+            seen = tally.seen if tally.known(now) and tally.seen is not None else 0
+            counters.append((key, tally.delta, seen, tally.ttl_seconds))
         usage = {key: dict(counts) for key, counts in self._usage.items()}
         self._usage.clear()
         return counters, usage
@@ -414,8 +422,8 @@ class Limiter:
             counters, usage = self.local.unwritten()
             keys = [key for key, *_ in counters] + list(usage) + [DIRTY_SET]
             args: list[int | str] = [len(counters)]
-            for _, delta, floor, ttl in counters:
-                args += [delta, floor, ttl]
+            for _, delta, seen, ttl in counters:
+                args += [delta, seen, ttl]
             args.append(HASH_TTL)
             for counts in usage.values():
                 args.append(len(counts))

@@ -22,7 +22,7 @@ from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from prometheus_client import REGISTRY
 
 from services.common.server import running
-from services.gateway.limits import Bucket, Counter, Gate, Limiter, LocalLimiter
+from services.gateway.limits import Bucket, Counter, Gate, Limiter, LocalLimiter, RedisDownPolicy
 from services.gateway.redis_link import REDIS_UP, RedisLink
 from services.gateway.server import create_app
 from services.gateway.store import QuotaRecord, RateLimit
@@ -311,4 +311,68 @@ async def test_script_and_fallback_agree(redis_server):
         assert int(await client.get("maas:{t}:c")) == 4
         await client.aclose()
     finally:
+        await link.close()
+
+
+def _day_counter(limit: int = 100, cost: int = 1) -> Counter:
+    return Counter("q", limit, cost, 60, 1060.0, "requests per day of tenant t", "tenant:t")
+
+
+def test_local_lease_is_a_share_of_what_was_left_and_is_written_back():
+    limiter = LocalLimiter(clock=lambda: 1000.0, share=0.5)
+    limiter.seen("q", 60, 60)
+    results = [limiter.reserve([], [_day_counter()]) is None for _ in range(30)]
+    assert sum(results) == 20  # half of the 40 left
+    denial = limiter.reserve([], [_day_counter()])
+    assert denial is not None and "share of it (20) is used up" in (denial.reason or "")
+    assert limiter.pending
+    counters, _ = limiter.unwritten()
+    assert counters == [("q", 20, 60, 60)]  # delta, what Redis last said, ttl
+    limiter.written(counters, [85])
+    assert not limiter.pending and limiter.used("q") == 85
+
+
+def test_local_refuses_unseen_counters_and_under_the_refuse_policy():
+    assert LocalLimiter(clock=lambda: 1000.0).reserve([], [_day_counter()]) is not None
+    limiter = LocalLimiter(clock=lambda: 1000.0, policy=RedisDownPolicy.REFUSE)
+    limiter.seen("q", 0, 60)
+    denial = limiter.reserve([], [_day_counter()])
+    assert denial is not None and "cannot be checked" in denial.reason
+    # Rate-limit buckets alone still run in process.
+    assert limiter.reserve([Bucket("b", 1.0, 2, 1, "w", "s")], []) is None
+
+
+def test_local_seen_counter_expires_with_its_ttl():
+    now = [1000.0]
+    limiter = LocalLimiter(clock=lambda: now[0])
+    limiter.seen("q", 10, 60)
+    assert limiter.reserve([], [_day_counter()]) is None
+    now[0] += 61  # what Redis said is too old to lease from
+    assert limiter.reserve([], [_day_counter()]) is not None
+
+
+def test_usage_and_settlements_while_down_wait_for_the_write_back():
+    limiter = LocalLimiter(clock=lambda: 1000.0)
+    limiter.count("usage:k", "requests")
+    limiter.count("usage:k", "requests")
+    limiter.adjust([("tokens", 120, 60)])  # used, so written back even past any lease
+    counters, usage = limiter.unwritten()
+    assert counters == [("tokens", 120, 0, 60)] and usage == {"usage:k": {"requests": 2}}
+    limiter.restore(usage)  # the write failed: kept for the next one
+    assert limiter.unwritten()[1] == {"usage:k": {"requests": 2}}
+
+
+async def test_write_back_repairs_a_counter_redis_lost(redis_server):
+    link = RedisLink(redis_server.url, 1.0, 1.0)
+    await link.start()
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        limiter = Limiter(link, LocalLimiter(share=1.0))
+        limiter.local.seen("maas:{t}:q", 60, 60)
+        assert limiter.local.reserve([], [Counter("maas:{t}:q", 100, 1, 60, time.time() + 60, "w", "s")]) is None
+        await client.set("maas:{t}:q", 3)  # Redis came back without most of its writes
+        assert await limiter.write_back()
+        assert int(await client.get("maas:{t}:q")) == 61
+    finally:
+        await client.aclose()
         await link.close()
