@@ -1,5 +1,6 @@
 """The audit log: every mutating call through the gateway (who, tenant, method, resource,
-outcome, when), written to SQL in the background so that no call waits for it. The caller is
+outcome, when). A change's row is committed to SQL before the call is answered (`commit`);
+refusals are written in the background (`record`). The caller is
 recorded by key id; the key itself never reaches the log."""
 
 from __future__ import annotations
@@ -74,7 +75,24 @@ class AuditLog:
         self._queue: asyncio.Queue[AuditRecord] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
 
+    async def commit(self, tenant: str, api_key_id: str, method: str, resource: str, code: str) -> None:
+        """Record a call and wait until its row is in SQL: a change is answered only once its
+        audit row would survive a kill of the gateway. Should SQL fail, the row is queued and
+        retried in the background, as `record` does, and the call is answered anyway (its
+        change is made already)."""
+        event = self._event(tenant, api_key_id, method, resource, code)
+        try:
+            await asyncio.to_thread(self.store.add_audit_events, [event])
+        except Exception:
+            log.exception("audit write failed; queued for retry", extra={"method": method})
+            self._queue.put_nowait(event)
+
     def record(self, tenant: str, api_key_id: str, method: str, resource: str, code: str) -> None:
+        """Record a refused call, written in the background (nothing changed that needs it)."""
+        self._queue.put_nowait(self._event(tenant, api_key_id, method, resource, code))
+
+    @staticmethod
+    def _event(tenant: str, api_key_id: str, method: str, resource: str, code: str) -> AuditRecord:
         event = AuditRecord(
             _event_id(), datetime.now(UTC), tenant, api_key_id, method, resource[:MAX_RESOURCE], code
         )
@@ -88,7 +106,7 @@ class AuditLog:
                 "code": code,
             },
         )
-        self._queue.put_nowait(event)
+        return event
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write(), name="audit-writer")

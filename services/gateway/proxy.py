@@ -193,9 +193,9 @@ class Proxy(grpc.GenericRpcHandler):
         audit = self.audit
         assert audit is not None
 
-        def record(first_request: bytes | None, code: str) -> None:
+        async def record(first_request: bytes | None, code: str) -> None:
             caller = current_caller()
-            audit.record(
+            await audit.commit(
                 caller.tenant, caller.key_id, path, resource_of(_parse(request_class, first_request)), code
             )
 
@@ -220,7 +220,7 @@ class Proxy(grpc.GenericRpcHandler):
                     code = outcome(error, context)
                     raise
                 finally:
-                    record(first[0] if first else None, code)
+                    await record(first[0] if first else None, code)
 
             return grpc.stream_unary_rpc_method_handler(audited_upload)
 
@@ -234,7 +234,7 @@ class Proxy(grpc.GenericRpcHandler):
                 code = outcome(error, context)
                 raise
             finally:
-                record(request, code)
+                await record(request, code)
 
         return grpc.unary_unary_rpc_method_handler(audited_unary)
 

@@ -58,7 +58,7 @@ def audited(handler: Handler) -> Handler:
             if self.audit is not None:
                 caller = current_caller()
                 resource = resource_of(request) or resource_of(response)
-                self.audit.record(caller.tenant, caller.key_id, method, resource, code)
+                await self.audit.commit(caller.tenant, caller.key_id, method, resource, code)
 
     return wrapper
 

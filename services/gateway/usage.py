@@ -1,10 +1,15 @@
 """Usage metering per tenant, key and UTC day.
 
-The hot path only adds to a dict in memory. A background task pushes those sums to Redis
-(one pipeline per interval, so every replica's counts meet there) and moves what Redis holds
-into SQL, where GetUsage reads it. Moving out of Redis is atomic per hash (read-and-delete in
-one script); if the SQL write fails the counts go back into memory for the next round. What a
-process holds in memory when it is killed (at most one push interval) is lost."""
+A call's `requests` (or `rejected`) count is added to its Redis hash by the script that admits
+it (limits.ADMIT_SCRIPT), so it is exactly as durable as the quota counters; while Redis is down
+the limiter holds it in process and writes it back with its quota leases. The other counts
+(bytes, cache hits, errors, tokens) are added to a dict in memory, and a background task pushes
+those sums to Redis (one pipeline per interval); what a process holds of them when it is killed
+(at most one push interval) is lost. The same task moves what Redis holds into SQL, where
+GetUsage reads it. Moving out of Redis is atomic per hash (read-and-delete in one script); if
+the SQL write fails the counts go back into memory for the next round, but a process killed
+between the take and the SQL commit (a few milliseconds per flush) loses that hash's counts:
+never counted twice, at most lost once."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import datetime
 import grpc
 import numpy as np
 import pytest
+import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 from maas.common.v1 import common_pb2
 from maas.gateway.v1 import admin_pb2
@@ -16,7 +17,10 @@ from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from services.common.database import make_engine
 from services.gateway.cache import LOOKUPS
+from services.gateway.store import AuditFilter, GatewayStore
+from services.gateway.usage import usage_key
 from tests.unit.gateway.gateway_fakes import gateway_stack, route
 
 
@@ -205,3 +209,29 @@ async def test_mutating_calls_are_audited_with_filters_and_pages(stack):
     # Keys appear by id only.
     for event in seen:
         assert not any(key in str(event) for key in stack.keys.values())
+
+
+async def test_acknowledged_changes_have_their_audit_row_and_usage_before_any_flush(stack, redis_server):
+    """Nothing acknowledged waits in gateway memory: a kill -9 right after the answers would
+    find every audit row in SQL and every request in Redis (no flush, no background round)."""
+    store = GatewayStore(make_engine(stack.settings.gateway_database_url))
+    before = len(store.list_audit_events(AuditFilter(tenant="acme"), "", 1000))
+    for index in range(10):
+        await stack.registry_stub.CreateModel(
+            registry_pb2.CreateModelRequest(name=f"m{index}"), metadata=stack.auth("developer")
+        )
+        await stack.admin.SetApiKeyRateLimit(
+            admin_pb2.SetApiKeyRateLimitRequest(id=stack.key_ids["reader"]), metadata=stack.auth("admin")
+        )
+    after = store.list_audit_events(AuditFilter(tenant="acme"), "", 1000)
+    assert len(after) - before == 20
+    store.engine.dispose()
+
+    values = np.zeros((1, 4), np.float32)
+    for _ in range(7):
+        await predict(stack, "developer", "mlp", values)
+    client = redis.Redis.from_url(redis_server.url)
+    day = datetime.datetime.now(datetime.UTC).date().isoformat()
+    # The developer's calls: 10 CreateModel and 7 Predict, counted by the admitting script.
+    assert int(client.hget(usage_key(day, "acme", stack.key_ids["developer"]), "requests")) == 17
+    client.close()
