@@ -366,9 +366,13 @@ class LocalLimiter:
             tally = self._counters[key]
             seen = tally.seen if tally.known(now) and tally.seen is not None else 0
             counters.append((key, tally.delta, seen, tally.ttl_seconds))
+        return counters, self.take_usage()
+
+    def take_usage(self) -> dict[str, dict[str, int]]:
+        """The usage counted in process (usage hash key -> counts), which leaves it."""
         usage = {key: dict(counts) for key, counts in self._usage.items()}
         self._usage.clear()
-        return counters, usage
+        return usage
 
     def restore(self, usage: dict[str, dict[str, int]]) -> None:
         for key, counts in usage.items():

@@ -46,7 +46,6 @@ async def create_app(settings: GatewaySettings) -> App:
     store = await open_store(settings)
     link = RedisLink(settings.redis_url, settings.redis_timeout_seconds, settings.redis_check_seconds)
     audit = AuditLog(store)
-    meter = Meter(link, store, settings.usage_push_seconds, settings.usage_flush_seconds)
     quotas = QuotaCache(store, settings.quota_cache_seconds)
     default_key_limit = RateLimit(settings.default_key_requests_per_second, settings.default_key_burst)
     local = LocalLimiter(
@@ -54,6 +53,7 @@ async def create_app(settings: GatewaySettings) -> App:
         policy=settings.gateway_redis_down_policy,
         retry_seconds=settings.redis_check_seconds,
     )
+    meter = Meter(link, store, settings.usage_push_seconds, settings.usage_flush_seconds, local.take_usage)
     admission = Admission(Gate(Limiter(link, local), default_key_limit), quotas, meter, audit)
     cache = ResponseCache(link, settings.cache_ttl_seconds, settings.cache_max_entry_bytes)
     authenticator = ApiKeyAuthenticator(store, settings.auth_cache_seconds, admission=admission, audit=audit)

@@ -2,7 +2,8 @@
 
 A call's `requests` (or `rejected`) count is added to its Redis hash by the script that admits
 it (limits.ADMIT_SCRIPT), so it is exactly as durable as the quota counters; while Redis is down
-the limiter holds it in process and writes it back with its quota leases. The other counts
+the limiter holds it in process and writes it back with its quota leases (or, should Redis stay
+away past a flush, hands it over to go straight to SQL). The other counts
 (bytes, cache hits, errors, tokens) are added to a dict in memory, and a background task pushes
 those sums to Redis (one pipeline per interval); what a process holds of them when it is killed
 (at most one push interval) is lost. The same task moves what Redis holds into SQL, where
@@ -18,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from services.gateway.redis_link import REDIS_DOWN_ERRORS, RedisLink
 from services.gateway.store import USAGE_FIELDS, GatewayStore, UsageRecord
@@ -50,9 +51,17 @@ def _slot_of(hash_key: str) -> Slot:
 
 class Meter:
     def __init__(
-        self, link: RedisLink, store: GatewayStore, push_seconds: float, flush_seconds: float
+        self,
+        link: RedisLink,
+        store: GatewayStore,
+        push_seconds: float,
+        flush_seconds: float,
+        held: Callable[[], dict[str, dict[str, int]]] | None = None,
     ) -> None:
         self.link = link
+        # Usage the limiter counted in process while Redis is down (usage hash key -> counts),
+        # handed over to go straight to SQL should Redis stay away past a flush.
+        self.held = held
         self.store = store
         self.push_seconds = push_seconds
         self.flush_seconds = flush_seconds
@@ -129,6 +138,9 @@ class Meter:
             else:
                 # Straight from memory to SQL while Redis is away.
                 pending, self._pending = self._pending, defaultdict(lambda: defaultdict(int))
+                for key, counts in (self.held() if self.held else {}).items():
+                    for name, value in counts.items():
+                        pending[_slot_of(key)][name] += value
                 rows = [UsageRecord(*slot, dict(counts)) for slot, counts in pending.items()]
             if not rows:
                 return

@@ -17,8 +17,9 @@ from tests.unit.gateway.test_gateway_limits import set_quota
 
 
 @pytest.fixture
-async def stack(tmp_path):
-    async with gateway_stack(tmp_path) as started:
+async def stack(tmp_path, redis_server):
+    # Token quotas need Redis: a gateway never told a counter's value by Redis refuses to guess it.
+    async with gateway_stack(tmp_path, redis_url=redis_server.url) as started:
         await started.wait_for_routes()
         writer = route("acme", "writer", started.triton_address, task=inference_pb2.SERVING_TASK_GENERATE)
         started.routing.publish([*started.routing.routes, writer])
