@@ -44,6 +44,20 @@ def internal_credentials(settings: CommonSettings) -> grpc.ChannelCredentials | 
     )
 
 
+# The header Triton's restricted protocols check (all but health); its value is MAAS_TRITON_TOKEN.
+TRITON_TOKEN_HEADER = "maas-triton-token"
+
+
+def triton_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """What a call to Triton carries so that its restricted protocols let it through."""
+    return ((TRITON_TOKEN_HEADER, token),) if token else ()
+
+
+def triton_credentials(settings: CommonSettings) -> grpc.ChannelCredentials | None:
+    """TLS for the channels to Triton when settings.uses_triton_tls, else None (plaintext)."""
+    return internal_credentials(settings) if settings.uses_triton_tls else None
+
+
 def internal_metadata(token: str, tenant: str) -> tuple[tuple[str, str], ...]:
     """Metadata a trusted caller sends: who the tenant is, the shared token, the request id."""
     pairs = [(INTERNAL_TOKEN_KEY, token), (TENANT_KEY, tenant)]

@@ -24,6 +24,10 @@ class CommonSettings(BaseSettings):
     # Shared secret between the gateway and the internal services. Empty disables the check
     # (only sensible in unit tests); `maas up` always sets one.
     internal_token: str = ""
+    # The header value Triton's restricted protocols require (all but health): the inference
+    # service and the gateway send it. Empty: Triton runs unrestricted (unit tests); `maas up`
+    # always sets one.
+    triton_token: str = ""
     # Largest gRPC message a service accepts; bigger ones get RESOURCE_EXHAUSTED.
     max_message_bytes: int = 64 * 1024 * 1024
     # Seconds in-flight RPCs get to finish after SIGTERM.
@@ -45,6 +49,10 @@ class CommonSettings(BaseSettings):
     # Set: the internal services this one dials are reached over TLS, verified against this CA;
     # with tls_cert_file/tls_key_file the same certificate is presented as the client's.
     tls_ca_file: Path | None = None
+    # Whether Triton's gRPC port speaks TLS (our own tritonserver then serves this service's
+    # certificate). Unset: yes when TLS is configured (tls_cert_file and tls_ca_file). An external
+    # Triton that serves plaintext inside its NetworkPolicy fence needs false.
+    triton_tls: bool | None = None
 
     @field_validator("home")
     @classmethod
@@ -59,6 +67,12 @@ class CommonSettings(BaseSettings):
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("MAAS_TLS_CLIENT_CA_FILE (mTLS) needs MAAS_TLS_CERT_FILE and MAAS_TLS_KEY_FILE")
         return self
+
+    @property
+    def uses_triton_tls(self) -> bool:
+        if self.triton_tls is None:
+            return bool(self.tls_cert_file and self.tls_ca_file)
+        return self.triton_tls
 
     def sqlite_url(self, service: str) -> str:
         return f"sqlite:///{self.home / service / f'{service}.db'}"

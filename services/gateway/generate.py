@@ -112,7 +112,9 @@ class Generation:
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         """Triton's responses to one generation request; the Triton call is cancelled when the
         caller's call ends early (cancel, deadline) or the consumer stops reading."""
-        call = live.triton.ModelStreamInfer(timeout=context.time_remaining() or self.routes.default_timeout)
+        call = live.triton.ModelStreamInfer(
+            timeout=context.time_remaining() or self.routes.default_timeout, metadata=live.triton_metadata
+        )
         try:
             await call.write(request)
             await call.done_writing()

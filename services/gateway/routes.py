@@ -14,7 +14,7 @@ import grpc
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from services.common.channels import open_channel
+from services.common.channels import open_channel, triton_metadata
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.interceptors import INTERNAL_TOKEN_KEY
 from services.common.tensors import CompiledSignature, check_signature
@@ -41,6 +41,8 @@ class LiveRoute:
     route: inference_pb2.Route
     signature: CompiledSignature  # compiled once per route, used on every request
     triton: service_pb2_grpc.GRPCInferenceServiceStub  # on the address's long-lived channel
+    # The header Triton's restricted protocols require, sent on every call to it.
+    triton_metadata: tuple[tuple[str, str], ...] = ()
 
     def target(self, request_id: str) -> Target:
         """The deployment's own version, or its canary for the canary's share of requests."""
@@ -51,8 +53,17 @@ class LiveRoute:
 
 
 class RouteTable:
-    def __init__(self, inference: grpc.aio.Channel, token: str, default_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        inference: grpc.aio.Channel,
+        token: str,
+        default_timeout: float = 60.0,
+        triton_token: str = "",
+        triton_credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.default_timeout = default_timeout
+        self._triton_metadata = triton_metadata(triton_token)
+        self._triton_credentials = triton_credentials
         self._watch_routes = inference_pb2_grpc.RoutingServiceStub(inference).WatchRoutes
         self._metadata = ((INTERNAL_TOKEN_KEY, token),)
         self._routes: dict[tuple[str, str], LiveRoute] = {}
@@ -117,14 +128,14 @@ class RouteTable:
                 log.warning("skipping route with a bad signature", extra={"route": key, "error": str(error)})
                 continue
             signature = CompiledSignature(route.signature, route.max_batch_size)
-            table[key] = LiveRoute(route, signature, self._triton(route.triton_address))
+            table[key] = LiveRoute(route, signature, self._triton(route.triton_address), self._triton_metadata)
         self._routes = table
         self._applied.set()
         self._applied = asyncio.Event()
 
     def _triton(self, address: str) -> service_pb2_grpc.GRPCInferenceServiceStub:
         if address not in self._triton_channels:
-            self._triton_channels[address] = open_channel(address)
+            self._triton_channels[address] = open_channel(address, self._triton_credentials)
         return service_pb2_grpc.GRPCInferenceServiceStub(self._triton_channels[address])
 
     def start(self) -> None:
@@ -174,7 +185,9 @@ async def infer(
 ) -> service_pb2.ModelInferResponse:
     """One ModelInfer on the route's Triton, its errors mapped to what the caller can act on."""
     try:
-        return await live.triton.ModelInfer(request, timeout=context.time_remaining() or default_timeout)
+        return await live.triton.ModelInfer(
+            request, timeout=context.time_remaining() or default_timeout, metadata=live.triton_metadata
+        )
     except grpc.aio.AioRpcError as error:
         await abort_for_triton(error, live, request.model_name, context)
         raise  # unreachable: abort raises

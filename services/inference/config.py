@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import model_validator
 
@@ -42,6 +43,10 @@ class InferenceSettings(CommonSettings):
     load_refresh_seconds: float = 5.0
     # Whether Triton may place models on a GPU. Unset: look for an NVIDIA device on this host.
     gpu_available: bool | None = None
+    # "required": each model's Triton stub runs inside a Landlock fence (its own files only, no
+    # network) and refuses to start where the kernel has no Landlock. "off": unfenced; only for a
+    # host where every model is trusted.
+    model_fence: Literal["required", "off"] = "required"
 
     @model_validator(mode="after")
     def _fill_defaults_from_home(self) -> InferenceSettings:

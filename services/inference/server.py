@@ -5,7 +5,7 @@ from pathlib import Path
 
 from maas.inference.v1 import inference_pb2_grpc
 
-from services.common.channels import internal_credentials, open_channel
+from services.common.channels import internal_credentials, open_channel, triton_credentials
 from services.common.database import make_engine, upgrade
 from services.common.interceptors import internal_token_authenticator
 from services.common.server import App, RunningServer, ServerSpec, Servicer, server_tls
@@ -16,9 +16,18 @@ from services.inference.repository import ModelRepository
 from services.inference.service import Deployments, gpu_on_this_host
 from services.inference.servicer import InferenceServicer, RoutingServicer
 from services.inference.store import DeploymentStore
-from services.inference.triton import TritonClient, TritonSupervisor
+from services.inference.triton import TritonClient, TritonSupervisor, TritonTls
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def triton_tls(settings: InferenceSettings) -> TritonTls | None:
+    """The certificate our own Triton serves, when its port speaks TLS."""
+    if settings.triton_url or not settings.uses_triton_tls:
+        return None
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        raise ValueError("MAAS_TRITON_TLS=true for our own Triton needs MAAS_TLS_CERT_FILE and MAAS_TLS_KEY_FILE")
+    return TritonTls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
 
 
 async def create_app(settings: InferenceSettings) -> App:
@@ -27,7 +36,7 @@ async def create_app(settings: InferenceSettings) -> App:
     directory = settings.directory
     registry_channel = open_channel(settings.registry_addr, internal_credentials(settings))
     registry = Registry(registry_channel, settings.internal_token, settings.model_load_timeout_seconds)
-    triton = TritonClient(settings.triton_address)
+    triton = TritonClient(settings.triton_address, settings.triton_token, triton_credentials(settings))
     deployments = Deployments(
         store=DeploymentStore(engine),
         registry=registry,
@@ -55,6 +64,9 @@ async def create_app(settings: InferenceSettings) -> App:
         start_timeout=settings.triton_start_timeout_seconds,
         on_start=deployments.reconcile,
         on_exit=deployments.triton_down,
+        token=settings.triton_token,
+        fence_models=settings.model_fence == "required",
+        tls=triton_tls(settings),
     )
 
     async def on_start(server: RunningServer) -> None:

@@ -1,8 +1,10 @@
 """NVIDIA Triton: the calls the service makes to it, and the supervisor of the tritonserver process.
 
 The binary, the python backend and its stub come from the nvidia-pytriton wheel. Triton listens
-on loopback only: its repository API loads python models, i.e. runs code, so only this service
-may reach it.
+on loopback only, and every protocol but health needs the secret header TRITON_TOKEN_HEADER: its
+repository API loads python models, i.e. runs code, so only this service (and the gateway, for
+inference) may reach it. Triton runs with no secret in its environment, in a directory holding
+nothing but models, and each model's stub runs inside the Landlock fence of stub_fence.py.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import sysconfig
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -27,14 +30,20 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from services.common import errors
-from services.common.channels import open_channel
+from services.common.channels import TRITON_TOKEN_HEADER, open_channel, triton_metadata
 from services.common.remote_errors import domain_error
+from services.inference import stub_fence
 
 log = logging.getLogger(__name__)
 
 WHEEL_DIR = Path(pytriton.__file__).parent / "tritonserver"
 BINARY = WHEEL_DIR / "bin" / "tritonserver"
 RESTARTS = Counter("maas_inference_triton_restarts_total", "Times tritonserver exited and was started again")
+# Everything but health (liveness probes stay open) needs the header.
+RESTRICTED_PROTOCOLS = "metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging"
+# What tritonserver keeps of the service's environment: nothing secret (tokens, database URLs).
+TRITON_ENVIRONMENT = ("PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "TZ")
+TRITON_ENVIRONMENT_PREFIXES = ("CUDA_", "NVIDIA_", "OMP_")
 
 
 class ModelLoadError(Exception):
@@ -45,14 +54,27 @@ class TritonStartError(Exception):
     """tritonserver did not come up; the message carries the end of its log."""
 
 
+@dataclass(frozen=True)
+class TritonTls:
+    """The certificate our own tritonserver serves gRPC with; client_ca_file set: mutual TLS."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
 class TritonClient:
     """The calls the service makes to one Triton gRPC endpoint, over long-lived channels."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(
+        self, address: str, token: str = "", credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
         self.address = address
+        self._metadata = triton_metadata(token)
+        self._headers = dict(self._metadata)
         # Repository and health calls through tritonclient; inference on a raw stub (the hot path).
-        self._control = InferenceServerClient(address)
-        self._channel = open_channel(address)
+        self._control = InferenceServerClient(address, creds=credentials)
+        self._channel = open_channel(address, credentials)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def is_live(self, timeout: float = 1.0) -> bool:
@@ -64,24 +86,24 @@ class TritonClient:
     async def load(self, triton_model: str, timeout: float) -> None:
         """Load (or reload) a model from the repository; returns once it is ready."""
         try:
-            await self._control.load_model(triton_model, client_timeout=timeout)
+            await self._control.load_model(triton_model, client_timeout=timeout, headers=self._headers)
         except InferenceServerException as exc:
             raise ModelLoadError(_clean(exc.message())) from None
 
     async def unload(self, triton_model: str) -> None:
         """Start unloading; Triton finishes it in the background."""
         with contextlib.suppress(InferenceServerException):
-            await self._control.unload_model(triton_model, client_timeout=30)
+            await self._control.unload_model(triton_model, client_timeout=30, headers=self._headers)
 
     async def is_ready(self, triton_model: str) -> bool:
         try:
-            return bool(await self._control.is_model_ready(triton_model, client_timeout=5))
+            return bool(await self._control.is_model_ready(triton_model, client_timeout=5, headers=self._headers))
         except InferenceServerException:
             return False
 
     async def loaded_models(self) -> set[str]:
         """Models Triton has loaded or is loading."""
-        index = await self._control.get_model_repository_index(client_timeout=10)
+        index = await self._control.get_model_repository_index(client_timeout=10, headers=self._headers)
         return {model.name for model in index.models if model.state in ("READY", "LOADING")}
 
     async def request_counts(self, triton_model: str) -> tuple[int, int]:
@@ -92,7 +114,7 @@ class TritonClient:
     async def statistics(self, triton_model: str) -> list[service_pb2.ModelStatistics]:
         """Triton's cumulative statistics of each loaded version of a model; none if it is not loaded."""
         try:
-            response = await self._control.get_inference_statistics(triton_model, client_timeout=5)
+            response = await self._control.get_inference_statistics(triton_model, client_timeout=5, headers=self._headers)
         except InferenceServerException:
             return []
         return list(response.model_stats)
@@ -101,7 +123,7 @@ class TritonClient:
         self, request: service_pb2.ModelInferRequest, timeout: float
     ) -> service_pb2.ModelInferResponse:
         try:
-            return await self._stub.ModelInfer(request, timeout=timeout)
+            return await self._stub.ModelInfer(request, timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _infer_error(exc) from None
 
@@ -110,7 +132,7 @@ class TritonClient:
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         """The responses of a decoupled model to one request; leaving early cancels the call,
         which stops the model at its next response."""
-        call = self._stub.ModelStreamInfer(timeout=timeout)
+        call = self._stub.ModelStreamInfer(timeout=timeout, metadata=self._metadata)
         try:
             await call.write(request)
             await call.done_writing()
@@ -169,6 +191,9 @@ class TritonSupervisor:
         start_timeout: float,
         on_start: Callable[[], Awaitable[None]],
         on_exit: Callable[[], Awaitable[None]],
+        token: str = "",
+        fence_models: bool = True,
+        tls: TritonTls | None = None,
     ) -> None:
         self.directory = directory
         self.client = client
@@ -177,6 +202,9 @@ class TritonSupervisor:
         self.start_timeout = start_timeout
         self.on_start = on_start
         self.on_exit = on_exit
+        self.token = token
+        self.fence_models = fence_models
+        self.tls = tls
         self.model_repository = directory / "models"
         self.backend_dir = directory / "backends"
         self.log_path = directory / "triton.log"
@@ -228,14 +256,18 @@ class TritonSupervisor:
                 f"the nvidia-pytriton wheel ships no python backend stub for Python {version}"
             )
         wheel_backend = WHEEL_DIR / "backends" / "python"
-        for source in (
-            wheel_backend / "libtriton_python.so",
-            wheel_backend / "triton_python_backend_utils.py",
-            stub,
+        for source, name in (
+            (wheel_backend / "libtriton_python.so", "libtriton_python.so"),
+            (wheel_backend / "triton_python_backend_utils.py", "triton_python_backend_utils.py"),
+            (stub, stub_fence.REAL_STUB),
         ):
-            target = python_dir / source.name
+            target = python_dir / name
             if not target.exists() or target.stat().st_size != source.stat().st_size:
                 shutil.copy2(source, target)
+        # The backend starts the stub by this name: the launcher that fences it and then execs it.
+        launcher = python_dir / stub_fence.LAUNCHER_NAME
+        launcher.write_text(f"#!{sys.executable}\nfrom services.inference.stub_fence import main\n\nmain()\n")
+        launcher.chmod(0o755)
         self.model_repository.mkdir(parents=True, exist_ok=True)
         self._kill_leftover()
 
@@ -257,7 +289,7 @@ class TritonSupervisor:
 
     def _command(self) -> list[str]:
         grpc_port, http_port, metrics_port = self.ports
-        return [
+        command = [
             str(BINARY),
             f"--model-repository={self.model_repository}",
             "--model-control-mode=explicit",
@@ -272,10 +304,27 @@ class TritonSupervisor:
             "--strict-readiness=true",
             "--exit-timeout-secs=5",
         ]
+        if self.tls is not None:
+            command += [
+                "--grpc-use-ssl=true",
+                f"--grpc-server-cert={self.tls.cert_file}",
+                f"--grpc-server-key={self.tls.key_file}",
+            ]
+            if self.tls.client_ca_file is not None:
+                command += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.tls.client_ca_file}"]
+        if self.token:
+            restriction = f"{RESTRICTED_PROTOCOLS}:{TRITON_TOKEN_HEADER}={self.token}"
+            command += [f"--grpc-restricted-protocol={restriction}", f"--http-restricted-api={restriction}"]
+        return command
 
-    @staticmethod
-    def _environment() -> dict[str, str]:
-        env = dict(os.environ)
+    def _environment(self) -> dict[str, str]:
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if name in TRITON_ENVIRONMENT or name.startswith(TRITON_ENVIRONMENT_PREFIXES)
+        }
+        env["HOME"] = str(self.model_repository)
+        env[stub_fence.FENCE_SETTING] = "required" if self.fence_models else "off"
         # The stub links libpython: this interpreter's own copy must win over any system one.
         libraries = [
             sysconfig.get_config_var("LIBDIR"),
@@ -299,6 +348,8 @@ class TritonSupervisor:
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self._environment(),
+                # Nothing but models where Triton and its stubs run: no MAAS_HOME, no secrets.
+                cwd=self.model_repository,
                 start_new_session=True,
             )
         self.pid_path.write_text(str(self._process.pid))

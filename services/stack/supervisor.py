@@ -119,6 +119,7 @@ class Supervisor:
         env = dict(os.environ)
         env["MAAS_HOME"] = str(self.settings.home)
         env["MAAS_INTERNAL_TOKEN"] = ensure_secret(self.settings.internal_token_file, lambda: secrets.token_urlsafe(32))
+        env["MAAS_TRITON_TOKEN"] = ensure_secret(self.settings.home / "triton.token", lambda: secrets.token_urlsafe(32))
         env["PYTHONUNBUFFERED"] = "1"
         return env
 

@@ -12,7 +12,8 @@ import grpc
 import pytest
 
 from services.common import errors
-from services.inference.triton import TritonStartError, TritonSupervisor, _clean, _infer_error
+from services.inference import stub_fence
+from services.inference.triton import TritonStartError, TritonSupervisor, TritonTls, _clean, _infer_error
 
 
 class FakeClient:
@@ -25,9 +26,9 @@ class FakeClient:
         return self.live
 
 
-def supervisor(
+def supervisor_arguments(
     tmp_path: Path, client=None, external: bool = False, events: list | None = None, start_timeout=2.0
-):
+) -> dict:
     events = [] if events is None else events
 
     async def started() -> None:
@@ -36,9 +37,9 @@ def supervisor(
     async def exited() -> None:
         events.append("exit")
 
-    return TritonSupervisor(
+    return dict(
         directory=tmp_path,
-        client=client or FakeClient(),  # type: ignore[arg-type]
+        client=client or FakeClient(),
         external=external,
         grpc_port=18001,
         http_port=18002,
@@ -47,6 +48,10 @@ def supervisor(
         on_start=started,
         on_exit=exited,
     )
+
+
+def supervisor(tmp_path: Path, *positional, **arguments) -> TritonSupervisor:
+    return TritonSupervisor(**supervisor_arguments(tmp_path, *positional, **arguments))
 
 
 def test_command_binds_loopback_in_explicit_mode(tmp_path: Path):
@@ -67,9 +72,9 @@ def test_command_binds_loopback_in_explicit_mode(tmp_path: Path):
         assert flag in command
 
 
-def test_environment_puts_this_interpreter_first(monkeypatch):
+def test_environment_puts_this_interpreter_first(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("LD_LIBRARY_PATH", "/somewhere/else")
-    env = TritonSupervisor._environment()
+    env = supervisor(tmp_path)._environment()
     libraries = env["LD_LIBRARY_PATH"].split(":")
     assert libraries[0] == sysconfig.get_config_var("LIBDIR")
     assert libraries[1].endswith("nvidia_pytriton.libs") and libraries[-1] == "/somewhere/else"
@@ -80,8 +85,48 @@ def test_prepare_copies_the_python_backend_with_this_pythons_stub(tmp_path: Path
     supervisor(tmp_path)._prepare()
     backend = tmp_path / "backends" / "python"
     names = {path.name for path in backend.iterdir()}
-    assert names == {"libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"}
+    assert names == {
+        "libtriton_python.so",
+        "triton_python_backend_utils.py",
+        stub_fence.LAUNCHER_NAME,
+        stub_fence.REAL_STUB,
+    }
     assert (tmp_path / "models").is_dir()
+    # The backend starts the fencing launcher by the stub's name; the real stub sits beside it.
+    launcher = (backend / stub_fence.LAUNCHER_NAME).read_text()
+    assert launcher.startswith(f"#!{sys.executable}\n") and "stub_fence import main" in launcher
+    assert (backend / stub_fence.LAUNCHER_NAME).stat().st_mode & 0o111
+
+
+def test_triton_gets_no_secret_of_the_service(monkeypatch, tmp_path: Path):
+    for name, value in (("MAAS_INTERNAL_TOKEN", "internal"), ("MAAS_TRITON_TOKEN", "triton"),
+                        ("MAAS_REDIS_URL", "redis://:pw@x"), ("AWS_SECRET_ACCESS_KEY", "aws")):
+        monkeypatch.setenv(name, value)
+    env = supervisor(tmp_path)._environment()
+    assert not {"MAAS_INTERNAL_TOKEN", "MAAS_TRITON_TOKEN", "MAAS_REDIS_URL", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    assert not any(value in ("internal", "triton", "aws") for value in env.values())
+    assert env[stub_fence.FENCE_SETTING] == "required"
+
+
+def test_every_protocol_but_health_needs_the_token(tmp_path: Path):
+    command = TritonSupervisor(**{**supervisor_arguments(tmp_path), "token": "s3cret"})._command()
+    grpc_flag = next(flag for flag in command if flag.startswith("--grpc-restricted-protocol="))
+    http_flag = next(flag for flag in command if flag.startswith("--http-restricted-api="))
+    for flag in (grpc_flag, http_flag):
+        protocols, header = flag.split("=", 1)[1].split(":")
+        assert "health" not in protocols.split(",")
+        assert {"inference", "model-repository", "model-config", "metadata"} <= set(protocols.split(","))
+        assert header == "maas-triton-token=s3cret"
+    assert not any("restricted" in flag for flag in supervisor(tmp_path)._command())
+
+
+def test_tls_flags_serve_the_services_certificate(tmp_path: Path):
+    tls = TritonTls(tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "clients.pem")
+    command = TritonSupervisor(**{**supervisor_arguments(tmp_path), "tls": tls})._command()
+    for flag in ("--grpc-use-ssl=true", f"--grpc-server-cert={tmp_path / 'cert.pem'}",
+                 f"--grpc-server-key={tmp_path / 'key.pem'}", "--grpc-use-ssl-mutual=true",
+                 f"--grpc-root-cert={tmp_path / 'clients.pem'}"):
+        assert flag in command
 
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
