@@ -44,8 +44,10 @@ def internal_credentials(settings: CommonSettings) -> grpc.ChannelCredentials | 
     )
 
 
-# The header Triton's restricted protocols check (all but health); its value is MAAS_TRITON_TOKEN.
-TRITON_TOKEN_HEADER = "maas-triton-token"
+# The key Triton's restricted protocols check (all but health); its value is MAAS_TRITON_TOKEN.
+TRITON_TOKEN_KEY = "maas-triton-token"
+# Triton's gRPC front expects the key behind this prefix in the call's metadata.
+TRITON_TOKEN_HEADER = f"triton-grpc-protocol-{TRITON_TOKEN_KEY}"
 
 
 def triton_metadata(token: str) -> tuple[tuple[str, str], ...]:

@@ -1,7 +1,7 @@
 """NVIDIA Triton: the calls the service makes to it, and the supervisor of the tritonserver process.
 
 The binary, the python backend and its stub come from the nvidia-pytriton wheel. Triton listens
-on loopback only, and every protocol but health needs the secret header TRITON_TOKEN_HEADER: its
+on loopback only, and every protocol but health needs the secret header of TRITON_TOKEN_KEY: its
 repository API loads python models, i.e. runs code, so only this service (and the gateway, for
 inference) may reach it. Triton runs with no secret in its environment, in a directory holding
 nothing but models, and each model's stub runs inside the Landlock fence of stub_fence.py.
@@ -30,7 +30,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from services.common import errors
-from services.common.channels import TRITON_TOKEN_HEADER, open_channel, triton_metadata
+from services.common.channels import TRITON_TOKEN_KEY, open_channel, triton_metadata
 from services.common.remote_errors import domain_error
 from services.inference import stub_fence
 
@@ -313,7 +313,7 @@ class TritonSupervisor:
             if self.tls.client_ca_file is not None:
                 command += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.tls.client_ca_file}"]
         if self.token:
-            restriction = f"{RESTRICTED_PROTOCOLS}:{TRITON_TOKEN_HEADER}={self.token}"
+            restriction = f"{RESTRICTED_PROTOCOLS}:{TRITON_TOKEN_KEY}={self.token}"
             command += [f"--grpc-restricted-protocol={restriction}", f"--http-restricted-api={restriction}"]
         return command
 
