@@ -127,6 +127,35 @@ def test_gpu_tls_monitoring_and_autoscaling_toggles(helm: str, yaml: Any, charts
     assert {group["name"] for group in rule["spec"]["groups"]} >= {"maas-requests", "maas-inference"}
 
 
+def test_triton_pods_hold_no_secret_and_only_the_gateway_and_inference_reach_them(
+    helm: str, yaml: Any, charts: Path
+) -> None:
+    """A tenant's model runs inside Triton: nothing secret may be mounted or passed into its pod,
+    and only the gateway (inference calls) and the inference service (model control) may dial it."""
+    objects = render(
+        helm, yaml, charts / "maas", "inference.triton.gpu.enabled=true",
+        "gateway.tls.enabled=true", "gateway.tls.secretName=maas-gateway-tls",
+    )
+    pod = by_kind(objects, "Deployment")["t-triton"]["spec"]["template"]["spec"]
+    for volume in pod.get("volumes", []):
+        assert not {"secret", "projected"} & set(volume), f"Triton mounts {volume}"
+    assert pod.get("automountServiceAccountToken") is False
+    for container in pod["containers"]:
+        assert not [e for e in container.get("env", []) if "valueFrom" in e], container["env"]
+        assert not [e for e in container.get("envFrom", []) if "secretRef" in e]
+    policy = by_kind(objects, "NetworkPolicy")["t-triton"]["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
+    grpc_rule = next(rule for rule in policy["ingress"] if rule.get("from"))
+    allowed = grpc_rule["from"][0]["podSelector"]["matchExpressions"][0]["values"]
+    assert sorted(allowed) == ["maas-gateway", "maas-inference"]
+    assert [port["port"] for port in grpc_rule["ports"]] == [8001]
+    # Whatever reaches Triton without a selector may only read its metrics.
+    open_rules = [rule for rule in policy["ingress"] if not rule.get("from")]
+    assert [port["port"] for rule in open_rules for port in rule["ports"]] == [8002]
+    for service in ("t-gateway", "t-inference"):
+        assert configs_of(objects, service)["MAAS_TRITON_TLS"] == "false"
+
+
 def configs_of(objects: list[dict], name: str) -> dict[str, str]:
     return by_kind(objects, "ConfigMap")[name]["data"]
 

@@ -11,6 +11,9 @@ metadata:
 data:
   MAAS_HOME: /var/lib/maas
   MAAS_LOG_LEVEL: {{ .Values.logLevel | default "info" | quote }}
+  # The chart's Triton serves plaintext inside its NetworkPolicy (its pods mount no secrets, so no
+  # TLS key and no token): the services dial it without TLS even when their own ports use it.
+  MAAS_TRITON_TLS: "false"
   {{ $c.addrEnv }}: "0.0.0.0:{{ $c.grpcPort }}"
   {{ $c.metricsAddrEnv }}: "0.0.0.0:{{ $c.metricsPort }}"
   {{- if ne $c.name "registry" }}
