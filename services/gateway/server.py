@@ -7,7 +7,7 @@ from grpc_health.v1 import health_pb2
 from maas.gateway.v1 import admin_pb2_grpc
 from tritonclient.grpc import service_pb2_grpc
 
-from services.common.channels import internal_credentials
+from services.common.channels import internal_credentials, triton_credentials
 from services.common.database import make_engine, upgrade
 from services.common.server import App, RunningServer, ServerSpec, Servicer, server_tls
 from services.gateway import embed, generate, oip, predict
@@ -78,7 +78,11 @@ async def create_app(settings: GatewaySettings) -> App:
         recorders={path: settlement.record for path in JOB_CREATING},
     )
     routes = RouteTable(
-        backends["inference"].channel, settings.internal_token, settings.predict_timeout_seconds
+        backends["inference"].channel,
+        settings.internal_token,
+        settings.predict_timeout_seconds,
+        triton_token=settings.triton_token,
+        triton_credentials=triton_credentials(settings),
     )
     generation = generate.Generation(routes, admission, meter)
     spec = ServerSpec(
