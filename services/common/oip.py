@@ -21,6 +21,24 @@ def headers_of_predict(request: inference_pb2.PredictRequest) -> list[TensorHead
     return headers
 
 
+# The InferTensorContents field each datatype travels in when sent typed (the v2 protocol's rule);
+# FP16 and BF16 have none: they travel as raw bytes only.
+TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
 def headers_of_infer(request: service_pb2.ModelInferRequest) -> list[TensorHeader]:
     """Headers of an Open Inference Protocol request; raw contents pair with inputs by position."""
     raw = request.raw_input_contents
@@ -28,10 +46,14 @@ def headers_of_infer(request: service_pb2.ModelInferRequest) -> list[TensorHeade
         raise InvalidArgument(
             f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents: send one per input, in order"
         )
-    return [
-        TensorHeader(t.name, t.datatype, tuple(t.shape), raw[i] if raw else None)
-        for i, t in enumerate(request.inputs)
-    ]
+    if raw:
+        return [TensorHeader(t.name, t.datatype, tuple(t.shape), raw[i]) for i, t in enumerate(request.inputs)]
+    return [TensorHeader(t.name, t.datatype, tuple(t.shape), None, _typed_count(t)) for t in request.inputs]
+
+
+def _typed_count(tensor: service_pb2.ModelInferRequest.InferInputTensor) -> int | None:
+    field = TYPED_FIELD.get(tensor.datatype)
+    return None if field is None else len(getattr(tensor.contents, field))
 
 
 def infer_request_of_predict(

@@ -113,6 +113,8 @@ class TensorHeader:
     datatype: str  # Open Inference Protocol name, e.g. "FP32"
     shape: tuple[int, ...]
     payload: bytes | None  # None when the caller sent typed contents instead of raw bytes
+    # With typed contents: how many elements the field of this datatype holds (None: no such field).
+    typed_count: int | None = None
 
 
 class CompiledSignature:
@@ -158,6 +160,8 @@ class CompiledSignature:
                 raise InvalidArgument(f"input {header.name!r} has batch size {shape[0]}, other inputs {batch}")
             if header.payload is not None:
                 check_payload(header.name, dtype, shape, header.payload)
+            else:
+                check_typed_count(header.name, dtype, shape, header.typed_count)
         if missing := sorted(set(self.inputs) - seen):
             raise InvalidArgument(f"missing input(s) {missing}; the model takes {sorted(self.inputs)}")
         if batch is not None and self.max_batch_size and batch > self.max_batch_size:
@@ -168,6 +172,21 @@ class CompiledSignature:
         for name in output_names:
             if name not in self.outputs:
                 raise InvalidArgument(f"unknown output {name[:80]!r}; the model returns {sorted(self.outputs)}")
+
+
+def check_typed_count(name: str, dtype: DType, shape: tuple[int, ...], typed_count: int | None) -> None:
+    """Typed contents must hold exactly one element per entry of the shape, as raw bytes must:
+    Triton trusts the shape, so a shape of [1, 2**62] over three floats overflowed it."""
+    if typed_count is None:
+        raise InvalidArgument(
+            f"input {name!r}: {dtype.triton} cannot travel as typed contents; send it in raw_input_contents"
+        )
+    count = math.prod(shape)
+    if typed_count != count:
+        raise InvalidArgument(
+            f"input {name!r} carries {typed_count} elements in its typed contents; shape {list(shape)[:10]} "
+            f"needs {count}"
+        )
 
 
 def check_payload(name: str, dtype: DType, shape: tuple[int, ...], payload: bytes) -> None:

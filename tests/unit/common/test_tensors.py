@@ -56,8 +56,28 @@ def test_unknown_output_is_rejected() -> None:
         CompiledSignature(SIG, 8).validate([header(), mask()], ["nope"])
 
 
-def test_typed_contents_skip_the_byte_check() -> None:
-    CompiledSignature(SIG, 8).validate([header(payload=None), mask()])
+def typed(name: str, datatype: str, shape: tuple[int, ...], count: int | None) -> TensorHeader:
+    return TensorHeader(name, datatype, shape, None, count)
+
+
+def test_typed_contents_are_counted_like_raw_bytes() -> None:
+    CompiledSignature(SIG, 8).validate([typed("x", "FP32", (2, 4), 8), mask()])
+    with pytest.raises(InvalidArgument, match="carries 3 elements .* needs 8"):
+        CompiledSignature(SIG, 8).validate([typed("x", "FP32", (2, 4), 3), mask()])
+
+
+def test_a_huge_shape_over_a_few_typed_elements_is_refused() -> None:
+    """Issue 11: typed contents with shape [1, 2**62] on a [-1] input skipped the byte check,
+    overflowed Triton's and crashed the model's stub."""
+    mask_typed = typed("mask", "INT64", (1, 2**62), 3)
+    with pytest.raises(InvalidArgument, match="carries 3 elements"):
+        CompiledSignature(SIG, 8).validate([typed("x", "FP32", (1, 4), 4), mask_typed])
+
+
+def test_a_datatype_without_a_typed_field_must_travel_raw() -> None:
+    sig = signature({"h": ("FP16", [2])}, {"y": ("FP32", [1])})
+    with pytest.raises(InvalidArgument, match="FP16 cannot travel as typed contents"):
+        CompiledSignature(sig, 8).validate([typed("h", "FP16", (1, 2), None)])
 
 
 def test_bytes_payloads_are_walked() -> None:

@@ -281,3 +281,20 @@ async def test_streaming_infer_to_a_tensor_model_says_to_use_predict(stack):
     (response,) = [message async for message in call]
     assert "use Predict" in response.error_message and response.infer_response.id == "r1"
     assert stack.triton.requests == []
+
+
+async def test_typed_contents_must_hold_one_element_per_entry_of_the_shape(stack):
+    """Typed contents skipped the byte check: a short fp32_contents under a large shape reached
+    Triton, which trusted the shape (issue 11). Now they are counted before anything is sent."""
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(stack.channel)
+    request = service_pb2.ModelInferRequest(model_name="mlp")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[2, 4])
+    tensor.contents.fp32_contents.extend([1.0, 2.0, 3.0])
+    details = await expect_error(
+        stub.ModelInfer(request, metadata=stack.auth("reader")), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert "carries 3 elements" in details and "needs 8" in details
+    tensor.contents.ClearField("fp32_contents")
+    tensor.contents.int_contents.extend(range(8))  # the wrong field for FP32
+    await expect_error(stub.ModelInfer(request, metadata=stack.auth("reader")), grpc.StatusCode.INVALID_ARGUMENT)
+    assert stack.triton.requests == []
