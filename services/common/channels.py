@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 
 from services.common.errors import Unauthenticated
@@ -9,9 +11,46 @@ from services.common.interceptors import INTERNAL_TOKEN_KEY, REQUEST_ID_KEY, TEN
 from services.common.logs import request_id_var
 from services.common.settings import CommonSettings
 
+
+@dataclass(frozen=True)
+class Keepalive:
+    """One keepalive policy for both ends of every internal channel. Clients ping an idle
+    connection every `ping_seconds`; servers accept pings that often, so they never answer with
+    GOAWAY too_many_pings (which failed an in-flight call when the server kept gRPC's default of
+    one ping per 5 minutes and two strikes)."""
+
+    ping_seconds: float = 30.0
+    timeout_seconds: float = 10.0
+
+    def client_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.keepalive_time_ms", int(self.ping_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.timeout_seconds * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+    def server_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Half the client's interval: timer jitter never makes an on-time ping a strike.
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.ping_seconds * 500)),
+            ("grpc.http2.max_ping_strikes", 0),
+        ]
+
+    def triton_flags(self) -> list[str]:
+        """The same server policy for tritonserver, whose gRPC port our channels ping too."""
+        options = dict(self.server_options())
+        return [
+            "--grpc-keepalive-permit-without-calls=true",
+            f"--grpc-http2-min-recv-ping-interval-without-data={options['grpc.http2.min_ping_interval_without_data_ms']}",
+            "--grpc-http2-max-ping-strikes=0",
+        ]
+
+
+KEEPALIVE = Keepalive()
 CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    *KEEPALIVE.client_options(),
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
 ]

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from services.common.channels import KEEPALIVE
 from services.common.interceptors import Authenticator, ServiceInterceptor
 from services.common.settings import CommonSettings
 
@@ -97,6 +98,7 @@ async def start_server(spec: ServerSpec) -> RunningServer:
         ("grpc.max_receive_message_length", spec.max_message_bytes),
         ("grpc.max_send_message_length", spec.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        *KEEPALIVE.server_options(),
     ]
     server = grpc.aio.server(interceptors=[ServiceInterceptor(spec.service, spec.authenticate)], options=options)
     for mounted in spec.servicers:

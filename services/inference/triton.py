@@ -30,7 +30,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from services.common import errors
-from services.common.channels import TRITON_TOKEN_KEY, open_channel, triton_metadata
+from services.common.channels import KEEPALIVE, TRITON_TOKEN_KEY, open_channel, triton_metadata
 from services.common.remote_errors import domain_error
 from services.inference import stub_fence
 
@@ -303,6 +303,7 @@ class TritonSupervisor:
             f"--metrics-port={metrics_port}",
             "--strict-readiness=true",
             "--exit-timeout-secs=5",
+            *KEEPALIVE.triton_flags(),
         ]
         if self.tls is not None:
             command += [

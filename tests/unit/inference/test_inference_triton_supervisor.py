@@ -68,6 +68,10 @@ def test_command_binds_loopback_in_explicit_mode(tmp_path: Path):
         "--metrics-address=127.0.0.1",
         "--metrics-port=18003",
         "--strict-readiness=true",
+        # Our channels ping every 30 s; Triton must not answer that with GOAWAY too_many_pings.
+        "--grpc-keepalive-permit-without-calls=true",
+        "--grpc-http2-min-recv-ping-interval-without-data=15000",
+        "--grpc-http2-max-ping-strikes=0",
     ):
         assert flag in command
 
