@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_private(home: Path) -> None:
+    """From here on this process creates files 0600 and folders 0700, starting with `home`:
+    it holds keys, databases, blobs and the Redis file of cached outputs."""
+    os.umask(0o077)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    home.chmod(0o700)
 
 
 def default_home() -> Path:

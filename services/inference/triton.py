@@ -263,11 +263,12 @@ class TritonSupervisor:
         ):
             target = python_dir / name
             if not target.exists() or target.stat().st_size != source.stat().st_size:
-                shutil.copy2(source, target)
+                shutil.copyfile(source, target)
+                target.chmod(0o700)
         # The backend starts the stub by this name: the launcher that fences it and then execs it.
         launcher = python_dir / stub_fence.LAUNCHER_NAME
         launcher.write_text(f"#!{sys.executable}\nfrom services.inference.stub_fence import main\n\nmain()\n")
-        launcher.chmod(0o755)
+        launcher.chmod(0o700)
         self.model_repository.mkdir(parents=True, exist_ok=True)
         self._kill_leftover()
 

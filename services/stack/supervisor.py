@@ -60,7 +60,8 @@ def redis_ready(address: str, timeout: float = 1.0) -> bool:
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            # The stack's Redis wants its password first: NOAUTH also says it is up and answering.
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -106,7 +107,7 @@ class Supervisor:
             redis_dir.mkdir(parents=True, exist_ok=True)
             children.append(Child(
                 "redis",
-                [find_redis_server(), "--bind", redis.hostname or "127.0.0.1", "--port", str(redis.port or 6379),
+                [find_redis_server(), str(self._redis_config(redis_dir)), "--bind", redis.hostname or "127.0.0.1", "--port", str(redis.port or 6379),
                  "--dir", str(redis_dir), "--save", "", "--appendonly", "yes", "--protected-mode", "yes"],
                 f"{redis.hostname}:{redis.port}", "redis",
             ))
@@ -115,11 +116,28 @@ class Supervisor:
             children.append(Child(name, [python, "-m", f"services.{name}"], address, "grpc"))
         return children
 
+    def _redis_config(self, redis_dir: Path) -> Path:
+        """A 0600 config file with the generated password: on the command line `ps` would show it."""
+        config = redis_dir / "redis.conf"
+        ensure_secret(config, lambda: f"requirepass {self.redis_password()}\n")
+        return config
+
+    def redis_password(self) -> str:
+        return ensure_secret(self.settings.home / "redis.password", lambda: secrets.token_urlsafe(32))
+
+    def redis_url(self) -> str:
+        """The URL the services dial: with the managed Redis's password unless it names one."""
+        url = urlparse(self.settings.redis_url)
+        if not self.settings.redis_managed or url.password:
+            return self.settings.redis_url
+        return url._replace(netloc=f":{self.redis_password()}@{url.netloc}").geturl()
+
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env["MAAS_HOME"] = str(self.settings.home)
         env["MAAS_INTERNAL_TOKEN"] = ensure_secret(self.settings.internal_token_file, lambda: secrets.token_urlsafe(32))
         env["MAAS_TRITON_TOKEN"] = ensure_secret(self.settings.home / "triton.token", lambda: secrets.token_urlsafe(32))
+        env["MAAS_REDIS_URL"] = self.redis_url()
         env["PYTHONUNBUFFERED"] = "1"
         return env
 

@@ -48,6 +48,10 @@ def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the b
     if not detach:
         os.execv(sys.executable, command)
     home = maas_home()
+    # Keys, databases and cached outputs live here: private to this user from the first file.
+    os.umask(0o077)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    home.chmod(0o700)
     (home / "logs").mkdir(parents=True, exist_ok=True)
     log_path = home / "logs" / "supervisor.log"
     with log_path.open("ab") as log_file:
