@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2
 from services.common.errors import PermissionDenied, Unauthenticated
 from services.gateway.admission import Admission
 from services.gateway.audit import AuditLog, is_mutating
-from services.gateway.keys import Role, parse_key, secret_matches
+from services.gateway.keys import ADMIN_TENANT, Role, parse_key, secret_matches
 from services.gateway.store import GatewayStore, KeyRecord, RateLimit
 
 MISSING_KEY = "missing API key: send metadata authorization: Bearer <key>"
@@ -39,6 +39,10 @@ class Caller:
     role: Role
     key_id: str
     rate_limit: RateLimit | None = None  # the key's own limit; None: the gateway's default
+
+    @property
+    def is_platform_admin(self) -> bool:
+        return self.role is Role.ADMIN and self.tenant == ADMIN_TENANT
 
 
 caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)

@@ -26,6 +26,11 @@ class Role(enum.IntEnum):
     ADMIN = 3
 
 
+# The platform's own tenant (`maas up` bootstraps the first key here): its admins administer every
+# tenant; an admin of any other tenant administers only its own.
+ADMIN_TENANT = "admin"
+
+
 @dataclass(frozen=True)
 class NewKey:
     id: str

@@ -18,7 +18,8 @@ from services.common.errors import InvalidArgument, NotFound, PermissionDenied
 from services.common.validation import Page, check_name
 from services.gateway.admission import QuotaCache
 from services.gateway.audit import AuditLog
-from services.gateway.keys import Role, generate_key
+from services.gateway.auth import Caller
+from services.gateway.keys import ADMIN_TENANT, Role, generate_key
 from services.gateway.store import (
     QUOTA_FIELDS,
     AuditFilter,
@@ -36,7 +37,6 @@ from services.gateway.usage import Meter
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ADMIN_TENANT = "admin"
 MAX_DISPLAY_NAME = 256
 MAX_DESCRIPTION = 1024
 DEFAULT_USAGE_DAYS = 7
@@ -54,6 +54,13 @@ class CreatedKey:
 
 
 class Admin:
+    """Platform and tenant administration.
+
+    Each method that serves an RPC takes the RPC's `caller`: a platform admin (an admin key of the
+    `admin` tenant) reaches every tenant, any other caller only its own. `caller` None is a trusted
+    in-process call (bootstrap, maintenance), never an RPC's.
+    """
+
     def __init__(
         self,
         store: GatewayStore,
@@ -70,7 +77,10 @@ class Admin:
         self.meter = meter
         self.audit = audit
 
-    async def create_tenant(self, name: str, display_name: str) -> TenantRecord:
+    async def create_tenant(
+        self, name: str, display_name: str, *, caller: Caller | None = None
+    ) -> TenantRecord:
+        _check_platform_admin(caller, "creating a tenant")
         check_name("tenant", name)
         if len(display_name) > MAX_DISPLAY_NAME:
             raise InvalidArgument(f"display_name is longer than {MAX_DISPLAY_NAME} characters")
@@ -79,19 +89,31 @@ class Admin:
         log.info("tenant created", extra={"tenant": name})
         return tenant
 
-    async def get_tenant(self, name: str) -> TenantRecord:
+    async def get_tenant(self, name: str, *, caller: Caller | None = None) -> TenantRecord:
         check_name("tenant", name)
+        _check_reach(caller, name, "reading tenant")
         tenant = await asyncio.to_thread(self.store.get_tenant, name)
         if tenant is None:
             raise NotFound(f"tenant {name!r} not found")
         return tenant
 
-    async def list_tenants(self, page_size: int, page_token: str) -> tuple[list[TenantRecord], str]:
+    async def list_tenants(
+        self, page_size: int, page_token: str, *, caller: Caller | None = None
+    ) -> tuple[list[TenantRecord], str]:
+        """Every tenant for a platform admin; only its own for anyone else."""
         page = Page.parse(page_size, page_token)
+        if caller is not None and not caller.is_platform_admin:
+            own = await self.get_tenant(caller.tenant)
+            return ([own] if own.name > page.after else []), ""
         found = await asyncio.to_thread(self.store.list_tenants, page.after, page.size)
         return found, _next_token(found, page, lambda t: t.name)
 
-    async def create_key(self, tenant: str, role: Role | None, description: str) -> CreatedKey:
+    async def create_key(
+        self, tenant: str, role: Role | None, description: str, *, caller: Caller | None = None
+    ) -> CreatedKey:
+        """Any role, admin included, in the caller's own tenant; a platform admin in any tenant."""
+        check_name("tenant", tenant)
+        _check_reach(caller, tenant, "creating API keys in tenant")
         if role is None:
             raise InvalidArgument("role is required: ROLE_READER, ROLE_DEVELOPER or ROLE_ADMIN")
         if len(description) > MAX_DESCRIPTION:
@@ -112,18 +134,24 @@ class Admin:
         log.info("api key created", extra={"key_id": key.id, "tenant": tenant, "role": role.name.lower()})
         return CreatedKey(key, new.plaintext)
 
-    async def list_keys(self, tenant: str, page_size: int, page_token: str) -> tuple[list[KeyRecord], str]:
-        """Keys of one tenant, or of every tenant when `tenant` is empty."""
+    async def list_keys(
+        self, tenant: str, page_size: int, page_token: str, *, caller: Caller | None = None
+    ) -> tuple[list[KeyRecord], str]:
+        """Keys of one tenant; `tenant` empty: of every tenant for a platform admin, else the caller's."""
         page = Page.parse(page_size, page_token)
+        if caller is not None and not caller.is_platform_admin:
+            tenant = tenant or caller.tenant
+            _check_reach(caller, tenant, "listing the API keys of tenant")
         if tenant:
             await self.get_tenant(tenant)
         found = await asyncio.to_thread(self.store.list_keys, tenant or None, page.after, page.size)
         return found, _next_token(found, page, lambda k: k.id)
 
-    async def revoke_key(self, key_id: str) -> KeyRecord:
+    async def revoke_key(self, key_id: str, *, caller: Caller | None = None) -> KeyRecord:
         """Idempotent: revoking a revoked key returns it unchanged."""
         if not key_id:
             raise InvalidArgument("id is required: the key's public id, as ListApiKeys shows it")
+        await self._check_key_in_reach(caller, key_id)
         key = await asyncio.to_thread(self.store.revoke_key, key_id, utc_now())
         if key is None:
             raise NotFound(f"API key {key_id[:80]!r} not found")
@@ -137,9 +165,20 @@ class Admin:
             raise NotFound(f"API key {key_id[:80]!r} not found")
         return key
 
-    async def set_key_rate_limit(self, key_id: str, rate_limit: RateLimit | None) -> KeyRecord:
+    async def _check_key_in_reach(self, caller: Caller | None, key_id: str) -> None:
+        """Another tenant's key is NOT_FOUND to a tenant admin, exactly like a missing one."""
+        if caller is None or caller.is_platform_admin:
+            return
+        key = await asyncio.to_thread(self.store.get_key, key_id)
+        if key is None or key.tenant != caller.tenant:
+            raise NotFound(f"API key {key_id[:80]!r} not found in tenant {caller.tenant!r}")
+
+    async def set_key_rate_limit(
+        self, key_id: str, rate_limit: RateLimit | None, *, caller: Caller | None = None
+    ) -> KeyRecord:
         if not key_id:
             raise InvalidArgument("id is required: the key's public id, as ListApiKeys shows it")
+        await self._check_key_in_reach(caller, key_id)
         if rate_limit is not None:
             check_rate_limit(rate_limit)
         key = await asyncio.to_thread(self.store.set_key_rate_limit, key_id, rate_limit)
@@ -149,7 +188,9 @@ class Admin:
         log.info("api key rate limit set", extra={"key_id": key.id, "rate_limit": str(rate_limit)})
         return key
 
-    async def set_quota(self, quota: QuotaRecord) -> QuotaRecord:
+    async def set_quota(self, quota: QuotaRecord, *, caller: Caller | None = None) -> QuotaRecord:
+        """Platform admins only: a tenant must not lift its own quota."""
+        _check_platform_admin(caller, "setting a quota")
         await self.get_tenant(quota.tenant)
         check_rate_limit(quota.rate_limit)
         for name in QUOTA_FIELDS:
@@ -162,18 +203,19 @@ class Admin:
         log.info("quota set", extra={"tenant": quota.tenant, "quota": str(quota)})
         return quota
 
-    async def get_quota(self, tenant: str) -> QuotaRecord:
+    async def get_quota(self, tenant: str, *, caller: Caller | None = None) -> QuotaRecord:
+        check_name("tenant", tenant)
+        _check_reach(caller, tenant, "reading the quota of tenant")
         await self.get_tenant(tenant)
         return await asyncio.to_thread(self.store.get_quota, tenant) or QuotaRecord(tenant)
 
     async def get_usage(
-        self, caller_tenant: str, caller_role: Role, tenant: str, key_id: str, start_day: str, end_day: str
+        self, tenant: str, key_id: str, start_day: str, end_day: str, *, caller: Caller
     ) -> list[UsageRecord]:
-        """A tenant's usage by day; any role may read its own tenant's, admins any tenant's."""
-        tenant = tenant or caller_tenant
+        """A tenant's usage by day; any role may read its own tenant's, a platform admin any tenant's."""
+        tenant = tenant or caller.tenant
         check_name("tenant", tenant)
-        if tenant != caller_tenant and caller_role < Role.ADMIN:
-            raise PermissionDenied(f"reading the usage of tenant {tenant!r} needs the admin role")
+        _check_reach(caller, tenant, "reading the usage of tenant")
         last = _day("end_day", end_day) if end_day else utc_now().date()
         first = _day("start_day", start_day) if start_day else last - timedelta(days=DEFAULT_USAGE_DAYS - 1)
         if first > last:
@@ -187,9 +229,13 @@ class Admin:
         )
 
     async def list_audit_events(
-        self, where: AuditFilter, page_size: int, page_token: str
+        self, where: AuditFilter, page_size: int, page_token: str, *, caller: Caller | None = None
     ) -> tuple[list[AuditRecord], str]:
+        """Every tenant's events for a platform admin; only its own tenant's for anyone else."""
         page = Page.parse(page_size, page_token)
+        if caller is not None and not caller.is_platform_admin:
+            _check_reach(caller, where.tenant or caller.tenant, "reading the audit events of tenant")
+            where = dataclasses.replace(where, tenant=caller.tenant)
         if where.start_time and where.end_time and where.start_time >= where.end_time:
             raise InvalidArgument("start_time must be before end_time")
         if self.audit is not None:
@@ -218,6 +264,24 @@ class Admin:
         await asyncio.to_thread(write_secret_file, key_file, created.plaintext + "\n")
         log.info("admin key written", extra={"key_id": created.key.id, "key_file": str(key_file)})
         return created.key
+
+
+def _check_platform_admin(caller: Caller | None, action: str) -> None:
+    if caller is not None and not caller.is_platform_admin:
+        raise PermissionDenied(_needs_platform_admin(caller, action))
+
+
+def _check_reach(caller: Caller | None, tenant: str, action: str) -> None:
+    """A platform admin reaches every tenant; any other caller only its own."""
+    if caller is not None and not caller.is_platform_admin and tenant != caller.tenant:
+        raise PermissionDenied(_needs_platform_admin(caller, f"{action} {tenant[:80]!r}"))
+
+
+def _needs_platform_admin(caller: Caller, action: str) -> str:
+    return (
+        f"{action} needs a platform admin key (an admin key of tenant {ADMIN_TENANT!r}); "
+        f"API key {caller.key_id} is a {caller.role.name.lower()} key of tenant {caller.tenant!r}"
+    )
 
 
 def write_secret_file(path: Path, text: str) -> None:

@@ -70,15 +70,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @audited
     async def CreateTenant(self, request, context):
-        tenant = await self.admin.create_tenant(request.name, request.display_name)
+        tenant = await self.admin.create_tenant(request.name, request.display_name, caller=current_caller())
         return admin_pb2.CreateTenantResponse(tenant=tenant_to_proto(tenant))
 
     async def GetTenant(self, request, context):
-        tenant = await self.admin.get_tenant(request.name)
+        tenant = await self.admin.get_tenant(request.name, caller=current_caller())
         return admin_pb2.GetTenantResponse(tenant=tenant_to_proto(tenant))
 
     async def ListTenants(self, request, context):
-        tenants, next_token = await self.admin.list_tenants(request.page_size, request.page_token)
+        tenants, next_token = await self.admin.list_tenants(
+            request.page_size, request.page_token, caller=current_caller()
+        )
         return admin_pb2.ListTenantsResponse(
             tenants=[tenant_to_proto(t) for t in tenants], next_page_token=next_token
         )
@@ -86,19 +88,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     @audited
     async def CreateApiKey(self, request, context):
         created = await self.admin.create_key(
-            request.tenant, ROLE_OF_PROTO.get(request.role), request.description
+            request.tenant, ROLE_OF_PROTO.get(request.role), request.description, caller=current_caller()
         )
         return admin_pb2.CreateApiKeyResponse(api_key=key_to_proto(created.key), plaintext=created.plaintext)
 
     async def ListApiKeys(self, request, context):
-        keys, next_token = await self.admin.list_keys(request.tenant, request.page_size, request.page_token)
+        keys, next_token = await self.admin.list_keys(
+            request.tenant, request.page_size, request.page_token, caller=current_caller()
+        )
         return admin_pb2.ListApiKeysResponse(
             api_keys=[key_to_proto(k) for k in keys], next_page_token=next_token
         )
 
     @audited
     async def RevokeApiKey(self, request, context):
-        key = await self.admin.revoke_key(request.id)
+        key = await self.admin.revoke_key(request.id, caller=current_caller())
         return admin_pb2.RevokeApiKeyResponse(api_key=key_to_proto(key))
 
     async def WhoAmI(self, request, context):
@@ -108,7 +112,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     @audited
     async def SetApiKeyRateLimit(self, request, context):
         rate_limit = rate_limit_of(request.rate_limit) if request.HasField("rate_limit") else None
-        key = await self.admin.set_key_rate_limit(request.id, rate_limit)
+        key = await self.admin.set_key_rate_limit(request.id, rate_limit, caller=current_caller())
         return admin_pb2.SetApiKeyRateLimitResponse(api_key=key_to_proto(key))
 
     @audited
@@ -117,16 +121,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         quota = QuotaRecord(
             request.quota.tenant, **budgets, rate_limit=rate_limit_of(request.quota.rate_limit)
         )
-        return admin_pb2.SetQuotaResponse(quota=quota_to_proto(await self.admin.set_quota(quota)))
+        saved = await self.admin.set_quota(quota, caller=current_caller())
+        return admin_pb2.SetQuotaResponse(quota=quota_to_proto(saved))
 
     async def GetQuota(self, request, context):
-        quota = await self.admin.get_quota(request.tenant)
+        quota = await self.admin.get_quota(request.tenant, caller=current_caller())
         return admin_pb2.GetQuotaResponse(quota=quota_to_proto(quota))
 
     async def GetUsage(self, request, context):
-        caller = current_caller()
         rows = await self.admin.get_usage(
-            caller.tenant, caller.role, request.tenant, request.api_key_id, request.start_day, request.end_day
+            request.tenant, request.api_key_id, request.start_day, request.end_day, caller=current_caller()
         )
         return admin_pb2.GetUsageResponse(rows=[usage_to_proto(row) for row in rows])
 
@@ -140,7 +144,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             else None,
             end_time=_datetime("end_time", request.end_time) if request.HasField("end_time") else None,
         )
-        events, next_token = await self.admin.list_audit_events(where, request.page_size, request.page_token)
+        events, next_token = await self.admin.list_audit_events(
+            where, request.page_size, request.page_token, caller=current_caller()
+        )
         return admin_pb2.ListAuditEventsResponse(
             audit_events=[audit_to_proto(e) for e in events], next_page_token=next_token
         )
