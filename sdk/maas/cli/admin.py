@@ -13,7 +13,12 @@ from maas.errors import ApiError
 from maas.gateway.v1 import admin_pb2
 
 admin_app = typer.Typer(
-    help="Tenants, API keys, quotas and the audit log (admin key needed).", no_args_is_help=True
+    help=(
+        "Tenants, API keys, quotas and the audit log. A tenant's admin key manages that tenant's keys "
+        "and reads its quota, usage and audit; tenants, quotas and other tenants need a platform admin "
+        "key (an admin key of tenant 'admin', as `maas up` writes to .maas/admin.key)."
+    ),
+    no_args_is_help=True,
 )
 
 
@@ -39,6 +44,7 @@ admin_app.add_typer(quota_app, name="quota")
 def tenant_create(
     name: str, display_name: str = "", api_key: ApiKeyOption = None, address: AddressOption = None
 ) -> None:
+    """Create a tenant (platform admin key)."""
     try:
         tenant = client(api_key, address).create_tenant(name, display_name)
     except ApiError as error:
@@ -48,6 +54,7 @@ def tenant_create(
 
 @tenant_app.command("list")
 def tenant_list(api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    """Every tenant with a platform admin key; a tenant admin sees its own."""
     try:
         tenants = client(api_key, address).list_tenants()
     except ApiError as error:
@@ -78,16 +85,23 @@ def key_create(
 
 
 @key_app.command("list")
-def key_list(tenant: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+def key_list(
+    tenant: Annotated[
+        str, typer.Argument(help="Default: your own tenant; every tenant with a platform admin key")
+    ] = "",
+    api_key: ApiKeyOption = None,
+    address: AddressOption = None,
+) -> None:
     try:
         keys = client(api_key, address).list_api_keys(tenant)
     except ApiError as error:
         raise fail(error) from None
     roles = {v: k for k, v in ROLES.items()}
-    table = Table("id", "role", "revoked", "description", "created")
+    table = Table("id", "tenant", "role", "revoked", "description", "created")
     for key in keys:
         table.add_row(
             key.id,
+            key.tenant,
             roles.get(key.role, "?"),
             "yes" if key.revoked else "",
             key.description,
@@ -159,7 +173,7 @@ def quota_set(
     api_key: ApiKeyOption = None,
     address: AddressOption = None,
 ) -> None:
-    """Replace a tenant's quota: every budget not given becomes unlimited."""
+    """Replace a tenant's quota (platform admin key): every budget not given becomes unlimited."""
     quota = admin_pb2.Quota(
         tenant=tenant,
         requests_per_day=requests_per_day,
@@ -214,7 +228,7 @@ def audit(
     api_key: ApiKeyOption = None,
     address: AddressOption = None,
 ) -> None:
-    """The newest audit events (mutating calls through the gateway)."""
+    """The newest audit events (mutating calls through the gateway); a tenant admin sees its own tenant's."""
     try:
         events = client(api_key, address).list_audit_events(tenant, key, method, limit)
     except ApiError as error:

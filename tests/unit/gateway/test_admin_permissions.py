@@ -4,14 +4,17 @@ admin only its own, developers and readers what they could always do."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
 from google.protobuf.message import Message
+from maas.cli.admin import admin_app
 from maas.gateway.v1 import admin_pb2
 from maas.registry.v1 import registry_pb2
+from typer.testing import CliRunner, Result
 
 from tests.unit.gateway.gateway_fakes import Stack, gateway_stack
 
@@ -288,3 +291,23 @@ async def test_denials_say_what_key_is_needed(stack):
     assert foreign.value.code() == missing.value.code() == grpc.StatusCode.NOT_FOUND
     who = await stack.admin.WhoAmI(admin_pb2.WhoAmIRequest(), metadata=stack.auth("other"))
     assert not who.api_key.revoked
+
+
+async def test_cli_with_a_tenant_admin_key(stack):
+    env = {
+        "MAAS_API_KEY": stack.keys["admin"],
+        "MAAS_GATEWAY_ADDR": f"127.0.0.1:{stack.port}",
+        "COLUMNS": "200",
+    }
+    runner = CliRunner()
+
+    def cli(*args: str) -> Result:
+        return runner.invoke(admin_app, list(args), env=env)
+
+    listed, lifted = await asyncio.to_thread(
+        lambda: (cli("key", "list"), cli("quota", "set", "acme", "--requests-per-day", "0"))
+    )
+    assert listed.exit_code == 0, listed.output
+    assert stack.key_ids["reader"] in listed.output and stack.key_ids["other"] not in listed.output
+    assert lifted.exit_code == 1 and "PERMISSION_DENIED" in lifted.output
+    assert "platform admin key" in lifted.output
