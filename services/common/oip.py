@@ -47,12 +47,29 @@ def headers_of_infer(request: service_pb2.ModelInferRequest) -> list[TensorHeade
             f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents: send one per input, in order"
         )
     if raw:
+        for tensor in request.inputs:
+            if tensor.contents.ListFields():
+                raise InvalidArgument(
+                    f"input {tensor.name[:80]!r} has typed contents beside raw_input_contents: send every "
+                    "input one way, raw or typed"
+                )
         return [TensorHeader(t.name, t.datatype, tuple(t.shape), raw[i]) for i, t in enumerate(request.inputs)]
     return [TensorHeader(t.name, t.datatype, tuple(t.shape), None, _typed_count(t)) for t in request.inputs]
 
 
 def _typed_count(tensor: service_pb2.ModelInferRequest.InferInputTensor) -> int | None:
+    """Elements in the field of the tensor's datatype (None: it has none); elements in any other
+    field are refused, since Triton would read the datatype's field and trust the shape."""
+    if tensor.datatype not in BY_TRITON:
+        return None  # validation names the datatype the model expects
     field = TYPED_FIELD.get(tensor.datatype)
+    for other, _ in tensor.contents.ListFields():
+        if other.name != field:
+            where = f"in {field}" if field else "as raw_input_contents only"
+            raise InvalidArgument(
+                f"input {tensor.name[:80]!r} is {tensor.datatype[:16]}: its elements travel {where}, "
+                f"not in {other.name}"
+            )
     return None if field is None else len(getattr(tensor.contents, field))
 
 
