@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,6 +38,7 @@ class Child:
     argv: list[str]
     address: str  # what health checks dial: host:port
     kind: str  # "grpc" or "redis"
+    password: str = field(default="", repr=False)  # what a redis health check AUTHs with
     process: subprocess.Popen | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -55,19 +56,35 @@ def grpc_serving(address: str, timeout: float = 1.0, credentials: grpc.ChannelCr
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def redis_ready(address: str, timeout: float = 1.0) -> bool:
+def redis_ready(address: str, password: str = "", timeout: float = 1.0) -> bool:
+    """PONG from Redis, after AUTH with `password` when one is given (the stack's Redis wants it)."""
     host, _, port = address.rpartition(":")
+    command = redis_command("AUTH", password) + redis_command("PING") if password else redis_command("PING")
+    expected = b"+OK\r\n+PONG\r\n" if password else b"+PONG\r\n"
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            # The stack's Redis wants its password first: NOAUTH also says it is up and answering.
-            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
+            sock.sendall(command)
+            reply = b""
+            while len(reply) < len(expected) and (chunk := sock.recv(64)):
+                reply += chunk
+            return reply.startswith(expected)
     except OSError:
         return False
 
 
+def redis_command(*words: str) -> bytes:
+    """One command in Redis's protocol: arguments as bulk strings, so a password is never split."""
+    parts = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        data = word.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 def healthy(child: Child, credentials: grpc.ChannelCredentials | None = None) -> bool:
-    return redis_ready(child.address) if child.kind == "redis" else grpc_serving(child.address, credentials=credentials)
+    if child.kind == "redis":
+        return redis_ready(child.address, child.password)
+    return grpc_serving(child.address, credentials=credentials)
 
 
 def find_redis_server() -> str:
@@ -90,6 +107,14 @@ def ensure_secret(path: Path, make: Callable[[], str]) -> str:
     return path.read_text().strip()
 
 
+def managed_redis_password(settings: StackSettings) -> str:
+    """The managed Redis's password: the one MAAS_REDIS_URL names, else one generated into the home."""
+    named = urlparse(settings.redis_url).password
+    if named:
+        return unquote(named)
+    return ensure_secret(settings.home / "redis.password", lambda: secrets.token_urlsafe(32))
+
+
 class Supervisor:
     def __init__(self, settings: StackSettings) -> None:
         self.settings = settings
@@ -109,7 +134,7 @@ class Supervisor:
                 "redis",
                 [find_redis_server(), str(self._redis_config(redis_dir)), "--bind", redis.hostname or "127.0.0.1", "--port", str(redis.port or 6379),
                  "--dir", str(redis_dir), "--save", "", "--appendonly", "yes", "--protected-mode", "yes"],
-                f"{redis.hostname}:{redis.port}", "redis",
+                f"{redis.hostname}:{redis.port}", "redis", password=self.redis_password(),
             ))
         for name, address in (("registry", s.registry_addr), ("trainer", s.trainer_addr),
                               ("inference", s.inference_addr), ("gateway", s.gateway_addr)):
@@ -117,13 +142,18 @@ class Supervisor:
         return children
 
     def _redis_config(self, redis_dir: Path) -> Path:
-        """A 0600 config file with the generated password: on the command line `ps` would show it."""
+        """A 0600 config file with the password (on the command line `ps` would show it), written
+        at every start so that it always holds the password the services are given."""
         config = redis_dir / "redis.conf"
-        ensure_secret(config, lambda: f"requirepass {self.redis_password()}\n")
+        quoted = self.redis_password().replace("\\", "\\\\").replace('"', '\\"')
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(f'requirepass "{quoted}"\n')
         return config
 
     def redis_password(self) -> str:
-        return ensure_secret(self.settings.home / "redis.password", lambda: secrets.token_urlsafe(32))
+        return managed_redis_password(self.settings)
 
     def redis_url(self) -> str:
         """The URL the services dial: with the managed Redis's password unless it names one."""

@@ -113,10 +113,11 @@ def status() -> None:
     """Health of every process of the local stack."""
     from services.common.channels import internal_credentials
     from services.stack.config import StackSettings
-    from services.stack.supervisor import grpc_serving, redis_ready
+    from services.stack.supervisor import grpc_serving, managed_redis_password, redis_ready
 
     # The same credentials the supervisor uses, so that a TLS stack reads as healthy.
-    credentials = internal_credentials(StackSettings())
+    settings = StackSettings()
+    credentials = internal_credentials(settings)
     state = read_state()
     if not state:
         console.print("the stack is not running (`maas up --detach` starts it)")
@@ -125,7 +126,7 @@ def status() -> None:
     all_ok = True
     for name, child in state.get("children", {}).items():
         if name == "redis":
-            ok = pid_alive(child.get("pid")) and redis_ready(child["address"])
+            ok = pid_alive(child.get("pid")) and redis_ready(child["address"], managed_redis_password(settings))
         else:
             ok = pid_alive(child.get("pid")) and grpc_serving(child["address"], credentials=credentials)
         all_ok &= ok
