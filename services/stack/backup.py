@@ -32,7 +32,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import make_url
 
-from services.common.settings import CommonSettings
+from services.common.settings import CommonSettings, make_private
 from services.gateway.config import GatewaySettings
 from services.inference.config import InferenceSettings
 from services.registry.blobs import BlobStore, LocalBlobStore
@@ -122,6 +122,7 @@ def backup(destination: Path) -> Report:
     destination = destination.expanduser().resolve()
     if destination.exists() and any(destination.iterdir()):
         raise BackupError(f"{destination} is not empty: back up into a new directory")
+    make_private(destination)  # it holds the keys, the databases and the blobs of every tenant
     settings, registry = _settings()
     (destination / "databases").mkdir(parents=True, exist_ok=True)
     databases: dict[str, dict[str, str]] = {}
@@ -174,6 +175,7 @@ def restore(source: Path) -> Report:
         raise BackupError(f"backup format {manifest.get('format')!r} is not the supported {FORMAT}")
     settings, registry = _settings()
     _refuse_if_running(registry.home)
+    make_private(registry.home)
 
     plan = []
     for service, entry in manifest["databases"].items():
@@ -245,7 +247,8 @@ def _copy_tree(source: Path, target: Path) -> int:
         destination = target / path.relative_to(source)
         destination.parent.mkdir(parents=True, exist_ok=True)
         try:
-            shutil.copy2(path, destination)
+            # Not copy2: the backup's modes (0644 before homes were private) must not come back.
+            shutil.copyfile(path, destination)
         except FileNotFoundError:
             continue  # the trainer removed it since it was listed (a job that failed to start)
         copied += 1

@@ -51,3 +51,24 @@ def test_restore_refuses_a_home_with_job_folders(tmp_path: Path, monkeypatch: py
     (tmp_path / "after" / "trainer" / "jobs" / "stray").mkdir(parents=True)
     with pytest.raises(BackupError, match="job folders"):
         restore(tmp_path / "backup")
+
+
+def modes_open_to_others(root: Path) -> list[str]:
+    return [f"{oct(p.stat().st_mode & 0o777)} {p}" for p in [root, *root.rglob("*")] if p.stat().st_mode & 0o077]
+
+
+def test_backups_and_restored_homes_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup holds every key and database, and a restore must not bring back the 0644 files
+    of a home made before homes were private."""
+    monkeypatch.setenv("MAAS_HOME", str(tmp_path / "before"))
+    make_trainer_home(tmp_path / "before")
+    for path in (tmp_path / "before").rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    backup(tmp_path / "backup")
+    assert not modes_open_to_others(tmp_path / "backup")
+    for path in (tmp_path / "backup").rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+    monkeypatch.setenv("MAAS_HOME", str(tmp_path / "after"))
+    restore(tmp_path / "backup")
+    assert not modes_open_to_others(tmp_path / "after")

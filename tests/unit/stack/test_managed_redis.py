@@ -4,7 +4,6 @@ process), never shows it on a command line, and leaves the home private to its u
 
 from __future__ import annotations
 
-import os
 import socket
 import stat
 import subprocess
@@ -22,15 +21,6 @@ from services.stack.ephemeral import free_port
 from services.stack.supervisor import Supervisor, healthy, redis_ready
 
 
-@pytest.fixture
-def private_umask() -> Iterator[None]:
-    """make_private sets the process's umask, as the stack's entry point does; put it back after."""
-    before = os.umask(0o022)
-    os.umask(before)
-    yield
-    os.umask(before)
-
-
 def started(supervisor: Supervisor) -> subprocess.Popen:
     (child,) = [c for c in supervisor.children if c.name == "redis"]
     supervisor.start(child, supervisor.environment())
@@ -43,7 +33,7 @@ def started(supervisor: Supervisor) -> subprocess.Popen:
 
 
 @pytest.fixture
-def stack_redis(tmp_path: Path, private_umask: None) -> Iterator[Supervisor]:
+def stack_redis(tmp_path: Path) -> Iterator[Supervisor]:
     home = tmp_path / "home"
     home.mkdir(mode=0o755)  # a home made before the fix
     settings = StackSettings(home=home, redis_url=f"redis://127.0.0.1:{free_port()}/0")
@@ -77,7 +67,7 @@ def test_the_services_url_carries_the_password_and_the_command_line_does_not(sta
     assert not redis_ready(child.address, "wrong")
 
 
-def test_a_password_in_the_url_is_the_one_the_managed_redis_gets(tmp_path: Path, private_umask: None) -> None:
+def test_a_password_in_the_url_is_the_one_the_managed_redis_gets(tmp_path: Path) -> None:
     settings = StackSettings(home=tmp_path, redis_url=f"redis://:p%40ss%22w@127.0.0.1:{free_port()}/0")
     make_private(settings.home)
     supervisor = Supervisor(settings)
