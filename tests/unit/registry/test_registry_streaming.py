@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import tracemalloc
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from maas.registry.v1 import registry_pb2 as pb
 
 from services.registry.config import RegistrySettings
@@ -26,15 +25,21 @@ def registry_settings(tmp_path: Path) -> RegistrySettings:
     return RegistrySettings(home=tmp_path / "home", registry_addr="127.0.0.1:0", internal_token=TOKEN)
 
 
+class Blob(torch.nn.Module):
+    """A real TorchScript module whose bulk is one uint8 buffer; forward is the identity."""
+
+    def __init__(self, mib: int) -> None:
+        super().__init__()
+        self.register_buffer("blob", torch.randint(0, 256, (mib * MIB,), dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def write_large_torchscript(path: Path, mib: int) -> str:
-    """A TorchScript-shaped zip with `mib` MiB of tensor data, written piece by piece; returns its sha256."""
-    block = os.urandom(MIB)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr("big/code/__torch__/big.py", "class Big(Module):\n  pass\n")
-        archive.writestr("big/data.pkl", b"\x80\x02N.")
-        with archive.open("big/data/0", "w", force_zip64=True) as member:
-            for index in range(mib):
-                member.write(index.to_bytes(8, "little") + block[8:])
+    """A TorchScript archive with `mib` MiB of tensor data; returns its sha256. The module is
+    freed before the caller measures anything."""
+    torch.jit.save(torch.jit.script(Blob(mib)), str(path))
     digest = hashlib.sha256()
     with path.open("rb") as file:
         while chunk := file.read(MIB):
