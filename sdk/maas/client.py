@@ -235,10 +235,11 @@ class Client:
         max_batch_size: int = 8,
         device: str = "auto",
         cacheable: bool = False,
+        execution_limit_seconds: int = 0,
     ) -> inference_pb2.Deployment:
         deployment = inference_pb2.Deployment(
             name=name, model=model, instances=instances, max_batch_size=max_batch_size,
-            device=DEVICES[device], cacheable=cacheable,
+            device=DEVICES[device], cacheable=cacheable, execution_limit_seconds=execution_limit_seconds,
         )
         if alias:
             deployment.alias = alias

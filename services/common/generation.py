@@ -19,6 +19,7 @@ from maas.inference.v1 import inference_pb2
 from tritonclient.grpc import service_pb2
 
 from services.common.errors import InvalidArgument
+from services.common.serving import execution_limit_error
 
 PROMPT, TEXT = "prompt", "text"
 FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS = "finish_reason", "prompt_tokens", "completion_tokens"
@@ -194,6 +195,8 @@ def generate_response_of_stream(
     if response.error_message:
         if response.error_message.startswith(INVALID_INPUT_PREFIX):
             raise InvalidArgument(response.error_message.removeprefix(INVALID_INPUT_PREFIX))
+        if limit_error := execution_limit_error(response.error_message):
+            raise limit_error
         raise GenerationFailed(f"generation failed: {response.error_message}")
     infer = response.infer_response
     outputs = {tensor.name: infer.raw_output_contents[index] for index, tensor in enumerate(infer.outputs)}

@@ -8,9 +8,12 @@ from collections.abc import Collection, Mapping
 
 from maas.inference.v1 import inference_pb2
 
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, ResourceExhausted
 
 PREDICT, GENERATE, EMBED = "PREDICT", "GENERATE", "EMBED"
+# How a runner's error starts when a request ran past the deployment's execution limit
+# (services/inference/runner/execution_limit.py, which cannot import this module).
+EXECUTION_LIMIT_PREFIX = "execution limit exceeded: "
 TASK_VALUES = {
     PREDICT: inference_pb2.SERVING_TASK_PREDICT,
     GENERATE: inference_pb2.SERVING_TASK_GENERATE,
@@ -48,3 +51,10 @@ def check_task(deployment: str, task: str, allowed: Collection[str], call: str) 
             f"deployment {deployment!r} serves the {task} task, which {call} does not answer: "
             f"use {CALLS[task]}"
         )
+
+
+def execution_limit_error(details: str) -> ResourceExhausted | None:
+    """The error a caller gets when Triton's `details` say the model ran past its execution
+    limit; None for any other error."""
+    _, found, reason = details.partition(EXECUTION_LIMIT_PREFIX)
+    return ResourceExhausted(f"{EXECUTION_LIMIT_PREFIX}{reason}") if found else None

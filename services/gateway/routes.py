@@ -17,6 +17,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.common.channels import open_channel, triton_metadata
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.interceptors import INTERNAL_TOKEN_KEY
+from services.common.serving import execution_limit_error
 from services.common.tensors import CompiledSignature, check_signature
 from services.common.traffic import goes_to_canary
 
@@ -201,6 +202,8 @@ async def abort_for_triton(
     # Triton names its own model; the caller knows only the deployment.
     details = (error.details() or "").replace(triton_model, deployment)
     code = error.code()
+    if limit_error := execution_limit_error(details):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(limit_error))
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
         # Triton is down or the model is (re)loading: both pass, so the caller should retry.
         log.warning("triton unavailable", extra={"deployment": deployment, "details": details})

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from services.common.settings import CommonSettings
 
@@ -47,6 +47,13 @@ class InferenceSettings(CommonSettings):
     # network) and refuses to start where the kernel has no Landlock. "off": unfenced; only for a
     # host where every model is trusted.
     model_fence: Literal["required", "off"] = "required"
+    # Longest one request may run inside a model before its process is killed and restarted;
+    # a deployment may set its own (execution_limit_seconds).
+    inference_execution_limit_seconds: int = Field(default=30, ge=1, le=3600)
+    # Per tenant: deployments, and the memory their model processes are estimated to take
+    # (instances x (a model process's own footprint + the artifact)). 0: no cap.
+    inference_max_deployments_per_tenant: int = Field(default=20, ge=0)
+    inference_max_memory_per_tenant_mb: int = Field(default=8192, ge=0)
 
     @model_validator(mode="after")
     def _fill_defaults_from_home(self) -> InferenceSettings:

@@ -3,7 +3,8 @@
 <root>/<triton_model>/config.pbtxt
 <root>/<triton_model>/1/model.py     the runner of the deployment's task (runner/model.py for tensors,
                                      runner/generate.py for text generation, runner/embed.py for embeddings)
-<root>/<triton_model>/1/*.py         modules that runner imports (runner/sampling.py for generation)
+<root>/<triton_model>/1/*.py         modules that runner imports (runner/execution_limit.py, and runner/sampling.py
+                                     for generation)
 <root>/<triton_model>/1/model.pt     or model.onnx: the artifact, hard-linked from the cache
 """
 
@@ -26,11 +27,17 @@ from services.common.tensors import BY_PROTO
 RUNNER_DIR = Path(__file__).parent / "runner"
 RUNNER = RUNNER_DIR / "model.py"
 # Per task: the files of its runner, by their name in the model's version directory.
+# Every runner holds its model calls to the deployment's execution limit.
+EXECUTION_LIMIT = {"execution_limit.py": RUNNER_DIR / "execution_limit.py"}
 RUNNER_FILES = {
-    PREDICT: {"model.py": RUNNER},
-    GENERATE: {"model.py": RUNNER_DIR / "generate.py", "sampling.py": RUNNER_DIR / "sampling.py"},
+    PREDICT: {"model.py": RUNNER, **EXECUTION_LIMIT},
+    GENERATE: {
+        "model.py": RUNNER_DIR / "generate.py",
+        "sampling.py": RUNNER_DIR / "sampling.py",
+        **EXECUTION_LIMIT,
+    },
     # Written by the embeddings work: strings in, one vector per string out.
-    EMBED: {"model.py": RUNNER_DIR / "embed.py"},
+    EMBED: {"model.py": RUNNER_DIR / "embed.py", **EXECUTION_LIMIT},
 }
 # Per task: the version metadata its runner reads (passed as config parameters).
 RUNNER_METADATA_KEYS: dict[str, tuple[str, ...]] = {PREDICT: (), GENERATE: ("vocabulary",), EMBED: ()}
@@ -54,6 +61,8 @@ class ModelSpec:
     on_gpu: bool  # where Triton places the instances on this host
     task: str = PREDICT
     runner_metadata: Mapping[str, str] = field(default_factory=dict)
+    # Longest one request may run in the model before its process is killed.
+    execution_limit_seconds: int = 30
 
 
 def signature_json(signature: common_pb2.Signature) -> str:
@@ -99,6 +108,7 @@ def config_text(spec: ModelSpec) -> str:
         "sha256": spec.sha256,
         "device": spec.device,
         "signature": signature_json(spec.signature),
+        "execution_limit_seconds": str(spec.execution_limit_seconds),
         # JSON, so that characters such as a newline survive the text format.
         **{key: json.dumps(value) for key, value in sorted(spec.runner_metadata.items())},
     }
@@ -177,6 +187,11 @@ class ModelRepository:
         finally:
             shutil.rmtree(build, ignore_errors=True)
         return True
+
+    def touch(self, triton_model: str) -> None:
+        """Mark the model's files as changed, so that Triton's next load starts its instances
+        anew (a touched config.pbtxt alone only re-reads the config)."""
+        (self.path(triton_model) / "1" / "model.py").touch()
 
     def remove(self, triton_model: str) -> None:
         shutil.rmtree(self.path(triton_model), ignore_errors=True)

@@ -10,6 +10,7 @@ from services.common.database import make_engine, upgrade
 from services.common.interceptors import internal_token_authenticator
 from services.common.server import App, RunningServer, ServerSpec, Servicer, server_tls
 from services.inference.artifacts import ArtifactCache, Registry
+from services.inference.caps import TenantCaps
 from services.inference.config import InferenceSettings
 from services.inference.load import LoadReporter
 from services.inference.repository import ModelRepository
@@ -19,6 +20,8 @@ from services.inference.store import DeploymentStore
 from services.inference.triton import TritonClient, TritonSupervisor, TritonTls
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# How often the service looks for served models whose processes died (its own Triton only).
+STUB_CHECK_SECONDS = 1.0
 
 
 def triton_tls(settings: InferenceSettings) -> TritonTls | None:
@@ -51,6 +54,13 @@ async def create_app(settings: InferenceSettings) -> App:
         drain_seconds=settings.rollout_drain_seconds,
         alias_poll_interval=settings.alias_poll_seconds,
         canary_check_interval=settings.canary_check_seconds,
+        # Only a Triton on this host has its model processes where the service can see them.
+        stub_check_interval=0.0 if settings.triton_url else STUB_CHECK_SECONDS,
+        execution_limit=settings.inference_execution_limit_seconds,
+        caps=TenantCaps(
+            max_deployments=settings.inference_max_deployments_per_tenant,
+            max_memory_mb=settings.inference_max_memory_per_tenant_mb,
+        ),
     )
     await deployments.restore()
     loads = LoadReporter(deployments, triton, settings.metrics_url, settings.load_refresh_seconds)

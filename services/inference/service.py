@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,8 +43,10 @@ from services.common.tensors import BY_PROTO, CompiledSignature, check_signature
 from services.common.traffic import goes_to_canary
 from services.common.validation import Page, check_name
 from services.inference.artifacts import ArtifactCache, Registry
+from services.inference.caps import TenantCaps
 from services.inference.repository import RUNNER_METADATA_KEYS, ModelRepository, ModelSpec
 from services.inference.store import FAILED, LOADING, READY, Canary, Deployment, DeploymentStore, now
+from services.inference.stubs import reap_stubs, stubs_under
 from services.inference.triton import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,20 @@ MAX_INSTANCES = 16
 MAX_BATCH_SIZE = 1024
 DEFAULT_INSTANCES = 1
 DEFAULT_MAX_BATCH_SIZE = 8
-UPDATABLE_FIELDS = frozenset({"version", "alias", "instances", "max_batch_size", "device", "cacheable"})
+UPDATABLE_FIELDS = frozenset(
+    {"version", "alias", "instances", "max_batch_size", "device", "cacheable", "execution_limit_seconds"}
+)
+# Fields whose change needs a new revision loaded into Triton.
+RELOAD_FIELDS = ("resolved_version", "sha256", "instances", "max_batch_size", "device", "execution_limit_seconds")
+MAX_EXECUTION_LIMIT_SECONDS = 3600
+# Triton's names for a deployment's revisions and their instances (_triton_model_name): internal,
+# so messages a caller reads name the deployment instead.
+TRITON_MODEL_NAME = re.compile(r"m_[0-9a-f]{32}_[0-9a-f]{8}(?:_\d+)*")
+# How long an unloaded model's processes may take to leave before they are killed; a replaced
+# revision's in-flight requests get their execution limit on top.
+UNLOAD_GRACE_SECONDS = 2.0
+# The least time between two reloads of a model whose processes died.
+REVIVE_PAUSE_SECONDS = 10.0
 FORMATS = {registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT: "TORCHSCRIPT", registry_pb2.ARTIFACT_FORMAT_ONNX: "ONNX"}
 # The generic runner feeds numeric tensors to torch and onnxruntime; strings and bfloat16 it cannot.
 UNSERVED_DATATYPES = {common_pb2.DATA_TYPE_BYTES, common_pb2.DATA_TYPE_BF16}
@@ -98,6 +114,7 @@ class DeploymentSpec:
     max_batch_size: int = 0
     device: str = ""
     cacheable: bool = False
+    execution_limit_seconds: int = 0
 
 
 @dataclass
@@ -138,6 +155,9 @@ class Deployments:
         drain_seconds: float = 2.0,
         alias_poll_interval: float = 0.0,
         canary_check_interval: float = 0.0,
+        stub_check_interval: float = 0.0,
+        execution_limit: int = 30,
+        caps: TenantCaps | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -156,6 +176,15 @@ class Deployments:
         self.alias_poll_interval = alias_poll_interval
         # How often loaded canaries' error rates are checked (the window); 0: never.
         self.canary_check_interval = canary_check_interval
+        # How often READY models are checked for their stub processes (Triton on this host); 0: never.
+        self.stub_check_interval = stub_check_interval
+        # Seconds one request may run in a model, for deployments that set none of their own.
+        self.execution_limit = execution_limit
+        self.caps = caps or TenantCaps()  # none: no caps
+        # When each model was last reloaded because its processes had died.
+        self._revived: dict[str, float] = {}
+        # Held while a tenant's deployments are checked against its caps and written.
+        self._tenant_locks: dict[str, asyncio.Lock] = {}
         # Triton's (success, failure) counts per canary model at the last check.
         self._canary_counts: dict[str, tuple[int, int]] = {}
         self._load_slots = asyncio.Semaphore(load_concurrency)
@@ -225,6 +254,8 @@ class Deployments:
             self._spawn(self._every(self.alias_poll_interval, self.follow_aliases))
         if self.canary_check_interval > 0:
             self._spawn(self._every(self.canary_check_interval, self.check_canaries))
+        if self.stub_check_interval > 0:
+            self._spawn(self._every(self.stub_check_interval, self.revive_models))
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -244,6 +275,7 @@ class Deployments:
             "max_batch_size", spec.max_batch_size or DEFAULT_MAX_BATCH_SIZE, MAX_BATCH_SIZE
         )
         device = self._checked_device(spec.device)
+        execution_limit = _checked_execution_limit(spec.execution_limit_seconds)
         if await asyncio.to_thread(self.store.get, tenant, spec.name):
             raise AlreadyExists(f"deployment {spec.name!r} already exists")
         version = await self._deployable_version(tenant, spec.model, spec.version, spec.alias)
@@ -269,9 +301,12 @@ class Deployments:
             signature=version.signature,
             create_time=created,
             update_time=created,
+            execution_limit_seconds=execution_limit,
             **_serving(version),
         )
-        await asyncio.to_thread(self.store.create, deployment)
+        async with self._tenant_lock(tenant):
+            await self._check_caps(deployment)
+            await asyncio.to_thread(self.store.create, deployment)
         self._routes[(tenant, spec.name)] = Route(deployment)
         self._notify()
         self._converge_later(deployment)
@@ -318,6 +353,8 @@ class Deployments:
             changes["device"] = self._checked_device(spec.device)
         if "cacheable" in fields:
             changes["cacheable"] = spec.cacheable
+        if "execution_limit_seconds" in fields:
+            changes["execution_limit_seconds"] = _checked_execution_limit(spec.execution_limit_seconds)
         if fields & {"version", "alias"}:
             version, alias = (spec.version, None) if "version" in fields else (None, spec.alias)
             if version is None and not alias:
@@ -337,8 +374,7 @@ class Deployments:
             )
         updated = current.replace(**changes, update_time=now())
         reload = current.state == FAILED or any(
-            getattr(updated, field) != getattr(current, field)
-            for field in ("resolved_version", "sha256", "instances", "max_batch_size", "device")
+            getattr(updated, field) != getattr(current, field) for field in RELOAD_FIELDS
         )
         if reload:
             route = self._routes.get((tenant, current.name))
@@ -351,8 +387,10 @@ class Deployments:
             updated = updated.replace(
                 state=LOADING, message=message, triton_model=_triton_model_name(current.id)
             )
-        if not await asyncio.to_thread(self.store.save, updated):
-            raise NotFound(f"deployment {spec.name!r} not found")
+        async with self._tenant_lock(tenant):
+            await self._check_caps(updated)
+            if not await asyncio.to_thread(self.store.save, updated):
+                raise NotFound(f"deployment {spec.name!r} not found")
         route = self._routes.setdefault((tenant, updated.name), Route(updated))
         route.deployment = updated
         self._notify()
@@ -374,7 +412,7 @@ class Deployments:
         if deployment.canary is not None:
             triton_models.add(deployment.canary.triton_model)
         for triton_model in sorted(triton_models):
-            await self._unload(triton_model)
+            await self._unload(triton_model, UNLOAD_GRACE_SECONDS)
         self._generations.pop(deployment.id, None)
         self._refused_rolls.pop(deployment.id, None)
 
@@ -429,7 +467,10 @@ class Deployments:
             sha256=found.sha256,
             format=FORMATS[found.format],
         )
-        updated = await self._save(current.replace(canary=canary, update_time=now()))
+        async with self._tenant_lock(tenant):
+            updated = current.replace(canary=canary, update_time=now())
+            await self._check_caps(updated)
+            updated = await self._save(updated)
         route.deployment = updated
         replaced, route.canary = current.canary, None
         self._notify()
@@ -526,7 +567,8 @@ class Deployments:
         compiled.validate(headers_of_predict(request), request.output_names)
         triton_model, version = self._target(route)
         infer = infer_request_of_predict(request, triton_model, request_id_var.get())
-        response = await self.triton.infer(infer, timeout if timeout is not None else self.predict_timeout)
+        with self._public_errors(request.deployment):
+            response = await self.triton.infer(infer, timeout if timeout is not None else self.predict_timeout)
         return predict_response_of_infer(response, serving.model, version)
 
     async def embed(
@@ -541,7 +583,8 @@ class Deployments:
         triton_model, version = self._target(route)
         requests = model.requests(texts, triton_model, serving.max_batch_size, request_id_var.get())
         budget = timeout if timeout is not None else self.predict_timeout
-        answers = await asyncio.gather(*(self.triton.infer(r, budget) for r in requests))
+        with self._public_errors(request.deployment):
+            answers = await asyncio.gather(*(self.triton.infer(r, budget) for r in requests))
         return model.response(answers, serving.model, version)
 
     async def generate(
@@ -556,8 +599,11 @@ class Deployments:
         check_task(request.deployment, serving.task, (GENERATE,), "Generate")
         triton_model, version = self._target(route)
         infer = stream_request(prompt, sampling, triton_model, request_id_var.get())
-        async for response in self.triton.stream(infer, timeout if timeout is not None else self.predict_timeout):
-            yield generate_response_of_stream(response, serving.model, version)
+        with self._public_errors(request.deployment):
+            async for response in self.triton.stream(
+                infer, timeout if timeout is not None else self.predict_timeout
+            ):
+                yield generate_response_of_stream(response, serving.model, version)
 
     async def _serving_route(self, tenant: str, name: str, timeout: float | None) -> Route:
         """The deployment's route once it serves (waiting out a cold start), or NOT_FOUND."""
@@ -688,7 +734,7 @@ class Deployments:
             raise
 
     async def _load_failed(self, deployment: Deployment, generation: int, exc: BaseException) -> None:
-        reason = str(exc) or type(exc).__name__
+        reason = self._public(str(exc) or type(exc).__name__, deployment.name)
         route = self._routes.get((deployment.tenant, deployment.name))
         # A failed reload leaves the previous revision serving in Triton.
         serving = route.serving if route else None
@@ -718,7 +764,7 @@ class Deployments:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                reason = str(exc) or type(exc).__name__
+                reason = self._public(str(exc) or type(exc).__name__, deployment.name)
                 log.warning("canary failed", extra={"deployment": deployment.name, "reason": reason})
                 await self._unload_now(canary.triton_model)
                 stored = await asyncio.to_thread(
@@ -753,22 +799,57 @@ class Deployments:
         """Unload a replaced revision once nothing can still be on its way to it. Triton's own
         unload then waits for the requests it already holds."""
         await asyncio.sleep(self.drain_seconds)
-        await self._unload(replaced.triton_model)
+        await self._unload(replaced.triton_model, UNLOAD_GRACE_SECONDS + self._limit_of(replaced))
         log.info(
             "replaced revision unloaded",
             extra={"deployment": replaced.name, "version": replaced.resolved_version},
         )
 
-    async def _unload(self, triton_model: str) -> None:
+    async def _unload(self, triton_model: str, grace: float) -> None:
         # Waits for a load in flight on this model to finish before taking it away.
         async with self._model_lock(triton_model):
-            await self._unload_now(triton_model)
+            await self._unload_now(triton_model, grace)
         self._model_locks.pop(triton_model, None)
 
-    async def _unload_now(self, triton_model: str) -> None:
-        """Unload and remove a model; the caller holds its lock."""
+    async def _unload_now(self, triton_model: str, grace: float = UNLOAD_GRACE_SECONDS) -> None:
+        """Unload and remove a model; the caller holds its lock. Its processes on this host get
+        `grace` seconds to leave, then are killed: one stuck in a model call never would."""
         await self.triton.unload(triton_model)
+        self._spawn(reap_stubs(self.repository.path(triton_model), grace))
+        self._revived.pop(triton_model, None)
         await asyncio.to_thread(self.repository.remove, triton_model)
+
+    # -- reviving models whose processes died -----------------------------------------------
+
+    async def revive_models(self) -> None:
+        """Reload every served model that has lost its stub processes: Triton does not restart
+        a stub that died (killed at its execution limit, or crashed), and answers every later
+        request with "Stub process ... is not healthy"."""
+        alive = await asyncio.to_thread(stubs_under, self.repository.root)
+        for route in list(self._routes.values()):
+            for revision in (route.serving, route.canary):
+                if revision is None or revision.triton_model in alive:
+                    continue
+                if self._model_lock(revision.triton_model).locked():
+                    continue  # being loaded or unloaded right now
+                if time.monotonic() - self._revived.get(revision.triton_model, -REVIVE_PAUSE_SECONDS) < REVIVE_PAUSE_SECONDS:
+                    continue  # a model that dies again at once is not reloaded in a tight loop
+                self._revived[revision.triton_model] = time.monotonic()
+                self._spawn(self._revive(revision.triton_model))
+
+    async def _revive(self, triton_model: str) -> None:
+        async with self._model_lock(triton_model):
+            if triton_model in await asyncio.to_thread(stubs_under, self.repository.root):
+                return
+            if not await self.triton.is_ready(triton_model):
+                return  # unloaded meanwhile, or Triton is restarting: reconcile() loads it
+            log.warning("a model's processes died; reloading it", extra={"triton_model": triton_model})
+            # Triton reloads only a model whose files changed since it loaded them.
+            await asyncio.to_thread(self.repository.touch, triton_model)
+            try:
+                await asyncio.wait_for(self.triton.load(triton_model, self.load_timeout), self.load_timeout + 5)
+            except (ModelLoadError, TimeoutError) as exc:
+                log.warning("reloading a model failed", extra={"triton_model": triton_model, "reason": str(exc)})
 
     # -- following aliases ----------------------------------------------------------------------
 
@@ -823,6 +904,7 @@ class Deployments:
             device=deployment.device,
             task=deployment.task,
             runner_metadata=deployment.runner_metadata,
+            execution_limit_seconds=self._limit_of(deployment),
             on_gpu=deployment.device == "GPU" or (deployment.device == "AUTO" and self.gpu_available),
         )
 
@@ -870,6 +952,35 @@ class Deployments:
             )
         return device
 
+    def _public(self, message: str, deployment_name: str) -> str:
+        """`message` as a caller may read it: Triton's model names and the repository's paths
+        on this host replaced by the deployment's name."""
+        message = message.replace(str(self.repository.root), "<models>")
+        return TRITON_MODEL_NAME.sub(deployment_name, message)
+
+    @contextlib.contextmanager
+    def _public_errors(self, deployment_name: str) -> Iterator[None]:
+        try:
+            yield
+        except MaasError as error:
+            public = self._public(str(error), deployment_name)
+            if public == str(error):
+                raise
+            renamed = type(error)(public)
+            renamed.trailing_metadata = error.trailing_metadata
+            raise renamed from None
+
+    def _limit_of(self, deployment: Deployment) -> int:
+        return deployment.execution_limit_seconds or self.execution_limit
+
+    async def _check_caps(self, candidate: Deployment) -> None:
+        """The caller holds the tenant's lock, so that two writes cannot both pass the check."""
+        others = await asyncio.to_thread(self.store.of_tenant, candidate.tenant)
+        self.caps.check(candidate.tenant, others, candidate)
+
+    def _tenant_lock(self, tenant: str) -> asyncio.Lock:
+        return self._tenant_locks.setdefault(tenant, asyncio.Lock())
+
     def _bump(self, deployment_id: str) -> int:
         self._generations[deployment_id] = self._generations.get(deployment_id, 0) + 1
         return self._generations[deployment_id]
@@ -890,6 +1001,7 @@ def _serving(version: registry_pb2.Version) -> dict[str, Any]:
     task = task_of_metadata(version.metadata)
     return {
         "task": task,
+        "artifact_bytes": version.size_bytes,
         "precision": version.precision or "fp32",
         "runner_metadata": {
             key: version.metadata[key] for key in RUNNER_METADATA_KEYS[task] if key in version.metadata
@@ -918,6 +1030,16 @@ def _check_target(version: int | None, alias: str | None) -> None:
         raise InvalidArgument(f"version must be 1 or more, got {version}")
     if alias is not None:
         check_name("alias", alias)
+
+
+def _checked_execution_limit(seconds: int) -> int:
+    """0 (the service's default) or 1 to MAX_EXECUTION_LIMIT_SECONDS."""
+    if seconds and not 1 <= seconds <= MAX_EXECUTION_LIMIT_SECONDS:
+        raise InvalidArgument(
+            f"execution_limit_seconds must be between 1 and {MAX_EXECUTION_LIMIT_SECONDS} "
+            f"(0: the service's default), got {seconds}"
+        )
+    return seconds
 
 
 def _checked_range(field: str, value: int, maximum: int) -> int:

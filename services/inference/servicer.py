@@ -41,6 +41,7 @@ def spec_of(message: inference_pb2.Deployment) -> DeploymentSpec:
         # An enum value this build does not know is passed on as such and refused by the domain.
         device=DEVICE_NAMES.get(message.device, f"#{message.device}"),
         cacheable=message.cacheable,
+        execution_limit_seconds=message.execution_limit_seconds,
     )
 
 
@@ -66,6 +67,7 @@ def deployment_message(deployment: Deployment) -> inference_pb2.Deployment:
         update_time=_timestamp(deployment.update_time),
         task=TASK_VALUES[deployment.task],
         precision=deployment.precision,
+        execution_limit_seconds=deployment.execution_limit_seconds,
     )
     if deployment.version is not None:
         message.version = deployment.version
@@ -165,7 +167,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             versions=[
                 inference_pb2.VersionLoad(
                     version=v.version,
-                    triton_model=v.triton_model,
                     pending_requests=v.pending_requests,
                     success_count=v.success_count,
                     failure_count=v.failure_count,

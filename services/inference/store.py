@@ -76,6 +76,10 @@ deployments = Table(
     Column("task", String(16), nullable=False, server_default="PREDICT"),
     Column("precision", String(16), nullable=False, server_default=""),
     Column("runner_metadata", Text, nullable=False, server_default="{}"),
+    # Longest one request may run in the model, in seconds; 0: the service's default.
+    Column("execution_limit_seconds", Integer, nullable=False, server_default="0"),
+    # Size of the served version's artifact, which the tenant's memory cap counts.
+    Column("artifact_bytes", BigInteger, nullable=False, server_default="0"),
     UniqueConstraint("tenant", "name", name="uq_deployments_tenant_name"),
     UniqueConstraint("triton_model", name="uq_deployments_triton_model"),
 )
@@ -135,6 +139,8 @@ class Deployment:
     task: str = "PREDICT"  # PREDICT, GENERATE or EMBED
     precision: str = ""
     runner_metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    execution_limit_seconds: int = 0  # 0: the service's default
+    artifact_bytes: int = 0
 
     def replace(self, **changes) -> Deployment:
         return dataclasses.replace(self, **changes)
@@ -195,6 +201,11 @@ class DeploymentStore:
             query = query.where(deployments.c.name > page.after)
         with self.engine.connect() as connection:
             rows = connection.execute(query.order_by(deployments.c.name).limit(page.size + 1)).all()
+        return [_deployment(row) for row in rows]
+
+    def of_tenant(self, tenant: str) -> list[Deployment]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(deployments).where(deployments.c.tenant == tenant)).all()
         return [_deployment(row) for row in rows]
 
     def all(self) -> list[Deployment]:

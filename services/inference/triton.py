@@ -32,6 +32,7 @@ from tritonclient.utils import InferenceServerException
 from services.common import errors
 from services.common.channels import KEEPALIVE, TRITON_TOKEN_KEY, open_channel, triton_metadata
 from services.common.remote_errors import domain_error
+from services.common.serving import execution_limit_error
 from services.inference import stub_fence
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def _infer_error(error: grpc.aio.AioRpcError) -> Exception:
         )
     if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
         return errors.DeadlineExceeded("the model did not answer within the deadline")
-    return domain_error("Triton", error)
+    return execution_limit_error(details) or domain_error("Triton", error)
 
 
 def _clean(message: str) -> str:

@@ -49,6 +49,9 @@ def deploy_create(
     instances: int = 1,
     max_batch_size: int = 8,
     device: Annotated[str, typer.Option(help="auto, cpu or gpu")] = "auto",
+    execution_limit: Annotated[
+        int, typer.Option(help="Seconds one request may run in the model (0: the service's default, 30)")
+    ] = 0,
     wait: Annotated[bool, typer.Option(help="Wait until READY")] = True,
     api_key: ApiKeyOption = None,
     address: AddressOption = None,
@@ -68,6 +71,7 @@ def deploy_create(
             instances=instances,
             max_batch_size=max_batch_size,
             device=device,
+            execution_limit_seconds=execution_limit,
         )
         if wait:
             with console.status(f"loading {name} into Triton ..."):
@@ -172,12 +176,12 @@ def deploy_load(name: str, api_key: ApiKeyOption = None, address: AddressOption 
         raise fail(error) from None
     console.print(f"{load.name}: {load.instances} instance(s), max batch {load.max_batch_size}")
     table = Table(
-        "version", "triton model", "pending", "succeeded", "failed", "batches", "avg batch", "queue ms",
+        "version", "pending", "succeeded", "failed", "batches", "avg batch", "queue ms",
         "compute ms",
     )
     for v in load.versions:
         table.add_row(
-            f"v{v.version}", v.triton_model, str(v.pending_requests), str(v.success_count),
+            f"v{v.version}", str(v.pending_requests), str(v.success_count),
             str(v.failure_count), str(v.execution_count), f"{v.average_batch_size:.2f}",
             f"{v.average_queue_ms:.3f}", f"{v.average_compute_ms:.3f}",
         )

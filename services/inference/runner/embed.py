@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -29,8 +30,13 @@ class TritonPythonModel:
         import onnxruntime
         from tokenizers import Tokenizer
 
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        sys.path.insert(0, version_dir)  # execution_limit.py ships beside this file
+        import execution_limit
+
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self.limit = execution_limit.ExecutionLimit.from_parameters(parameters)
         if parameters["format"] != "ONNX":
             raise pb_utils.TritonModelException(
                 f"an embedding deployment needs an ONNX sentence encoder, not {parameters['format']}"
@@ -42,7 +48,7 @@ class TritonPythonModel:
             )
         self.input_name = signature["inputs"][0]["name"]
         self.vector_name, self.tokens_name = (spec["name"] for spec in signature["outputs"])
-        path = os.path.join(args["model_repository"], args["model_version"], parameters["artifact"])
+        path = os.path.join(version_dir, parameters["artifact"])
         instances = sum(group.get("count", 1) for group in config.get("instance_group", [])) or 1
         options = onnxruntime.SessionOptions()
         # Instances are separate processes sharing the host's cores: split the cores between them.
@@ -93,8 +99,8 @@ class TritonPythonModel:
                 per_request.append(exc)
         texts = [text for item in per_request if isinstance(item, list) for text in item]
         try:
-            vectors, counts = self.embed(texts) if texts else (np.empty((0, 0)), np.empty(0))
-        except Exception as exc:
+            vectors, counts = self.limit.call(self.embed, texts) if texts else (np.empty((0, 0)), np.empty(0))
+        except Exception as exc:  # ExecutionLimitExceeded among them: its message says so
             return [_error_response(f"the encoder failed: {exc}") for _ in requests]
         responses = []
         offset = 0

@@ -26,13 +26,17 @@ DEFAULT_MAX_TOKENS = 64
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir = os.path.join(args["model_repository"], args["model_version"])
-        sys.path.insert(0, version_dir)  # sampling.py ships beside this file
+        sys.path.insert(0, version_dir)  # sampling.py and execution_limit.py ship beside this file
+        import execution_limit
         import sampling
         import torch
 
         self.sampling = sampling
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        # The limit holds for a whole request: every token of one stream.
+        self.limit = execution_limit.ExecutionLimit.from_parameters(parameters)
+        self.limit_exceeded = execution_limit.ExecutionLimitExceeded
         torch.set_num_threads(sampling.THREADS)
         wants_gpu = args.get("model_instance_kind") == "GPU" and parameters.get("device", "AUTO") != "CPU"
         device_id = args.get("model_instance_device_id", "0")
@@ -46,7 +50,10 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self._generate(request, sender)
+                self.limit.call(self._generate, request, sender)
+            except self.limit_exceeded as exc:
+                _fail(sender, str(exc), pb_utils.TritonError.INTERNAL)
+                return None  # the process is about to go; Triton fails what it still holds
             except InvalidInput as exc:
                 _fail(sender, INVALID_INPUT_PREFIX + str(exc), pb_utils.TritonError.INVALID_ARG)
             except Exception as exc:  # every failure ends the stream with an error, never a dead stub

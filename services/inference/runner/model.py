@@ -6,13 +6,15 @@ inputs and outputs with their datatypes, in the order the model takes them) and 
 (AUTO, CPU or GPU). Nothing is ever unpickled: torch.jit.load and onnxruntime only.
 
 Triton's dynamic batcher hands `execute` several requests at once; they are concatenated along
-dim 0, run through the model once and split back, which is where batching pays.
+dim 0, run through the model once and split back, which is where batching pays. Each model
+call runs under the deployment's execution limit (execution_limit.py, beside this file).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -33,12 +35,18 @@ NUMPY_OF_DATATYPE = {
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        sys.path.insert(0, version_dir)  # execution_limit.py ships beside this file
+        import execution_limit
+
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self.limit = execution_limit.ExecutionLimit.from_parameters(parameters)
+        self.limit_exceeded = execution_limit.ExecutionLimitExceeded
         signature = json.loads(parameters["signature"])
         self.inputs = [(spec["name"], NUMPY_OF_DATATYPE[spec["datatype"]]) for spec in signature["inputs"]]
         self.outputs = [(spec["name"], NUMPY_OF_DATATYPE[spec["datatype"]]) for spec in signature["outputs"]]
-        path = os.path.join(args["model_repository"], args["model_version"], parameters["artifact"])
+        path = os.path.join(version_dir, parameters["artifact"])
         instances = sum(group.get("count", 1) for group in config.get("instance_group", [])) or 1
         # Instances are separate processes sharing the host's cores: split the cores between them.
         threads = max(1, (os.cpu_count() or 1) // instances)
@@ -117,12 +125,18 @@ class TritonPythonModel:
         if len(requests) > 1 and stackable:
             try:
                 return self._execute_stacked(per_request)
+            except self.limit_exceeded as exc:
+                return [_error_response(str(exc), pb_utils.TritonError.INTERNAL) for _ in requests]
             except Exception:
                 pass  # one request may be at fault: run them one by one below, so only it fails
         responses = []
         for arrays in per_request:
             try:
                 responses.append(self._response(self._run_checked(arrays)))
+            except self.limit_exceeded as exc:
+                # The process is about to go: fail the rest too rather than run them.
+                failed = _error_response(str(exc), pb_utils.TritonError.INTERNAL)
+                return responses + [failed] * (len(requests) - len(responses))
             except Exception as exc:
                 responses.append(_error_response(f"the model failed on this input: {exc}"))
         return responses
@@ -139,8 +153,9 @@ class TritonPythonModel:
         return [self._response([parts[index] for parts in split]) for index in range(len(sizes))]
 
     def _run_checked(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        outputs = self.run(
-            [np.ascontiguousarray(array, dtype=dtype) for array, (_, dtype) in zip(arrays, self.inputs, strict=True)]
+        outputs = self.limit.call(
+            self.run,
+            [np.ascontiguousarray(array, dtype=dtype) for array, (_, dtype) in zip(arrays, self.inputs, strict=True)],
         )
         if len(outputs) != len(self.outputs):
             raise ValueError(
@@ -156,8 +171,7 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
-def _error_response(message: str):
-    # Errors in a request's values (an index out of range, ...) are the caller's to fix.
-    return pb_utils.InferenceResponse(
-        output_tensors=[], error=pb_utils.TritonError(message[:2000], pb_utils.TritonError.INVALID_ARG)
-    )
+def _error_response(message: str, code=None):
+    # By default the caller's to fix: errors in a request's values (an index out of range, ...).
+    code = pb_utils.TritonError.INVALID_ARG if code is None else code
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message[:2000], code))

@@ -191,7 +191,10 @@ async def test_deployment_load_over_grpc(stubs, triton):
     load = await stub.GetDeploymentLoad(request, metadata=METADATA)
     assert (load.name, load.instances, len(load.versions)) == ("web", 2, 1)
     [version] = load.versions
-    triton.counts[version.triton_model] = (12, 3)
+    # Readers see deployment names only: no field holds Triton's internal model name.
+    assert "m_" not in str(load)
+    [triton_model] = triton.loaded
+    triton.counts[triton_model] = (12, 3)
     [version] = (await stub.GetDeploymentLoad(request, metadata=METADATA)).versions
     assert (version.version, version.success_count, version.failure_count) == (1, 12, 3)
     assert version.average_batch_size == 1.0

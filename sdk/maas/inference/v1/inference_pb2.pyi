@@ -130,6 +130,7 @@ class Deployment(_message.Message):
     CANARY_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
+    EXECUTION_LIMIT_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Lower-case letters, digits and dashes; unique within the tenant. Clients predict by it."""
     model: _builtins.str
@@ -151,6 +152,11 @@ class Deployment(_message.Message):
     """Output only: what the served version answers."""
     precision: _builtins.str
     """Output only: the served version's precision tag ("fp32", "fp16", "int8")."""
+    execution_limit_seconds: _builtins.int
+    """Longest one request may run inside the model, in seconds (1 to 3600); past it the model's
+    process is killed and restarted and the request fails with RESOURCE_EXHAUSTED.
+    0: the service's default (MAAS_INFERENCE_EXECUTION_LIMIT_SECONDS, 30).
+    """
     @_builtins.property
     def signature(self) -> _common_pb2.Signature: ...
     @_builtins.property
@@ -181,10 +187,11 @@ class Deployment(_message.Message):
         canary: Global___Canary | None = ...,
         task: Global___ServingTask.ValueType = ...,
         precision: _builtins.str = ...,
+        execution_limit_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "canary", b"canary", "create_time", b"create_time", "signature", b"signature", "target", b"target", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cacheable", b"cacheable", "canary", b"canary", "create_time", b"create_time", "device", b"device", "instances", b"instances", "max_batch_size", b"max_batch_size", "message", b"message", "model", b"model", "name", b"name", "precision", b"precision", "resolved_version", b"resolved_version", "signature", b"signature", "state", b"state", "target", b"target", "task", b"task", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cacheable", b"cacheable", "canary", b"canary", "create_time", b"create_time", "device", b"device", "execution_limit_seconds", b"execution_limit_seconds", "instances", b"instances", "max_batch_size", b"max_batch_size", "message", b"message", "model", b"model", "name", b"name", "precision", b"precision", "resolved_version", b"resolved_version", "signature", b"signature", "state", b"state", "target", b"target", "task", b"task", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["version", "alias"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
@@ -366,7 +373,9 @@ class UpdateDeploymentRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change: version, alias, instances, max_batch_size, device, cacheable."""
+        """Fields to change: version, alias, instances, max_batch_size, device, cacheable,
+        execution_limit_seconds.
+        """
 
     def __init__(
         self,
@@ -921,7 +930,6 @@ class VersionLoad(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
-    TRITON_MODEL_FIELD_NUMBER: _builtins.int
     PENDING_REQUESTS_FIELD_NUMBER: _builtins.int
     SUCCESS_COUNT_FIELD_NUMBER: _builtins.int
     FAILURE_COUNT_FIELD_NUMBER: _builtins.int
@@ -930,8 +938,6 @@ class VersionLoad(_message.Message):
     AVERAGE_QUEUE_MS_FIELD_NUMBER: _builtins.int
     AVERAGE_COMPUTE_MS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    triton_model: _builtins.str
-    """Name of the model inside Triton."""
     pending_requests: _builtins.int
     """Requests Triton holds for this version right now, queued or executing."""
     success_count: _builtins.int
@@ -946,7 +952,6 @@ class VersionLoad(_message.Message):
         self,
         *,
         version: _builtins.int = ...,
-        triton_model: _builtins.str = ...,
         pending_requests: _builtins.int = ...,
         success_count: _builtins.int = ...,
         failure_count: _builtins.int = ...,
@@ -957,7 +962,7 @@ class VersionLoad(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["average_batch_size", b"average_batch_size", "average_compute_ms", b"average_compute_ms", "average_queue_ms", b"average_queue_ms", "execution_count", b"execution_count", "failure_count", b"failure_count", "pending_requests", b"pending_requests", "success_count", b"success_count", "triton_model", b"triton_model", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["average_batch_size", b"average_batch_size", "average_compute_ms", b"average_compute_ms", "average_queue_ms", b"average_queue_ms", "execution_count", b"execution_count", "failure_count", b"failure_count", "pending_requests", b"pending_requests", "success_count", b"success_count", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
