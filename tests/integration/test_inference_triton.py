@@ -293,7 +293,7 @@ async def test_deploy_predict_survive_restarts_and_delete(tmp_path: Path) -> Non
                 # GetDeploymentLoad reads the same statistics, and Triton's metrics endpoint
                 # exports the pending-request gauge for the model.
                 [load] = (await stub.GetDeploymentLoad(load_request, metadata=metadata)).versions
-                assert (load.version, load.triton_model) == (1, triton_model)
+                assert load.version == 1 and triton_model not in str(load)
                 assert load.success_count - load_before.success_count >= 83 and load.failure_count == 0
                 assert 0 < load.execution_count <= load.success_count and load.average_batch_size >= 1
                 assert load.average_queue_ms > 0 and load.average_compute_ms > 0

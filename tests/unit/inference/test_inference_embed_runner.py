@@ -56,6 +56,8 @@ def runner_module(monkeypatch):
     utils.TritonModelException = type("TritonModelException", (Exception,), {})
     utils.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+    # In Triton, execution_limit.py sits beside the runner in the version directory.
+    monkeypatch.syspath_prepend(str(RUNNER_FILES[EMBED]["execution_limit.py"].parent))
     spec = importlib.util.spec_from_file_location(
         "maas_embed_runner_under_test", RUNNER_FILES[EMBED]["model.py"]
     )
