@@ -28,6 +28,7 @@ from maas.gateway.v1 import admin_pb2
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from services.common.channels import triton_metadata
 from services.stack.ephemeral import EphemeralStack
 from tests.support.digits import SIGNATURE, train_digits_mlp
 
@@ -85,7 +86,9 @@ async def measure(stack: EphemeralStack, api_key: str, batch: np.ndarray, client
     async with grpc.aio.insecure_channel(triton_address) as triton_channel, \
             grpc.aio.insecure_channel(stack.gateway) as gateway_channel:
         triton = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
-        index = await triton.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True))
+        # Triton answers nothing but health without the stack's token (its restricted protocols).
+        token = triton_metadata((stack.home / "triton.token").read_text().strip())
+        index = await triton.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), metadata=token)
         triton_model = index.models[0].name
 
         def infer_request(model: str) -> service_pb2.ModelInferRequest:
@@ -111,7 +114,7 @@ async def measure(stack: EphemeralStack, api_key: str, batch: np.ndarray, client
         gateway_predict = inference_pb2_grpc.InferenceServiceStub(gateway_channel)
         await gateway_predict.Predict(cached_request, metadata=auth)  # fills the entry the hit path reads
         paths = [
-            ("Triton direct (ModelInfer)", lambda: triton.ModelInfer(direct_request)),
+            ("Triton direct (ModelInfer)", lambda: triton.ModelInfer(direct_request, metadata=token)),
             ("gateway, Open Inference Protocol", lambda: gateway_oip.ModelInfer(oip_request, metadata=auth)),
             ("gateway, maas Predict", lambda: gateway_predict.Predict(predict_request, metadata=auth)),
             (
