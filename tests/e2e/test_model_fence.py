@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 from services.common.channels import TRITON_TOKEN_HEADER
 from services.stack.ephemeral import EphemeralStack
 from tests.support.digits import SIGNATURE
+from tests.support.tenants import developer_clients
 
 pytestmark = pytest.mark.slow
 
@@ -54,12 +55,7 @@ def attack(tmp_path_factory, digits):
     tenant `victim` an ordinary model whose file mallory goes after."""
     stack = EphemeralStack()
     stack.env["MAAS_REGISTRY_UNSAFE_SKIP_OPERATOR_CHECK"] = "true"
-    with stack:
-        admin = Client(stack.gateway, stack.admin_key)
-        clients = {}
-        for tenant in ("mallory", "victim"):
-            admin.create_tenant(tenant)
-            clients[tenant] = Client(stack.gateway, admin.create_api_key(tenant, "developer")[1])
+    with stack, developer_clients(stack, "mallory", "victim") as clients:
         reader_path = tmp_path_factory.mktemp("reader") / "reader.pt"
         torch.jit.script(FileReader()).save(str(reader_path))
         mallory, victim = clients["mallory"], clients["victim"]
@@ -72,8 +68,6 @@ def attack(tmp_path_factory, digits):
         mallory.wait_ready("reader", timeout=240)
         victim.wait_ready("digits", timeout=240)
         yield stack, mallory, reader_path.read_bytes()
-        for client in (*clients.values(), admin):
-            client.close()
 
 
 def read(client: Client, path: str) -> bytes:

@@ -22,6 +22,7 @@ from maas.inference.v1 import inference_pb2
 from services.inference.stubs import stub_pids
 from services.stack.ephemeral import EphemeralStack
 from tests.support.digits import SIGNATURE
+from tests.support.tenants import developer_clients
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +51,7 @@ SPIN = {"x": np.ones((1, 4), np.float32)}
 @pytest.fixture(scope="module")
 def tenants(tmp_path_factory, digits):
     """Tenant `spinner` owns the looping model; tenant `steady` an ordinary one."""
-    with EphemeralStack() as stack:
-        admin = Client(stack.gateway, stack.admin_key)
-        clients = {}
-        for tenant in ("spinner", "steady"):
-            admin.create_tenant(tenant)
-            clients[tenant] = Client(stack.gateway, admin.create_api_key(tenant, "developer")[1])
+    with EphemeralStack() as stack, developer_clients(stack, "spinner", "steady") as clients:
         path = tmp_path_factory.mktemp("spinner") / "spinner.pt"
         torch.jit.script(Spinner()).save(str(path))
         spinner, steady = clients["spinner"], clients["steady"]
@@ -66,8 +62,6 @@ def tenants(tmp_path_factory, digits):
         steady.create_deployment("digits", "digits", version=1)
         steady.wait_ready("digits", timeout=240)
         yield stack, spinner, steady, digits
-        for client in (*clients.values(), admin):
-            client.close()
 
 
 def models_dir(stack: EphemeralStack) -> Path:
