@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2
 
 from services.common.periodic import Periodic
-from services.inference.service import Deployments, Route
+from services.inference.deployments import Deployments
+from services.inference.routes import Route
 from services.inference.store import FAILED, Deployment
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class LoadReporter:
 
     async def get(self, tenant: str, name: str) -> DeploymentLoad:
         deployment = await self.deployments.get(tenant, name)
-        route = self.deployments.route(tenant, name)
+        route = self.deployments.routes.get(tenant, name)
         models = loaded_versions(route) if route is not None else []
         return DeploymentLoad(deployment, await self._read(models, await self._pending()))
 
@@ -187,7 +188,7 @@ class LoadReporter:
         pending = await self._pending()
         seen: set[tuple[str, str]] = set()
         last: dict[str, VersionLoad] = {}
-        for route in self.deployments.routes():
+        for route in self.deployments.routes.all():
             labels = (route.deployment.tenant, route.deployment.name)
             loads = await self._read(loaded_versions(route), pending)
             window = [load.since(self._last.get(load.triton_model)) for load in loads]

@@ -12,9 +12,9 @@ from services.common.server import App, RunningServer, ServerSpec, Servicer, ser
 from services.inference.artifacts import ArtifactCache, Registry
 from services.inference.caps import TenantCaps
 from services.inference.config import InferenceSettings
+from services.inference.deployments import Deployments, gpu_on_this_host
 from services.inference.load import LoadReporter
 from services.inference.repository import ModelRepository
-from services.inference.service import Deployments, gpu_on_this_host
 from services.inference.servicer import InferenceServicer, RoutingServicer
 from services.inference.store import DeploymentStore
 from services.inference.triton import TritonClient, TritonSupervisor, TritonTls
@@ -62,7 +62,7 @@ async def create_app(settings: InferenceSettings) -> App:
             max_memory_mb=settings.inference_max_memory_per_tenant_mb,
         ),
     )
-    await deployments.restore()
+    await deployments.converger.restore()
     loads = LoadReporter(deployments, triton, settings.metrics_url, settings.load_refresh_seconds)
     supervisor = TritonSupervisor(
         directory=directory,
@@ -72,8 +72,8 @@ async def create_app(settings: InferenceSettings) -> App:
         http_port=settings.triton_http_port,
         metrics_port=settings.triton_metrics_port,
         start_timeout=settings.triton_start_timeout_seconds,
-        on_start=deployments.reconcile,
-        on_exit=deployments.triton_down,
+        on_start=deployments.converger.reconcile,
+        on_exit=deployments.converger.triton_down,
         token=settings.triton_token,
         fence_models=settings.model_fence == "required",
         tls=triton_tls(settings),

@@ -9,8 +9,9 @@ from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.channels import tenant_of
 from services.common.serving import TASK_VALUES
+from services.inference.deployments import Deployments, DeploymentSpec
 from services.inference.load import LoadReporter
-from services.inference.service import Deployments, DeploymentSpec, Route
+from services.inference.routes import Route
 from services.inference.store import Deployment
 
 DEVICE_NAMES = {
@@ -144,17 +145,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.DeleteDeploymentResponse()
 
     async def StartCanary(self, request, context):
-        updated = await self.deployments.start_canary(
+        updated = await self.deployments.rollouts.start_canary(
             tenant_of(context), request.name, request.version, request.weight_percent, request.max_error_rate
         )
         return inference_pb2.StartCanaryResponse(deployment=deployment_message(updated))
 
     async def PromoteCanary(self, request, context):
-        promoted = await self.deployments.promote_canary(tenant_of(context), request.name)
+        promoted = await self.deployments.rollouts.promote_canary(tenant_of(context), request.name)
         return inference_pb2.PromoteCanaryResponse(deployment=deployment_message(promoted))
 
     async def RollbackCanary(self, request, context):
-        updated = await self.deployments.rollback_canary(tenant_of(context), request.name)
+        updated = await self.deployments.rollouts.rollback_canary(tenant_of(context), request.name)
         return inference_pb2.RollbackCanaryResponse(deployment=deployment_message(updated))
 
     async def GetDeploymentLoad(self, request, context):
@@ -180,20 +181,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
 
     async def Predict(self, request, context):
-        response = await self.deployments.predict(tenant_of(context), request, context.time_remaining())
+        response = await self.deployments.serving.predict(tenant_of(context), request, context.time_remaining())
         context.set_trailing_metadata(((MODEL_VERSION_KEY, str(response.version)),))
         return response
 
     async def Generate(self, request, context):
         version = None
-        async for response in self.deployments.generate(tenant_of(context), request, context.time_remaining()):
+        async for response in self.deployments.serving.generate(tenant_of(context), request, context.time_remaining()):
             if version is None:
                 version = response.version
                 context.set_trailing_metadata(((MODEL_VERSION_KEY, str(version)),))
             yield response
 
     async def Embed(self, request, context):
-        response = await self.deployments.embed(tenant_of(context), request, context.time_remaining())
+        response = await self.deployments.serving.embed(tenant_of(context), request, context.time_remaining())
         context.set_trailing_metadata(((MODEL_VERSION_KEY, str(response.version)),))
         return response
 
@@ -206,7 +207,7 @@ class RoutingServicer(inference_pb2_grpc.RoutingServiceServicer):
 
     async def WatchRoutes(self, request, context) -> AsyncIterator[inference_pb2.WatchRoutesResponse]:
         address = self.deployments.triton_address
-        async for routes in self.deployments.watch_routes():
+        async for routes in self.deployments.routes.watch():
             yield inference_pb2.WatchRoutesResponse(
                 routes=[route_message(route, address) for route in routes]
             )

@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import pytriton
@@ -45,6 +46,24 @@ RESTRICTED_PROTOCOLS = "metadata,inference,shared-memory,model-config,model-repo
 # What tritonserver keeps of the service's environment: nothing secret (tokens, database URLs).
 TRITON_ENVIRONMENT = ("PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "TZ")
 TRITON_ENVIRONMENT_PREFIXES = ("CUDA_", "NVIDIA_", "OMP_")
+
+
+class Triton(Protocol):
+    """What the deployments need of a Triton server (TritonClient; a fake in unit tests)."""
+
+    address: str
+
+    async def load(self, triton_model: str, timeout: float) -> None: ...
+    async def unload(self, triton_model: str) -> None: ...
+    async def is_ready(self, triton_model: str) -> bool: ...
+    async def loaded_models(self) -> set[str]: ...
+    async def request_counts(self, triton_model: str) -> tuple[int, int]: ...
+    async def infer(
+        self, request: service_pb2.ModelInferRequest, timeout: float
+    ) -> service_pb2.ModelInferResponse: ...
+    def stream(
+        self, request: service_pb2.ModelInferRequest, timeout: float
+    ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]: ...
 
 
 class ModelLoadError(Exception):

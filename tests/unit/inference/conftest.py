@@ -9,9 +9,9 @@ import pytest
 
 from services.common.database import make_engine, upgrade
 from services.inference.artifacts import ArtifactCache
+from services.inference.deployments import Deployments
 from services.inference.repository import ModelRepository
 from services.inference.server import MIGRATIONS
-from services.inference.service import Deployments
 from services.inference.store import DeploymentStore
 from tests.unit.inference.inference_fakes import TENANT, FakeRegistry, FakeTriton
 
@@ -61,6 +61,6 @@ async def deployments(store, registry, repository, triton, tmp_path: Path) -> As
         load_concurrency=2,
         predict_timeout=5,
     )
-    await service.restore()
+    await service.converger.restore()
     yield service
     await service.close()

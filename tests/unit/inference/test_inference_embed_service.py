@@ -9,7 +9,7 @@ from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.inference.service import DeploymentSpec
+from services.inference.deployments import DeploymentSpec
 from services.inference.store import READY
 from tests.support.embedding import DIMENSIONS, embedding_answer, embedding_signature, tokens_of, vector_of
 from tests.unit.inference.inference_fakes import TENANT
@@ -51,7 +51,7 @@ async def test_embedding_version_deploys_with_the_embedding_runner(deployments, 
 async def test_embed_splits_by_max_batch_size_and_merges_in_order(deployments, minilm):
     _, sent = minilm
     texts = ["one", "two words", "three more words", "four", "five"]
-    response = await deployments.embed(TENANT, inference_pb2.EmbedRequest(deployment="minilm", texts=texts))
+    response = await deployments.serving.embed(TENANT, inference_pb2.EmbedRequest(deployment="minilm", texts=texts))
     assert [list(r.inputs[0].shape) for r in sent] == [[3, 1], [2, 1]]
     got = np.frombuffer(response.embeddings.raw, np.float32).reshape(tuple(response.embeddings.shape))
     np.testing.assert_array_equal(got, np.stack([vector_of(t) for t in texts]))
@@ -62,15 +62,15 @@ async def test_embed_splits_by_max_batch_size_and_merges_in_order(deployments, m
 async def test_embed_refuses_bad_calls(deployments, minilm):
     _, sent = minilm
     with pytest.raises(InvalidArgument, match="texts is empty"):
-        await deployments.embed(TENANT, inference_pb2.EmbedRequest(deployment="minilm"))
+        await deployments.serving.embed(TENANT, inference_pb2.EmbedRequest(deployment="minilm"))
     with pytest.raises(InvalidArgument, match=r"texts\[0\] is empty"):
-        await deployments.embed(TENANT, inference_pb2.EmbedRequest(deployment="minilm", texts=[""]))
+        await deployments.serving.embed(TENANT, inference_pb2.EmbedRequest(deployment="minilm", texts=[""]))
     with pytest.raises(NotFound):
-        await deployments.embed(TENANT, inference_pb2.EmbedRequest(deployment="absent", texts=["hi"]))
+        await deployments.serving.embed(TENANT, inference_pb2.EmbedRequest(deployment="absent", texts=["hi"]))
     with pytest.raises(NotFound):  # tenant-scoped
-        await deployments.embed("other", inference_pb2.EmbedRequest(deployment="minilm", texts=["hi"]))
+        await deployments.serving.embed("other", inference_pb2.EmbedRequest(deployment="minilm", texts=["hi"]))
     await deployments.create(TENANT, DeploymentSpec(name="digits", model="digits", version=1))
     await wait_state(deployments, "digits", READY)
     with pytest.raises(FailedPrecondition, match="use Predict"):
-        await deployments.embed(TENANT, inference_pb2.EmbedRequest(deployment="digits", texts=["hi"]))
+        await deployments.serving.embed(TENANT, inference_pb2.EmbedRequest(deployment="digits", texts=["hi"]))
     assert sent == []

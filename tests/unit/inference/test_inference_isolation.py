@@ -10,7 +10,7 @@ import pytest
 
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.inference.caps import MODEL_PROCESS_MB, TenantCaps
-from services.inference.service import Deployments, DeploymentSpec
+from services.inference.deployments import Deployments, DeploymentSpec
 from services.inference.store import FAILED, READY
 from tests.unit.inference.inference_fakes import TENANT
 from tests.unit.inference.test_inference_service import deploy, predict_request, wait_state
@@ -60,7 +60,7 @@ async def test_a_canary_counts_as_a_second_copy(deployments: Deployments):
     deployments.caps = TenantCaps(max_memory_mb=3 * PER_INSTANCE_MB)
     await deploy(deployments, "web", instances=2)
     with pytest.raises(ResourceExhausted, match="twice with a canary"):
-        await deployments.start_canary(TENANT, "web", 2, 10, 0.0)
+        await deployments.rollouts.start_canary(TENANT, "web", 2, 10, 0.0)
     assert (await deployments.get(TENANT, "web")).canary is None
 
 
@@ -71,7 +71,7 @@ async def test_caps_of_zero_mean_none(deployments: Deployments):
 
 
 async def test_the_execution_limit_reaches_the_runner_and_a_change_reloads(deployments: Deployments, repository):
-    deployments.execution_limit = 30
+    deployments.converger.execution_limit = 30
     await deploy(deployments, "web")
     first = await deployments.get(TENANT, "web")
     assert first.execution_limit_seconds == 0
@@ -113,5 +113,5 @@ async def test_a_predict_error_names_the_deployment(deployments: Deployments, tr
 
     monkeypatch.setattr(triton, "infer", down)
     with pytest.raises(Unavailable) as error:
-        await deployments.predict(TENANT, predict_request("web"))
+        await deployments.serving.predict(TENANT, predict_request("web"))
     assert internal not in str(error.value) and "unknown model: 'web'" in str(error.value)

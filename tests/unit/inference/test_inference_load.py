@@ -14,8 +14,8 @@ from prometheus_client import REGISTRY
 from tritonclient.grpc import service_pb2
 
 from services.common.errors import InvalidArgument, NotFound
+from services.inference.deployments import DeploymentSpec
 from services.inference.load import LoadReporter, VersionLoad, pending_by_model
-from services.inference.service import DeploymentSpec
 from tests.unit.inference.inference_fakes import TENANT, FakeTriton
 
 METRICS = """\
@@ -82,7 +82,7 @@ def metrics_url(metrics_text: list[str]) -> Iterator[str]:
 async def ready(deployments, name: str = "web", **fields) -> str:  # type: ignore[no-untyped-def]
     await deployments.create(TENANT, DeploymentSpec(name=name, model="digits", version=1, **fields))
     for _ in range(500):
-        route = deployments.route(TENANT, name)
+        route = deployments.routes.get(TENANT, name)
         if route is not None and route.serving is not None:
             return route.serving.triton_model
         await asyncio.sleep(0.01)
@@ -127,7 +127,7 @@ async def test_get_reports_the_serving_version_with_tritons_numbers(deployments,
 
 async def test_a_canary_is_reported_beside_the_version_it_tries(deployments, triton, metrics_url) -> None:
     await ready(deployments)
-    await deployments.start_canary(TENANT, "web", 2, 10, 0.0)
+    await deployments.rollouts.start_canary(TENANT, "web", 2, 10, 0.0)
     load = await LoadReporter(deployments, triton, metrics_url, 0).get(TENANT, "web")
     assert sorted(v.version for v in load.versions) == [1, 2]
 

@@ -20,9 +20,9 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.logs import request_id_var
-from services.inference import service as service_module
+from services.inference import routes as routes_module
 from services.inference.artifacts import ArtifactCache
-from services.inference.service import Deployments, DeploymentSpec
+from services.inference.deployments import Deployments, DeploymentSpec
 from services.inference.store import FAILED, LOADING, READY
 from tests.unit.inference.inference_fakes import TENANT, WEIGHTS, FakeRegistry, FakeTriton
 
@@ -166,7 +166,7 @@ async def test_a_load_error_fails_the_deployment_with_tritons_reason(deployments
     failed = await wait_state(deployments, "web", FAILED)
     assert "not a TorchScript archive" in failed.message
     with pytest.raises(FailedPrecondition, match="not a TorchScript archive"):
-        await deployments.predict(TENANT, predict_request())
+        await deployments.serving.predict(TENANT, predict_request())
 
 
 async def test_an_artifact_with_the_wrong_sha256_fails_the_deployment(deployments, registry, tmp_path):
@@ -198,24 +198,24 @@ async def test_an_unavailable_registry_is_retried(store, repository, triton, tmp
 async def test_predict_forwards_to_triton_and_converts_back(deployments, triton):
     await deploy(deployments)
     x, tensor = x_tensor(3)
-    response = await deployments.predict(
+    response = await deployments.serving.predict(
         TENANT, inference_pb2.PredictRequest(deployment="web", inputs=[tensor])
     )
     assert (response.model, response.version) == ("digits", 1)
     (output,) = response.outputs
     assert (output.name, output.datatype, list(output.shape)) == ("y", common_pb2.DATA_TYPE_FP32, [3, 3])
     np.testing.assert_allclose(np.frombuffer(output.raw, dtype=np.float32).reshape(3, 3), x @ WEIGHTS)
-    route = (await anext(deployments.watch_routes()))[0]
+    route = (await anext(deployments.routes.watch()))[0]
     assert triton.requests[-1].model_name == route.deployment.triton_model
 
 
 async def test_predict_compiles_the_signature_once_per_deployment(deployments, monkeypatch):
     built = []
-    real = service_module.CompiledSignature
-    monkeypatch.setattr(service_module, "CompiledSignature", lambda *args: built.append(1) or real(*args))
+    real = routes_module.CompiledSignature
+    monkeypatch.setattr(routes_module, "CompiledSignature", lambda *args: built.append(1) or real(*args))
     await deploy(deployments)
     for _ in range(5):
-        await deployments.predict(TENANT, predict_request())
+        await deployments.serving.predict(TENANT, predict_request())
     assert len(built) == 1
 
 
@@ -242,31 +242,31 @@ async def test_predict_refuses_inputs_that_do_not_match_the_signature(
     await deploy(deployments)
     request = inference_pb2.PredictRequest(deployment="web", inputs=inputs, output_names=output_names)
     with pytest.raises(InvalidArgument, match=complaint):
-        await deployments.predict(TENANT, request)
+        await deployments.serving.predict(TENANT, request)
     assert not triton.requests
 
 
 async def test_predict_finds_only_the_callers_deployments(deployments):
     await deploy(deployments)
     with pytest.raises(NotFound):
-        await deployments.predict("other", predict_request())
+        await deployments.serving.predict("other", predict_request())
     with pytest.raises(NotFound):
-        await deployments.predict(TENANT, predict_request("missing"))
+        await deployments.serving.predict(TENANT, predict_request("missing"))
     with pytest.raises(InvalidArgument, match="invalid deployment name"):
-        await deployments.predict(TENANT, predict_request("Not A Name"))
+        await deployments.serving.predict(TENANT, predict_request("Not A Name"))
 
 
 async def test_predict_while_loading_waits_for_the_deployment(deployments, triton):
     triton.load_delay = 0.3
     await deployments.create(TENANT, DeploymentSpec(name="web", model="digits", version=1))
-    assert (await deployments.predict(TENANT, predict_request(), timeout=5)).version == 1
+    assert (await deployments.serving.predict(TENANT, predict_request(), timeout=5)).version == 1
 
 
 async def test_predict_while_loading_gives_up_at_its_deadline(deployments, triton):
     triton.load_delay = 1.0
     await deployments.create(TENANT, DeploymentSpec(name="web", model="digits", version=1))
     with pytest.raises(Unavailable, match="deployment 'web' is still loading"):
-        await deployments.predict(TENANT, predict_request(), timeout=0.05)
+        await deployments.serving.predict(TENANT, predict_request(), timeout=0.05)
     await wait_state(deployments, "web", READY)
 
 
@@ -275,22 +275,22 @@ async def test_predict_while_loading_fails_fast_when_the_load_fails(deployments,
     triton.fail_loads = "bad artifact"
     await deployments.create(TENANT, DeploymentSpec(name="web", model="digits", version=1))
     with pytest.raises(FailedPrecondition, match="bad artifact"):
-        await deployments.predict(TENANT, predict_request(), timeout=5)
+        await deployments.serving.predict(TENANT, predict_request(), timeout=5)
 
 
 async def test_an_update_rolls_to_the_new_version_while_the_old_one_serves(deployments, triton, repository):
     await deploy(deployments)
     old = (await deployments.get(TENANT, "web")).triton_model
-    deployments.drain_seconds = 0.2
+    deployments.converger.drain_seconds = 0.2
     triton.load_delay = 0.3
     updated = await deployments.update(TENANT, DeploymentSpec(name="web", version=2), ["version"])
     assert updated.state == LOADING and "version 1 serves until it is ready" in updated.message
     # The new version is a Triton model of its own; the old one is untouched meanwhile.
     assert updated.triton_model != old
-    response = await deployments.predict(TENANT, predict_request())
+    response = await deployments.serving.predict(TENANT, predict_request())
     assert response.version == 1 and triton.requests[-1].model_name == old
     await wait_state(deployments, "web", READY)
-    response = await deployments.predict(TENANT, predict_request())
+    response = await deployments.serving.predict(TENANT, predict_request())
     assert response.version == 2 and triton.requests[-1].model_name == updated.triton_model
     # Both stay loaded while the old one drains, then only the new one.
     assert {old, updated.triton_model} <= triton.loaded
@@ -301,7 +301,7 @@ async def test_an_update_rolls_to_the_new_version_while_the_old_one_serves(deplo
 
 async def test_a_superseded_roll_leaves_nothing_behind(deployments, triton, repository):
     await deploy(deployments)
-    deployments.drain_seconds = 0
+    deployments.converger.drain_seconds = 0
     triton.load_delay = 0.2
     await deployments.update(TENANT, DeploymentSpec(name="web", version=2), ["version"])
     final = await deployments.update(TENANT, DeploymentSpec(name="web", version=1), ["version"])
@@ -312,15 +312,15 @@ async def test_a_superseded_roll_leaves_nothing_behind(deployments, triton, repo
 
 
 async def test_an_alias_following_deployment_rolls_when_the_alias_moves(deployments, registry, triton):
-    deployments.drain_seconds = 0
+    deployments.converger.drain_seconds = 0
     await deploy(deployments, version=None, alias="production")
-    await deployments.follow_aliases()
+    await deployments.rollouts.follow_aliases()
     assert (await deployments.get(TENANT, "web")).state == READY  # nothing moved
     registry.aliases[(TENANT, "digits", "production")] = 2
-    await deployments.follow_aliases()
+    await deployments.rollouts.follow_aliases()
     rolled = await wait_state(deployments, "web", READY)
     assert rolled.resolved_version == 2 and rolled.alias == "production"
-    assert (await deployments.predict(TENANT, predict_request())).version == 2
+    assert (await deployments.serving.predict(TENANT, predict_request())).version == 2
 
 
 async def test_an_alias_moved_to_an_unservable_version_is_refused_once(deployments, registry, triton):
@@ -328,12 +328,12 @@ async def test_an_alias_moved_to_an_unservable_version_is_refused_once(deploymen
     registry.add("digits", 3, state=registry_pb2.VERSION_STATE_ARCHIVED)
     registry.aliases[(TENANT, "digits", "production")] = 3
     loads = len(triton.loads)
-    await deployments.follow_aliases()
-    await deployments.follow_aliases()
+    await deployments.rollouts.follow_aliases()
+    await deployments.rollouts.follow_aliases()
     current = await deployments.get(TENANT, "web")
     assert current.resolved_version == 1 and current.state == READY
     assert len(triton.loads) == loads
-    assert (await deployments.predict(TENANT, predict_request())).version == 1
+    assert (await deployments.serving.predict(TENANT, predict_request())).version == 1
 
 
 async def test_a_failed_update_leaves_the_old_version_serving(deployments, triton):
@@ -342,7 +342,7 @@ async def test_a_failed_update_leaves_the_old_version_serving(deployments, trito
     await deployments.update(TENANT, DeploymentSpec(name="web", version=2), ["version"])
     failed = await wait_state(deployments, "web", FAILED)
     assert "bad artifact" in failed.message and "version 1 keeps serving" in failed.message
-    assert (await deployments.predict(TENANT, predict_request())).version == 1
+    assert (await deployments.serving.predict(TENANT, predict_request())).version == 1
 
 
 async def test_update_of_cacheable_alone_does_not_reload(deployments, triton):
@@ -351,7 +351,7 @@ async def test_update_of_cacheable_alone_does_not_reload(deployments, triton):
     updated = await deployments.update(TENANT, DeploymentSpec(name="web", cacheable=True), ["cacheable"])
     assert updated.cacheable and updated.state == READY
     assert len(triton.loads) == loads
-    (route,) = await anext(deployments.watch_routes())
+    (route,) = await anext(deployments.routes.watch())
     assert route.ready and route.deployment.cacheable
 
 
@@ -366,7 +366,7 @@ async def test_update_of_instances_rewrites_the_config_and_reloads(deployments, 
     config = (repository.path(updated.triton_model) / "config.pbtxt").read_text()
     assert "count: 3" in config and "max_batch_size: 64" in config and "KIND_CPU" in config
     _, tensor = x_tensor(64)
-    await deployments.predict(TENANT, inference_pb2.PredictRequest(deployment="web", inputs=[tensor]))
+    await deployments.serving.predict(TENANT, inference_pb2.PredictRequest(deployment="web", inputs=[tensor]))
 
 
 @pytest.mark.parametrize(
@@ -405,13 +405,13 @@ async def test_delete_unloads_and_removes_everything(deployments, triton, reposi
     await deployments.delete(TENANT, "web")
     assert triton_model not in triton.loaded
     assert not repository.path(triton_model).exists()
-    assert await anext(deployments.watch_routes()) == []
+    assert await anext(deployments.routes.watch()) == []
     with pytest.raises(NotFound):
         await deployments.get(TENANT, "web")
     with pytest.raises(NotFound):
         await deployments.delete(TENANT, "web")
     with pytest.raises(NotFound):
-        await deployments.predict(TENANT, predict_request())
+        await deployments.serving.predict(TENANT, predict_request())
 
 
 async def test_delete_while_loading_leaves_nothing_loaded(deployments, triton, repository):
@@ -440,16 +440,16 @@ async def test_list_pages_by_name_within_the_tenant(deployments, registry):
 async def test_reconcile_after_a_triton_restart_reloads_and_drops_strays(deployments, triton, repository):
     await deploy(deployments)
     triton_model = (await deployments.get(TENANT, "web")).triton_model
-    await deployments.triton_down()
+    await deployments.converger.triton_down()
     with pytest.raises(Unavailable, match="still loading"):
-        await deployments.predict(TENANT, predict_request())
+        await deployments.serving.predict(TENANT, predict_request())
     triton.loaded = {"m_stray"}  # a fresh Triton that someone loaded another model into
     (repository.root / "m_stray").mkdir()
-    await deployments.reconcile()
+    await deployments.converger.reconcile()
     await wait_state(deployments, "web", READY)
     assert triton.loaded == {triton_model}
     assert repository.names() == {triton_model}
-    await deployments.predict(TENANT, predict_request())
+    await deployments.serving.predict(TENANT, predict_request())
 
 
 async def test_a_restarted_service_restores_routes_and_reconciles(
@@ -471,21 +471,21 @@ async def test_a_restarted_service_restores_routes_and_reconciles(
     )
     (tmp_path / "artifacts" / ("0" * 64)).write_bytes(b"no deployment uses this")
     (tmp_path / "artifacts" / ".abc.part").write_bytes(b"an interrupted download")
-    await restarted.restore()
+    await restarted.converger.restore()
     assert [path.name for path in (tmp_path / "artifacts").iterdir()] == [
         (await restarted.get(TENANT, "web")).sha256
     ]
     with pytest.raises(Unavailable):  # known at once, served once reloaded
-        await restarted.predict(TENANT, predict_request())
-    await restarted.reconcile()
+        await restarted.serving.predict(TENANT, predict_request())
+    await restarted.converger.reconcile()
     await wait_state(restarted, "web", READY)
-    assert (await restarted.predict(TENANT, predict_request())).version == 1
+    assert (await restarted.serving.predict(TENANT, predict_request())).version == 1
     assert registry.downloads == 1  # the artifact cache survived
     await restarted.close()
 
 
 async def test_watch_routes_sends_the_table_at_once_and_after_each_change(deployments):
-    watch = deployments.watch_routes()
+    watch = deployments.routes.watch()
     assert await anext(watch) == []
     await deployments.create(TENANT, DeploymentSpec(name="web", model="digits", version=1, cacheable=True))
     (loading,) = await asyncio.wait_for(anext(watch), 1)
@@ -511,7 +511,7 @@ def test_settings_fill_paths_from_home(tmp_path: Path):
 
 
 async def start_canary(deployments: Deployments, weight: int = 50, max_error_rate: float = 0.0):
-    await deployments.start_canary(TENANT, "web", 2, weight, max_error_rate)
+    await deployments.rollouts.start_canary(TENANT, "web", 2, weight, max_error_rate)
     deadline = time.monotonic() + 5
     while (await deployments.get(TENANT, "web")).canary.state != READY:
         assert time.monotonic() < deadline
@@ -523,7 +523,7 @@ async def versions_answering(deployments: Deployments, request_ids: range) -> di
     for number in request_ids:
         token = request_id_var.set(f"request-{number}")
         try:
-            answers[f"request-{number}"] = (await deployments.predict(TENANT, predict_request())).version
+            answers[f"request-{number}"] = (await deployments.serving.predict(TENANT, predict_request())).version
         finally:
             request_id_var.reset(token)
     return answers
@@ -531,28 +531,28 @@ async def versions_answering(deployments: Deployments, request_ids: range) -> di
 
 async def test_a_canary_takes_its_share_the_same_way_for_each_request_id(deployments, triton):
     await deploy(deployments)
-    started = await deployments.start_canary(TENANT, "web", 2, 20, 0.0)
+    started = await deployments.rollouts.start_canary(TENANT, "web", 2, 20, 0.0)
     assert started.canary.state == LOADING and started.canary.weight == 20
     await start_canary(deployments, weight=20)
     first = await versions_answering(deployments, range(200))
     assert 20 < list(first.values()).count(2) < 60
     assert await versions_answering(deployments, range(200)) == first
-    (route,) = await anext(deployments.watch_routes())
+    (route,) = await anext(deployments.routes.watch())
     assert route.canary is not None and route.canary.triton_model in triton.loaded
     # Hold at another weight: same canary, no reload.
     loads = len(triton.loads)
-    held = await deployments.start_canary(TENANT, "web", 2, 90, 0.0)
+    held = await deployments.rollouts.start_canary(TENANT, "web", 2, 90, 0.0)
     assert held.canary.weight == 90 and held.canary.state == READY and len(triton.loads) == loads
     assert list((await versions_answering(deployments, range(200))).values()).count(2) > 150
 
 
 async def test_promote_makes_the_canary_the_deployment_and_drains_the_old_version(deployments, triton):
     await deploy(deployments)
-    deployments.drain_seconds = 0.1
+    deployments.converger.drain_seconds = 0.1
     old = (await deployments.get(TENANT, "web")).triton_model
     await start_canary(deployments)
     canary_model = (await deployments.get(TENANT, "web")).canary.triton_model
-    promoted = await deployments.promote_canary(TENANT, "web")
+    promoted = await deployments.rollouts.promote_canary(TENANT, "web")
     assert promoted.resolved_version == promoted.version == 2 and promoted.canary is None
     assert promoted.triton_model == canary_model and len(triton.loads) == 2  # no reload
     assert set((await versions_answering(deployments, range(20))).values()) == {2}
@@ -563,30 +563,30 @@ async def test_promote_makes_the_canary_the_deployment_and_drains_the_old_versio
 
 async def test_rollback_sends_everything_back_and_unloads_the_canary(deployments, triton, repository):
     await deploy(deployments)
-    deployments.drain_seconds = 0
+    deployments.converger.drain_seconds = 0
     await start_canary(deployments)
-    rolled_back = await deployments.rollback_canary(TENANT, "web")
+    rolled_back = await deployments.rollouts.rollback_canary(TENANT, "web")
     assert rolled_back.canary is None and rolled_back.resolved_version == 1
     assert set((await versions_answering(deployments, range(20))).values()) == {1}
     await asyncio.sleep(0.1)
     assert triton.loaded == {rolled_back.triton_model}
     assert repository.names() == {rolled_back.triton_model}
     with pytest.raises(FailedPrecondition, match="no canary"):
-        await deployments.rollback_canary(TENANT, "web")
+        await deployments.rollouts.rollback_canary(TENANT, "web")
     with pytest.raises(FailedPrecondition, match="no canary"):
-        await deployments.promote_canary(TENANT, "web")
+        await deployments.rollouts.promote_canary(TENANT, "web")
 
 
 async def test_a_canary_failing_too_often_is_rolled_back_on_its_own(deployments, triton):
     await deploy(deployments)
-    deployments.drain_seconds = 0
+    deployments.converger.drain_seconds = 0
     await start_canary(deployments, max_error_rate=0.2)
     canary_model = (await deployments.get(TENANT, "web")).canary.triton_model
     triton.counts[canary_model] = (50, 5)  # 9 % failed: within the threshold
-    await deployments.check_canaries()
+    await deployments.rollouts.check_canaries()
     assert (await deployments.get(TENANT, "web")).canary is not None
     triton.counts[canary_model] = (55, 20)  # 15 of the last 20 failed
-    await deployments.check_canaries()
+    await deployments.rollouts.check_canaries()
     rolled_back = await deployments.get(TENANT, "web")
     assert rolled_back.canary is None and "15 of its last 20 requests failed" in rolled_back.message
     assert set((await versions_answering(deployments, range(20))).values()) == {1}
@@ -595,7 +595,7 @@ async def test_a_canary_failing_too_often_is_rolled_back_on_its_own(deployments,
 async def test_a_canary_that_fails_to_load_takes_no_traffic(deployments, triton):
     await deploy(deployments)
     triton.fail_loads = "bad artifact"
-    await deployments.start_canary(TENANT, "web", 2, 50, 0.0)
+    await deployments.rollouts.start_canary(TENANT, "web", 2, 50, 0.0)
     deadline = time.monotonic() + 5
     while (canary := (await deployments.get(TENANT, "web")).canary).state != FAILED:
         assert time.monotonic() < deadline
@@ -603,7 +603,7 @@ async def test_a_canary_that_fails_to_load_takes_no_traffic(deployments, triton)
     assert "bad artifact" in canary.message
     assert set((await versions_answering(deployments, range(20))).values()) == {1}
     with pytest.raises(FailedPrecondition, match="promote it once it is READY"):
-        await deployments.promote_canary(TENANT, "web")
+        await deployments.rollouts.promote_canary(TENANT, "web")
 
 
 @pytest.mark.parametrize(
@@ -619,13 +619,13 @@ async def test_a_canary_that_fails_to_load_takes_no_traffic(deployments, triton)
 async def test_start_canary_refuses_bad_requests(deployments, version, weight, rate, error, complaint):
     await deploy(deployments)
     with pytest.raises(error, match=complaint):
-        await deployments.start_canary(TENANT, "web", version, weight, rate)
+        await deployments.rollouts.start_canary(TENANT, "web", version, weight, rate)
 
 
 async def test_canaries_need_a_pinned_version_and_the_same_signature(deployments, registry):
     await deploy(deployments, version=None, alias="production")
     with pytest.raises(FailedPrecondition, match="follows alias"):
-        await deployments.start_canary(TENANT, "web", 2, 10, 0.0)
+        await deployments.rollouts.start_canary(TENANT, "web", 2, 10, 0.0)
     other = common_pb2.Signature(
         inputs=[common_pb2.TensorSpec(name="z", datatype=common_pb2.DATA_TYPE_FP32, shape=[4])],
         outputs=[common_pb2.TensorSpec(name="y", datatype=common_pb2.DATA_TYPE_FP32, shape=[3])],
@@ -633,18 +633,18 @@ async def test_canaries_need_a_pinned_version_and_the_same_signature(deployments
     registry.add("digits", 3, signature=other)
     await deploy(deployments, name="pinned")
     with pytest.raises(FailedPrecondition, match="another signature"):
-        await deployments.start_canary(TENANT, "pinned", 3, 10, 0.0)
+        await deployments.rollouts.start_canary(TENANT, "pinned", 3, 10, 0.0)
 
 
 async def test_a_canary_survives_a_restart_of_triton(deployments, triton):
     await deploy(deployments)
     await start_canary(deployments)
-    await deployments.triton_down()
+    await deployments.converger.triton_down()
     triton.loaded.clear()
-    await deployments.reconcile()
+    await deployments.converger.reconcile()
     deadline = time.monotonic() + 5
     while True:
-        (route,) = await anext(deployments.watch_routes())
+        (route,) = await anext(deployments.routes.watch())
         if route.ready and route.canary is not None:
             break
         assert time.monotonic() < deadline

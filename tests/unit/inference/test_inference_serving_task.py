@@ -14,8 +14,8 @@ from tritonclient.grpc import model_config_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.serving import EMBED, GENERATE, PREDICT
+from services.inference.deployments import DeploymentSpec
 from services.inference.repository import ModelSpec, config_text
-from services.inference.service import DeploymentSpec
 from services.inference.servicer import deployment_message, route_message
 from services.inference.store import READY
 from tests.unit.inference.inference_fakes import TENANT
@@ -76,7 +76,7 @@ async def test_predict_on_a_generation_deployment_says_to_call_generate(deployme
     await deployments.create(TENANT, DeploymentSpec(name="chat", model="gpt", version=1))
     await wait_state(deployments, "chat", READY)
     with pytest.raises(FailedPrecondition, match="use Generate"):
-        await deployments.predict(TENANT, predict_request("chat"))
+        await deployments.serving.predict(TENANT, predict_request("chat"))
 
 
 async def test_language_models_without_a_vocabulary_or_torchscript_are_refused(deployments, registry):
@@ -104,7 +104,7 @@ async def test_a_canary_must_serve_the_same_task_and_vocabulary(deployments, reg
     await deployments.create(TENANT, DeploymentSpec(name="chat", model="gpt", version=1))
     await wait_state(deployments, "chat", READY)
     with pytest.raises(FailedPrecondition, match="another task or vocabulary"):
-        await deployments.start_canary(TENANT, "chat", 2, 10, 0.0)
+        await deployments.rollouts.start_canary(TENANT, "chat", 2, 10, 0.0)
 
 
 def test_embedding_models_get_their_own_runner_and_batching():
@@ -129,7 +129,7 @@ async def test_deployments_and_routes_carry_the_task_and_precision(deployments, 
     ready = await wait_state(deployments, "chat", READY)
     message = deployment_message(ready)
     assert (message.task, message.precision) == (inference_pb2.SERVING_TASK_GENERATE, "int8")
-    (route,) = [route_message(route, "t:1") for route in await anext(deployments.watch_routes())]
+    (route,) = [route_message(route, "t:1") for route in await anext(deployments.routes.watch())]
     assert route.task == inference_pb2.SERVING_TASK_GENERATE
 
 
@@ -138,7 +138,7 @@ async def test_generate_streams_from_a_generation_deployment(deployments, regist
     await deployments.create(TENANT, DeploymentSpec(name="chat", model="gpt", version=1))
     await wait_state(deployments, "chat", READY)
     request = inference_pb2.GenerateRequest(deployment="chat", prompt="abc", max_tokens=3, seed=4)
-    *tokens, final = [message async for message in deployments.generate(TENANT, request)]
+    *tokens, final = [message async for message in deployments.serving.generate(TENANT, request)]
     assert [t.text for t in tokens] == ["a", "b", "c"] and (final.model, final.version) == ("gpt", 1)
     assert final.finish_reason == inference_pb2.FINISH_REASON_LENGTH and final.completion_tokens == 3
     assert triton.requests[-1].parameters["seed"].int64_param == 4
@@ -158,4 +158,4 @@ async def test_generate_refuses_bad_prompts_and_tensor_deployments(deployments, 
         ({"deployment": "nope", "prompt": "a"}, NotFound, "not found"),
     ]:
         with pytest.raises(error, match=complaint):
-            _ = [m async for m in deployments.generate(TENANT, inference_pb2.GenerateRequest(**fields))]
+            _ = [m async for m in deployments.serving.generate(TENANT, inference_pb2.GenerateRequest(**fields))]

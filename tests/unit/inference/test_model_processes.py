@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from services.common.serving import EXECUTION_LIMIT_PREFIX as SHARED_PREFIX
-from services.inference import service as service_module
+from services.inference import converge as converge_module
+from services.inference.deployments import Deployments
 from services.inference.runner.execution_limit import (
     EXECUTION_LIMIT_PREFIX,
     ExecutionLimit,
     ExecutionLimitExceeded,
 )
-from services.inference.service import Deployments
 from services.inference.stubs import reap_stubs, stub_pids, stubs_under
 from tests.unit.inference.inference_fakes import TENANT
 from tests.unit.inference.test_inference_service import deploy
@@ -109,16 +109,16 @@ async def test_a_served_model_without_stubs_is_reloaded_once(deployments: Deploy
     await deploy(deployments, "web")
     triton_model = (await deployments.get(TENANT, "web")).triton_model
     stubs = {triton_model: [123]}
-    monkeypatch.setattr(service_module, "stubs_under", lambda root: dict(stubs))
+    monkeypatch.setattr(converge_module, "stubs_under", lambda root: dict(stubs))
     loads = len(triton.loads)
-    await deployments.revive_models()
+    await deployments.converger.revive_models()
     await asyncio.sleep(0.05)
     assert len(triton.loads) == loads, "a model with its stubs was reloaded"
 
     runner = repository.path(triton_model) / "1" / "model.py"
     before = runner.stat().st_mtime_ns
     stubs.clear()
-    await deployments.revive_models()
+    await deployments.converger.revive_models()
     await asyncio.sleep(0.05)
     assert triton.loads[loads:] == [triton_model]
     assert runner.stat().st_mtime_ns > before  # so that Triton sees a change and reloads

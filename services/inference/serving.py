@@ -1,0 +1,140 @@
+"""The inference service's own data path (Predict, Embed, Generate for internal callers): the
+route, a cold-start wait within the caller's deadline, the canary's share, one Triton call, and
+errors that name the deployment, never Triton's internal model or the paths on this host."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from maas.inference.v1 import inference_pb2
+
+from services.common.embedding import EmbeddingModel, check_texts
+from services.common.errors import MaasError, NotFound
+from services.common.generation import (
+    check_prompt,
+    generate_response_of_stream,
+    sampling_of_generate,
+    stream_request,
+)
+from services.common.logs import request_id_var
+from services.common.oip import headers_of_predict, infer_request_of_predict, predict_response_of_infer
+from services.common.serving import EMBED, GENERATE, TENSOR_TASKS, check_task
+from services.common.traffic import goes_to_canary
+from services.common.validation import check_name
+from services.inference.routes import Route, RouteTable
+from services.inference.triton import Triton
+
+# Triton's names for a deployment's revisions and their instances (converge.triton_model_name):
+# internal, so messages a caller reads name the deployment instead.
+TRITON_MODEL_NAME = re.compile(r"m_[0-9a-f]{32}_[0-9a-f]{8}(?:_\d+)*")
+
+
+def public_message(message: str, deployment_name: str, repository_root: Path) -> str:
+    """`message` as a caller may read it: Triton's model names and the model repository's paths
+    on this host replaced by the deployment's name."""
+    message = message.replace(str(repository_root), "<models>")
+    return TRITON_MODEL_NAME.sub(deployment_name, message)
+
+
+class Serving:
+    def __init__(
+        self,
+        routes: RouteTable,
+        triton: Triton,
+        repository_root: Path,
+        predict_timeout: float,
+        cold_start_wait: float,
+    ) -> None:
+        self.routes = routes
+        self.triton = triton
+        self.repository_root = repository_root
+        # Upper bound of a call that carries no deadline of its own.
+        self.predict_timeout = predict_timeout
+        # How long a call without a deadline of its own waits for a loading deployment.
+        self.cold_start_wait = cold_start_wait
+
+    async def predict(
+        self, tenant: str, request: inference_pb2.PredictRequest, timeout: float | None = None
+    ) -> inference_pb2.PredictResponse:
+        route = await self._route(tenant, request.deployment, timeout)
+        serving, compiled = route.serving, route.compiled
+        assert serving is not None and compiled is not None  # _route returns only then
+        check_task(request.deployment, serving.task, TENSOR_TASKS, "Predict")
+        compiled.validate(headers_of_predict(request), request.output_names)
+        triton_model, version = _target(route)
+        infer = infer_request_of_predict(request, triton_model, request_id_var.get())
+        with self._public_errors(request.deployment):
+            response = await self.triton.infer(infer, self._budget(timeout))
+        return predict_response_of_infer(response, serving.model, version)
+
+    async def embed(
+        self, tenant: str, request: inference_pb2.EmbedRequest, timeout: float | None = None
+    ) -> inference_pb2.EmbedResponse:
+        texts = check_texts(request.texts)
+        route = await self._route(tenant, request.deployment, timeout)
+        serving = route.serving
+        assert serving is not None  # _route returns only then
+        check_task(request.deployment, serving.task, (EMBED,), "Embed")
+        model = EmbeddingModel.of(request.deployment, serving.signature)
+        triton_model, version = _target(route)
+        requests = model.requests(texts, triton_model, serving.max_batch_size, request_id_var.get())
+        budget = self._budget(timeout)
+        with self._public_errors(request.deployment):
+            answers = await asyncio.gather(*(self.triton.infer(r, budget) for r in requests))
+        return model.response(answers, serving.model, version)
+
+    async def generate(
+        self, tenant: str, request: inference_pb2.GenerateRequest, timeout: float | None = None
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        """Text from a generation deployment, one message per token; leaving the iteration
+        early (a cancelled caller) cancels the Triton stream."""
+        prompt, sampling = check_prompt(request.prompt), sampling_of_generate(request)
+        route = await self._route(tenant, request.deployment, timeout)
+        serving = route.serving
+        assert serving is not None  # _route returns only then
+        check_task(request.deployment, serving.task, (GENERATE,), "Generate")
+        triton_model, version = _target(route)
+        infer = stream_request(prompt, sampling, triton_model, request_id_var.get())
+        with self._public_errors(request.deployment):
+            async for response in self.triton.stream(infer, self._budget(timeout)):
+                yield generate_response_of_stream(response, serving.model, version)
+
+    async def _route(self, tenant: str, name: str, timeout: float | None) -> Route:
+        """The deployment's route once it serves (waiting out a cold start), or NOT_FOUND."""
+        route = self.routes.get(tenant, name)
+        if route is None:
+            check_name("deployment", name)
+            raise NotFound(f"deployment {name!r} not found")
+        if route.ready:
+            return route
+        # Give up a little before the caller's deadline, so that it hears why.
+        wait = timeout - min(0.1, timeout / 10) if timeout is not None else self.cold_start_wait
+        return await self.routes.serving(tenant, name, wait)
+
+    def _budget(self, timeout: float | None) -> float:
+        return timeout if timeout is not None else self.predict_timeout
+
+    @contextlib.contextmanager
+    def _public_errors(self, deployment_name: str) -> Iterator[None]:
+        try:
+            yield
+        except MaasError as error:
+            public = public_message(str(error), deployment_name, self.repository_root)
+            if public == str(error):
+                raise
+            renamed = type(error)(public)
+            renamed.trailing_metadata = error.trailing_metadata
+            raise renamed from None
+
+
+def _target(route: Route) -> tuple[str, int]:
+    """The Triton model and version of this request: the canary's for its share of requests."""
+    canary, serving = route.canary, route.serving
+    assert serving is not None
+    if canary is not None and goes_to_canary(request_id_var.get(), canary.weight):
+        return canary.triton_model, canary.version
+    return serving.triton_model, serving.resolved_version
