@@ -11,6 +11,8 @@ from maas.inference.v1 import inference_pb2
 from services.common.errors import FailedPrecondition, ResourceExhausted
 
 PREDICT, GENERATE, EMBED = "PREDICT", "GENERATE", "EMBED"
+# Trailing metadata of every answer from a deployment: the version that answered it.
+MODEL_VERSION_KEY = "x-maas-model-version"
 # How a runner's error starts when a request ran past the deployment's execution limit
 # (services/inference/runner/execution_limit.py, which cannot import this module).
 EXECUTION_LIMIT_PREFIX = "execution limit exceeded: "

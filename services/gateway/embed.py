@@ -17,11 +17,11 @@ from maas.inference.v1 import inference_pb2
 from services.common.embedding import EmbeddingModel, check_texts
 from services.common.errors import InvalidArgument
 from services.common.logs import request_id_var
-from services.common.serving import EMBED, TASK_NAMES, check_task
+from services.common.serving import EMBED, MODEL_VERSION_KEY, TASK_NAMES, check_task
 from services.common.validation import check_name
 from services.gateway.auth import current_caller
 from services.gateway.cache import ResponseCache, embed_key, may_use_cache
-from services.gateway.predict import MODEL_VERSION_KEY, SERVICE
+from services.gateway.predict import SERVICE
 from services.gateway.proxy import Proxy
 from services.gateway.routes import RouteTable, infer
 from services.gateway.usage import Meter

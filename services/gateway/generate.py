@@ -29,7 +29,7 @@ from services.common.generation import (
     stream_request,
 )
 from services.common.logs import request_id_var
-from services.common.serving import GENERATE, check_task, task_of_route
+from services.common.serving import GENERATE, MODEL_VERSION_KEY, check_task, task_of_route
 from services.common.validation import check_name
 from services.gateway.admission import Admission
 from services.gateway.auth import Caller, current_caller
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = "maas.inference.v1.InferenceService"
 GENERATE_PATH = f"/{SERVICE}/Generate"
-# Trailing metadata: which version answered, as for Predict.
-MODEL_VERSION_KEY = "x-maas-model-version"
 
 
 class TokenAccount:

@@ -12,7 +12,7 @@ from maas.inference.v1 import inference_pb2
 from services.common.errors import InvalidArgument
 from services.common.logs import request_id_var
 from services.common.oip import headers_of_predict, infer_request_of_predict, predict_response_of_infer
-from services.common.serving import TENSOR_TASKS, check_task, task_of_route
+from services.common.serving import MODEL_VERSION_KEY, TENSOR_TASKS, check_task, task_of_route
 from services.common.validation import check_name
 from services.gateway.auth import current_caller
 from services.gateway.cache import ResponseCache, may_use_cache, predict_key
@@ -21,8 +21,6 @@ from services.gateway.routes import RouteTable, infer
 from services.gateway.usage import Meter
 
 SERVICE = "maas.inference.v1.InferenceService"
-# Trailing metadata: which version answered, as the inference service sends it too.
-MODEL_VERSION_KEY = "x-maas-model-version"
 PREDICT_PATH = f"/{SERVICE}/Predict"
 
 

@@ -8,7 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.channels import tenant_of
-from services.common.serving import TASK_VALUES
+from services.common.serving import MODEL_VERSION_KEY, TASK_VALUES
 from services.inference.deployments import Deployments, DeploymentSpec
 from services.inference.load import LoadReporter
 from services.inference.routes import Route
@@ -21,8 +21,6 @@ DEVICE_NAMES = {
     inference_pb2.DEVICE_GPU: "GPU",
 }
 DEVICE_VALUES = {name: value for value, name in DEVICE_NAMES.items() if name}
-# Trailing metadata of Predict: which version answered (as PredictResponse.version says).
-MODEL_VERSION_KEY = "x-maas-model-version"
 STATE_VALUES = {
     "LOADING": inference_pb2.DEPLOYMENT_STATE_LOADING,
     "READY": inference_pb2.DEPLOYMENT_STATE_READY,
