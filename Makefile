@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.embed
 	$(BIN)/python -m benchmarks.generate
 	$(BIN)/python -m benchmarks.rollout
+	$(BIN)/python -m benchmarks.model_transport
 
 clean:
 	rm -rf $(VENV) .tools
