@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -166,3 +167,23 @@ def test_deleting_a_deployment_kills_its_stuck_process(tenants):
         time.sleep(0.2)
     assert not stubs_of_spinner(stack, owned), "the stuck process outlived its deployment"
     assert steady.predict("digits", {"x": digits.test_x[:1]})["logits"].shape == (1, 10)
+
+
+def test_a_model_process_killed_from_outside_is_revived(tenants):
+    """Triton never restarts a python stub that died (an OOM kill, a crash in native code): the
+    inference service sees the model without its process and reloads it."""
+    stack, _, steady, digits = tenants
+    sample = {"x": digits.test_x[:1]}
+    steady.predict("digits", sample)
+    stubs = [pid for model_dir in models_dir(stack).iterdir() for pid in stub_pids(model_dir)]
+    assert stubs, "the steady tenant's model process was not found"
+    for pid in stubs:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert steady.predict("digits", sample, timeout=10)["logits"].shape == (1, 10)
+            break
+        except ApiError as error:
+            assert time.monotonic() < deadline, f"the model was not revived: {error}"
+            time.sleep(0.5)
