@@ -96,6 +96,21 @@ class AdminServiceStub:
                 request_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/maas.gateway.v1.AdminService/ListNodes',
+                request_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/maas.gateway.v1.AdminService/DrainNode',
+                request_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
+        self.ResumeNode = channel.unary_unary(
+                '/maas.gateway.v1.AdminService/ResumeNode',
+                request_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ResumeNodeRequest.SerializeToString,
+                response_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ResumeNodeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -183,6 +198,26 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNodes(self, request, context):
+        """The serving fleet: Triton nodes, their state and capacity. Platform admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Moves the node's replicas to other nodes, then keeps it out of placement until ResumeNode.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +280,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ListNodesRequest.FromString,
+                    response_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.DrainNodeRequest.FromString,
+                    response_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'ResumeNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeNode,
+                    request_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ResumeNodeRequest.FromString,
+                    response_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ResumeNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -573,6 +623,87 @@ class AdminService:
             '/maas.gateway.v1.AdminService/ListAuditEvents',
             maas_dot_gateway_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
             maas_dot_gateway_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.gateway.v1.AdminService/ListNodes',
+            maas_dot_gateway_dot_v1_dot_admin__pb2.ListNodesRequest.SerializeToString,
+            maas_dot_gateway_dot_v1_dot_admin__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.gateway.v1.AdminService/DrainNode',
+            maas_dot_gateway_dot_v1_dot_admin__pb2.DrainNodeRequest.SerializeToString,
+            maas_dot_gateway_dot_v1_dot_admin__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.gateway.v1.AdminService/ResumeNode',
+            maas_dot_gateway_dot_v1_dot_admin__pb2.ResumeNodeRequest.SerializeToString,
+            maas_dot_gateway_dot_v1_dot_admin__pb2.ResumeNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,11 @@ class AdminServiceStub:
     """Usage by day. Any role may read its own tenant's usage; other tenants need the admin role."""
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]
     """Mutating calls through the gateway, newest first."""
+    ListNodes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListNodesRequest, _admin_pb2.ListNodesResponse]
+    """The serving fleet: Triton nodes, their state and capacity. Platform admins only."""
+    DrainNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DrainNodeRequest, _admin_pb2.DrainNodeResponse]
+    """Moves the node's replicas to other nodes, then keeps it out of placement until ResumeNode."""
+    ResumeNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResumeNodeRequest, _admin_pb2.ResumeNodeResponse]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -83,6 +88,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Usage by day. Any role may read its own tenant's usage; other tenants need the admin role."""
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Mutating calls through the gateway, newest first."""
+    ListNodes: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListNodesRequest, _admin_pb2.ListNodesResponse]  # type: ignore[assignment]
+    """The serving fleet: Triton nodes, their state and capacity. Platform admins only."""
+    DrainNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.DrainNodeRequest, _admin_pb2.DrainNodeResponse]  # type: ignore[assignment]
+    """Moves the node's replicas to other nodes, then keeps it out of placement until ResumeNode."""
+    ResumeNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResumeNodeRequest, _admin_pb2.ResumeNodeResponse]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tenants, API keys, quotas, usage and the audit log. Served by the gateway; every method but
@@ -180,5 +190,28 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListAuditEventsResponse, _abc.Awaitable[_admin_pb2.ListAuditEventsResponse]]:
         """Mutating calls through the gateway, newest first."""
+
+    @_abc_1.abstractmethod
+    def ListNodes(
+        self,
+        request: _admin_pb2.ListNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListNodesResponse, _abc.Awaitable[_admin_pb2.ListNodesResponse]]:
+        """The serving fleet: Triton nodes, their state and capacity. Platform admins only."""
+
+    @_abc_1.abstractmethod
+    def DrainNode(
+        self,
+        request: _admin_pb2.DrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DrainNodeResponse, _abc.Awaitable[_admin_pb2.DrainNodeResponse]]:
+        """Moves the node's replicas to other nodes, then keeps it out of placement until ResumeNode."""
+
+    @_abc_1.abstractmethod
+    def ResumeNode(
+        self,
+        request: _admin_pb2.ResumeNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ResumeNodeResponse, _abc.Awaitable[_admin_pb2.ResumeNodeResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

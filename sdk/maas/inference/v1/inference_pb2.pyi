@@ -79,6 +79,10 @@ class _DeploymentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Deplo
     DEPLOYMENT_STATE_LOADING: _DeploymentState.ValueType  # 1
     DEPLOYMENT_STATE_READY: _DeploymentState.ValueType  # 2
     DEPLOYMENT_STATE_FAILED: _DeploymentState.ValueType  # 3
+    DEPLOYMENT_STATE_PENDING: _DeploymentState.ValueType  # 4
+    """No node has room for the replicas it needs; the message says what is short."""
+    DEPLOYMENT_STATE_SCALED_TO_ZERO: _DeploymentState.ValueType  # 5
+    """min_replicas is 0 and it was idle: no replica is loaded; the next request loads one."""
 
 class DeploymentState(_DeploymentState, metaclass=_DeploymentStateEnumTypeWrapper): ...
 
@@ -86,7 +90,34 @@ DEPLOYMENT_STATE_UNSPECIFIED: DeploymentState.ValueType  # 0
 DEPLOYMENT_STATE_LOADING: DeploymentState.ValueType  # 1
 DEPLOYMENT_STATE_READY: DeploymentState.ValueType  # 2
 DEPLOYMENT_STATE_FAILED: DeploymentState.ValueType  # 3
+DEPLOYMENT_STATE_PENDING: DeploymentState.ValueType  # 4
+"""No node has room for the replicas it needs; the message says what is short."""
+DEPLOYMENT_STATE_SCALED_TO_ZERO: DeploymentState.ValueType  # 5
+"""min_replicas is 0 and it was idle: no replica is loaded; the next request loads one."""
 Global___DeploymentState: _TypeAlias = DeploymentState  # noqa: Y015
+
+class _NodeState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NodeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NODE_STATE_UNSPECIFIED: _NodeState.ValueType  # 0
+    NODE_STATE_READY: _NodeState.ValueType  # 1
+    NODE_STATE_DRAINING: _NodeState.ValueType  # 2
+    """Its replicas are moving away; nothing new is placed on it."""
+    NODE_STATE_DOWN: _NodeState.ValueType  # 3
+    """Not answering; its replicas were placed elsewhere."""
+
+class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper): ...
+
+NODE_STATE_UNSPECIFIED: NodeState.ValueType  # 0
+NODE_STATE_READY: NodeState.ValueType  # 1
+NODE_STATE_DRAINING: NodeState.ValueType  # 2
+"""Its replicas are moving away; nothing new is placed on it."""
+NODE_STATE_DOWN: NodeState.ValueType  # 3
+"""Not answering; its replicas were placed elsewhere."""
+Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -131,6 +162,12 @@ class Deployment(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
     EXECUTION_LIMIT_SECONDS_FIELD_NUMBER: _builtins.int
+    MIN_REPLICAS_FIELD_NUMBER: _builtins.int
+    MAX_REPLICAS_FIELD_NUMBER: _builtins.int
+    TARGET_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    DESIRED_REPLICAS_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    SCALING_EVENTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Lower-case letters, digits and dashes; unique within the tenant. Clients predict by it."""
     model: _builtins.str
@@ -157,6 +194,18 @@ class Deployment(_message.Message):
     process is killed and restarted and the request fails with RESOURCE_EXHAUSTED.
     0: the service's default (MAAS_INFERENCE_EXECUTION_LIMIT_SECONDS, 30).
     """
+    min_replicas: _builtins.int
+    """Replicas: copies of the model, each on its own Triton node. The autoscaler keeps the
+    count between min_replicas and max_replicas. Unset min_replicas: 1; 0 scales to zero
+    when idle. max_replicas 0: the same as min_replicas (at least 1).
+    """
+    max_replicas: _builtins.int
+    target_in_flight: _builtins.int
+    """Autoscaling target: requests in flight per replica (averaged over the scaling window).
+    0: the service's default (MAAS_INFERENCE_TARGET_IN_FLIGHT).
+    """
+    desired_replicas: _builtins.int
+    """Output only: how many replicas the autoscaler wants now."""
     @_builtins.property
     def signature(self) -> _common_pb2.Signature: ...
     @_builtins.property
@@ -166,6 +215,14 @@ class Deployment(_message.Message):
     @_builtins.property
     def canary(self) -> Global___Canary:
         """A second version answering part of the requests; unset when there is none."""
+
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]:
+        """Output only: every replica, with its node and state."""
+
+    @_builtins.property
+    def scaling_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScalingEvent]:
+        """Output only: the latest scaling decisions, newest first."""
 
     def __init__(
         self,
@@ -188,16 +245,90 @@ class Deployment(_message.Message):
         task: Global___ServingTask.ValueType = ...,
         precision: _builtins.str = ...,
         execution_limit_seconds: _builtins.int = ...,
+        min_replicas: _builtins.int | None = ...,
+        max_replicas: _builtins.int = ...,
+        target_in_flight: _builtins.int = ...,
+        desired_replicas: _builtins.int = ...,
+        replicas: _abc.Iterable[Global___Replica] | None = ...,
+        scaling_events: _abc.Iterable[Global___ScalingEvent] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "canary", b"canary", "create_time", b"create_time", "signature", b"signature", "target", b"target", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_replicas", b"_min_replicas", "alias", b"alias", "canary", b"canary", "create_time", b"create_time", "min_replicas", b"min_replicas", "signature", b"signature", "target", b"target", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cacheable", b"cacheable", "canary", b"canary", "create_time", b"create_time", "device", b"device", "execution_limit_seconds", b"execution_limit_seconds", "instances", b"instances", "max_batch_size", b"max_batch_size", "message", b"message", "model", b"model", "name", b"name", "precision", b"precision", "resolved_version", b"resolved_version", "signature", b"signature", "state", b"state", "target", b"target", "task", b"task", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_replicas", b"_min_replicas", "alias", b"alias", "cacheable", b"cacheable", "canary", b"canary", "create_time", b"create_time", "desired_replicas", b"desired_replicas", "device", b"device", "execution_limit_seconds", b"execution_limit_seconds", "instances", b"instances", "max_batch_size", b"max_batch_size", "max_replicas", b"max_replicas", "message", b"message", "min_replicas", b"min_replicas", "model", b"model", "name", b"name", "precision", b"precision", "replicas", b"replicas", "resolved_version", b"resolved_version", "scaling_events", b"scaling_events", "signature", b"signature", "state", b"state", "target", b"target", "target_in_flight", b"target_in_flight", "task", b"task", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__min_replicas: _TypeAlias = _typing.Literal["min_replicas"]  # noqa: Y015
+    _WhichOneofArgType__min_replicas: _TypeAlias = _typing.Literal["_min_replicas", b"_min_replicas"]  # noqa: Y015
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["version", "alias"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_replicas) -> _WhichOneofReturnType__min_replicas | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
 
 Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class Replica(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """The node it is placed on (ListNodes)."""
+    version: _builtins.int
+    state: Global___DeploymentState.ValueType
+    """LOADING, READY, or FAILED with the reason in message."""
+    message: _builtins.str
+    canary: _builtins.bool
+    """True for the canary's replica."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        version: _builtins.int = ...,
+        state: Global___DeploymentState.ValueType = ...,
+        message: _builtins.str = ...,
+        canary: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "message", b"message", "node", b"node", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Replica: _TypeAlias = Replica  # noqa: Y015
+
+@_typing.final
+class ScalingEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    FROM_REPLICAS_FIELD_NUMBER: _builtins.int
+    TO_REPLICAS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    from_replicas: _builtins.int
+    to_replicas: _builtins.int
+    reason: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        from_replicas: _builtins.int = ...,
+        to_replicas: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_replicas", b"from_replicas", "reason", b"reason", "time", b"time", "to_replicas", b"to_replicas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScalingEvent: _TypeAlias = ScalingEvent  # noqa: Y015
 
 @_typing.final
 class Canary(_message.Message):
@@ -644,6 +775,8 @@ class Route(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     CANARY_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
+    REPLICA_ADDRESSES_FIELD_NUMBER: _builtins.int
+    SCALED_TO_ZERO_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     deployment: _builtins.str
     model: _builtins.str
@@ -656,11 +789,17 @@ class Route(_message.Message):
     cacheable: _builtins.bool
     ready: _builtins.bool
     task: Global___ServingTask.ValueType
+    scaled_to_zero: _builtins.bool
+    """No replica is loaded (min_replicas 0, idle): call Wake, then wait for the route to be ready."""
     @_builtins.property
     def signature(self) -> _common_pb2.Signature: ...
     @_builtins.property
     def canary(self) -> Global___CanaryRoute:
         """Present while a canary is loaded and takes its share of the requests."""
+
+    @_builtins.property
+    def replica_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """host:port of every node with a ready replica; the gateway balances requests across them."""
 
     def __init__(
         self,
@@ -677,10 +816,12 @@ class Route(_message.Message):
         ready: _builtins.bool = ...,
         canary: Global___CanaryRoute | None = ...,
         task: Global___ServingTask.ValueType = ...,
+        replica_addresses: _abc.Iterable[_builtins.str] | None = ...,
+        scaled_to_zero: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cacheable", b"cacheable", "canary", b"canary", "deployment", b"deployment", "max_batch_size", b"max_batch_size", "model", b"model", "ready", b"ready", "signature", b"signature", "task", b"task", "tenant", b"tenant", "triton_address", b"triton_address", "triton_model", b"triton_model", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cacheable", b"cacheable", "canary", b"canary", "deployment", b"deployment", "max_batch_size", b"max_batch_size", "model", b"model", "ready", b"ready", "replica_addresses", b"replica_addresses", "scaled_to_zero", b"scaled_to_zero", "signature", b"signature", "task", b"task", "tenant", b"tenant", "triton_address", b"triton_address", "triton_model", b"triton_model", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -693,23 +834,233 @@ class CanaryRoute(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     TRITON_MODEL_FIELD_NUMBER: _builtins.int
     WEIGHT_PERCENT_FIELD_NUMBER: _builtins.int
+    REPLICA_ADDRESSES_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     triton_model: _builtins.str
     weight_percent: _builtins.int
+    @_builtins.property
+    def replica_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
         triton_model: _builtins.str = ...,
         weight_percent: _builtins.int = ...,
+        replica_addresses: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["triton_model", b"triton_model", "version", b"version", "weight_percent", b"weight_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica_addresses", b"replica_addresses", "triton_model", b"triton_model", "version", b"version", "weight_percent", b"weight_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CanaryRoute: _TypeAlias = CanaryRoute  # noqa: Y015
+
+@_typing.final
+class WakeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    deployment: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        deployment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WakeRequest: _TypeAlias = WakeRequest  # noqa: Y015
+
+@_typing.final
+class WakeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WakeResponse: _TypeAlias = WakeResponse  # noqa: Y015
+
+@_typing.final
+class Node(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MODEL_SLOTS_FIELD_NUMBER: _builtins.int
+    MEMORY_MB_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    FREE_MEMORY_MB_FIELD_NUMBER: _builtins.int
+    LAST_CONTACT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """triton-0, triton-1, ...: stable across restarts."""
+    address: _builtins.str
+    """host:port of its gRPC endpoint."""
+    state: Global___NodeState.ValueType
+    model_slots: _builtins.int
+    """Capacity: model slots (one per replica) and memory for models, in MB; GPUs from
+    Triton's metrics (0 on a CPU node).
+    """
+    memory_mb: _builtins.int
+    gpus: _builtins.int
+    replicas: _builtins.int
+    """Replicas placed on it now, and what is left."""
+    free_slots: _builtins.int
+    free_memory_mb: _builtins.int
+    message: _builtins.str
+    @_builtins.property
+    def last_contact(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        state: Global___NodeState.ValueType = ...,
+        model_slots: _builtins.int = ...,
+        memory_mb: _builtins.int = ...,
+        gpus: _builtins.int = ...,
+        replicas: _builtins.int = ...,
+        free_slots: _builtins.int = ...,
+        free_memory_mb: _builtins.int = ...,
+        last_contact: _timestamp_pb2.Timestamp | None = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_contact", b"last_contact"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_memory_mb", b"free_memory_mb", "free_slots", b"free_slots", "gpus", b"gpus", "last_contact", b"last_contact", "memory_mb", b"memory_mb", "message", b"message", "model_slots", b"model_slots", "name", b"name", "replicas", b"replicas", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class ListNodesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesRequest: _TypeAlias = ListNodesRequest  # noqa: Y015
+
+@_typing.final
+class ListNodesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]: ...
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___Node] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class DrainNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainNodeRequest: _TypeAlias = DrainNodeRequest  # noqa: Y015
+
+@_typing.final
+class DrainNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node: ...
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainNodeResponse: _TypeAlias = DrainNodeResponse  # noqa: Y015
+
+@_typing.final
+class ResumeNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeNodeRequest: _TypeAlias = ResumeNodeRequest  # noqa: Y015
+
+@_typing.final
+class ResumeNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node: ...
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeNodeResponse: _TypeAlias = ResumeNodeResponse  # noqa: Y015
 
 @_typing.final
 class WatchRoutesRequest(_message.Message):

@@ -602,6 +602,11 @@ class RoutingServiceStub:
                 request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.WatchRoutesRequest.SerializeToString,
                 response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.WatchRoutesResponse.FromString,
                 _registered_method=True)
+        self.Wake = channel.unary_unary(
+                '/maas.inference.v1.RoutingService/Wake',
+                request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.WakeRequest.SerializeToString,
+                response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.WakeResponse.FromString,
+                _registered_method=True)
 
 
 class RoutingServiceServicer:
@@ -616,6 +621,13 @@ class RoutingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Wake(self, request, context):
+        """A request reached a deployment scaled to zero: load a replica now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RoutingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -623,6 +635,11 @@ def add_RoutingServiceServicer_to_server(servicer, server):
                     servicer.WatchRoutes,
                     request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.WatchRoutesRequest.FromString,
                     response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.WatchRoutesResponse.SerializeToString,
+            ),
+            'Wake': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wake,
+                    request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.WakeRequest.FromString,
+                    response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.WakeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -654,6 +671,199 @@ class RoutingService:
             '/maas.inference.v1.RoutingService/WatchRoutes',
             maas_dot_inference_dot_v1_dot_inference__pb2.WatchRoutesRequest.SerializeToString,
             maas_dot_inference_dot_v1_dot_inference__pb2.WatchRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.inference.v1.RoutingService/Wake',
+            maas_dot_inference_dot_v1_dot_inference__pb2.WakeRequest.SerializeToString,
+            maas_dot_inference_dot_v1_dot_inference__pb2.WakeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class FleetServiceStub:
+    """Internal: the Triton servers ("nodes") the inference service places replicas on. The
+    gateway's AdminService exposes it to platform admins; it is not forwarded as it is.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListNodes = channel.unary_unary(
+                '/maas.inference.v1.FleetService/ListNodes',
+                request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/maas.inference.v1.FleetService/DrainNode',
+                request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
+        self.ResumeNode = channel.unary_unary(
+                '/maas.inference.v1.FleetService/ResumeNode',
+                request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.ResumeNodeRequest.SerializeToString,
+                response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.ResumeNodeResponse.FromString,
+                _registered_method=True)
+
+
+class FleetServiceServicer:
+    """Internal: the Triton servers ("nodes") the inference service places replicas on. The
+    gateway's AdminService exposes it to platform admins; it is not forwarded as it is.
+    """
+
+    def ListNodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Moves the node's replicas to other nodes (each is ready elsewhere before it leaves this
+        one), then keeps the node out of placement until ResumeNode.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FleetServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.ListNodesRequest.FromString,
+                    response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.DrainNodeRequest.FromString,
+                    response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'ResumeNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeNode,
+                    request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.ResumeNodeRequest.FromString,
+                    response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.ResumeNodeResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'maas.inference.v1.FleetService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('maas.inference.v1.FleetService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class FleetService:
+    """Internal: the Triton servers ("nodes") the inference service places replicas on. The
+    gateway's AdminService exposes it to platform admins; it is not forwarded as it is.
+    """
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.inference.v1.FleetService/ListNodes',
+            maas_dot_inference_dot_v1_dot_inference__pb2.ListNodesRequest.SerializeToString,
+            maas_dot_inference_dot_v1_dot_inference__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.inference.v1.FleetService/DrainNode',
+            maas_dot_inference_dot_v1_dot_inference__pb2.DrainNodeRequest.SerializeToString,
+            maas_dot_inference_dot_v1_dot_inference__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.inference.v1.FleetService/ResumeNode',
+            maas_dot_inference_dot_v1_dot_inference__pb2.ResumeNodeRequest.SerializeToString,
+            maas_dot_inference_dot_v1_dot_inference__pb2.ResumeNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -212,6 +212,8 @@ class RoutingServiceStub:
     def __new__(cls, channel: _aio.Channel) -> RoutingServiceAsyncStub: ...
     WatchRoutes: _grpc.UnaryStreamMultiCallable[_inference_pb2.WatchRoutesRequest, _inference_pb2.WatchRoutesResponse]
     """Streams the full routing table at once and again after every change."""
+    Wake: _grpc.UnaryUnaryMultiCallable[_inference_pb2.WakeRequest, _inference_pb2.WakeResponse]
+    """A request reached a deployment scaled to zero: load a replica now."""
 
 @_typing.type_check_only
 class RoutingServiceAsyncStub(RoutingServiceStub):
@@ -222,6 +224,8 @@ class RoutingServiceAsyncStub(RoutingServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     WatchRoutes: _aio.UnaryStreamMultiCallable[_inference_pb2.WatchRoutesRequest, _inference_pb2.WatchRoutesResponse]  # type: ignore[assignment]
     """Streams the full routing table at once and again after every change."""
+    Wake: _aio.UnaryUnaryMultiCallable[_inference_pb2.WakeRequest, _inference_pb2.WakeResponse]  # type: ignore[assignment]
+    """A request reached a deployment scaled to zero: load a replica now."""
 
 class RoutingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Internal: how the gateway learns where each deployment is served, so that it can call
@@ -236,4 +240,73 @@ class RoutingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_inference_pb2.WatchRoutesResponse], _abc.AsyncIterator[_inference_pb2.WatchRoutesResponse]]:
         """Streams the full routing table at once and again after every change."""
 
+    @_abc_1.abstractmethod
+    def Wake(
+        self,
+        request: _inference_pb2.WakeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.WakeResponse, _abc.Awaitable[_inference_pb2.WakeResponse]]:
+        """A request reached a deployment scaled to zero: load a replica now."""
+
 def add_RoutingServiceServicer_to_server(servicer: RoutingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class FleetServiceStub:
+    """Internal: the Triton servers ("nodes") the inference service places replicas on. The
+    gateway's AdminService exposes it to platform admins; it is not forwarded as it is.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> FleetServiceAsyncStub: ...
+    ListNodes: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListNodesRequest, _inference_pb2.ListNodesResponse]
+    DrainNode: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DrainNodeRequest, _inference_pb2.DrainNodeResponse]
+    """Moves the node's replicas to other nodes (each is ready elsewhere before it leaves this
+    one), then keeps the node out of placement until ResumeNode.
+    """
+    ResumeNode: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ResumeNodeRequest, _inference_pb2.ResumeNodeResponse]
+
+@_typing.type_check_only
+class FleetServiceAsyncStub(FleetServiceStub):
+    """Internal: the Triton servers ("nodes") the inference service places replicas on. The
+    gateway's AdminService exposes it to platform admins; it is not forwarded as it is.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListNodes: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListNodesRequest, _inference_pb2.ListNodesResponse]  # type: ignore[assignment]
+    DrainNode: _aio.UnaryUnaryMultiCallable[_inference_pb2.DrainNodeRequest, _inference_pb2.DrainNodeResponse]  # type: ignore[assignment]
+    """Moves the node's replicas to other nodes (each is ready elsewhere before it leaves this
+    one), then keeps the node out of placement until ResumeNode.
+    """
+    ResumeNode: _aio.UnaryUnaryMultiCallable[_inference_pb2.ResumeNodeRequest, _inference_pb2.ResumeNodeResponse]  # type: ignore[assignment]
+
+class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Internal: the Triton servers ("nodes") the inference service places replicas on. The
+    gateway's AdminService exposes it to platform admins; it is not forwarded as it is.
+    """
+
+    @_abc_1.abstractmethod
+    def ListNodes(
+        self,
+        request: _inference_pb2.ListNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ListNodesResponse, _abc.Awaitable[_inference_pb2.ListNodesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DrainNode(
+        self,
+        request: _inference_pb2.DrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.DrainNodeResponse, _abc.Awaitable[_inference_pb2.DrainNodeResponse]]:
+        """Moves the node's replicas to other nodes (each is ready elsewhere before it leaves this
+        one), then keeps the node out of placement until ResumeNode.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeNode(
+        self,
+        request: _inference_pb2.ResumeNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ResumeNodeResponse, _abc.Awaitable[_inference_pb2.ResumeNodeResponse]]: ...
+
+def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
