@@ -52,6 +52,8 @@ FORMATS = {
     "onnx": registry_pb2.ARTIFACT_FORMAT_ONNX,
 }
 DEVICES = {"auto": inference_pb2.DEVICE_AUTO, "cpu": inference_pb2.DEVICE_CPU, "gpu": inference_pb2.DEVICE_GPU}
+# A deployment in these states answers requests (scaled to zero: the first one loads a replica).
+SERVING_STATES = (inference_pb2.DEPLOYMENT_STATE_READY, inference_pb2.DEPLOYMENT_STATE_SCALED_TO_ZERO)
 ROLES = {"reader": admin_pb2.ROLE_READER, "developer": admin_pb2.ROLE_DEVELOPER, "admin": admin_pb2.ROLE_ADMIN}
 
 
@@ -236,10 +238,19 @@ class Client:
         device: str = "auto",
         cacheable: bool = False,
         execution_limit_seconds: int = 0,
+        replicas: int | None = None,
+        min_replicas: int | None = None,
+        max_replicas: int | None = None,
+        target_in_flight: int | None = None,
     ) -> inference_pb2.Deployment:
+        """Deploy a model version (or follow an alias). `replicas` is a fixed count (min = max);
+        or let the autoscaler keep it between `min_replicas` (0: scale to zero when idle) and
+        `max_replicas`, aiming at `target_in_flight` requests per replica. Unset: the service's
+        defaults (one replica)."""
         deployment = inference_pb2.Deployment(
             name=name, model=model, instances=instances, max_batch_size=max_batch_size,
             device=DEVICES[device], cacheable=cacheable, execution_limit_seconds=execution_limit_seconds,
+            **replica_fields(replicas, min_replicas, max_replicas, target_in_flight),
         )
         if alias:
             deployment.alias = alias
@@ -255,20 +266,46 @@ class Client:
         return self._paged(lambda token: self._unary(
             self.inference.ListDeployments, inference_pb2.ListDeploymentsRequest(page_token=token)), "deployments")
 
-    def update_deployment(self, deployment: inference_pb2.Deployment, fields: list[str]) -> inference_pb2.Deployment:
+    def update_deployment(
+        self,
+        deployment: inference_pb2.Deployment | str,
+        fields: Sequence[str] = (),
+        *,
+        replicas: int | None = None,
+        min_replicas: int | None = None,
+        max_replicas: int | None = None,
+        target_in_flight: int | None = None,
+    ) -> inference_pb2.Deployment:
+        """Change the `fields` of a deployment (a message with the new values, or just its name)
+        and the scaling fields given as keywords (see create_deployment), which join the mask:
+
+            client.update_deployment("web", replicas=3)
+            client.update_deployment("web", min_replicas=0, max_replicas=4, target_in_flight=8)
+        """
+        changed = inference_pb2.Deployment()  # a copy: the caller's message stays as it was
+        if isinstance(deployment, str):
+            changed.name = deployment
+        else:
+            changed.CopyFrom(deployment)
+        scaling = replica_fields(replicas, min_replicas, max_replicas, target_in_flight)
+        for field, value in scaling.items():
+            setattr(changed, field, value)
+        paths = [*fields, *(field for field in scaling if field not in fields)]
         request = inference_pb2.UpdateDeploymentRequest(
-            deployment=deployment, update_mask=field_mask_pb2.FieldMask(paths=fields))
+            deployment=changed, update_mask=field_mask_pb2.FieldMask(paths=paths))
         return self._unary(self.inference.UpdateDeployment, request).deployment
 
     def delete_deployment(self, name: str) -> None:
         self._unary(self.inference.DeleteDeployment, inference_pb2.DeleteDeploymentRequest(name=name))
 
     def wait_ready(self, name: str, timeout: float = 120.0, poll: float = 0.25) -> inference_pb2.Deployment:
-        """Poll until the deployment is READY; raises RuntimeError if it FAILED or time runs out."""
+        """Poll until the deployment is READY (or SCALED_TO_ZERO: it serves, its first request
+        loads a replica); raises RuntimeError if it FAILED, TimeoutError if time runs out (a
+        PENDING deployment's message says which capacity is short)."""
         deadline = time.monotonic() + timeout
         while True:
             deployment = self.get_deployment(name)
-            if deployment.state == inference_pb2.DEPLOYMENT_STATE_READY:
+            if deployment.state in SERVING_STATES:
                 return deployment
             if deployment.state == inference_pb2.DEPLOYMENT_STATE_FAILED:
                 raise RuntimeError(f"deployment {name} failed: {deployment.message}")
@@ -332,6 +369,20 @@ class Client:
     def get_deployment_load(self, name: str) -> inference_pb2.GetDeploymentLoadResponse:
         """What Triton holds and has done for each loaded version of the deployment."""
         return self._unary(self.inference.GetDeploymentLoad, inference_pb2.GetDeploymentLoadRequest(name=name))
+
+    # --- the serving fleet (platform admin key) -----------------------------------------------
+    def list_nodes(self) -> list[inference_pb2.Node]:
+        """The Triton nodes replicas are placed on: state, capacity, what is free, last contact."""
+        return list(self._unary(self.admin.ListNodes, admin_pb2.ListNodesRequest()).nodes)
+
+    def drain_node(self, name: str) -> inference_pb2.Node:
+        """Move the node's replicas to other nodes (each is ready elsewhere before it leaves),
+        then keep the node out of placement until resume_node."""
+        return self._unary(self.admin.DrainNode, admin_pb2.DrainNodeRequest(name=name)).node
+
+    def resume_node(self, name: str) -> inference_pb2.Node:
+        """Put a drained node back into placement."""
+        return self._unary(self.admin.ResumeNode, admin_pb2.ResumeNodeRequest(name=name)).node
 
     # --- helpers ------------------------------------------------------------------------------
     def _paged(self, fetch: Callable[[str], Any], field: str) -> list[Any]:
@@ -455,6 +506,31 @@ class Client:
         request = trainer_pb2.CreateOptimizationJobRequest(
             spec=optimization_spec(model, version, method, **options), model=into)
         return self._unary(self.trainer.CreateOptimizationJob, request).job
+
+
+def replica_fields(
+    replicas: int | None = None,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    target_in_flight: int | None = None,
+) -> dict[str, int]:
+    """The Deployment's scaling fields that were given: `replicas` is a fixed count, the same
+    as min_replicas = max_replicas; it cannot be combined with either."""
+    if replicas is not None and (min_replicas is not None or max_replicas is not None):
+        raise ValueError(
+            "give replicas (a fixed count) or min_replicas/max_replicas (an autoscaled range), not both"
+        )
+    if replicas is not None:
+        if replicas < 1:
+            raise ValueError(f"replicas must be 1 or more, not {replicas}; to scale to zero give min_replicas=0")
+        min_replicas = max_replicas = replicas
+    given = {"min_replicas": min_replicas, "max_replicas": max_replicas, "target_in_flight": target_in_flight}
+    for field, value in given.items():
+        if value is not None and value < 0:
+            raise ValueError(f"{field} must be 0 or more, not {value}")
+    if min_replicas is not None and max_replicas and max_replicas < min_replicas:
+        raise ValueError(f"max_replicas ({max_replicas}) is below min_replicas ({min_replicas})")
+    return {field: value for field, value in given.items() if value is not None}
 
 
 ARCHITECTURE_FIELDS = {

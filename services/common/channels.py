@@ -99,6 +99,12 @@ def triton_credentials(settings: CommonSettings) -> grpc.ChannelCredentials | No
     return internal_credentials(settings) if settings.uses_triton_tls else None
 
 
+# What the gateway asserts on calls to the inference service's InferenceService for a tenant
+# with a replica cap (Quota.max_replicas): the cap, which the inference service enforces. The
+# gateway drops every x-maas- key a client sends, so no client can set it.
+MAX_REPLICAS_KEY = "x-maas-max-replicas"
+
+
 def internal_metadata(token: str, tenant: str) -> tuple[tuple[str, str], ...]:
     """Metadata a trusted caller sends: who the tenant is, the shared token, the request id."""
     pairs = [(INTERNAL_TOKEN_KEY, token), (TENANT_KEY, tenant)]

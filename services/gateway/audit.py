@@ -20,7 +20,18 @@ from services.gateway.store import AuditRecord, GatewayStore
 
 log = logging.getLogger(__name__)
 
-MUTATING_PREFIXES = ("Create", "Upload", "Update", "Delete", "Set", "Archive", "Cancel", "Revoke")
+MUTATING_PREFIXES = (
+    "Create",
+    "Upload",
+    "Update",
+    "Delete",
+    "Set",
+    "Archive",
+    "Cancel",
+    "Revoke",
+    "Drain",
+    "Resume",
+)
 # Fields that name what a request acts on, in the order they are looked for.
 RESOURCE_FIELDS = ("name", "id", "deployment", "model", "dataset", "tenant")
 MAX_RESOURCE = 300

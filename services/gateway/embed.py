@@ -23,7 +23,7 @@ from services.gateway.auth import current_caller
 from services.gateway.cache import ResponseCache, embed_key, may_use_cache
 from services.gateway.predict import SERVICE
 from services.gateway.proxy import Proxy
-from services.gateway.routes import RouteTable, infer
+from services.gateway.routes import RouteTable
 from services.gateway.usage import Meter
 
 EMBED_PATH = f"/{SERVICE}/Embed"
@@ -83,9 +83,7 @@ class EmbedHandler:
             if cached is not None:
                 return cached, 1, 0
         requests = model.requests(texts, target.triton_model, live.route.max_batch_size, request_id_var.get())
-        answers = await asyncio.gather(
-            *(infer(live, r, context, self.routes.default_timeout) for r in requests)
-        )
+        answers = await asyncio.gather(*(self.routes.infer(live, target, r, context) for r in requests))
         response = model.response(answers, live.route.model, target.version)
         answer = response.SerializeToString()
         if cache_key is not None:

@@ -33,7 +33,7 @@ from services.common.serving import GENERATE, MODEL_VERSION_KEY, check_task, tas
 from services.common.validation import check_name
 from services.gateway.admission import Admission
 from services.gateway.auth import Caller, current_caller
-from services.gateway.routes import LiveRoute, RouteTable, Target, abort_for_triton
+from services.gateway.routes import LiveRoute, RouteTable, Target
 from services.gateway.usage import Meter
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class TokenAccount:
 
 
 class Generation:
-    """What Generate and ModelStreamInfer share: the route, the token budget, the Triton stream."""
+    """What Generate and ModelStreamInfer share: the route and the token budget."""
 
     def __init__(self, routes: RouteTable, admission: Admission, meter: Meter) -> None:
         self.routes = routes
@@ -102,27 +102,6 @@ class Generation:
             if failed:
                 self.meter.add(caller.tenant, caller.key_id, errors=1)
 
-    async def stream(
-        self,
-        live: LiveRoute,
-        request: service_pb2.ModelInferRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
-        """Triton's responses to one generation request; the Triton call is cancelled when the
-        caller's call ends early (cancel, deadline) or the consumer stops reading."""
-        call = live.triton.ModelStreamInfer(
-            timeout=context.time_remaining() or self.routes.default_timeout, metadata=live.triton_metadata
-        )
-        try:
-            await call.write(request)
-            await call.done_writing()
-            async for response in call:
-                yield response
-        except grpc.aio.AioRpcError as error:
-            await abort_for_triton(error, live, request.model_name, context)
-        finally:
-            call.cancel()
-
 
 class GenerateHandler:
     """InferenceService/Generate."""
@@ -139,7 +118,7 @@ class GenerateHandler:
         context.set_trailing_metadata(((MODEL_VERSION_KEY, str(target.version)),))
         triton_request = stream_request(prompt, sampling, target.triton_model, request_id_var.get())
         async with self.generation.budget(caller, TokenAccount(prompt, sampling)) as account:
-            async for response in self.generation.stream(live, triton_request, context):
+            async for response in self.generation.routes.stream(live, target, triton_request, context):
                 message = generate_response_of_stream(response, live.route.model, target.version)
                 account.saw(message)
                 yield message

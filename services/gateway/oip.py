@@ -24,7 +24,7 @@ from services.common.tensors import BY_PROTO
 from services.gateway.auth import Caller, current_caller
 from services.gateway.cache import ResponseCache, infer_key, may_use_cache
 from services.gateway.generate import Generation, TokenAccount, error_response
-from services.gateway.routes import LiveRoute, RouteTable, infer
+from services.gateway.routes import LiveRoute, RouteTable
 from services.gateway.usage import Meter
 
 SERVER_NAME = "maas-gateway"
@@ -53,7 +53,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         live = self.routes.get(current_caller().tenant, request.name)
-        ready = live is not None and live.route.ready and request.version in ("", str(live.route.version))
+        ready = live is not None and live.serving and request.version in ("", str(live.route.version))
         return service_pb2.ModelReadyResponse(ready=ready)
 
     async def ModelMetadata(self, request, context):
@@ -121,7 +121,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 return response, 1
         request.model_name = target.triton_model
         request.model_version = ""
-        response = await infer(live, request, context, self.routes.default_timeout)
+        response = await self.routes.infer(live, target, request, context)
         response.model_name = deployment
         response.model_version = str(target.version)
         if cache_key is not None:
@@ -170,7 +170,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         # Forwarded as sent (its id and Triton's own parameters kept), to the version's Triton model.
         request.model_name, request.model_version = target.triton_model, ""
         async with self.generation.budget(caller, TokenAccount(prompt, sampling)) as account:
-            async for response in self.generation.stream(live, request, context):
+            async for response in self.routes.stream(live, target, request, context):
                 if not response.error_message:
                     account.saw(generate_response_of_stream(response, deployment, target.version))
                 response.infer_response.model_name = deployment

@@ -17,7 +17,7 @@ from services.common.validation import check_name
 from services.gateway.auth import current_caller
 from services.gateway.cache import ResponseCache, may_use_cache, predict_key
 from services.gateway.proxy import Proxy
-from services.gateway.routes import RouteTable, infer
+from services.gateway.routes import RouteTable
 from services.gateway.usage import Meter
 
 SERVICE = "maas.inference.v1.InferenceService"
@@ -75,7 +75,7 @@ class PredictHandler:
                 _say_version(context, target.version)
                 return cached, 1
         infer_request = infer_request_of_predict(message, target.triton_model, request_id_var.get())
-        response = await infer(live, infer_request, context, self.routes.default_timeout)
+        response = await self.routes.infer(live, target, infer_request, context)
         answer = predict_response_of_infer(response, live.route.model, target.version).SerializeToString()
         if cache_key is not None:
             self.cache.put(cache_key, answer)

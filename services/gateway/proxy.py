@@ -1,6 +1,7 @@
 """Pass-through of the internal services' public APIs: messages move as raw bytes, the caller's
-tenant is asserted in metadata, deadlines and cancellation carry over, statuses come back as-is.
-Mutating calls are written to the audit log with their outcome."""
+tenant (and, to the inference service, the tenant's replica cap) is asserted in metadata,
+deadlines and cancellation carry over, statuses come back as-is. Mutating calls are written to
+the audit log with their outcome."""
 
 from __future__ import annotations
 
@@ -11,15 +12,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
 from maas.trainer.v1 import trainer_pb2
 
-from services.common.channels import internal_metadata, open_blocking_channel, open_channel
+from services.common.channels import (
+    MAX_REPLICAS_KEY,
+    internal_metadata,
+    open_blocking_channel,
+    open_channel,
+)
 from services.common.errors import NotFound
+from services.gateway.admission import QuotaCache
 from services.gateway.audit import AuditLog, is_mutating, outcome, resource_of
 from services.gateway.auth import current_caller
 from services.gateway.usage import Meter
@@ -32,6 +39,14 @@ FORWARDED = {
     "inference": inference_pb2.DESCRIPTOR.services_by_name["InferenceService"],
     "trainer": trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"],
 }
+# Backend name -> an internal service the gateway calls for its own handlers, after checks of
+# its own (AdminService's fleet methods), and never serves as it is.
+CALLED_FOR_HANDLERS = {
+    "inference": inference_pb2.DESCRIPTOR.services_by_name["FleetService"],
+}
+# Calls under this prefix (InferenceService's) carry the caller's tenant's replica cap, when the
+# tenant's quota sets one.
+REPLICA_CAPPED_PREFIX = f"/{FORWARDED['inference'].full_name}/"
 
 # Client metadata never forwarded: credentials, headers only the gateway may assert, and the
 # ones gRPC or internal_metadata set themselves.
@@ -74,35 +89,46 @@ class Proxy(grpc.GenericRpcHandler):
         meter: Meter | None = None,
         guards: Mapping[str, Guard] | None = None,
         recorders: Mapping[str, Recorder] | None = None,
+        quotas: QuotaCache | None = None,
     ) -> None:
         """`backends` holds one Backend per FORWARDED name; methods in `served_here` (full
         paths) are left to the gateway's own handlers. `guards` maps a full path to a check
         that gets the caller's tenant before the call is forwarded; `recorders` a full path
-        to what is done with a successful answer."""
+        to what is done with a successful answer. `quotas` gives each tenant's replica cap."""
         self.token = token
+        self.quotas = quotas
         self.audit = audit
         self.meter = meter
         self.guards = dict(guards or {})
         self.recorders = dict(recorders or {})
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._unary: dict[str, tuple[Backend, grpc.aio.UnaryUnaryMultiCallable]] = {}
+        for name, service in CALLED_FOR_HANDLERS.items():
+            self._add_unary(backends[name], service)
         for name, service in FORWARDED.items():
             backend = backends[name]
+            self._add_unary(backend, service)
             for method in service.methods:
                 path = f"/{service.full_name}/{method.name}"
-                if not (method.client_streaming or method.server_streaming):
-                    self._unary[path] = (backend, backend.channel.unary_unary(path))
                 if path not in served_here:
                     handler = self._handler(backend, path, method)
                     if audit is not None and is_mutating(path) and not method.server_streaming:
                         handler = self._audited(path, method, handler)
                     self._handlers[path] = handler
 
+    def _add_unary(self, backend: Backend, service: ServiceDescriptor) -> None:
+        """Make the service's unary methods callable with forward_unary."""
+        for method in service.methods:
+            if not (method.client_streaming or method.server_streaming):
+                path = f"/{service.full_name}/{method.name}"
+                self._unary[path] = (backend, backend.channel.unary_unary(path))
+
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
 
     async def forward_unary(self, path: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """Forward one serialized unary request to the backend serving `path`."""
+        """Forward one serialized unary request to the backend serving `path` (a FORWARDED or
+        CALLED_FOR_HANDLERS method)."""
         if path not in self._unary:
             raise NotFound(f"no backend serves {path}")
         backend, call = self._unary[path]
@@ -110,7 +136,8 @@ class Proxy(grpc.GenericRpcHandler):
         if guard is not None:
             await guard(current_caller().tenant)
         try:
-            response = await call(request, metadata=self._metadata(context), timeout=context.time_remaining())
+            metadata = await self._metadata(path, context)
+            response = await call(request, metadata=metadata, timeout=context.time_remaining())
         except grpc.aio.AioRpcError as error:
             await self._abort(backend, error, context)
             raise  # unreachable: abort raises
@@ -130,7 +157,7 @@ class Proxy(grpc.GenericRpcHandler):
                 upload_call = backend.upload_channel.stream_unary(path)
 
                 async def upload(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-                    return await self._upload(backend, upload_call, requests, context)
+                    return await self._upload(backend, path, upload_call, requests, context)
 
                 return grpc.stream_unary_rpc_method_handler(upload)
 
@@ -143,7 +170,8 @@ class Proxy(grpc.GenericRpcHandler):
         stream_call = (channel.stream_stream if method.client_streaming else channel.unary_stream)(path)
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            call = stream_call(request, metadata=self._metadata(context), timeout=context.time_remaining())
+            metadata = await self._metadata(path, context)
+            call = stream_call(request, metadata=metadata, timeout=context.time_remaining())
             try:
                 async for response in call:
                     yield response
@@ -160,6 +188,7 @@ class Proxy(grpc.GenericRpcHandler):
     async def _upload(
         self,
         backend: Backend,
+        path: str,
         call: grpc.StreamUnaryMultiCallable,
         requests: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext,
@@ -169,9 +198,8 @@ class Proxy(grpc.GenericRpcHandler):
         write is in flight (grpc/grpc#36066): an upload the registry rejects early would lose
         its reason. gRPC's own thread pulls the requests from this event loop."""
         loop = asyncio.get_running_loop()
-        future = call.future(
-            _pull(requests, loop), metadata=self._metadata(context), timeout=context.time_remaining()
-        )
+        metadata = await self._metadata(path, context)
+        future = call.future(_pull(requests, loop), metadata=metadata, timeout=context.time_remaining())
         finished = loop.create_future()
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(_resolve, finished))
         try:
@@ -238,13 +266,23 @@ class Proxy(grpc.GenericRpcHandler):
 
         return grpc.unary_unary_rpc_method_handler(audited_unary)
 
-    def _metadata(self, context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
+    async def _metadata(self, path: str, context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
+        """The caller's metadata less what only the gateway may assert, plus what it asserts:
+        the tenant, the internal token, the request id and, on InferenceService calls, the
+        tenant's replica cap."""
+        tenant = current_caller().tenant
         forwarded = tuple(
             (key, value)
             for key, value in context.invocation_metadata() or ()
             if key not in DROPPED_KEYS and not key.startswith(DROPPED_PREFIXES)
         )
-        return forwarded + internal_metadata(self.token, current_caller().tenant)
+        asserted = internal_metadata(self.token, tenant)
+        if self.quotas is not None and path.startswith(REPLICA_CAPPED_PREFIX):
+            # Admission read this quota for the same call: the cache answers, not SQL.
+            max_replicas = (await self.quotas.get(tenant)).max_replicas
+            if max_replicas:
+                asserted += ((MAX_REPLICAS_KEY, str(max_replicas)),)
+        return forwarded + asserted
 
     async def _abort(self, backend: Backend, error: Any, context: grpc.aio.ServicerContext) -> None:
         """Relay a backend's failure (an AioRpcError or a blocking grpc.RpcError) to the caller."""

@@ -16,6 +16,7 @@ from services.gateway.audit import AuditLog
 from services.gateway.auth import ApiKeyAuthenticator
 from services.gateway.cache import ResponseCache
 from services.gateway.config import GatewaySettings
+from services.gateway.fleet import Fleet
 from services.gateway.limits import Gate, Limiter, LocalLimiter
 from services.gateway.proxy import FORWARDED, Backend, Proxy
 from services.gateway.redis_link import RedisLink
@@ -76,6 +77,7 @@ async def create_app(settings: GatewaySettings) -> App:
         meter=meter,
         guards={path: admission.check_training for path in JOB_CREATING},
         recorders={path: settlement.record for path in JOB_CREATING},
+        quotas=quotas,
     )
     routes = RouteTable(
         backends["inference"].channel,
@@ -91,7 +93,7 @@ async def create_app(settings: GatewaySettings) -> App:
         servicers=[
             Servicer(
                 admin_pb2_grpc.add_AdminServiceServicer_to_server,
-                AdminServicer(admin, audit),
+                AdminServicer(admin, Fleet(proxy), audit),
                 "maas.gateway.v1.AdminService",
             ),
             # Predict alone; the proxy below serves the rest of InferenceService.

@@ -43,6 +43,7 @@ DEFAULT_USAGE_DAYS = 7
 # What the SQL columns hold (signed 64- and 32-bit) and what the limiter's float math handles.
 MAX_BUDGET = 2**53
 MAX_BURST = 2**31 - 1
+MAX_REPLICAS = 2**31 - 1
 MAX_RATE = 1e9
 MAX_USAGE_DAYS = 366
 
@@ -80,7 +81,7 @@ class Admin:
     async def create_tenant(
         self, name: str, display_name: str, *, caller: Caller | None = None
     ) -> TenantRecord:
-        _check_platform_admin(caller, "creating a tenant")
+        check_platform_admin(caller, "creating a tenant")
         check_name("tenant", name)
         if len(display_name) > MAX_DISPLAY_NAME:
             raise InvalidArgument(f"display_name is longer than {MAX_DISPLAY_NAME} characters")
@@ -190,12 +191,16 @@ class Admin:
 
     async def set_quota(self, quota: QuotaRecord, *, caller: Caller | None = None) -> QuotaRecord:
         """Platform admins only: a tenant must not lift its own quota."""
-        _check_platform_admin(caller, "setting a quota")
+        check_platform_admin(caller, "setting a quota")
         await self.get_tenant(quota.tenant)
         check_rate_limit(quota.rate_limit)
         for name in QUOTA_FIELDS:
             if getattr(quota, name) > MAX_BUDGET:
                 raise InvalidArgument(f"{name} is larger than {MAX_BUDGET}; use 0 for unlimited")
+        if quota.max_replicas > MAX_REPLICAS:
+            raise InvalidArgument(
+                f"max_replicas is larger than {MAX_REPLICAS}; use 0 for the service's default"
+            )
         quota = dataclasses.replace(quota, update_time=utc_now())
         await asyncio.to_thread(self.store.set_quota, quota)
         if self.quotas is not None:
@@ -266,7 +271,7 @@ class Admin:
         return created.key
 
 
-def _check_platform_admin(caller: Caller | None, action: str) -> None:
+def check_platform_admin(caller: Caller | None, action: str) -> None:
     if caller is not None and not caller.is_platform_admin:
         raise PermissionDenied(_needs_platform_admin(caller, action))
 

@@ -14,6 +14,7 @@ from maas.gateway.v1 import admin_pb2, admin_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.gateway.audit import AuditLog, outcome, resource_of
 from services.gateway.auth import current_caller
+from services.gateway.fleet import Fleet
 from services.gateway.keys import Role
 from services.gateway.service import Admin
 from services.gateway.store import (
@@ -64,8 +65,9 @@ def audited(handler: Handler) -> Handler:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, admin: Admin, audit: AuditLog | None = None) -> None:
+    def __init__(self, admin: Admin, fleet: Fleet, audit: AuditLog | None = None) -> None:
         self.admin = admin
+        self.fleet = fleet
         self.audit = audit
 
     @audited
@@ -119,7 +121,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetQuota(self, request, context):
         budgets = {name: getattr(request.quota, name) for name in QUOTA_FIELDS}
         quota = QuotaRecord(
-            request.quota.tenant, **budgets, rate_limit=rate_limit_of(request.quota.rate_limit)
+            request.quota.tenant,
+            **budgets,
+            rate_limit=rate_limit_of(request.quota.rate_limit),
+            max_replicas=request.quota.max_replicas,
         )
         saved = await self.admin.set_quota(quota, caller=current_caller())
         return admin_pb2.SetQuotaResponse(quota=quota_to_proto(saved))
@@ -150,6 +155,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ListAuditEventsResponse(
             audit_events=[audit_to_proto(e) for e in events], next_page_token=next_token
         )
+
+    async def ListNodes(self, request, context):
+        nodes = await self.fleet.list_nodes(current_caller(), context)
+        return admin_pb2.ListNodesResponse(nodes=nodes)
+
+    @audited
+    async def DrainNode(self, request, context):
+        node = await self.fleet.drain_node(request.name, current_caller(), context)
+        return admin_pb2.DrainNodeResponse(node=node)
+
+    @audited
+    async def ResumeNode(self, request, context):
+        node = await self.fleet.resume_node(request.name, current_caller(), context)
+        return admin_pb2.ResumeNodeResponse(node=node)
 
 
 def tenant_to_proto(tenant: TenantRecord) -> admin_pb2.Tenant:
@@ -190,6 +209,7 @@ def quota_to_proto(quota: QuotaRecord) -> admin_pb2.Quota:
     proto = admin_pb2.Quota(
         tenant=quota.tenant,
         rate_limit=rate_limit_to_proto(quota.rate_limit),
+        max_replicas=quota.max_replicas,
         **{name: getattr(quota, name) for name in QUOTA_FIELDS},
     )
     if quota.update_time is not None:

@@ -77,6 +77,7 @@ quotas = Table(
     Column("rate_burst", Integer, nullable=False),
     Column("rate_tokens_per_minute", BigInteger, nullable=False),
     Column("update_time", DateTime(timezone=True), nullable=False),
+    Column("max_replicas", Integer, nullable=False, server_default="0"),
 )
 
 USAGE_FIELDS = (
@@ -166,7 +167,7 @@ class KeyRecord:
 
 @dataclass(frozen=True)
 class QuotaRecord:
-    """A tenant's budgets (zero = unlimited) and tenant-wide rate limit."""
+    """A tenant's budgets (zero = unlimited), tenant-wide rate limit and cap on replicas."""
 
     tenant: str
     requests_per_day: int = 0
@@ -177,6 +178,8 @@ class QuotaRecord:
     training_minutes_per_month: int = 0
     rate_limit: RateLimit = RateLimit()
     update_time: datetime | None = None
+    # Replicas its deployments may reserve together; 0: the inference service's default.
+    max_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,13 @@ def _key(row) -> KeyRecord:  # type: ignore[no-untyped-def]
 def _quota(row) -> QuotaRecord:  # type: ignore[no-untyped-def]
     rate_limit = RateLimit(row.rate_requests_per_second, row.rate_burst, row.rate_tokens_per_minute)
     budgets = {name: getattr(row, name) for name in QUOTA_FIELDS}
-    return QuotaRecord(row.tenant, **budgets, rate_limit=rate_limit, update_time=_utc(row.update_time))
+    return QuotaRecord(
+        row.tenant,
+        **budgets,
+        rate_limit=rate_limit,
+        update_time=_utc(row.update_time),
+        max_replicas=row.max_replicas,
+    )
 
 
 def _training_job(row) -> TrainingJobRecord:  # type: ignore[no-untyped-def]
@@ -340,7 +349,9 @@ class GatewayStore:
 
     def set_quota(self, quota: QuotaRecord) -> None:
         values = {name: getattr(quota, name) for name in QUOTA_FIELDS}
-        values.update(_rate_columns(quota.rate_limit), update_time=quota.update_time)
+        values.update(
+            _rate_columns(quota.rate_limit), update_time=quota.update_time, max_replicas=quota.max_replicas
+        )
         upsert = self._insert(quotas).values(tenant=quota.tenant, **values)
         with Session(self.engine) as session, session.begin():
             session.execute(upsert.on_conflict_do_update(index_elements=["tenant"], set_=values))

@@ -19,22 +19,48 @@ MODEL_PROCESS_MB = 300
 MIB = 1024 * 1024
 
 
+def replica_memory_mb(deployment: Deployment) -> int:
+    """Estimated resident memory of one replica: its model processes, each holding the artifact."""
+    return deployment.instances * (MODEL_PROCESS_MB + math.ceil(deployment.artifact_bytes / MIB))
+
+
 def memory_mb(deployment: Deployment) -> int:
-    """Estimated resident memory of a deployment's model processes."""
-    copies = 2 if deployment.canary is not None else 1
-    per_instance = MODEL_PROCESS_MB + math.ceil(deployment.artifact_bytes / MIB)
-    return copies * deployment.instances * per_instance
+    """Estimated resident memory of a deployment at its most replicas (one more with a canary)."""
+    copies = max(1, deployment.max_replicas) + (1 if deployment.canary is not None else 0)
+    return copies * replica_memory_mb(deployment)
+
+
+def reserved_replicas(deployment: Deployment) -> int:
+    """Replicas a deployment may come to hold: what its tenant's replica cap counts."""
+    return max(1, deployment.min_replicas, deployment.max_replicas)
 
 
 @dataclass(frozen=True)
 class TenantCaps:
     max_deployments: int = 0  # 0: no cap
     max_memory_mb: int = 0  # 0: no cap
+    max_replicas: int = 0  # 0: no cap; a tenant's own quota (max_replicas) overrides it
 
-    def check(self, tenant: str, others: Iterable[Deployment], candidate: Deployment) -> None:
+    def check(
+        self, tenant: str, others: Iterable[Deployment], candidate: Deployment, max_replicas: int = 0
+    ) -> None:
         """Refuse `candidate` (new, or a changed row of an existing deployment) when the tenant's
-        deployments with it would pass a cap; `others` are the tenant's other deployments."""
+        deployments with it would pass a cap; `others` are the tenant's other deployments;
+        `max_replicas` is the tenant's own replica cap (0: the service's)."""
+        others = list(others)
+        before = next((other for other in others if other.id == candidate.id), None)
         others = [other for other in others if other.id != candidate.id]
+        replica_cap = max_replicas or self.max_replicas
+        reserved = sum(map(reserved_replicas, others))
+        # Only a change that reserves more replicas is held to the cap (a canary does not).
+        grows = before is None or reserved_replicas(candidate) > reserved_replicas(before)
+        if replica_cap and grows and reserved + reserved_replicas(candidate) > replica_cap:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} may hold at most {replica_cap} replicas (max_replicas cap); its other "
+                f"deployments reserve {reserved} and this one asks for {reserved_replicas(candidate)}: "
+                "lower max_replicas, delete a deployment, or ask an admin to raise the cap "
+                "(maas admin quota set TENANT --max-replicas N)"
+            )
         if self.max_deployments and len(others) + 1 > self.max_deployments:
             raise ResourceExhausted(
                 f"tenant {tenant!r} has {len(others)} deployments, the most it may keep "

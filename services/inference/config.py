@@ -15,11 +15,23 @@ class InferenceSettings(CommonSettings):
     inference_metrics_addr: str = "127.0.0.1:9153"
     # Empty: the SQLite file under $MAAS_HOME/inference.
     inference_database_url: str = ""
-    # host:port of an existing Triton gRPC endpoint. Empty: start our own tritonserver.
+    # Embedded serving fleet: how many tritonserver processes ("nodes") to start on this host,
+    # each with its own model repository; node i listens on the three ports below plus 3 x i.
+    triton_nodes: int = Field(default=1, ge=1, le=16)
+    # External fleet: comma-separated host:port gRPC endpoints of Triton servers (for Kubernetes,
+    # the StatefulSet's pods by their names in its headless Service). Set: none is started here.
+    triton_urls: str = ""
+    # One external Triton (the setting before MAAS_TRITON_URLS); the same as a one-entry list.
     triton_url: str = ""
     triton_grpc_port: int = 50061
     triton_http_port: int = 50062
+    # Embedded nodes' metrics port (plus 3 x i); external nodes are asked on this port too.
     triton_metrics_port: int = 50063
+    # Capacity of each node where Triton reports no GPU: replicas it may hold, and the memory
+    # their model processes may take (MB; 0: three quarters of this host's memory, shared by
+    # the embedded nodes, or 16384 for an external node).
+    triton_node_model_slots: int = Field(default=16, ge=1, le=1024)
+    triton_node_memory_mb: int = Field(default=0, ge=0)
     # Model repository, backend dir, artifact cache and triton.log. Empty: $MAAS_HOME/inference.
     # An external Triton must see the model repository at this same path.
     inference_dir: Path | None = None
@@ -37,8 +49,6 @@ class InferenceSettings(CommonSettings):
     alias_poll_seconds: float = 2.0
     # How often a canary's error rate is checked, over the requests since the last check.
     canary_check_seconds: float = 5.0
-    # Triton's Prometheus endpoint, read for pending requests. Empty: our own Triton's metrics port.
-    triton_metrics_url: str = ""
     # How often the per-deployment load gauges are refreshed from Triton; 0 turns them off.
     load_refresh_seconds: float = 5.0
     # Whether Triton may place models on a GPU. Unset: look for an NVIDIA device on this host.
@@ -54,6 +64,22 @@ class InferenceSettings(CommonSettings):
     # (instances x (a model process's own footprint + the artifact)). 0: no cap.
     inference_max_deployments_per_tenant: int = Field(default=20, ge=0)
     inference_max_memory_per_tenant_mb: int = Field(default=8192, ge=0)
+    # Replicas a tenant's deployments may reserve together (the sum of their max_replicas);
+    # a tenant's quota (maas admin quota set --max-replicas) overrides it. 0: no cap.
+    inference_max_replicas_per_tenant: int = Field(default=16, ge=0)
+    # Autoscaling: requests in flight per replica it aims for (a deployment may set its own),
+    # how long load must stay above it before a replica is added, below it before one is
+    # removed, and how long a min_replicas=0 deployment idles before it scales to zero.
+    inference_target_in_flight: float = Field(default=4.0, gt=0)
+    inference_scale_up_window_seconds: float = Field(default=5.0, gt=0)
+    inference_scale_down_window_seconds: float = Field(default=30.0, gt=0)
+    inference_scale_to_zero_seconds: float = Field(default=300.0, gt=0)
+    # How often replicas are checked against what each deployment wants (lost nodes, drains,
+    # scaling), and how often the autoscaler samples load.
+    inference_replica_check_seconds: float = Field(default=0.5, gt=0)
+    inference_autoscale_seconds: float = Field(default=1.0, gt=0)
+    # Several inference replicas (Helm): only the one holding the leader lock drives Triton.
+    inference_leader_election: bool = False
 
     @model_validator(mode="after")
     def _fill_defaults_from_home(self) -> InferenceSettings:
@@ -64,13 +90,15 @@ class InferenceSettings(CommonSettings):
         return self
 
     @property
-    def triton_address(self) -> str:
-        """host:port of the Triton gRPC endpoint the service drives."""
-        return self.triton_url or f"127.0.0.1:{self.triton_grpc_port}"
+    def external_triton_addresses(self) -> list[str]:
+        """The external nodes' gRPC endpoints; empty: start embedded nodes."""
+        listed = self.triton_urls or self.triton_url
+        return [address.strip() for address in listed.split(",") if address.strip()]
 
-    @property
-    def metrics_url(self) -> str:
-        return self.triton_metrics_url or f"http://127.0.0.1:{self.triton_metrics_port}/metrics"
+    def embedded_ports(self, index: int) -> tuple[int, int, int]:
+        """(gRPC, HTTP, metrics) ports of embedded node `index`."""
+        step = 3 * index
+        return self.triton_grpc_port + step, self.triton_http_port + step, self.triton_metrics_port + step
 
     @property
     def directory(self) -> Path:

@@ -1,8 +1,11 @@
 """Deployments: the API over the desired state in the table (create, get, list, update,
 delete, with the tenant's caps), and the parts that act on it, each in its own module:
 
+- nodes.NodeSet: the Triton servers replicas are placed on;
 - routes.RouteTable: every deployment as the data path sees it, and a signal on each change;
-- converge.Converger: Triton brought to the table in the background;
+- converge.Converger: the nodes brought to the table in the background (placement.py decides
+  where replicas go);
+- autoscaler.Autoscaler: replicas following the load;
 - rollouts.Rollouts: canaries and alias-following deployments;
 - serving.Serving: the service's own Predict, Embed and Generate.
 """
@@ -18,9 +21,10 @@ from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.periodic import Periodic
 from services.common.validation import Page, check_name
 from services.inference.artifacts import ArtifactCache, Registry
+from services.inference.autoscaler import Autoscaler, Policy
 from services.inference.caps import TenantCaps
 from services.inference.converge import Converger, triton_model_name
-from services.inference.repository import ModelRepository
+from services.inference.nodes import NodeSet
 from services.inference.rollouts import Rollouts
 from services.inference.routes import RouteTable
 from services.inference.serving import Serving
@@ -35,17 +39,35 @@ from services.inference.spec import (
     checked_device,
     checked_execution_limit,
     checked_range,
+    checked_replicas,
     deployable_version,
     serving_fields,
 )
-from services.inference.store import FAILED, LOADING, Deployment, DeploymentStore, now
-from services.inference.triton import Triton
+from services.inference.store import FAILED, LOADING, Deployment, DeploymentStore, ScalingEvent, now
+
+# Scaling defaults for callers that set none (the server passes its settings).
+DEFAULT_SCALING = Policy(target_in_flight=4, up_window=5, down_window=30, idle_to_zero=300)
+# How often each node's liveness is noted and the nodes table written.
+NODE_CONTACT_SECONDS = 2.0
 
 UPDATABLE_FIELDS = frozenset(
-    {"version", "alias", "instances", "max_batch_size", "device", "cacheable", "execution_limit_seconds"}
+    {
+        "version",
+        "alias",
+        "instances",
+        "max_batch_size",
+        "device",
+        "cacheable",
+        "execution_limit_seconds",
+        "min_replicas",
+        "max_replicas",
+        "target_in_flight",
+    }
 )
+REPLICA_FIELDS = frozenset({"min_replicas", "max_replicas", "target_in_flight"})
 # Fields whose change needs a new revision loaded into Triton.
 RELOAD_FIELDS = ("resolved_version", "sha256", "instances", "max_batch_size", "device", "execution_limit_seconds")
+
 
 class Deployments:
     def __init__(
@@ -54,8 +76,7 @@ class Deployments:
         store: DeploymentStore,
         registry: Registry,
         artifacts: ArtifactCache,
-        repository: ModelRepository,
-        triton: Triton,
+        nodes: NodeSet,
         gpu_available: bool,
         load_timeout: float,
         load_concurrency: int,
@@ -67,6 +88,9 @@ class Deployments:
         stub_check_interval: float = 0.0,
         execution_limit: int = 30,
         caps: TenantCaps | None = None,
+        scaling: Policy | None = None,
+        fill_interval: float = 0.0,
+        autoscale_interval: float = 0.0,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -79,26 +103,26 @@ class Deployments:
             store=store,
             routes=self.routes,
             artifacts=artifacts,
-            repository=repository,
-            triton=triton,
+            nodes=nodes,
             gpu_available=gpu_available,
             load_timeout=load_timeout,
             load_concurrency=load_concurrency,
             drain_seconds=drain_seconds,
             execution_limit=execution_limit,
         )
-        self.rollouts = Rollouts(self, self.routes, self.converger, triton)
-        self.serving = Serving(self.routes, triton, repository.root, predict_timeout, cold_start_wait)
+        self.nodes = nodes
+        self.rollouts = Rollouts(self, self.routes, self.converger, nodes)
+        self.autoscaler = Autoscaler(store, self.routes, nodes, scaling or DEFAULT_SCALING, self.converger.fill)
+        self.serving = Serving(self.routes, nodes, predict_timeout, cold_start_wait, self.autoscaler.wake)
         # Background rounds, each started only when its interval is set.
         self._rounds = [
             Periodic("follow-aliases", self.rollouts.follow_aliases, alias_poll_interval),
             Periodic("check-canaries", self.rollouts.check_canaries, canary_check_interval),
             Periodic("revive-models", self.converger.revive_models, stub_check_interval),
+            Periodic("fill-replicas", self.converger.fill, fill_interval),
+            Periodic("autoscale", self.autoscaler.round, autoscale_interval),
+            Periodic("node-contact", nodes.contact, NODE_CONTACT_SECONDS if fill_interval else 0.0),
         ]
-
-    @property
-    def triton_address(self) -> str:
-        return self.converger.triton.address
 
     def start_watching(self) -> None:
         """Poll the registry for moved aliases, Triton for canary errors and this host for model
@@ -113,7 +137,8 @@ class Deployments:
 
     # -- the API ------------------------------------------------------------------------------
 
-    async def create(self, tenant: str, spec: DeploymentSpec) -> Deployment:
+    async def create(self, tenant: str, spec: DeploymentSpec, replica_cap: int = 0) -> Deployment:
+        """`replica_cap`: the tenant's own cap on replicas (its quota), 0 for the service's."""
         check_name("deployment", spec.name)
         check_name("model", spec.model)
         if (spec.version is None) == (spec.alias is None):
@@ -125,6 +150,7 @@ class Deployments:
         )
         device = checked_device(spec.device, self.gpu_available)
         execution_limit = checked_execution_limit(spec.execution_limit_seconds)
+        replicas = checked_replicas(spec.min_replicas, spec.max_replicas, spec.target_in_flight)
         if await asyncio.to_thread(self.store.get, tenant, spec.name):
             raise AlreadyExists(f"deployment {spec.name!r} already exists")
         version = await self.deployable_version(tenant, spec.model, spec.version, spec.alias)
@@ -151,10 +177,15 @@ class Deployments:
             create_time=created,
             update_time=created,
             execution_limit_seconds=execution_limit,
+            min_replicas=replicas.min_replicas,
+            max_replicas=replicas.max_replicas,
+            # Loaded once even when it may scale to zero: the caller sees it work, then it idles.
+            desired_replicas=max(1, replicas.min_replicas),
+            target_in_flight=replicas.target_in_flight,
             **serving_fields(version),
         )
         async with self._tenant_lock(tenant):
-            await self._check_caps(deployment)
+            await self._check_caps(deployment, replica_cap)
             await asyncio.to_thread(self.store.create, deployment)
         self.routes.put(deployment)
         self.routes.changed()
@@ -176,7 +207,9 @@ class Deployments:
             return rows, Page.token_after(rows[-1].name)
         return rows, ""
 
-    async def update(self, tenant: str, spec: DeploymentSpec, fields: Collection[str]) -> Deployment:
+    async def update(
+        self, tenant: str, spec: DeploymentSpec, fields: Collection[str], replica_cap: int = 0
+    ) -> Deployment:
         current = await self.get(tenant, spec.name)
         fields = set(fields)
         if not fields:
@@ -202,6 +235,19 @@ class Deployments:
             changes["cacheable"] = spec.cacheable
         if "execution_limit_seconds" in fields:
             changes["execution_limit_seconds"] = checked_execution_limit(spec.execution_limit_seconds)
+        if fields & REPLICA_FIELDS:
+            replicas = checked_replicas(
+                spec.min_replicas if "min_replicas" in fields else current.min_replicas,
+                spec.max_replicas if "max_replicas" in fields else current.max_replicas,
+                spec.target_in_flight if "target_in_flight" in fields else current.target_in_flight,
+            )
+            changes.update(
+                min_replicas=replicas.min_replicas,
+                max_replicas=replicas.max_replicas,
+                target_in_flight=replicas.target_in_flight,
+                # The autoscaler goes on from within the new bounds.
+                desired_replicas=max(replicas.min_replicas, min(current.desired_replicas, replicas.max_replicas)),
+            )
         if fields & {"version", "alias"}:
             version, alias = (spec.version, None) if "version" in fields else (None, spec.alias)
             if version is None and not alias:
@@ -230,7 +276,7 @@ class Deployments:
             # Each revision is its own Triton model, so that the old one serves, untouched,
             # until the new one is ready and routes have moved to it.
             updated = updated.replace(state=LOADING, message=message, triton_model=triton_model_name(current.id))
-        updated = await self.save_within_caps(updated)
+        updated = await self.save_within_caps(updated, replica_cap)
         self.routes.add(updated).deployment = updated
         self.routes.changed()
         if reload:
@@ -249,8 +295,11 @@ class Deployments:
             triton_models.add(route.serving.triton_model)
         if deployment.canary is not None:
             triton_models.add(deployment.canary.triton_model)
+        if route is not None:
+            triton_models.update(replica.triton_model for replica in route.replicas.values())
         await self.converger.retire(deployment, triton_models)
         self.rollouts.forget(deployment.id)
+        self.autoscaler.forget(deployment.id)
 
     # -- for the other parts --------------------------------------------------------------------
 
@@ -262,16 +311,19 @@ class Deployments:
             raise NotFound(f"deployment {deployment.name!r} not found")
         return deployment
 
-    async def save_within_caps(self, deployment: Deployment) -> Deployment:
+    async def save_within_caps(self, deployment: Deployment, replica_cap: int = 0) -> Deployment:
         """Save a changed row of an existing deployment, unless the tenant's caps refuse it."""
         async with self._tenant_lock(deployment.tenant):
-            await self._check_caps(deployment)
+            await self._check_caps(deployment, replica_cap)
             return await self.save(deployment)
 
-    async def _check_caps(self, candidate: Deployment) -> None:
+    async def _check_caps(self, candidate: Deployment, replica_cap: int) -> None:
         """The caller holds the tenant's lock, so that two writes cannot both pass the check."""
         others = await asyncio.to_thread(self.store.of_tenant, candidate.tenant)
-        self.caps.check(candidate.tenant, others, candidate)
+        self.caps.check(candidate.tenant, others, candidate, replica_cap)
+
+    async def scaling_events(self, deployment: Deployment) -> list[ScalingEvent]:
+        return await asyncio.to_thread(self.store.scaling_events, deployment.id)
 
     def _tenant_lock(self, tenant: str) -> asyncio.Lock:
         return self._tenant_locks.setdefault(tenant, asyncio.Lock())

@@ -50,7 +50,8 @@ PENDING_METRIC = "nv_inference_pending_request_count"
 
 
 class TritonStatistics(Protocol):
-    """What load reporting needs of Triton (services.inference.triton.TritonClient)."""
+    """What load reporting needs of the nodes (services.inference.nodes.NodeSet): a model's
+    statistics on every node that holds it."""
 
     async def statistics(self, triton_model: str) -> list[service_pb2.ModelStatistics]: ...
 
@@ -122,13 +123,23 @@ def pending_by_model(metrics_text: str) -> dict[str, int]:
     return pending
 
 
+def _fetch_metrics(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own nodes
+        return response.read().decode()
+
+
 class LoadReporter:
     def __init__(
-        self, deployments: Deployments, triton: TritonStatistics, metrics_url: str, refresh_seconds: float
+        self,
+        deployments: Deployments,
+        triton: TritonStatistics,
+        metrics_urls: Iterable[str],
+        refresh_seconds: float,
     ) -> None:
         self.deployments = deployments
         self.triton = triton
-        self.metrics_url = metrics_url
+        # Every node's Prometheus endpoint: pending requests are summed over them.
+        self.metrics_urls = [url for url in metrics_urls if url]
         # Per Triton model, the counts at the last refresh: the gauges show the interval since.
         self._last: dict[str, VersionLoad] = {}
         self._labelled: set[tuple[str, str]] = set()
@@ -141,17 +152,18 @@ class LoadReporter:
         return DeploymentLoad(deployment, await self._read(models, await self._pending()))
 
     async def _pending(self) -> dict[str, int]:
-        """Pending requests per Triton model; empty (and logged) when the endpoint does not answer."""
-        try:
-            text = await asyncio.to_thread(self._fetch_metrics)
-        except OSError as error:
-            log.warning("Triton's metrics endpoint did not answer", extra={"error": str(error)})
-            return {}
-        return pending_by_model(text)
-
-    def _fetch_metrics(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:  # noqa: S310 - our own URL
-            return response.read().decode()
+        """Pending requests per Triton model over every node; a node whose endpoint does not
+        answer counts none (and is logged)."""
+        pending: dict[str, int] = {}
+        for url in self.metrics_urls:
+            try:
+                text = await asyncio.to_thread(_fetch_metrics, url)
+            except OSError as error:
+                log.warning("a Triton metrics endpoint did not answer", extra={"url": url, "error": str(error)})
+                continue
+            for model, count in pending_by_model(text).items():
+                pending[model] = pending.get(model, 0) + count
+        return pending
 
     async def _read(self, models: Iterable[tuple[int, str]], pending: dict[str, int]) -> list[VersionLoad]:
         loads = []

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 from services.common.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound
 from services.inference.converge import Converger, canary_revision, triton_model_name
+from services.inference.nodes import NodeSet
 from services.inference.routes import RouteTable
 from services.inference.spec import FORMATS, DeploymentSpec, check_target, checked_range, serving_fields
 from services.inference.store import LOADING, READY, Canary, Deployment, now
-from services.inference.triton import Triton
 
 if TYPE_CHECKING:
     from services.inference.deployments import Deployments
@@ -25,13 +25,11 @@ MIN_CANARY_REQUESTS = 10
 
 
 class Rollouts:
-    def __init__(
-        self, deployments: Deployments, routes: RouteTable, converger: Converger, triton: Triton
-    ) -> None:
+    def __init__(self, deployments: Deployments, routes: RouteTable, converger: Converger, nodes: NodeSet) -> None:
         self.deployments = deployments
         self.routes = routes
         self.converger = converger
-        self.triton = triton
+        self.nodes = nodes
         # Triton's (success, failure) counts per canary model at the last check.
         self._canary_counts: dict[str, tuple[int, int]] = {}
         # The version each alias-following deployment last failed to roll to, so that the
@@ -93,7 +91,7 @@ class Rollouts:
         replaced, route.canary = current.canary, None
         self.routes.changed()
         if replaced is not None:
-            self.converger.drain_later(canary_revision(current, replaced))
+            self.converger.drain_later(route, canary_revision(current, replaced))
         self.converger.converge_canary_later(updated, canary)
         return updated
 
@@ -111,9 +109,11 @@ class Rollouts:
         replaced = route.serving
         route.serve(promoted)
         route.canary = None
-        self.routes.changed()
+        for replica in route.replicas_of(promoted.triton_model):
+            replica.canary = False
         if replaced is not None and replaced.triton_model != promoted.triton_model:
-            self.converger.drain_later(replaced)
+            self.converger.drain_later(route, replaced)
+        self.routes.changed()
         log.info("canary promoted", extra={"deployment": name, "version": canary.version})
         return promoted
 
@@ -132,7 +132,7 @@ class Rollouts:
             route.canary = None
         self.routes.changed()
         self._canary_counts.pop(current.canary.triton_model, None)
-        self.converger.drain_later(canary_revision(current, current.canary))
+        self.converger.drain_later(route, canary_revision(current, current.canary))
         log.info("canary rolled back", extra={"deployment": name, "reason": reason or "asked to"})
         return updated
 
@@ -143,7 +143,7 @@ class Rollouts:
             canary = route.canary
             if canary is None or canary.max_error_rate <= 0:
                 continue
-            succeeded, failed = await self.triton.request_counts(canary.triton_model)
+            succeeded, failed = await self.nodes.request_counts(canary.triton_model)
             before = self._canary_counts.get(canary.triton_model, (0, 0))
             self._canary_counts[canary.triton_model] = (succeeded, failed)
             new_failures = failed - before[1]

@@ -1,5 +1,6 @@
-"""The routing table: every deployment as the data path sees it (the latest row, and the revision
-Triton serves), kept in memory, with a signal on every change for WatchRoutes and cold starts."""
+"""The routing table: every deployment as the data path sees it (the latest row, the revision
+that serves, and its replicas on the nodes), kept in memory, with a signal on every change for
+WatchRoutes and cold starts."""
 
 from __future__ import annotations
 
@@ -8,31 +9,65 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import Gauge
 
 from services.common.errors import FailedPrecondition, NotFound, Unavailable
 from services.common.tensors import CompiledSignature
-from services.inference.store import FAILED, LOADING, READY, Canary, Deployment
+from services.inference.store import FAILED, LOADING, PENDING, READY, SCALED_TO_ZERO, Canary, Deployment
 
 DEPLOYMENTS = Gauge("maas_inference_deployments", "Deployments by state", ["state"])
 
 
 @dataclass
+class Replica:
+    """One copy of one revision of a deployment, on one node."""
+
+    triton_model: str
+    node: str
+    version: int
+    state: str  # LOADING or READY
+    canary: bool = False
+
+
+@dataclass
 class Route:
-    """One deployment as the data path sees it: the latest row, and the revision Triton serves."""
+    """One deployment as the data path sees it: the latest row, the revision that serves, and
+    where its replicas are."""
 
     deployment: Deployment
-    # The row as it was when Triton last finished loading it; None while nothing serves.
+    # The row as it was when its revision first finished loading; None while nothing serves.
     serving: Deployment | None = None
     compiled: CompiledSignature | None = None
     # The canary once it is loaded and takes its share of the requests.
     canary: Canary | None = None
+    # Every replica of every revision the deployment has on the nodes, by (Triton model, node):
+    # the serving one's, a roll's new one's while it loads, the canary's.
+    replicas: dict[tuple[str, str], Replica] = field(default_factory=dict)
+    # Why it has fewer replicas than it wants; empty when it has them all.
+    shortfall: str = ""
 
     @property
     def ready(self) -> bool:
-        return self.serving is not None and self.compiled is not None
+        return self.serving is not None and self.compiled is not None and bool(self.ready_nodes())
+
+    def ready_nodes(self, triton_model: str | None = None) -> list[str]:
+        """Nodes where a revision (the serving one by default) is loaded and takes requests."""
+        if triton_model is None:
+            if self.serving is None:
+                return []
+            triton_model = self.serving.triton_model
+        return sorted(r.node for r in self.replicas.values() if r.triton_model == triton_model and r.state == READY)
+
+    def replicas_of(self, triton_model: str) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.triton_model == triton_model]
+
+    def add_replica(self, replica: Replica) -> None:
+        self.replicas[(replica.triton_model, replica.node)] = replica
+
+    def drop_replica(self, triton_model: str, node: str) -> Replica | None:
+        return self.replicas.pop((triton_model, node), None)
 
     @property
     def served(self) -> Deployment:
@@ -46,6 +81,7 @@ class Route:
 
     def stop_serving(self) -> None:
         self.serving = self.compiled = self.canary = None
+        self.replicas.clear()
 
 
 class RouteTable:
@@ -74,7 +110,7 @@ class RouteTable:
     def changed(self) -> None:
         """Wake everyone waiting on the table: the route stream and cold starts."""
         states = Counter(route.deployment.state for route in self._routes.values())
-        for state in (LOADING, READY, FAILED):
+        for state in (LOADING, READY, FAILED, PENDING, SCALED_TO_ZERO):
             DEPLOYMENTS.labels(state).set(states[state])
         self._changed.set()
         self._changed = asyncio.Event()

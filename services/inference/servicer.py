@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from services.common.channels import tenant_of
+from services.common.channels import MAX_REPLICAS_KEY, tenant_of
 from services.common.serving import MODEL_VERSION_KEY, TASK_VALUES
+from services.inference.caps import replica_memory_mb
+from services.inference.converge import wanted_replicas
 from services.inference.deployments import Deployments, DeploymentSpec
 from services.inference.load import LoadReporter
+from services.inference.nodes import Node, NodeSet
 from services.inference.routes import Route
-from services.inference.store import Deployment
+from services.inference.store import Deployment, ScalingEvent
 
 DEVICE_NAMES = {
     inference_pb2.DEVICE_UNSPECIFIED: "",
@@ -25,7 +29,16 @@ STATE_VALUES = {
     "LOADING": inference_pb2.DEPLOYMENT_STATE_LOADING,
     "READY": inference_pb2.DEPLOYMENT_STATE_READY,
     "FAILED": inference_pb2.DEPLOYMENT_STATE_FAILED,
+    "PENDING": inference_pb2.DEPLOYMENT_STATE_PENDING,
+    "SCALED_TO_ZERO": inference_pb2.DEPLOYMENT_STATE_SCALED_TO_ZERO,
 }
+NODE_STATE_VALUES = {
+    "READY": inference_pb2.NODE_STATE_READY,
+    "DRAINING": inference_pb2.NODE_STATE_DRAINING,
+    "DOWN": inference_pb2.NODE_STATE_DOWN,
+}
+# Set by the gateway from the tenant's quota: the most replicas its deployments may reserve.
+
 
 
 def spec_of(message: inference_pb2.Deployment) -> DeploymentSpec:
@@ -41,7 +54,18 @@ def spec_of(message: inference_pb2.Deployment) -> DeploymentSpec:
         device=DEVICE_NAMES.get(message.device, f"#{message.device}"),
         cacheable=message.cacheable,
         execution_limit_seconds=message.execution_limit_seconds,
+        min_replicas=message.min_replicas if message.HasField("min_replicas") else None,
+        max_replicas=message.max_replicas,
+        target_in_flight=message.target_in_flight,
     )
+
+
+def replica_cap_of(context: grpc.aio.ServicerContext) -> int:
+    """The tenant's own replica cap the gateway asserted; 0 when it set none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == MAX_REPLICAS_KEY:
+            return int(value) if value.isdigit() else 0
+    return 0
 
 
 def _timestamp(value) -> Timestamp:
@@ -50,7 +74,10 @@ def _timestamp(value) -> Timestamp:
     return stamp
 
 
-def deployment_message(deployment: Deployment) -> inference_pb2.Deployment:
+def deployment_message(
+    deployment: Deployment, route: Route | None = None, events: Iterable[ScalingEvent] = ()
+) -> inference_pb2.Deployment:
+    """The deployment as callers see it; with its route, its replicas where they are now."""
     message = inference_pb2.Deployment(
         name=deployment.name,
         model=deployment.model,
@@ -67,7 +94,33 @@ def deployment_message(deployment: Deployment) -> inference_pb2.Deployment:
         task=TASK_VALUES[deployment.task],
         precision=deployment.precision,
         execution_limit_seconds=deployment.execution_limit_seconds,
+        min_replicas=deployment.min_replicas,
+        max_replicas=deployment.max_replicas,
+        target_in_flight=deployment.target_in_flight,
+        desired_replicas=wanted_replicas(deployment),
+        scaling_events=[
+            inference_pb2.ScalingEvent(
+                time=_timestamp(event.time),
+                from_replicas=event.from_replicas,
+                to_replicas=event.to_replicas,
+                reason=event.reason,
+            )
+            for event in events
+        ],
     )
+    if route is not None:
+        message.replicas.extend(
+            inference_pb2.Replica(
+                node=replica.node,
+                version=replica.version,
+                state=STATE_VALUES[replica.state],
+                canary=replica.canary,
+            )
+            for replica in sorted(route.replicas.values(), key=lambda r: (r.canary, r.node))
+        )
+        if route.shortfall and deployment.state == "READY":
+            message.message = f"{message.message}; " if message.message else ""
+            message.message += f"short of replicas: {route.shortfall}"
     if deployment.version is not None:
         message.version = deployment.version
     else:
@@ -85,29 +138,62 @@ def deployment_message(deployment: Deployment) -> inference_pb2.Deployment:
     return message
 
 
-def route_message(route: Route, triton_address: str) -> inference_pb2.Route:
+def route_message(route: Route, nodes: NodeSet) -> inference_pb2.Route:
     served = route.served
+    addresses = _addresses(route, served.triton_model, nodes)
     message = inference_pb2.Route(
         tenant=served.tenant,
         deployment=served.name,
         model=served.model,
         version=served.resolved_version,
         triton_model=served.triton_model,
-        triton_address=triton_address,
+        # For readers that know one address only.
+        triton_address=addresses[0] if addresses else "",
+        replica_addresses=addresses,
         signature=served.signature,
         max_batch_size=served.max_batch_size,
         cacheable=route.deployment.cacheable,
         ready=route.ready,
         task=TASK_VALUES[served.task],
+        scaled_to_zero=not route.ready and wanted_replicas(route.deployment) == 0,
     )
-    if route.ready and route.canary is not None:
+    canary_addresses = _addresses(route, route.canary.triton_model, nodes) if route.canary else []
+    if route.ready and route.canary is not None and canary_addresses:
         message.canary.CopyFrom(
             inference_pb2.CanaryRoute(
                 version=route.canary.version,
                 triton_model=route.canary.triton_model,
                 weight_percent=route.canary.weight,
+                replica_addresses=canary_addresses,
             )
         )
+    return message
+
+
+def _addresses(route: Route, triton_model: str, nodes: NodeSet) -> list[str]:
+    found = (nodes.get(name) for name in route.ready_nodes(triton_model))
+    return [node.address for node in found if node is not None]
+
+
+def node_message(node: Node, routes: Iterable[Route]) -> inference_pb2.Node:
+    placed = [r for route in routes for r in route.replicas.values() if r.node == node.name]
+    used_memory = sum(
+        replica_memory_mb(route.served) for route in routes for r in route.replicas.values() if r.node == node.name
+    )
+    message = inference_pb2.Node(
+        name=node.name,
+        address=node.address,
+        state=NODE_STATE_VALUES[node.state],
+        model_slots=node.capacity.model_slots,
+        memory_mb=node.capacity.memory_mb,
+        gpus=node.capacity.gpus,
+        replicas=len(placed),
+        free_slots=max(0, node.capacity.model_slots - len(placed)),
+        free_memory_mb=max(0, node.capacity.memory_mb - used_memory),
+        message=node.message,
+    )
+    if node.last_contact is not None:
+        message.last_contact.CopyFrom(_timestamp(node.last_contact))
     return message
 
 
@@ -117,26 +203,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self.loads = loads
 
     async def CreateDeployment(self, request, context):
-        created = await self.deployments.create(tenant_of(context), spec_of(request.deployment))
-        return inference_pb2.CreateDeploymentResponse(deployment=deployment_message(created))
+        created = await self.deployments.create(
+            tenant_of(context), spec_of(request.deployment), replica_cap_of(context)
+        )
+        return inference_pb2.CreateDeploymentResponse(deployment=self._message(created))
 
     async def GetDeployment(self, request, context):
         found = await self.deployments.get(tenant_of(context), request.name)
-        return inference_pb2.GetDeploymentResponse(deployment=deployment_message(found))
+        events = await self.deployments.scaling_events(found)
+        return inference_pb2.GetDeploymentResponse(deployment=self._message(found, events))
 
     async def ListDeployments(self, request, context):
         rows, token = await self.deployments.list_page(
             tenant_of(context), request.page_size, request.page_token
         )
         return inference_pb2.ListDeploymentsResponse(
-            deployments=[deployment_message(row) for row in rows], next_page_token=token
+            deployments=[self._message(row) for row in rows], next_page_token=token
         )
 
     async def UpdateDeployment(self, request, context):
         updated = await self.deployments.update(
-            tenant_of(context), spec_of(request.deployment), request.update_mask.paths
+            tenant_of(context), spec_of(request.deployment), request.update_mask.paths, replica_cap_of(context)
         )
-        return inference_pb2.UpdateDeploymentResponse(deployment=deployment_message(updated))
+        return inference_pb2.UpdateDeploymentResponse(deployment=self._message(updated))
 
     async def DeleteDeployment(self, request, context):
         await self.deployments.delete(tenant_of(context), request.name)
@@ -146,15 +235,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         updated = await self.deployments.rollouts.start_canary(
             tenant_of(context), request.name, request.version, request.weight_percent, request.max_error_rate
         )
-        return inference_pb2.StartCanaryResponse(deployment=deployment_message(updated))
+        return inference_pb2.StartCanaryResponse(deployment=self._message(updated))
 
     async def PromoteCanary(self, request, context):
         promoted = await self.deployments.rollouts.promote_canary(tenant_of(context), request.name)
-        return inference_pb2.PromoteCanaryResponse(deployment=deployment_message(promoted))
+        return inference_pb2.PromoteCanaryResponse(deployment=self._message(promoted))
 
     async def RollbackCanary(self, request, context):
         updated = await self.deployments.rollouts.rollback_canary(tenant_of(context), request.name)
-        return inference_pb2.RollbackCanaryResponse(deployment=deployment_message(updated))
+        return inference_pb2.RollbackCanaryResponse(deployment=self._message(updated))
 
     async def GetDeploymentLoad(self, request, context):
         load = await self.loads.get(tenant_of(context), request.name)
@@ -196,6 +285,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         context.set_trailing_metadata(((MODEL_VERSION_KEY, str(response.version)),))
         return response
 
+    def _message(self, deployment: Deployment, events: Iterable[ScalingEvent] = ()) -> inference_pb2.Deployment:
+        route = self.deployments.routes.get(deployment.tenant, deployment.name)
+        return deployment_message(deployment, route, events)
+
 
 class RoutingServicer(inference_pb2_grpc.RoutingServiceServicer):
     """Internal: every tenant's routes, for the gateway's direct path to Triton."""
@@ -204,8 +297,31 @@ class RoutingServicer(inference_pb2_grpc.RoutingServiceServicer):
         self.deployments = deployments
 
     async def WatchRoutes(self, request, context) -> AsyncIterator[inference_pb2.WatchRoutesResponse]:
-        address = self.deployments.triton_address
+        nodes = self.deployments.nodes
         async for routes in self.deployments.routes.watch():
-            yield inference_pb2.WatchRoutesResponse(
-                routes=[route_message(route, address) for route in routes]
-            )
+            yield inference_pb2.WatchRoutesResponse(routes=[route_message(route, nodes) for route in routes])
+
+    async def Wake(self, request, context):
+        await self.deployments.autoscaler.wake(request.tenant, request.deployment)
+        return inference_pb2.WakeResponse()
+
+
+class FleetServicer(inference_pb2_grpc.FleetServiceServicer):
+    """Internal: the nodes, for the gateway's AdminService (platform admins)."""
+
+    def __init__(self, deployments: Deployments) -> None:
+        self.deployments = deployments
+
+    async def ListNodes(self, request, context):
+        routes = self.deployments.routes.all()
+        return inference_pb2.ListNodesResponse(nodes=[node_message(node, routes) for node in self.deployments.nodes])
+
+    async def DrainNode(self, request, context):
+        node = self.deployments.nodes.cordon(request.name, True)
+        await self.deployments.converger.fill()
+        return inference_pb2.DrainNodeResponse(node=node_message(node, self.deployments.routes.all()))
+
+    async def ResumeNode(self, request, context):
+        node = self.deployments.nodes.cordon(request.name, False)
+        await self.deployments.converger.fill()
+        return inference_pb2.ResumeNodeResponse(node=node_message(node, self.deployments.routes.all()))

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
 from maas.inference.v1 import inference_pb2
+from tritonclient.grpc import service_pb2
 
 from services.common.embedding import EmbeddingModel, check_texts
-from services.common.errors import MaasError, NotFound
+from services.common.errors import MaasError, NotFound, Unavailable
 from services.common.generation import (
     check_prompt,
     generate_response_of_stream,
@@ -25,7 +27,9 @@ from services.common.oip import headers_of_predict, infer_request_of_predict, pr
 from services.common.serving import EMBED, GENERATE, TENSOR_TASKS, check_task
 from services.common.traffic import goes_to_canary
 from services.common.validation import check_name
+from services.inference.nodes import NodeSet
 from services.inference.routes import Route, RouteTable
+from services.inference.store import SCALED_TO_ZERO
 from services.inference.triton import Triton
 
 # Triton's names for a deployment's revisions and their instances (converge.triton_model_name):
@@ -33,10 +37,11 @@ from services.inference.triton import Triton
 TRITON_MODEL_NAME = re.compile(r"m_[0-9a-f]{32}_[0-9a-f]{8}(?:_\d+)*")
 
 
-def public_message(message: str, deployment_name: str, repository_root: Path) -> str:
-    """`message` as a caller may read it: Triton's model names and the model repository's paths
+def public_message(message: str, deployment_name: str, repository_roots: Iterable[Path]) -> str:
+    """`message` as a caller may read it: Triton's model names and the model repositories' paths
     on this host replaced by the deployment's name."""
-    message = message.replace(str(repository_root), "<models>")
+    for root in repository_roots:
+        message = message.replace(str(root), "<models>")
     return TRITON_MODEL_NAME.sub(deployment_name, message)
 
 
@@ -44,14 +49,15 @@ class Serving:
     def __init__(
         self,
         routes: RouteTable,
-        triton: Triton,
-        repository_root: Path,
+        nodes: NodeSet,
         predict_timeout: float,
         cold_start_wait: float,
+        wake: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.routes = routes
-        self.triton = triton
-        self.repository_root = repository_root
+        self.nodes = nodes
+        # Called when a request finds its deployment scaled to zero.
+        self.wake = wake
         # Upper bound of a call that carries no deadline of its own.
         self.predict_timeout = predict_timeout
         # How long a call without a deadline of its own waits for a loading deployment.
@@ -68,7 +74,7 @@ class Serving:
         triton_model, version = _target(route)
         infer = infer_request_of_predict(request, triton_model, request_id_var.get())
         with self._public_errors(request.deployment):
-            response = await self.triton.infer(infer, self._budget(timeout))
+            response = await self._infer(route, infer, self._budget(timeout))
         return predict_response_of_infer(response, serving.model, version)
 
     async def embed(
@@ -84,7 +90,7 @@ class Serving:
         requests = model.requests(texts, triton_model, serving.max_batch_size, request_id_var.get())
         budget = self._budget(timeout)
         with self._public_errors(request.deployment):
-            answers = await asyncio.gather(*(self.triton.infer(r, budget) for r in requests))
+            answers = await asyncio.gather(*(self._infer(route, r, budget) for r in requests))
         return model.response(answers, serving.model, version)
 
     async def generate(
@@ -99,8 +105,9 @@ class Serving:
         check_task(request.deployment, serving.task, (GENERATE,), "Generate")
         triton_model, version = _target(route)
         infer = stream_request(prompt, sampling, triton_model, request_id_var.get())
+        triton = self._replica(route, triton_model)
         with self._public_errors(request.deployment):
-            async for response in self.triton.stream(infer, self._budget(timeout)):
+            async for response in triton.stream(infer, self._budget(timeout)):
                 yield generate_response_of_stream(response, serving.model, version)
 
     async def _route(self, tenant: str, name: str, timeout: float | None) -> Route:
@@ -111,9 +118,38 @@ class Serving:
             raise NotFound(f"deployment {name!r} not found")
         if route.ready:
             return route
+        if self.wake is not None and route.deployment.state == SCALED_TO_ZERO:
+            await self.wake(tenant, name)
         # Give up a little before the caller's deadline, so that it hears why.
         wait = timeout - min(0.1, timeout / 10) if timeout is not None else self.cold_start_wait
         return await self.routes.serving(tenant, name, wait)
+
+    async def _infer(
+        self, route: Route, request: service_pb2.ModelInferRequest, timeout: float
+    ) -> service_pb2.ModelInferResponse:
+        """One ModelInfer on a replica; retried once on another when the first is unavailable
+        (its node died, or the model is unloading there)."""
+        first = self._replica(route, request.model_name)
+        try:
+            return await first.infer(request, timeout)
+        except Unavailable:
+            others = [n for n in route.ready_nodes(request.model_name) if n != self._node_of(first)]
+            if not others:
+                raise
+            return await self._client(random.choice(others)).infer(request, timeout)
+
+    def _replica(self, route: Route, triton_model: str) -> Triton:
+        """The Triton of one ready replica of the model, picked at random."""
+        ready = route.ready_nodes(triton_model)
+        if not ready:
+            raise Unavailable(f"deployment {route.deployment.name!r} has no ready replica right now; retry shortly")
+        return self._client(random.choice(ready))
+
+    def _client(self, node: str) -> Triton:
+        return self.nodes.named(node).triton
+
+    def _node_of(self, triton: Triton) -> str:
+        return next((node.name for node in self.nodes if node.triton is triton), "")
 
     def _budget(self, timeout: float | None) -> float:
         return timeout if timeout is not None else self.predict_timeout
@@ -123,7 +159,8 @@ class Serving:
         try:
             yield
         except MaasError as error:
-            public = public_message(str(error), deployment_name, self.repository_root)
+            roots = [node.repository.root for node in self.nodes]
+            public = public_message(str(error), deployment_name, roots)
             if public == str(error):
                 raise
             renamed = type(error)(public)

@@ -22,6 +22,8 @@ MAX_BATCH_SIZE = 1024
 DEFAULT_INSTANCES = 1
 DEFAULT_MAX_BATCH_SIZE = 8
 MAX_EXECUTION_LIMIT_SECONDS = 3600
+MAX_REPLICAS = 64
+MAX_TARGET_IN_FLIGHT = 10_000
 FORMATS = {registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT: "TORCHSCRIPT", registry_pb2.ARTIFACT_FORMAT_ONNX: "ONNX"}
 # The generic runner feeds numeric tensors to torch and onnxruntime; strings and bfloat16 it cannot.
 UNSERVED_DATATYPES = {common_pb2.DATA_TYPE_BYTES, common_pb2.DATA_TYPE_BF16}
@@ -40,6 +42,34 @@ class DeploymentSpec:
     device: str = ""
     cacheable: bool = False
     execution_limit_seconds: int = 0
+    min_replicas: int | None = None  # None: 1
+    max_replicas: int = 0  # 0: the same as min_replicas (at least 1)
+    target_in_flight: int = 0  # 0: the service's default
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """A deployment's replica bounds, checked."""
+
+    min_replicas: int
+    max_replicas: int
+    target_in_flight: int
+
+
+def checked_replicas(min_replicas: int | None, max_replicas: int, target_in_flight: int) -> Replicas:
+    lowest = 1 if min_replicas is None else min_replicas
+    if not 0 <= lowest <= MAX_REPLICAS:
+        raise InvalidArgument(f"min_replicas must be between 0 and {MAX_REPLICAS}, got {lowest}")
+    highest = max_replicas or max(lowest, 1)
+    if not 1 <= highest <= MAX_REPLICAS:
+        raise InvalidArgument(f"max_replicas must be between 1 and {MAX_REPLICAS} (0: as min_replicas), got {highest}")
+    if highest < lowest:
+        raise InvalidArgument(f"max_replicas ({highest}) must not be below min_replicas ({lowest})")
+    if not 0 <= target_in_flight <= MAX_TARGET_IN_FLIGHT:
+        raise InvalidArgument(
+            f"target_in_flight must be between 1 and {MAX_TARGET_IN_FLIGHT} (0: the service's default), got {target_in_flight}"
+        )
+    return Replicas(lowest, highest, target_in_flight)
 
 
 async def deployable_version(

@@ -34,6 +34,10 @@ from services.common.errors import AlreadyExists
 from services.common.validation import Page
 
 LOADING, READY, FAILED = "LOADING", "READY", "FAILED"
+# No node has room for the replicas the deployment needs; its message says what is short.
+PENDING = "PENDING"
+# min_replicas 0 and idle: nothing is loaded until a request wakes it.
+SCALED_TO_ZERO = "SCALED_TO_ZERO"
 
 metadata = MetaData()
 
@@ -80,8 +84,40 @@ deployments = Table(
     Column("execution_limit_seconds", Integer, nullable=False, server_default="0"),
     # Size of the served version's artifact, which the tenant's memory cap counts.
     Column("artifact_bytes", BigInteger, nullable=False, server_default="0"),
+    # Replicas: the bounds the autoscaler keeps to, the count it wants now, and its target of
+    # requests in flight per replica (0: the service's default).
+    Column("min_replicas", Integer, nullable=False, server_default="1"),
+    Column("max_replicas", Integer, nullable=False, server_default="1"),
+    Column("desired_replicas", Integer, nullable=False, server_default="1"),
+    Column("target_in_flight", Integer, nullable=False, server_default="0"),
     UniqueConstraint("tenant", "name", name="uq_deployments_tenant_name"),
     UniqueConstraint("triton_model", name="uq_deployments_triton_model"),
+)
+
+# The Triton servers replicas are placed on, as the service last saw them.
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("address", String(255), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("model_slots", Integer, nullable=False),
+    Column("memory_mb", BigInteger, nullable=False),
+    Column("gpus", Integer, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("last_contact", DateTime(timezone=True), nullable=True),
+)
+
+# The autoscaler's decisions, with their reasons.
+scaling_events = Table(
+    "scaling_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("deployment_id", String(32), nullable=False, index=True),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Column("from_replicas", Integer, nullable=False),
+    Column("to_replicas", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
 )
 
 
@@ -141,9 +177,34 @@ class Deployment:
     runner_metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     execution_limit_seconds: int = 0  # 0: the service's default
     artifact_bytes: int = 0
+    min_replicas: int = 1
+    max_replicas: int = 1
+    desired_replicas: int = 1  # what the autoscaler wants now, within the bounds
+    target_in_flight: int = 0  # 0: the service's default
 
     def replace(self, **changes) -> Deployment:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str
+    address: str
+    state: str  # READY, DRAINING or DOWN
+    model_slots: int
+    memory_mb: int
+    gpus: int
+    message: str
+    last_contact: datetime | None
+
+
+@dataclass(frozen=True)
+class ScalingEvent:
+    deployment_id: str
+    time: datetime
+    from_replicas: int
+    to_replicas: int
+    reason: str
 
 
 def _row_values(deployment: Deployment) -> dict:
@@ -164,9 +225,14 @@ def _deployment(row) -> Deployment:
     values["signature"] = common_pb2.Signature.FromString(values["signature"])
     values["runner_metadata"] = json.loads(values["runner_metadata"])
     for key in ("create_time", "update_time"):
-        if values[key].tzinfo is None:  # SQLite keeps no zone; we always write UTC
-            values[key] = values[key].replace(tzinfo=UTC)
+        values[key] = _utc(values[key])
     return Deployment(**values)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:  # SQLite keeps no zone; we always write UTC
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 def now() -> datetime:
@@ -250,6 +316,33 @@ class DeploymentStore:
             row = connection.execute(select(deployments).where(deployments.c.id == deployment_id)).first()
         return _deployment(row) if row else None
 
+    def set_desired_replicas(self, deployment_id: str, replicas: int, event: ScalingEvent) -> Deployment | None:
+        """Record an autoscaling decision with its reason; None when the deployment is gone."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(deployments).where(deployments.c.id == deployment_id).values(desired_replicas=replicas)
+            )
+            if result.rowcount != 1:
+                return None
+            connection.execute(insert(scaling_events).values(**dataclasses.asdict(event)))
+            row = connection.execute(select(deployments).where(deployments.c.id == deployment_id)).first()
+        return _deployment(row) if row else None
+
+    def scaling_events(self, deployment_id: str, limit: int = 10) -> list[ScalingEvent]:
+        """The latest decisions, newest first."""
+        query = (
+            select(scaling_events)
+            .where(scaling_events.c.deployment_id == deployment_id)
+            .order_by(scaling_events.c.id.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        return [
+            ScalingEvent(row.deployment_id, _utc(row.time), row.from_replicas, row.to_replicas, row.reason)  # type: ignore[arg-type]
+            for row in rows
+        ]
+
     def delete(self, tenant: str, name: str) -> Deployment | None:
         with self.engine.begin() as connection:
             row = connection.execute(
@@ -258,4 +351,29 @@ class DeploymentStore:
             if row is None:
                 return None
             connection.execute(delete(deployments).where(deployments.c.id == row.id))
+            connection.execute(delete(scaling_events).where(scaling_events.c.deployment_id == row.id))
         return _deployment(row)
+
+
+class NodeStore:
+    """The nodes table: written when a node's state changes and on each contact round."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def save(self, node: NodeRecord) -> None:
+        values = dataclasses.asdict(node)
+        with self.engine.begin() as connection:
+            result = connection.execute(update(nodes).where(nodes.c.name == node.name).values(**values))
+            if result.rowcount == 0:
+                connection.execute(insert(nodes).values(**values))
+
+    def all(self) -> list[NodeRecord]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(nodes).order_by(nodes.c.name)).all()
+        return [NodeRecord(**{**row._mapping, "last_contact": _utc(row.last_contact)}) for row in rows]
+
+    def remove_except(self, names: set[str]) -> None:
+        """Forget nodes no longer configured."""
+        with self.engine.begin() as connection:
+            connection.execute(delete(nodes).where(nodes.c.name.not_in(names)))

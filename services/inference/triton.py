@@ -25,8 +25,9 @@ from typing import Protocol
 
 import grpc
 import pytriton
+from google.protobuf import json_format, text_format
 from prometheus_client import Counter
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
@@ -54,10 +55,12 @@ class Triton(Protocol):
     address: str
 
     async def load(self, triton_model: str, timeout: float) -> None: ...
+    async def is_live(self, timeout: float = 1.0) -> bool: ...
     async def unload(self, triton_model: str) -> None: ...
     async def is_ready(self, triton_model: str) -> bool: ...
     async def loaded_models(self) -> set[str]: ...
     async def request_counts(self, triton_model: str) -> tuple[int, int]: ...
+    async def statistics(self, triton_model: str) -> list[service_pb2.ModelStatistics]: ...
     async def infer(
         self, request: service_pb2.ModelInferRequest, timeout: float
     ) -> service_pb2.ModelInferResponse: ...
@@ -84,12 +87,21 @@ class TritonTls:
 
 
 class TritonClient:
-    """The calls the service makes to one Triton gRPC endpoint, over long-lived channels."""
+    """The calls the service makes to one Triton gRPC endpoint, over long-lived channels.
+
+    With `ships_from` set (a Triton on another host), a load sends the model's directory from
+    that local repository in the request: Triton writes the files to a folder of its own, so no
+    volume is shared with it (benchmarks/model_transport.py measured the three ways)."""
 
     def __init__(
-        self, address: str, token: str = "", credentials: grpc.ChannelCredentials | None = None
+        self,
+        address: str,
+        token: str = "",
+        credentials: grpc.ChannelCredentials | None = None,
+        ships_from: Path | None = None,
     ) -> None:
         self.address = address
+        self.ships_from = ships_from
         self._metadata = triton_metadata(token)
         self._headers = dict(self._metadata)
         # Repository and health calls through tritonclient; inference on a raw stub (the hot path).
@@ -105,8 +117,11 @@ class TritonClient:
 
     async def load(self, triton_model: str, timeout: float) -> None:
         """Load (or reload) a model from the repository; returns once it is ready."""
+        shipped = {}
+        if self.ships_from is not None:
+            shipped = await asyncio.to_thread(_shipped_model, self.ships_from / triton_model)
         try:
-            await self._control.load_model(triton_model, client_timeout=timeout, headers=self._headers)
+            await self._control.load_model(triton_model, client_timeout=timeout, headers=self._headers, **shipped)
         except InferenceServerException as exc:
             raise ModelLoadError(_clean(exc.message())) from None
 
@@ -168,6 +183,21 @@ class TritonClient:
         await self._channel.close()
 
 
+def _shipped_model(model_dir: Path) -> dict:
+    """load_model's arguments that carry a model directory in the request: the config as JSON,
+    every other file as `file:<path in the directory>`."""
+    try:
+        config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    except OSError:
+        raise ModelLoadError("the model's directory is missing on the inference service") from None
+    files = {
+        f"file:{path.relative_to(model_dir)}": path.read_bytes()
+        for path in sorted(model_dir.rglob("*"))
+        if path.is_file() and path.name != "config.pbtxt"
+    }
+    return {"config": json_format.MessageToJson(config), "files": files}
+
+
 def _infer_error(error: grpc.aio.AioRpcError) -> Exception:
     """Triton's answer to ModelInfer as the domain error the caller should see."""
     details = error.details() or ""
@@ -196,8 +226,10 @@ class TritonSupervisor:
     when Triton goes away it awaits `on_exit` so that routes stop pointing at it.
     """
 
-    # How often an external Triton's liveness is checked.
-    liveness_interval = 1.0
+    # How often an external Triton's liveness is checked, and how long one check may take:
+    # together under 2 s, the most a dead node may keep its replicas in the routes.
+    liveness_interval = 0.5
+    liveness_timeout = 1.0
 
     def __init__(
         self,
@@ -424,7 +456,7 @@ class TritonSupervisor:
         live = True
         while True:
             await asyncio.sleep(self.liveness_interval)
-            now_live = await self.client.is_live(timeout=2.0)
+            now_live = await self.client.is_live(timeout=self.liveness_timeout)
             if live and not now_live:
                 log.error("external Triton is not live", extra={"address": self.client.address})
                 await self._notify(self.on_exit)

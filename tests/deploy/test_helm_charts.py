@@ -30,8 +30,10 @@ def charts(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return deploy / "helm"
 
 
-def render(helm: str, yaml: Any, chart: Path, *values: str) -> list[dict]:
+def render(helm: str, yaml: Any, chart: Path, *values: str, namespace: str = "") -> list[dict]:
     args = [helm, "template", "t", str(chart)]
+    if namespace:
+        args += ["--namespace", namespace]
     for value in values:
         args += ["--set", value]
     result = subprocess.run(args, capture_output=True, text=True, check=False)
@@ -58,11 +60,12 @@ def test_the_umbrella_renders_every_service_wired_to_its_peers(helm: str, yaml: 
     deployments = by_kind(objects, "Deployment")
     services = by_kind(objects, "Service")
     configs = by_kind(objects, "ConfigMap")
-    assert set(deployments) == {f"t-{name}" for name in SERVICES} | {"t-triton"}
-    assert set(by_kind(objects, "PodDisruptionBudget")) == {f"t-{name}" for name in SERVICES}
+    assert set(deployments) == {f"t-{name}" for name in SERVICES}
+    assert set(by_kind(objects, "StatefulSet")) == {"t-triton"}
+    assert set(by_kind(objects, "PodDisruptionBudget")) == {f"t-{name}" for name in SERVICES} | {"t-triton"}
     assert set(by_kind(objects, "HorizontalPodAutoscaler")) == {"t-gateway"}
     assert not by_kind(objects, "ServiceMonitor")
-    assert by_kind(objects, "PersistentVolumeClaim")  # the model repository Triton shares
+    assert not by_kind(objects, "PersistentVolumeClaim")  # Triton shares no model repository
 
     for name in SERVICES:
         service_ports = {p["name"]: p["port"] for p in services[f"t-{name}"]["spec"]["ports"]}
@@ -86,22 +89,27 @@ def test_the_umbrella_renders_every_service_wired_to_its_peers(helm: str, yaml: 
         assert secret_env["MAAS_INTERNAL_TOKEN"]["name"] == "maas-internal-token"
         assert secret_env[f"MAAS_{name.upper()}_DATABASE_URL"]["name"] == f"maas-{name}-db"
 
-    triton_host, triton_port = configs["t-inference"]["data"]["MAAS_TRITON_URL"].split(":")
-    triton_ports = {p["name"]: p["port"] for p in services[triton_host]["spec"]["ports"]}
+    # One Triton node by default, named through the headless Service on its gRPC port.
+    inference = configs["t-inference"]["data"]
+    (node,) = inference["MAAS_TRITON_URLS"].split(",")
+    host, triton_port = node.split(":")
+    pod, service = host.split(".")[:2]
+    assert pod == "t-triton-0" and services[service]["spec"]["clusterIP"] == "None"
+    triton_ports = {p["name"]: p["port"] for p in services[service]["spec"]["ports"]}
     assert triton_ports["grpc"] == int(triton_port)
-    metrics_url = configs["t-inference"]["data"]["MAAS_TRITON_METRICS_URL"]
-    assert metrics_url == f"http://{triton_host}:{triton_ports['metrics']}/metrics"
+    assert triton_ports["metrics"] == int(inference["MAAS_TRITON_METRICS_PORT"])
+    assert inference["MAAS_INFERENCE_LEADER_ELECTION"] == "false"
     registry = configs["t-registry"]["data"]
     assert registry["MAAS_REGISTRY_S3_BUCKET"] and registry["MAAS_REGISTRY_S3_ENDPOINT_URL"]
     assert configs["t-gateway"]["data"]["MAAS_REDIS_URL"].startswith("redis://")
     assert services["t-gateway"]["spec"]["type"] == "LoadBalancer"
-    assert services["t-triton"]["spec"]["type"] == "ClusterIP"
+    assert services["t-triton"]["spec"]["type"] == "ClusterIP"  # headless, never exposed
 
 
 def test_gpu_tls_monitoring_and_autoscaling_toggles(helm: str, yaml: Any, charts: Path) -> None:
     objects = render(
         helm, yaml, charts / "maas",
-        "inference.triton.gpu.enabled=true",
+        "inference.triton.gpus=1",
         "gateway.tls.enabled=true", "gateway.tls.secretName=maas-gateway-tls",
         "registry.tls.enabled=true", "registry.tls.secretName=maas-internal-tls",
         "registry.tls.requireClientCertificates=true",
@@ -109,7 +117,7 @@ def test_gpu_tls_monitoring_and_autoscaling_toggles(helm: str, yaml: Any, charts
         "prometheusRule.enabled=true",
     )
     deployments = by_kind(objects, "Deployment")
-    triton = deployments["t-triton"]["spec"]["template"]["spec"]["containers"][0]
+    triton = by_kind(objects, "StatefulSet")["t-triton"]["spec"]["template"]["spec"]["containers"][0]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert configs_of(objects, "t-inference")["MAAS_GPU_AVAILABLE"] == "true"
 
@@ -133,10 +141,10 @@ def test_triton_pods_hold_no_secret_and_only_the_gateway_and_inference_reach_the
     """A tenant's model runs inside Triton: nothing secret may be mounted or passed into its pod,
     and only the gateway (inference calls) and the inference service (model control) may dial it."""
     objects = render(
-        helm, yaml, charts / "maas", "inference.triton.gpu.enabled=true",
+        helm, yaml, charts / "maas", "inference.triton.gpus=1", "inference.triton.replicas=2",
         "gateway.tls.enabled=true", "gateway.tls.secretName=maas-gateway-tls",
     )
-    pod = by_kind(objects, "Deployment")["t-triton"]["spec"]["template"]["spec"]
+    pod = by_kind(objects, "StatefulSet")["t-triton"]["spec"]["template"]["spec"]
     for volume in pod.get("volumes", []):
         assert not {"secret", "projected"} & set(volume), f"Triton mounts {volume}"
     assert pod.get("automountServiceAccountToken") is False
@@ -166,3 +174,101 @@ def test_a_missing_secret_reference_fails_the_render(helm: str, charts: Path) ->
         capture_output=True, text=True, check=False,
     )
     assert result.returncode != 0 and "internal token" in result.stderr
+
+
+def pod_spec(objects: list[dict], kind: str, name: str) -> dict:
+    return by_kind(objects, kind)[name]["spec"]["template"]["spec"]
+
+
+def test_a_gpu_fleet_of_three_triton_nodes_is_named_to_the_inference_service(
+    helm: str, yaml: Any, charts: Path
+) -> None:
+    """triton.replicas=3: a StatefulSet of three GPU pods behind a headless Service, each pod's
+    stable DNS name in MAAS_TRITON_URLS, and no volume shared between inference and Triton."""
+    objects = render(
+        helm, yaml, charts / "maas", "inference.triton.replicas=3", "inference.triton.gpus=2",
+        "inference.triton.modelSlots=4", "inference.triton.memoryMb=12000",
+        "inference.triton.nodeSelector.nvidia\\.com/gpu\\.present=true",
+        namespace="serving",
+    )
+    fleet = by_kind(objects, "StatefulSet")["t-triton"]["spec"]
+    headless = by_kind(objects, "Service")[fleet["serviceName"]]["spec"]
+    assert fleet["replicas"] == 3 and fleet["podManagementPolicy"] == "Parallel"
+    assert headless["clusterIP"] == "None" and headless["selector"] == fleet["selector"]["matchLabels"]
+
+    config = configs_of(objects, "t-inference")
+    assert config["MAAS_TRITON_URLS"].split(",") == [
+        f"t-triton-{i}.{fleet['serviceName']}.serving.svc.cluster.local:8001" for i in range(3)
+    ]
+    assert config["MAAS_TRITON_NODE_MODEL_SLOTS"] == "4" and config["MAAS_TRITON_NODE_MEMORY_MB"] == "12000"
+    assert config["MAAS_GPU_AVAILABLE"] == "true"
+    assert "MAAS_TRITON_URL" not in config and "MAAS_INFERENCE_DIR" not in config
+
+    triton = pod_spec(objects, "StatefulSet", "t-triton")
+    container = triton["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 2
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in triton["tolerations"]
+    assert triton["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+
+    # Each node's model repository is its own emptyDir; nothing is shared with the inference pod.
+    assert not by_kind(objects, "PersistentVolumeClaim")
+    assert all("emptyDir" in volume for volume in triton["volumes"]), triton["volumes"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    repository = next(e["value"] for e in container["env"] if e["name"] == "TRITON_MODEL_REPOSITORY")
+    assert any(repository.startswith(mount + "/") for mount in mounts)
+    inference = pod_spec(objects, "Deployment", "t-inference")
+    assert {v["name"] for v in inference["volumes"]} == {"data", "tmp"}
+    assert not any("persistentVolumeClaim" in v for v in inference["volumes"])
+
+
+def test_the_default_is_one_cpu_node_and_a_new_size_rolls_the_inference_pods(
+    helm: str, yaml: Any, charts: Path
+) -> None:
+    for chart in (charts / "inference", charts / "maas"):
+        objects = render(helm, yaml, chart)
+        fleet = by_kind(objects, "StatefulSet")["t-triton"]["spec"]
+        assert fleet["replicas"] == 1
+        config = configs_of(objects, "t-inference")
+        assert config["MAAS_TRITON_URLS"] == "t-triton-0.t-triton.default.svc.cluster.local:8001"
+        assert config["MAAS_GPU_AVAILABLE"] == "false"
+        triton = fleet["template"]["spec"]
+        assert "nvidia.com/gpu" not in triton["containers"][0]["resources"]["limits"]
+        assert "tolerations" not in triton
+
+    # helm upgrade with another size re-renders MAAS_TRITON_URLS and restarts inference to read it.
+    def checksum(*values: str) -> str:
+        inference = by_kind(render(helm, yaml, charts / "maas", *values), "Deployment")["t-inference"]
+        return inference["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    assert checksum() != checksum("inference.triton.replicas=2")
+
+
+def test_more_than_one_inference_replica_turns_on_leader_election(helm: str, yaml: Any, charts: Path) -> None:
+    objects = render(helm, yaml, charts / "maas", "inference.replicaCount=3")
+    assert by_kind(objects, "Deployment")["t-inference"]["spec"]["replicas"] == 3
+    assert configs_of(objects, "t-inference")["MAAS_INFERENCE_LEADER_ELECTION"] == "true"
+    autoscaled = render(helm, yaml, charts / "maas", "inference.autoscaling.enabled=true")
+    assert configs_of(autoscaled, "t-inference")["MAAS_INFERENCE_LEADER_ELECTION"] == "true"
+    forced = render(helm, yaml, charts / "maas", "inference.leaderElection=true")
+    assert configs_of(forced, "t-inference")["MAAS_INFERENCE_LEADER_ELECTION"] == "true"
+    # Only the inference chart elects a leader.
+    assert "MAAS_INFERENCE_LEADER_ELECTION" not in configs_of(objects, "t-gateway")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        # Each pod's own SQLite: replicas would neither share state nor see each other's lock.
+        (["replicaCount=2"], "shared PostgreSQL database"),
+        (["leaderElection=true"], "shared PostgreSQL database"),
+        # A GPU setting of the single-Triton chart must not be ignored silently.
+        (["triton.gpu.enabled=true"], "triton.gpus"),
+    ],
+)
+def test_settings_that_cannot_work_fail_the_render(helm: str, charts: Path, values: list[str], message: str) -> None:
+    args = [helm, "template", "t", str(charts / "inference")]
+    for value in values:
+        args += ["--set", value]
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr

@@ -15,6 +15,7 @@ from maas.cli.deploy import deploy_app, predict
 from maas.cli.embed import embed, import_pretrained
 from maas.cli.generate import generate
 from maas.cli.models import models_app
+from maas.cli.nodes import nodes_app
 from maas.cli.optimize import optimize
 from maas.cli.stack import down, status, up
 from maas.cli.train import jobs_app, train
@@ -48,6 +49,7 @@ models_app.command("import-pretrained")(import_pretrained)
 app.add_typer(models_app, name="models")
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(nodes_app, name="nodes")
 
 
 def main() -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
@@ -69,6 +74,26 @@ def client(api_key: str | None, address: str | None) -> Client:
         raise typer.Exit(2)
     root_certificates = tls_ca.read_bytes() if tls_ca else None
     return Client(address, api_key, root_certificates=root_certificates)
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the full record as JSON")]
+
+
+def print_json(message: Message) -> None:
+    """A message in the proto3 JSON mapping (camelCase keys, enum names), fields at their zero
+    value included: a 0 that means something (minReplicas 0, an empty replica list) shows."""
+    print(json.dumps(json_format.MessageToDict(message, always_print_fields_with_no_presence=True), indent=2))
+
+
+def ago(stamp: Timestamp) -> str:
+    """ "12s ago", "3m ago", "never" for an unset time."""
+    if not stamp.seconds and not stamp.nanos:
+        return "never"
+    seconds = max(0.0, time.time() - stamp.ToNanoseconds() / 1e9)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
 
 
 def fail(error: ApiError) -> typer.Exit:

@@ -170,10 +170,14 @@ def quota_set(
     rps: Annotated[float, typer.Option(help="Tenant-wide requests per second")] = 0.0,
     burst: int = 0,
     tokens_per_minute: int = 0,
+    max_replicas: Annotated[
+        int, typer.Option(min=0, help="Replicas its deployments may reserve together; 0: the service's default")
+    ] = 0,
     api_key: ApiKeyOption = None,
     address: AddressOption = None,
 ) -> None:
-    """Replace a tenant's quota (platform admin key): every budget not given becomes unlimited."""
+    """Replace a tenant's quota (platform admin key): every budget not given becomes unlimited
+    (the replica budget: the service's default)."""
     quota = admin_pb2.Quota(
         tenant=tenant,
         requests_per_day=requests_per_day,
@@ -185,6 +189,7 @@ def quota_set(
         rate_limit=admin_pb2.RateLimit(
             requests_per_second=rps, burst=burst, tokens_per_minute=tokens_per_minute
         ),
+        max_replicas=max_replicas,
     )
     try:
         saved = client(api_key, address).set_quota(quota)
@@ -216,6 +221,7 @@ def _print_quota(quota) -> None:  # type: ignore[no-untyped-def]
     table.add_row(
         "tokens per minute", f"{rate.tokens_per_minute:,}" if rate.tokens_per_minute else "unlimited"
     )
+    table.add_row("max replicas", str(quota.max_replicas) if quota.max_replicas else "service default")
     console.print(table)
 
 

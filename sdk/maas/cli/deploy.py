@@ -11,8 +11,17 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from maas.cli._shared import AddressOption, ApiKeyOption, client, console, errors, fail
-from maas.client import DEVICES, Client
+from maas.cli._shared import (
+    AddressOption,
+    ApiKeyOption,
+    JsonOption,
+    client,
+    console,
+    errors,
+    fail,
+    print_json,
+)
+from maas.client import DEVICES, Client, replica_fields
 from maas.common.v1 import common_pb2
 from maas.errors import ApiError
 from maas.inference.v1 import inference_pb2
@@ -20,9 +29,58 @@ from maas.tensors import NUMPY_OF
 
 deploy_app = typer.Typer(help="Deployments onto Triton.", no_args_is_help=True)
 
+DEPLOYMENT_COLUMNS = ("deployment", "serves", "state", "replicas", "instances", "max batch", "message")
+# How many of the newest scaling decisions `deploy get` shows.
+SCALING_EVENTS_SHOWN = 5
+
+# The scaling options of `deploy create` and `deploy update`: a fixed count, or a range the
+# autoscaler keeps the count in.
+ReplicasOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="A fixed number of replicas (min = max); not with --min/--max-replicas"),
+]
+MinReplicasOption = Annotated[
+    int | None, typer.Option(min=0, help="Fewest replicas the autoscaler keeps; 0: scale to zero when idle")
+]
+MaxReplicasOption = Annotated[
+    int | None, typer.Option(min=0, help="Most replicas the autoscaler adds; 0: the same as the minimum")
+]
+TargetInFlightOption = Annotated[
+    int | None,
+    typer.Option(min=0, help="Autoscaling target: requests in flight per replica; 0: the service's default"),
+]
+
 
 def _state(value: int) -> str:
     return inference_pb2.DeploymentState.Name(value).removeprefix("DEPLOYMENT_STATE_")
+
+
+def _scaling(
+    replicas: int | None, min_replicas: int | None, max_replicas: int | None, target_in_flight: int | None
+) -> dict[str, int]:
+    """The scaling options given, as Deployment fields; a usage error when they conflict."""
+    if replicas is not None and (min_replicas is not None or max_replicas is not None):
+        raise typer.BadParameter(
+            "--replicas sets a fixed count (min = max): give it, or --min-replicas/--max-replicas, not both"
+        )
+    if min_replicas is not None and max_replicas and max_replicas < min_replicas:
+        raise typer.BadParameter(f"--max-replicas {max_replicas} is below --min-replicas {min_replicas}")
+    return replica_fields(replicas, min_replicas, max_replicas, target_in_flight)
+
+
+def replica_summary(d: inference_pb2.Deployment) -> str:
+    """ "2/3": replicas READY (the canary's not counted) of those the autoscaler wants now."""
+    ready = sum(1 for r in d.replicas if r.state == inference_pb2.DEPLOYMENT_STATE_READY and not r.canary)
+    return f"{ready}/{d.desired_replicas}"
+
+
+def scaling_range(d: inference_pb2.Deployment) -> str:
+    """ "min 1, max 4, target 8 in flight per replica", with the proto's defaults spelled out."""
+    low = d.min_replicas if d.HasField("min_replicas") else 1
+    high = d.max_replicas or max(low, 1)
+    target = f"{d.target_in_flight}" if d.target_in_flight else "the service's default"
+    scale_to_zero = " (scales to zero when idle)" if low == 0 else ""
+    return f"min {low}{scale_to_zero}, max {high}, target {target} in flight per replica"
 
 
 def deployment_row(d: inference_pb2.Deployment) -> list[str]:
@@ -34,6 +92,7 @@ def deployment_row(d: inference_pb2.Deployment) -> list[str]:
         d.name,
         serves,
         _state(d.state),
+        replica_summary(d),
         str(d.instances),
         str(d.max_batch_size),
         d.message,
@@ -52,15 +111,21 @@ def deploy_create(
     execution_limit: Annotated[
         int, typer.Option(help="Seconds one request may run in the model (0: the service's default, 30)")
     ] = 0,
+    replicas: ReplicasOption = None,
+    min_replicas: MinReplicasOption = None,
+    max_replicas: MaxReplicasOption = None,
+    target_in_flight: TargetInFlightOption = None,
     wait: Annotated[bool, typer.Option(help="Wait until READY")] = True,
     api_key: ApiKeyOption = None,
     address: AddressOption = None,
 ) -> None:
-    """Deploy a model version (or alias) onto Triton."""
+    """Deploy a model version (or alias) onto Triton: --replicas N copies, each on its own node,
+    or an autoscaled --min-replicas/--max-replicas range (default: one replica)."""
     if device not in DEVICES:
         raise typer.BadParameter(f"device must be one of {', '.join(DEVICES)}")
     if version is None and not alias:
         raise typer.BadParameter("give --version N or --alias NAME")
+    scaling = _scaling(replicas, min_replicas, max_replicas, target_in_flight)
     maas = client(api_key, address)
     try:
         maas.create_deployment(
@@ -72,13 +137,18 @@ def deploy_create(
             max_batch_size=max_batch_size,
             device=device,
             execution_limit_seconds=execution_limit,
+            **scaling,
         )
         if wait:
             with console.status(f"loading {name} into Triton ..."):
                 deployment = maas.wait_ready(name)
-            console.print(
-                f"[green]{name} is READY[/] (model {deployment.model} v{deployment.resolved_version})"
-            )
+            if deployment.state == inference_pb2.DEPLOYMENT_STATE_SCALED_TO_ZERO:
+                console.print(f"[green]{name} is SCALED_TO_ZERO[/]: its first request loads a replica")
+            else:
+                console.print(
+                    f"[green]{name} is READY[/] (model {deployment.model} v{deployment.resolved_version}, "
+                    f"{replica_summary(deployment)} replicas)"
+                )
         else:
             console.print(f"{name} is loading; `maas deploy get {name}`")
     except ApiError as error:
@@ -94,19 +164,85 @@ def deploy_list(api_key: ApiKeyOption = None, address: AddressOption = None) -> 
         deployments = client(api_key, address).list_deployments()
     except ApiError as error:
         raise fail(error) from None
-    table = Table("deployment", "serves", "state", "instances", "max batch", "message")
+    table = Table(*DEPLOYMENT_COLUMNS)
     for d in deployments:
         table.add_row(*deployment_row(d))
     console.print(table)
 
 
+@deploy_app.command("update")
+def deploy_update(
+    name: str,
+    version: Annotated[int | None, typer.Option(help="Roll to this version")] = None,
+    alias: Annotated[str | None, typer.Option(help="Follow this alias instead")] = None,
+    instances: Annotated[int | None, typer.Option(min=1, help="Model instances per replica")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or gpu")] = None,
+    execution_limit: Annotated[
+        int | None, typer.Option(min=0, help="Seconds one request may run in the model (0: the default)")
+    ] = None,
+    replicas: ReplicasOption = None,
+    min_replicas: MinReplicasOption = None,
+    max_replicas: MaxReplicasOption = None,
+    target_in_flight: TargetInFlightOption = None,
+    api_key: ApiKeyOption = None,
+    address: AddressOption = None,
+) -> None:
+    """Change a deployment; only the options given change. A new version rolls without dropping
+    requests; a new replica count or range is applied by the autoscaler."""
+    if device is not None and device not in DEVICES:
+        raise typer.BadParameter(f"device must be one of {', '.join(DEVICES)}")
+    if version is not None and alias is not None:
+        raise typer.BadParameter("give --version or --alias, not both")
+    scaling = _scaling(replicas, min_replicas, max_replicas, target_in_flight)
+    given = {
+        "version": version,
+        "alias": alias,
+        "instances": instances,
+        "max_batch_size": max_batch_size,
+        "device": None if device is None else DEVICES[device],
+        "execution_limit_seconds": execution_limit,
+    }
+    changes = inference_pb2.Deployment(name=name)
+    fields: list[str] = []
+    for field, value in given.items():
+        if value is not None:
+            setattr(changes, field, value)
+            fields.append(field)
+    if not fields and not scaling:
+        raise typer.BadParameter("nothing to change: give at least one option, e.g. --replicas 3")
+    _show_change(lambda maas: maas.update_deployment(changes, fields, **scaling), api_key, address)
+
+
 @deploy_app.command("get")
-def deploy_get(name: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+def deploy_get(
+    name: str, as_json: JsonOption = False, api_key: ApiKeyOption = None, address: AddressOption = None
+) -> None:
+    """A deployment: what it serves, its replicas (node and state), its latest scaling events."""
     try:
         d = client(api_key, address).get_deployment(name)
     except ApiError as error:
         raise fail(error) from None
+    if as_json:
+        if not d.HasField("min_replicas"):
+            d.min_replicas = 1  # unset means 1: print the value in effect
+        print_json(d)
+        return
     _print_deployment(d)
+    console.print(f"replicas: {replica_summary(d)} ready; {scaling_range(d)}", markup=False)
+    if d.replicas:
+        table = Table("node", "version", "state", "message", title="replicas")
+        for r in d.replicas:
+            version = f"v{r.version} (canary)" if r.canary else f"v{r.version}"
+            table.add_row(r.node, version, _state(r.state), r.message)
+        console.print(table)
+    if d.scaling_events:
+        table = Table("time", "replicas", "reason", title="latest scaling events")
+        for event in d.scaling_events[:SCALING_EVENTS_SHOWN]:
+            table.add_row(
+                event.time.ToJsonString(), f"{event.from_replicas} → {event.to_replicas}", event.reason
+            )
+        console.print(table)
     for role, specs in (("input", d.signature.inputs), ("output", d.signature.outputs)):
         for spec in specs:
             dtype = common_pb2.DataType.Name(spec.datatype).removeprefix("DATA_TYPE_")
@@ -162,7 +298,7 @@ def _show_change(
 
 
 def _print_deployment(deployment: inference_pb2.Deployment) -> None:
-    table = Table("deployment", "serves", "state", "instances", "max batch", "message")
+    table = Table(*DEPLOYMENT_COLUMNS)
     table.add_row(*deployment_row(deployment))
     console.print(table)
 

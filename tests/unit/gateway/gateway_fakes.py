@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,13 +120,21 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
 
 
 class FakeRouting(inference_pb2_grpc.RoutingServiceServicer):
-    """WatchRoutes sends the current table on connect and after every publish."""
+    """WatchRoutes sends the current table on connect and after every publish; Wake records
+    what it was asked to wake."""
 
     def __init__(self, routes: list[inference_pb2.Route], available: bool = True) -> None:
         self.routes = routes
         self.available = available
         self.metadata: list[dict] = []
+        self.wakes: list[inference_pb2.WakeRequest] = []
+        self.wake_metadata: list[dict] = []
         self._subscribers: set[asyncio.Queue] = set()
+
+    async def Wake(self, request, context):
+        self.wakes.append(request)
+        self.wake_metadata.append(dict(context.invocation_metadata()))
+        return inference_pb2.WakeResponse()
 
     def publish(self, routes: list[inference_pb2.Route]) -> None:
         self.routes = routes
@@ -152,17 +160,67 @@ class FakeRouting(inference_pb2_grpc.RoutingServiceServicer):
             self._subscribers.discard(queue)
 
 
+class FakeFleet(inference_pb2_grpc.FleetServiceServicer):
+    """Two nodes; DrainNode and ResumeNode change the named one's state; unknown names are
+    NOT_FOUND."""
+
+    def __init__(self) -> None:
+        self.nodes = {
+            name: inference_pb2.Node(
+                name=name, address=f"127.0.0.1:{port}", state=inference_pb2.NODE_STATE_READY
+            )
+            for name, port in (("triton-0", 8001), ("triton-1", 8011))
+        }
+        self.metadata: list[dict] = []
+
+    async def _node(self, name: str, context) -> inference_pb2.Node:
+        self.metadata.append(dict(context.invocation_metadata()))
+        if name not in self.nodes:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"node {name!r} not found")
+        return self.nodes[name]
+
+    async def ListNodes(self, request, context):
+        self.metadata.append(dict(context.invocation_metadata()))
+        return inference_pb2.ListNodesResponse(nodes=self.nodes.values())
+
+    async def DrainNode(self, request, context):
+        node = await self._node(request.name, context)
+        node.state = inference_pb2.NODE_STATE_DRAINING
+        return inference_pb2.DrainNodeResponse(node=node)
+
+    async def ResumeNode(self, request, context):
+        node = await self._node(request.name, context)
+        node.state = inference_pb2.NODE_STATE_READY
+        return inference_pb2.ResumeNodeResponse(node=node)
+
+
+# What Triton says when a model is not loaded on it (never was, or is being unloaded).
+NOT_LOADED = "Request for unknown model: '{model}' is not found"
+
+
 class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """ModelInfer echoes each input back as output "y"; "broken" fails like a crashing model."""
+    """ModelInfer echoes each input back as output "y"; "broken" fails like a crashing model.
+    As a replica that cannot serve: `unavailable` answers every call UNAVAILABLE (a node going
+    away), `not_loaded` as Triton does for a model it does not have. `delay` seconds pass before
+    each answer (FakeGenerator: before each token)."""
 
     def __init__(self) -> None:
         self.requests: list[service_pb2.ModelInferRequest] = []
+        self.unavailable = False
+        self.not_loaded = False
+        self.delay = 0.0
 
     async def ModelInfer(self, request, context):
         self.requests.append(request)
-        if request.model_name == "acme--broken--1":
+        if self.unavailable:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+        if self.not_loaded:
+            await context.abort(grpc.StatusCode.NOT_FOUND, NOT_LOADED.format(model=request.model_name))
+        await asyncio.sleep(self.delay)
+        if "--broken--" in request.model_name:
             await context.abort(
-                grpc.StatusCode.INTERNAL, "Failed to process the request for model 'acme--broken--1': boom"
+                grpc.StatusCode.INTERNAL,
+                f"Failed to process the request for model '{request.model_name}': boom",
             )
         response = service_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
         first = request.inputs[0]
@@ -174,18 +232,28 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
 class FakeGenerator(FakeTriton):
     """Also a decoupled text model: ModelStreamInfer answers one token ("a", "b", ...) per
     response, every `delay` seconds, up to max_tokens or `stop_after` tokens (finish "stop"),
-    then a last response with the counts; a prompt holding "~" is refused as invalid input."""
+    then a last response with the counts; a prompt holding "~" is refused as invalid input.
+    `fail_after` tokens, the stream fails UNAVAILABLE (a node dying mid-stream)."""
 
     def __init__(self, delay: float = 0.0, stop_after: int = 0) -> None:
         super().__init__()
         self.delay = delay
         self.stop_after = stop_after
+        self.fail_after: int | None = None
         self.streams: list[service_pb2.ModelInferRequest] = []
         self.cancelled = asyncio.Event()
 
     async def ModelStreamInfer(self, request_iterator, context):
         async for request in request_iterator:
             self.streams.append(request)
+            if self.unavailable:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+            if self.not_loaded:
+                # Triton reports a stream's per-request errors in the stream, not as its status.
+                yield service_pb2.ModelStreamInferResponse(
+                    error_message=NOT_LOADED.format(model=request.model_name)
+                )
+                continue
             prompt = request.raw_input_contents[0][4:].decode()
             if "~" in prompt:
                 yield service_pb2.ModelStreamInferResponse(error_message="invalid input: '~' is not known")
@@ -194,6 +262,8 @@ class FakeGenerator(FakeTriton):
             count = min(max_tokens, self.stop_after or max_tokens)
             try:
                 for index in range(count):
+                    if index == self.fail_after:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
                     await asyncio.sleep(self.delay)
                     yield _generated(request.id, text=chr(ord("a") + index % 26))
             except asyncio.CancelledError:
@@ -234,6 +304,8 @@ def route(
     cacheable: bool = False,
     version: int = 1,
     task: int = inference_pb2.SERVING_TASK_PREDICT,
+    replica_addresses: Sequence[str] = (),
+    scaled_to_zero: bool = False,
 ) -> inference_pb2.Route:
     return inference_pb2.Route(
         tenant=tenant,
@@ -247,6 +319,8 @@ def route(
         ready=ready,
         cacheable=cacheable,
         task=task,
+        replica_addresses=replica_addresses,
+        scaled_to_zero=scaled_to_zero,
     )
 
 
@@ -271,6 +345,7 @@ class Stack:
     routing: FakeRouting
     triton: FakeGenerator
     triton_address: str
+    fleet: FakeFleet
     keys: dict[str, str] = field(default_factory=dict)  # "admin", "reader", ... -> plaintext
     key_ids: dict[str, str] = field(default_factory=dict)
 
@@ -309,7 +384,7 @@ async def gateway_stack(
     tmp_path: Path, *, routes_available: bool = True, redis_url: str = "", **settings_overrides
 ) -> AsyncIterator[Stack]:
     """`redis_url` empty: a closed port, so the gateway runs on its Redis fallbacks."""
-    registry, inference, triton = FakeRegistry(), FakeInference(), FakeGenerator()
+    registry, inference, triton, fleet = FakeRegistry(), FakeInference(), FakeGenerator(), FakeFleet()
     triton_server, triton_address = await serve(
         (service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, triton)
     )
@@ -331,6 +406,7 @@ async def gateway_stack(
     inference_server, inference_address = await serve(
         (inference_pb2_grpc.add_InferenceServiceServicer_to_server, inference),
         (inference_pb2_grpc.add_RoutingServiceServicer_to_server, routing),
+        (inference_pb2_grpc.add_FleetServiceServicer_to_server, fleet),
     )
     settings_overrides.setdefault("trainer_addr", closed_address())
     settings = GatewaySettings(
@@ -348,7 +424,7 @@ async def gateway_stack(
         app = await create_app(settings)
         async with running(app) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stack = Stack(
-                server.port, channel, settings, registry, inference, routing, triton, triton_address
+                server.port, channel, settings, registry, inference, routing, triton, triton_address, fleet
             )
             stack.keys["admin-of-admin"] = key_file.read_text().strip()
             await _onboard(stack)

@@ -107,6 +107,16 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
         "acme-dev": (DENIED, DENIED, DENIED, DENIED, DENIED),
         "acme-reader": (DENIED, DENIED, DENIED, DENIED, DENIED),
     },
+    # The serving fleet is shared by every tenant: platform admins only.
+    **{
+        method: {
+            "platform": (OK, _, _, _, _),
+            "acme-admin": (DENIED, _, _, _, _),
+            "acme-dev": (DENIED, _, _, _, _),
+            "acme-reader": (DENIED, _, _, _, _),
+        }
+        for method in ("ListNodes", "DrainNode", "ResumeNode")
+    },
 }
 del _
 
@@ -175,6 +185,9 @@ REQUESTS: dict[str, Build] = {
     "GetQuota": _plain(lambda tenant: admin_pb2.GetQuotaRequest(tenant=tenant)),
     "GetUsage": _plain(lambda tenant: admin_pb2.GetUsageRequest(tenant=tenant)),
     "ListAuditEvents": _plain(lambda tenant: admin_pb2.ListAuditEventsRequest(tenant=tenant)),
+    "ListNodes": _plain(lambda tenant: admin_pb2.ListNodesRequest()),
+    "DrainNode": _plain(lambda tenant: admin_pb2.DrainNodeRequest(name="triton-0")),
+    "ResumeNode": _plain(lambda tenant: admin_pb2.ResumeNodeRequest(name="triton-0")),
 }
 
 

@@ -10,10 +10,11 @@ import pytest
 from services.common.database import make_engine, upgrade
 from services.inference.artifacts import ArtifactCache
 from services.inference.deployments import Deployments
+from services.inference.nodes import NodeSet
 from services.inference.repository import ModelRepository
 from services.inference.server import MIGRATIONS
 from services.inference.store import DeploymentStore
-from tests.unit.inference.inference_fakes import TENANT, FakeRegistry, FakeTriton
+from tests.unit.inference.inference_fakes import TENANT, FakeRegistry, FakeTriton, one_node
 
 
 @pytest.fixture
@@ -49,18 +50,24 @@ def triton(repository: ModelRepository) -> FakeTriton:
 
 
 @pytest.fixture
-async def deployments(store, registry, repository, triton, tmp_path: Path) -> AsyncIterator[Deployments]:
+def nodes(repository: ModelRepository, triton: FakeTriton) -> NodeSet:
+    """One node, up: the fake Triton over the test's repository."""
+    return one_node(repository, triton)
+
+
+@pytest.fixture
+async def deployments(store, registry, nodes, tmp_path: Path) -> AsyncIterator[Deployments]:
     service = Deployments(
         store=store,
         registry=registry,  # type: ignore[arg-type]
         artifacts=ArtifactCache(tmp_path / "artifacts", registry),  # type: ignore[arg-type]
-        repository=repository,
-        triton=triton,
+        nodes=nodes,
         gpu_available=False,
         load_timeout=5,
         load_concurrency=2,
         predict_timeout=5,
     )
     await service.converger.restore()
+    await service.converger.reconcile()
     yield service
     await service.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 from maas.common.v1 import common_pb2
@@ -12,6 +13,7 @@ from maas.registry.v1 import registry_pb2
 from tritonclient.grpc import service_pb2
 
 from services.common.errors import NotFound
+from services.inference.nodes import Capacity, Node, NodeSet
 from services.inference.repository import ModelRepository
 from services.inference.triton import ModelLoadError
 
@@ -79,9 +81,8 @@ class FakeRegistry:
 class FakeTriton:
     """Loads what the repository holds; answers ModelInfer with x @ WEIGHTS."""
 
-    address = "127.0.0.1:8001"
-
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, address: str = "127.0.0.1:8001") -> None:
+        self.address = address
         self.repository = repository
         self.loaded: set[str] = set()
         self.loads: list[str] = []
@@ -90,6 +91,7 @@ class FakeTriton:
         self.load_delay = 0.0
         self.requests: list[service_pb2.ModelInferRequest] = []
         self.counts: dict[str, tuple[int, int]] = {}  # what request_counts reports
+        self.live = True
 
     async def load(self, triton_model: str, timeout: float) -> None:
         self.loads.append(triton_model)
@@ -104,6 +106,9 @@ class FakeTriton:
 
     async def unload(self, triton_model: str) -> None:
         self.loaded.discard(triton_model)
+
+    async def is_live(self, timeout: float = 1.0) -> bool:
+        return self.live
 
     async def is_ready(self, triton_model: str) -> bool:
         return triton_model in self.loaded
@@ -160,3 +165,18 @@ def _stream_response(**outputs) -> service_pb2.ModelStreamInferResponse:
             response.infer_response.outputs.add(name=name, datatype="INT64", shape=[1])
             response.infer_response.raw_output_contents.append(value.to_bytes(8, "little", signed=True))
     return response
+
+
+def one_node(repository: ModelRepository, triton: FakeTriton, name: str = "triton-0") -> NodeSet:
+    return NodeSet([Node(name, triton, repository, Capacity(model_slots=16, memory_mb=64_000), embedded=True)])
+
+
+def fake_fleet(root: Path, count: int, slots: int = 16, memory_mb: int = 64_000) -> tuple[NodeSet, list[FakeTriton]]:
+    """`count` nodes, each a FakeTriton over its own repository under `root`."""
+    nodes, tritons = [], []
+    for index in range(count):
+        repository = ModelRepository(root / f"node{index}" / "models", root / f"node{index}" / "staging")
+        triton = FakeTriton(repository, address=f"127.0.0.1:{8001 + index}")
+        tritons.append(triton)
+        nodes.append(Node(f"triton-{index}", triton, repository, Capacity(slots, memory_mb), embedded=False))
+    return NodeSet(nodes), tritons

@@ -115,7 +115,7 @@ async def test_get_reports_the_serving_version_with_tritons_numbers(deployments,
     model = await ready(deployments, instances=2, max_batch_size=16)
     triton.ran(model, requests=40, executions=10, queue_ms=0.5, failed=2)
     metrics_text[0] = METRICS.replace('model="m-a"', f'model="{model}"')
-    load = await LoadReporter(deployments, triton, metrics_url, 0).get(TENANT, "web")
+    load = await LoadReporter(deployments, triton, [metrics_url], 0).get(TENANT, "web")
     assert (load.deployment.instances, load.deployment.max_batch_size) == (2, 16)
     [version] = load.versions
     assert (version.version, version.triton_model, version.pending_requests) == (1, model, 3)
@@ -128,12 +128,12 @@ async def test_get_reports_the_serving_version_with_tritons_numbers(deployments,
 async def test_a_canary_is_reported_beside_the_version_it_tries(deployments, triton, metrics_url) -> None:
     await ready(deployments)
     await deployments.rollouts.start_canary(TENANT, "web", 2, 10, 0.0)
-    load = await LoadReporter(deployments, triton, metrics_url, 0).get(TENANT, "web")
+    load = await LoadReporter(deployments, triton, [metrics_url], 0).get(TENANT, "web")
     assert sorted(v.version for v in load.versions) == [1, 2]
 
 
 async def test_unknown_or_malformed_names_are_refused(deployments, triton, metrics_url) -> None:
-    loads = LoadReporter(deployments, triton, metrics_url, 0)
+    loads = LoadReporter(deployments, triton, [metrics_url], 0)
     with pytest.raises(NotFound):
         await loads.get(TENANT, "nope")
     with pytest.raises(InvalidArgument):
@@ -145,7 +145,7 @@ async def test_unknown_or_malformed_names_are_refused(deployments, triton, metri
 async def test_without_tritons_metrics_endpoint_pending_is_zero_not_an_error(deployments, triton) -> None:
     model = await ready(deployments)
     triton.ran(model, requests=5, executions=5, queue_ms=1.0)
-    load = await LoadReporter(deployments, triton, "http://127.0.0.1:9/metrics", 0).get(TENANT, "web")
+    load = await LoadReporter(deployments, triton, ["http://127.0.0.1:9/metrics"], 0).get(TENANT, "web")
     assert (load.versions[0].pending_requests, load.versions[0].success_count) == (0, 5)
 
 
@@ -153,7 +153,7 @@ async def test_gauges_show_the_last_interval_and_go_with_the_deployment(deployme
                                                                          metrics_text) -> None:
     model = await ready(deployments)
     metrics_text[0] = METRICS.replace('model="m-a"', f'model="{model}"')
-    loads = LoadReporter(deployments, triton, metrics_url, 0)
+    loads = LoadReporter(deployments, triton, [metrics_url], 0)
     triton.ran(model, requests=10, executions=10, queue_ms=1.0)
     await loads.refresh()
     assert gauge("maas_inference_pending_requests") == 3

@@ -24,7 +24,7 @@ from services.inference import routes as routes_module
 from services.inference.artifacts import ArtifactCache
 from services.inference.deployments import Deployments, DeploymentSpec
 from services.inference.store import FAILED, LOADING, READY
-from tests.unit.inference.inference_fakes import TENANT, WEIGHTS, FakeRegistry, FakeTriton
+from tests.unit.inference.inference_fakes import TENANT, WEIGHTS, FakeRegistry, FakeTriton, one_node
 
 
 async def wait_state(
@@ -462,8 +462,7 @@ async def test_a_restarted_service_restores_routes_and_reconciles(
         store=store,
         registry=registry,  # type: ignore[arg-type]
         artifacts=ArtifactCache(tmp_path / "artifacts", registry),  # type: ignore[arg-type]
-        repository=repository,
-        triton=fresh_triton,
+        nodes=one_node(repository, fresh_triton),
         gpu_available=False,
         load_timeout=5,
         load_concurrency=2,
@@ -503,8 +502,12 @@ def test_settings_fill_paths_from_home(tmp_path: Path):
     settings = InferenceSettings(home=tmp_path)
     assert settings.directory == tmp_path / "inference"
     assert settings.inference_database_url == f"sqlite:///{tmp_path / 'inference' / 'inference.db'}"
-    assert settings.triton_address == "127.0.0.1:50061"
-    assert InferenceSettings(home=tmp_path, triton_url="triton:8001").triton_address == "triton:8001"
+    assert settings.external_triton_addresses == [] and settings.triton_nodes == 1
+    assert settings.embedded_ports(0) == (50061, 50062, 50063)
+    assert settings.embedded_ports(2) == (50067, 50068, 50069)
+    assert InferenceSettings(home=tmp_path, triton_url="triton:8001").external_triton_addresses == ["triton:8001"]
+    listed = InferenceSettings(home=tmp_path, triton_urls="a:8001, b:8001,")
+    assert listed.external_triton_addresses == ["a:8001", "b:8001"]
 
 
 # -- canaries -----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ async def stubs(deployments, triton):
             Servicer(
                 inference_pb2_grpc.add_InferenceServiceServicer_to_server,
                 # No Triton metrics endpoint: pending requests read as 0.
-                InferenceServicer(deployments, LoadReporter(deployments, triton, "http://127.0.0.1:9/metrics", 0)),
+                InferenceServicer(deployments, LoadReporter(deployments, triton, ["http://127.0.0.1:9/metrics"], 0)),
                 "maas.inference.v1.InferenceService",
             ),
             Servicer(

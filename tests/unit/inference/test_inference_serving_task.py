@@ -129,7 +129,7 @@ async def test_deployments_and_routes_carry_the_task_and_precision(deployments, 
     ready = await wait_state(deployments, "chat", READY)
     message = deployment_message(ready)
     assert (message.task, message.precision) == (inference_pb2.SERVING_TASK_GENERATE, "int8")
-    (route,) = [route_message(route, "t:1") for route in await anext(deployments.routes.watch())]
+    (route,) = [route_message(route, deployments.nodes) for route in await anext(deployments.routes.watch())]
     assert route.task == inference_pb2.SERVING_TASK_GENERATE
 
 

@@ -2,6 +2,11 @@
 {{- $c := .Values.component -}}
 {{- $fullname := include "maas-lib.fullname" . -}}
 {{- $secrets := .Values.secrets | default dict -}}
+{{- /* Each pod's SQLite lives on its own volume: replicas would neither share state nor see one lock. */}}
+{{- $sharedDatabase := ($secrets.databaseUrl | default dict).name -}}
+{{- if and .Values.triton (eq (include "maas-lib.leaderElection" .) "true") (not $sharedDatabase) }}
+{{- fail "inference: more than one replica (replicaCount > 1, autoscaling or leaderElection) needs a shared PostgreSQL database: set secrets.databaseUrl.name" }}
+{{- end }}
 apiVersion: v1
 kind: ConfigMap
 metadata:
@@ -34,12 +39,16 @@ data:
   {{- end }}
   {{- end }}
   {{- with .Values.triton }}
-  # Triton runs in its own Deployment and sees the model repository on the shared volume.
-  MAAS_TRITON_URL: {{ printf "%s-triton:%v" $.Release.Name .grpcPort | quote }}
-  # Pending requests per model, for GetDeploymentLoad and the load gauges.
-  MAAS_TRITON_METRICS_URL: {{ printf "http://%s-triton:%v/metrics" $.Release.Name .metricsPort | quote }}
-  MAAS_INFERENCE_DIR: /var/lib/maas/inference
-  MAAS_GPU_AVAILABLE: {{ .gpu.enabled | quote }}
+  # The Triton nodes of the chart's StatefulSet (see _triton.tpl). Models reach a node in its
+  # load request, so the nodes share no volume with this pod.
+  MAAS_TRITON_URLS: {{ include "maas-lib.tritonUrls" $ | quote }}
+  # Every node serves Prometheus metrics (pending requests, GPUs) on this port of its host.
+  MAAS_TRITON_METRICS_PORT: {{ .metricsPort | quote }}
+  MAAS_TRITON_NODE_MODEL_SLOTS: {{ .modelSlots | quote }}
+  MAAS_TRITON_NODE_MEMORY_MB: {{ .memoryMb | quote }}
+  MAAS_GPU_AVAILABLE: {{ gt (int .gpus) 0 | quote }}
+  # Only one inference replica drives the nodes; with more, they elect it (services/common/leader.py).
+  MAAS_INFERENCE_LEADER_ELECTION: {{ include "maas-lib.leaderElection" $ | quote }}
   {{- end }}
   {{- range $name, $value := .Values.env }}
   {{ $name }}: {{ $value | quote }}
@@ -156,10 +165,6 @@ spec:
               mountPath: /etc/maas/tls
               readOnly: true
             {{- end }}
-            {{- if .Values.triton }}
-            - name: models
-              mountPath: /var/lib/maas/inference
-            {{- end }}
             {{- with .Values.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -177,11 +182,6 @@ spec:
         - name: tls
           secret:
             secretName: {{ required "tls.secretName: a Secret with tls.crt, tls.key and ca.crt" .Values.tls.secretName }}
-        {{- end }}
-        {{- with .Values.triton }}
-        - name: models
-          persistentVolumeClaim:
-            claimName: {{ .modelRepository.existingClaim | default (printf "%s-triton-models" $.Release.Name) }}
         {{- end }}
         {{- with .Values.extraVolumes }}
         {{- toYaml . | nindent 8 }}
