@@ -551,7 +551,7 @@ class Converger:
 
     async def _drain_replica(self, triton_model: str, node: Node, revision: Deployment) -> None:
         await asyncio.sleep(self.drain_seconds)
-        await self._unload(triton_model, node, UNLOAD_GRACE_SECONDS + self.limit_of(revision))
+        await self._unload(triton_model, node, UNLOAD_GRACE_SECONDS + self.limit_of(revision), unless_wanted=True)
 
     async def _set_state_and_signal(self, route: Route, state: str, message: str) -> None:
         await self._set_state(route, state, message)
@@ -635,23 +635,28 @@ class Converger:
         """Unload a replaced revision everywhere once nothing can still be on its way to it.
         Triton's own unload then waits for the requests it already holds."""
         await asyncio.sleep(self.drain_seconds)
-        await self._unload_everywhere(replaced.triton_model, UNLOAD_GRACE_SECONDS + self.limit_of(replaced))
+        await self._unload_everywhere(
+            replaced.triton_model, UNLOAD_GRACE_SECONDS + self.limit_of(replaced), unless_wanted=True
+        )
         log.info(
             "replaced revision unloaded",
             extra={"deployment": replaced.name, "version": replaced.resolved_version},
         )
 
-    async def _unload_everywhere(self, triton_model: str, grace: float) -> None:
+    async def _unload_everywhere(self, triton_model: str, grace: float, unless_wanted: bool = False) -> None:
         await asyncio.gather(
-            *(self._unload(triton_model, node, grace) for node in self.nodes if node.state != DOWN)
+            *(self._unload(triton_model, node, grace, unless_wanted) for node in self.nodes if node.state != DOWN)
         )
 
-    async def _unload(self, triton_model: str, node: Node, grace: float) -> None:
+    async def _unload(self, triton_model: str, node: Node, grace: float, unless_wanted: bool = False) -> None:
         """Unload and remove a model from a node; waits for a load in flight there first. Its
         processes on this host get `grace` seconds to leave, then are killed: one stuck in a
-        model call never would."""
+        model call never would. `unless_wanted`: a delayed unload (a drain) that leaves the
+        model where a replica took it back meanwhile (scaled in, then out again)."""
         key = (triton_model, node.name)
         async with self._model_lock(triton_model, node.name):
+            if unless_wanted and any(key in route.replicas for route in self.routes.all()):
+                return
             await node.triton.unload(triton_model)
             if node.embedded:
                 self.spawn(reap_stubs(node.repository.path(triton_model), grace))

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import os
+import signal
 from pathlib import Path
 
 from maas.inference.v1 import inference_pb2_grpc
@@ -9,6 +12,7 @@ from maas.inference.v1 import inference_pb2_grpc
 from services.common.channels import internal_credentials, open_channel, triton_credentials
 from services.common.database import make_engine, upgrade
 from services.common.interceptors import internal_token_authenticator
+from services.common.leader import LeaderLock
 from services.common.server import App, RunningServer, ServerSpec, Servicer, server_tls
 from services.inference.artifacts import ArtifactCache, Registry
 from services.inference.autoscaler import Policy
@@ -22,6 +26,8 @@ from services.inference.repository import ModelRepository
 from services.inference.servicer import FleetServicer, InferenceServicer, RoutingServicer
 from services.inference.store import DeploymentStore, NodeStore
 from services.inference.triton import TritonClient, TritonSupervisor, TritonTls
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # How often the service looks for served models whose processes died (its own Triton only).
@@ -119,6 +125,13 @@ class Fleet:
             await node.triton.close()  # type: ignore[attr-defined]
 
 
+async def _stop_when_lost(leader: LeaderLock) -> None:
+    """Leadership lost (its database session ended): stop at once, as a standby may lead now."""
+    await leader.lost()
+    log.error("lost the inference leader lock; stopping")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def create_app(settings: InferenceSettings) -> App:
     engine = make_engine(settings.inference_database_url)
     await asyncio.to_thread(upgrade, engine, MIGRATIONS)
@@ -158,21 +171,34 @@ async def create_app(settings: InferenceSettings) -> App:
     )
     await deployments.converger.restore()
     fleet.watch(deployments.converger)
+    background: set[asyncio.Task] = set()
     loads = LoadReporter(
         deployments, fleet.nodes, [node.metrics_url for node in fleet.nodes], settings.load_refresh_seconds
     )
 
+    leader = LeaderLock(settings.inference_database_url, "inference") if settings.inference_leader_election else None
+
     async def on_start(server: RunningServer) -> None:
         # Health stays NOT_SERVING until this returns: every node up, deployments loading.
+        if leader is not None:
+            # A standby waits here, not ready, until the leader goes; two never drive the nodes.
+            log.info("waiting for the inference leader lock")
+            await leader.acquire()
+            watcher = asyncio.create_task(_stop_when_lost(leader))
+            background.add(watcher)
         await fleet.start()
         await deployments.converger.start()
         deployments.start_watching()
         loads.start()
 
     async def on_stop() -> None:
+        for task in background:
+            task.cancel()
         await loads.close()
         await deployments.close()
         await fleet.stop()
+        if leader is not None:
+            await leader.release()
         await registry_channel.close()
         engine.dispose()
 

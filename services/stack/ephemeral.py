@@ -4,7 +4,9 @@ team's own integration tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -19,10 +21,29 @@ PORT_SETTINGS = [
 ]
 
 
+# Embedded Triton node i listens on the three base ports plus 3 x i: room for this many nodes.
+MAX_TRITON_NODES = 8
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_port_block(count: int) -> int:
+    """The first of `count` consecutive loopback ports that are all free now."""
+    for _ in range(200):
+        first = random.randrange(20000, 60000 - count)
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(first, first + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no block of {count} free loopback ports found")
 
 
 class EphemeralStack:
@@ -31,12 +52,13 @@ class EphemeralStack:
         self.home = home or Path(self._tempdir.name)  # type: ignore[union-attr]
         self.env = dict(os.environ)
         self.env.update({name: f"127.0.0.1:{free_port()}" for name in PORT_SETTINGS})
+        triton_ports = free_port_block(3 * MAX_TRITON_NODES)
         self.env.update({
             "MAAS_HOME": str(self.home),
             "MAAS_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-            "MAAS_TRITON_GRPC_PORT": str(free_port()),
-            "MAAS_TRITON_HTTP_PORT": str(free_port()),
-            "MAAS_TRITON_METRICS_PORT": str(free_port()),
+            "MAAS_TRITON_GRPC_PORT": str(triton_ports),
+            "MAAS_TRITON_HTTP_PORT": str(triton_ports + 1),
+            "MAAS_TRITON_METRICS_PORT": str(triton_ports + 2),
             "MAAS_START_TIMEOUT_SECONDS": str(start_timeout),
         })
         self.env.pop("MAAS_API_KEY", None)

@@ -78,7 +78,7 @@ def read(client: Client, path: str) -> bytes:
 
 
 def model_files(home: Path) -> list[Path]:
-    return sorted((home / "inference" / "models").glob("*/1/model.pt"))
+    return sorted((home / "inference" / "nodes" / "triton-0" / "models").glob("*/1/model.pt"))
 
 
 def test_the_reader_reads_its_own_files(attack):
@@ -94,7 +94,7 @@ def test_no_secret_database_or_other_tenants_file_is_in_reach(attack):
     home = stack.home
     state = json.loads((home / "run" / "stack.json").read_text())
     pids = [child["pid"] for child in state["children"].values() if child["pid"]]
-    pids.append(int((home / "inference" / "triton.pid").read_text()))
+    pids.append(int((home / "inference" / "nodes" / "triton-0" / "triton.pid").read_text()))
     others = [path for path in model_files(home) if path.read_bytes() != artifact]
     assert others, "the victim's model file was not found"
     targets = [

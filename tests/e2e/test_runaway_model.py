@@ -66,7 +66,7 @@ def tenants(tmp_path_factory, digits):
 
 
 def models_dir(stack: EphemeralStack) -> Path:
-    return (stack.home / "inference" / "models").resolve()
+    return (stack.home / "inference" / "nodes" / "triton-0" / "models").resolve()
 
 
 def stubs_of_spinner(stack: EphemeralStack, owned: set[Path]) -> dict[int, Path]:

@@ -297,7 +297,7 @@ async def test_deploy_predict_survive_restarts_and_delete(tmp_path: Path) -> Non
                 assert load.success_count - load_before.success_count >= 83 and load.failure_count == 0
                 assert 0 < load.execution_count <= load.success_count and load.average_batch_size >= 1
                 assert load.average_queue_ms > 0 and load.average_compute_ms > 0
-                metrics = urllib.request.urlopen(settings.metrics_url, timeout=5).read().decode()
+                metrics = urllib.request.urlopen(f"http://127.0.0.1:{settings.triton_metrics_port}/metrics", timeout=5).read().decode()
                 assert triton_model in pending_by_model(metrics)
                 labels = {"tenant": TENANT, "deployment": "digits-ts"}
                 for _ in range(50):  # the gauges refresh every load_refresh_seconds; idle now
@@ -308,7 +308,7 @@ async def test_deploy_predict_survive_restarts_and_delete(tmp_path: Path) -> Non
                 assert REGISTRY.get_sample_value("maas_inference_batch_size", labels) is not None
 
                 # kill -9 Triton: the supervisor restarts it and the deployments come back by themselves.
-                pid_file = settings.directory / "triton.pid"
+                pid_file = settings.directory / "nodes" / "triton-0" / "triton.pid"
                 old_pid = int(pid_file.read_text())
                 started = time.perf_counter()
                 os.kill(old_pid, signal.SIGKILL)
