@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.generate
 	$(BIN)/python -m benchmarks.rollout
 	$(BIN)/python -m benchmarks.model_transport
+	$(BIN)/python -m benchmarks.fleet
 
 clean:
 	rm -rf $(VENV) .tools

@@ -174,7 +174,13 @@ class Converger:
             await asyncio.to_thread(node.repository.remove, stray)
         await asyncio.to_thread(node.read_gpus)
         self.nodes.mark(node, NODE_READY)
+        self._pending_tried.clear()  # there may be room now: PENDING deployments look again
         self.routes.changed()
+
+    async def capacity_changed(self) -> None:
+        """A node was drained or resumed: act on it now rather than at the next round."""
+        self._pending_tried.clear()
+        await self.fill()
 
     async def _adopt(self, route: Route, triton_model: str, node: Node) -> bool:
         """Take a model a node already serves as a replica, when its deployment wants one."""

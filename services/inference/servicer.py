@@ -318,10 +318,10 @@ class FleetServicer(inference_pb2_grpc.FleetServiceServicer):
 
     async def DrainNode(self, request, context):
         node = self.deployments.nodes.cordon(request.name, True)
-        await self.deployments.converger.fill()
+        await self.deployments.converger.capacity_changed()
         return inference_pb2.DrainNodeResponse(node=node_message(node, self.deployments.routes.all()))
 
     async def ResumeNode(self, request, context):
         node = self.deployments.nodes.cordon(request.name, False)
-        await self.deployments.converger.fill()
+        await self.deployments.converger.capacity_changed()
         return inference_pb2.ResumeNodeResponse(node=node_message(node, self.deployments.routes.all()))

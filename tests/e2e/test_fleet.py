@@ -17,9 +17,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-import torch
 from maas import Client
-from maas.common.v1 import common_pb2
 from maas.errors import ApiError
 from maas.gateway.v1 import admin_pb2
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -29,33 +27,13 @@ from tritonclient.grpc import InferenceServerClient
 from services.common.channels import TRITON_TOKEN_HEADER
 from services.stack.ephemeral import EphemeralStack
 from tests.support.digits import SIGNATURE, DigitsModel
+from tests.support.heavy import HEAVY_SIGNATURE, heavy_input, save_heavy
 from tests.support.tenants import developer_clients
 
 pytestmark = pytest.mark.slow
 
 CLIENTS = 16
 REPLICA_BACK_SECONDS = 30
-WIDTH = 512
-
-
-class Heavy(torch.nn.Module):
-    """About 100 MFLOP per request: slow enough on a CPU that requests queue inside Triton,
-    which is the load the autoscaler reads (the digits model finishes before the next arrives)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(WIDTH, WIDTH) / WIDTH**0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(200):
-            x = torch.tanh(x @ self.weight)
-        return x
-
-
-HEAVY_SIGNATURE = common_pb2.Signature(
-    inputs=[common_pb2.TensorSpec(name="x", datatype=common_pb2.DATA_TYPE_FP32, shape=[WIDTH])],
-    outputs=[common_pb2.TensorSpec(name="y", datatype=common_pb2.DATA_TYPE_FP32, shape=[WIDTH])],
-)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +50,7 @@ def fleet(digits: DigitsModel, tmp_path_factory):
         acme = clients["acme"]
         acme.create_model("digits")
         acme.upload_version("digits", digits.path, format="torchscript", signature=SIGNATURE)
-        heavy = tmp_path_factory.mktemp("heavy") / "heavy.pt"
-        torch.jit.script(Heavy()).save(str(heavy))
+        heavy = save_heavy(tmp_path_factory.mktemp("heavy"))
         acme.create_model("heavy")
         acme.upload_version("heavy", heavy, format="torchscript", signature=HEAVY_SIGNATURE)
         yield stack, acme, clients["capped"], digits
@@ -216,7 +193,7 @@ def test_the_autoscaler_scales_out_under_load_and_back_in_when_idle(fleet):
     acme.create_deployment("elastic", "heavy", version=1, min_replicas=1, max_replicas=2, target_in_flight=2)
     acme.wait_ready("elastic", timeout=240)
     assert len(ready_nodes(acme, "elastic")) == 1
-    x = np.random.default_rng(0).standard_normal((1, WIDTH)).astype(np.float32)
+    x = heavy_input()
     with predict_loop(stack, acme_key(stack, acme), "elastic", x) as tally:
         wait_until(lambda: len(ready_nodes(acme, "elastic")) == 2, 60, "a second replica under load")
     assert tally["failed"] == []
