@@ -358,7 +358,7 @@ class Converger:
             artifact = await self.artifacts.fetch(
                 revision.tenant, revision.model, revision.resolved_version, revision.sha256
             )
-            changed = await asyncio.to_thread(node.repository.write, self._model_spec(revision), artifact)
+            changed = await asyncio.to_thread(node.repository.write, self._model_spec(revision, node), artifact)
             if changed or not await node.triton.is_ready(revision.triton_model):
                 await asyncio.wait_for(
                     node.triton.load(revision.triton_model, self.load_timeout), self.load_timeout + 5
@@ -616,7 +616,8 @@ class Converger:
             owners.update(dict.fromkeys(models, route))
         return owners
 
-    def _model_spec(self, deployment: Deployment) -> ModelSpec:
+    def _model_spec(self, deployment: Deployment, node: Node) -> ModelSpec:
+        embedded = sum(other.embedded for other in self.nodes)
         return ModelSpec(
             triton_model=deployment.triton_model,
             format=deployment.format,
@@ -629,6 +630,7 @@ class Converger:
             runner_metadata=deployment.runner_metadata,
             execution_limit_seconds=self.limit_of(deployment),
             on_gpu=deployment.device == "GPU" or (deployment.device == "AUTO" and self.gpu_available),
+            nodes_sharing_host=embedded if node.embedded else 1,
         )
 
     def _reason(self, exc: BaseException, deployment: Deployment) -> str:

@@ -63,6 +63,9 @@ class ModelSpec:
     runner_metadata: Mapping[str, str] = field(default_factory=dict)
     # Longest one request may run in the model before its process is killed.
     execution_limit_seconds: int = 30
+    # How many Triton nodes run on this host and may compute at once: the cores are split
+    # between them as between instances (a thread per core each would wait on each other).
+    nodes_sharing_host: int = 1
 
 
 def signature_json(signature: common_pb2.Signature) -> str:
@@ -109,6 +112,7 @@ def config_text(spec: ModelSpec) -> str:
         "device": spec.device,
         "signature": signature_json(spec.signature),
         "execution_limit_seconds": str(spec.execution_limit_seconds),
+        "nodes_sharing_host": str(spec.nodes_sharing_host),
         # JSON, so that characters such as a newline survive the text format.
         **{key: json.dumps(value) for key, value in sorted(spec.runner_metadata.items())},
     }

@@ -51,8 +51,10 @@ class TritonPythonModel:
         path = os.path.join(version_dir, parameters["artifact"])
         instances = sum(group.get("count", 1) for group in config.get("instance_group", [])) or 1
         options = onnxruntime.SessionOptions()
-        # Instances are separate processes sharing the host's cores: split the cores between them.
-        options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // instances)
+        # Instances, and replicas on other nodes of this host, are separate processes sharing its
+        # cores: split the cores between them.
+        sharing = instances * int(parameters.get("nodes_sharing_host", "1"))
+        options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // sharing)
         # Idle threads sleep instead of spinning: Triton, the gateway and other models share these
         # cores, and spinning workers took CPU from them (2x slower single-text calls on a busy host).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -55,9 +55,9 @@ def nodes(repository: ModelRepository, triton: FakeTriton) -> NodeSet:
     return one_node(repository, triton)
 
 
-@pytest.fixture
-async def deployments(store, registry, nodes, tmp_path: Path) -> AsyncIterator[Deployments]:
-    service = Deployments(
+def build_deployments(store, registry, nodes: NodeSet, tmp_path: Path, **options) -> Deployments:
+    """The service's domain over fakes, with short timeouts; `options` override the rest."""
+    return Deployments(
         store=store,
         registry=registry,  # type: ignore[arg-type]
         artifacts=ArtifactCache(tmp_path / "artifacts", registry),  # type: ignore[arg-type]
@@ -66,7 +66,13 @@ async def deployments(store, registry, nodes, tmp_path: Path) -> AsyncIterator[D
         load_timeout=5,
         load_concurrency=2,
         predict_timeout=5,
+        **options,
     )
+
+
+@pytest.fixture
+async def deployments(store, registry, nodes, tmp_path: Path) -> AsyncIterator[Deployments]:
+    service = build_deployments(store, registry, nodes, tmp_path)
     await service.converger.restore()
     await service.converger.reconcile()
     yield service

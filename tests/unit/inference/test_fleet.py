@@ -12,28 +12,17 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import ResourceExhausted
-from services.inference.artifacts import ArtifactCache
 from services.inference.caps import TenantCaps
 from services.inference.deployments import Deployments, DeploymentSpec
 from services.inference.nodes import DOWN, DRAINING, NODE_READY, NodeSet
 from services.inference.store import PENDING, READY, SCALED_TO_ZERO
+from tests.unit.inference.conftest import build_deployments
 from tests.unit.inference.inference_fakes import TENANT, FakeTriton, fake_fleet
 from tests.unit.inference.test_inference_service import predict_request
 
 
 def make(store, registry, nodes: NodeSet, tmp_path: Path, **options) -> Deployments:
-    return Deployments(
-        store=store,
-        registry=registry,  # type: ignore[arg-type]
-        artifacts=ArtifactCache(tmp_path / "artifacts", registry),  # type: ignore[arg-type]
-        nodes=nodes,
-        gpu_available=False,
-        load_timeout=5,
-        load_concurrency=2,
-        predict_timeout=5,
-        drain_seconds=0,
-        **options,
-    )
+    return build_deployments(store, registry, nodes, tmp_path, drain_seconds=0, **options)
 
 
 @pytest.fixture
