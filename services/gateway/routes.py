@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -118,6 +118,8 @@ class RouteTable:
         self._wake = routing.Wake
         self._metadata = ((INTERNAL_TOKEN_KEY, token),)
         self._routes: dict[tuple[str, str], LiveRoute] = {}
+        # Called with each route that brings an autoscaling decision not seen before (audit).
+        self.on_scaling: Callable[[inference_pb2.Route], None] | None = None
         self._triton_channels: dict[str, grpc.aio.Channel] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._applied = asyncio.Event()  # set, and replaced, on every table update
@@ -200,6 +202,10 @@ class RouteTable:
             if previous is not None and previous.route == route:
                 table[key] = previous
                 continue
+            if self.on_scaling is not None and route.HasField("last_scaling_event") and (
+                previous is None or previous.route.last_scaling_event != route.last_scaling_event
+            ):
+                self.on_scaling(route)
             try:
                 check_signature(route.signature)
             except InvalidArgument as error:

@@ -21,6 +21,7 @@ from services.gateway.limits import Gate, Limiter, LocalLimiter
 from services.gateway.proxy import FORWARDED, Backend, Proxy
 from services.gateway.redis_link import RedisLink
 from services.gateway.routes import RouteTable
+from services.gateway.scaling_audit import ScalingAudit
 from services.gateway.service import Admin
 from services.gateway.servicer import AdminServicer
 from services.gateway.store import GatewayStore, KeyRecord, RateLimit
@@ -86,6 +87,7 @@ async def create_app(settings: GatewaySettings) -> App:
         triton_token=settings.triton_token,
         triton_credentials=triton_credentials(settings),
     )
+    routes.on_scaling = ScalingAudit(audit, link).heard
     generation = generate.Generation(routes, admission, meter)
     spec = ServerSpec(
         service="gateway",

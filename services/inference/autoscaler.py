@@ -148,6 +148,7 @@ class Autoscaler:
         if stored is None:
             return  # deleted meanwhile
         route.deployment = stored
+        route.last_scaling = event
         self._samples.pop(deployment.id, None)  # the next decision needs a fresh window
         direction = "zero" if to == 0 else "out" if to > current else "in"
         DECISIONS.labels(direction).inc()

@@ -15,7 +15,16 @@ from prometheus_client import Gauge
 
 from services.common.errors import FailedPrecondition, NotFound, Unavailable
 from services.common.tensors import CompiledSignature
-from services.inference.store import FAILED, LOADING, PENDING, READY, SCALED_TO_ZERO, Canary, Deployment
+from services.inference.store import (
+    FAILED,
+    LOADING,
+    PENDING,
+    READY,
+    SCALED_TO_ZERO,
+    Canary,
+    Deployment,
+    ScalingEvent,
+)
 
 DEPLOYMENTS = Gauge("maas_inference_deployments", "Deployments by state", ["state"])
 
@@ -47,6 +56,8 @@ class Route:
     replicas: dict[tuple[str, str], Replica] = field(default_factory=dict)
     # Why it has fewer replicas than it wants; empty when it has them all.
     shortfall: str = ""
+    # The autoscaler's latest decision, sent on the route stream for the gateway's audit log.
+    last_scaling: ScalingEvent | None = None
 
     @property
     def ready(self) -> bool:

@@ -74,6 +74,15 @@ def _timestamp(value) -> Timestamp:
     return stamp
 
 
+def scaling_event_message(event: ScalingEvent) -> inference_pb2.ScalingEvent:
+    return inference_pb2.ScalingEvent(
+        time=_timestamp(event.time),
+        from_replicas=event.from_replicas,
+        to_replicas=event.to_replicas,
+        reason=event.reason,
+    )
+
+
 def deployment_message(
     deployment: Deployment, route: Route | None = None, events: Iterable[ScalingEvent] = ()
 ) -> inference_pb2.Deployment:
@@ -98,15 +107,7 @@ def deployment_message(
         max_replicas=deployment.max_replicas,
         target_in_flight=deployment.target_in_flight,
         desired_replicas=wanted_replicas(deployment),
-        scaling_events=[
-            inference_pb2.ScalingEvent(
-                time=_timestamp(event.time),
-                from_replicas=event.from_replicas,
-                to_replicas=event.to_replicas,
-                reason=event.reason,
-            )
-            for event in events
-        ],
+        scaling_events=[scaling_event_message(event) for event in events],
     )
     if route is not None:
         message.replicas.extend(
@@ -157,6 +158,8 @@ def route_message(route: Route, nodes: NodeSet) -> inference_pb2.Route:
         task=TASK_VALUES[served.task],
         scaled_to_zero=not route.ready and wanted_replicas(route.deployment) == 0,
     )
+    if route.last_scaling is not None:
+        message.last_scaling_event.CopyFrom(scaling_event_message(route.last_scaling))
     canary_addresses = _addresses(route, route.canary.triton_model, nodes) if route.canary else []
     if route.ready and route.canary is not None and canary_addresses:
         message.canary.CopyFrom(

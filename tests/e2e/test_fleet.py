@@ -201,6 +201,16 @@ def test_the_autoscaler_scales_out_under_load_and_back_in_when_idle(fleet):
     events = acme.get_deployment("elastic").scaling_events
     assert [(e.from_replicas, e.to_replicas) for e in events][:2] == [(2, 1), (1, 2)]
     assert "in flight" in events[1].reason
+    # Each decision is in the audit log too, once, written by the gateway from the route stream.
+    with Client(stack.gateway, stack.admin_key) as admin:
+
+        def audited() -> list[str]:
+            method = "/maas.inference.v1.InferenceService/Autoscale"
+            return [e.resource for e in admin.list_audit_events(tenant="acme", method=method) if e.resource.startswith("elastic:")]
+
+        rows = wait_until(lambda: len(audited()) >= 2 and audited(), 10, "the scaling decisions in the audit log")
+    assert rows[0].startswith("elastic: 2 -> 1 replicas (") and rows[1].startswith("elastic: 1 -> 2 replicas (")
+    assert len(rows) == 2
     acme.delete_deployment("elastic")
 
 

@@ -777,6 +777,7 @@ class Route(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     REPLICA_ADDRESSES_FIELD_NUMBER: _builtins.int
     SCALED_TO_ZERO_FIELD_NUMBER: _builtins.int
+    LAST_SCALING_EVENT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     deployment: _builtins.str
     model: _builtins.str
@@ -801,6 +802,12 @@ class Route(_message.Message):
     def replica_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """host:port of every node with a ready replica; the gateway balances requests across them."""
 
+    @_builtins.property
+    def last_scaling_event(self) -> Global___ScalingEvent:
+        """The autoscaler's latest decision since the inference service started; the gateway writes
+        each new one to the audit log.
+        """
+
     def __init__(
         self,
         *,
@@ -818,10 +825,11 @@ class Route(_message.Message):
         task: Global___ServingTask.ValueType = ...,
         replica_addresses: _abc.Iterable[_builtins.str] | None = ...,
         scaled_to_zero: _builtins.bool = ...,
+        last_scaling_event: Global___ScalingEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "signature", b"signature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "last_scaling_event", b"last_scaling_event", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cacheable", b"cacheable", "canary", b"canary", "deployment", b"deployment", "max_batch_size", b"max_batch_size", "model", b"model", "ready", b"ready", "replica_addresses", b"replica_addresses", "scaled_to_zero", b"scaled_to_zero", "signature", b"signature", "task", b"task", "tenant", b"tenant", "triton_address", b"triton_address", "triton_model", b"triton_model", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cacheable", b"cacheable", "canary", b"canary", "deployment", b"deployment", "last_scaling_event", b"last_scaling_event", "max_batch_size", b"max_batch_size", "model", b"model", "ready", b"ready", "replica_addresses", b"replica_addresses", "scaled_to_zero", b"scaled_to_zero", "signature", b"signature", "task", b"task", "tenant", b"tenant", "triton_address", b"triton_address", "triton_model", b"triton_model", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
