@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.errors import ResourceExhausted
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.inference.caps import TenantCaps
 from services.inference.deployments import Deployments, DeploymentSpec
 from services.inference.nodes import DOWN, DRAINING, NODE_READY, NodeSet
@@ -165,3 +165,25 @@ async def test_a_restarted_service_adopts_what_the_nodes_hold_and_loads_nothing_
         assert (await restarted.serving.predict(TENANT, predict_request())).version == 1
     finally:
         await restarted.close()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (DeploymentSpec(name="web", model="digits", version=1, min_replicas=-1), "min_replicas must be between 0 and 64"),
+        (DeploymentSpec(name="web", model="digits", version=1, min_replicas=65), "min_replicas must be between 0 and 64"),
+        (DeploymentSpec(name="web", model="digits", version=1, max_replicas=65), "max_replicas must be between 1 and 64"),
+        (DeploymentSpec(name="web", model="digits", version=1, min_replicas=3, max_replicas=2), r"max_replicas \(2\) must not be below min_replicas \(3\)"),
+        (DeploymentSpec(name="web", model="digits", version=1, target_in_flight=-5), "target_in_flight must be between 1 and"),
+    ],
+)
+async def test_replica_settings_out_of_range_are_refused_with_what_is_allowed(service, spec, message):
+    with pytest.raises(InvalidArgument, match=message):
+        await service.create(TENANT, spec)
+    assert service.routes.get(TENANT, "web") is None
+
+
+async def test_a_node_name_that_is_not_a_node_is_not_found(service):
+    for name in ("triton-9", "", "../etc", "x" * 500):
+        with pytest.raises(NotFound, match="maas nodes list"):
+            service.nodes.cordon(name, True)
