@@ -1,24 +1,30 @@
 """`make bench`: Predict through the gateway (auth + rate limit + quota in Redis, with and
-without the request cache) vs. straight to Triton on the same model, at 16 and 64 concurrent
-clients. Writes BENCHMARKS.md.
+without the request cache) vs. straight to Triton on the same model, and vs. the floor of any
+Python hop (benchmarks/raw_proxy.py: a proxy forwarding ModelInfer's bytes, nothing else), at 16
+and 64 concurrent clients. Writes BENCHMARKS.md.
 
 Every path is driven by the same asyncio client in this process, so the client's own cost is
-in all numbers alike; the ratios are what to read.
+in all numbers alike; the ratios are what to read. Each serving process's CPU time per request
+(from /proc) is reported too: on a shared, noisy machine it is steadier than req/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import itertools
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -29,10 +35,12 @@ from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.channels import triton_metadata
-from services.stack.ephemeral import EphemeralStack
+from services.stack.ephemeral import EphemeralStack, free_port
 from tests.support.digits import SIGNATURE, train_digits_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
+# The processes a hop adds beside Triton: the gateway's (with the Redis it calls), or the proxy.
+HOP_GROUPS = ("gateway", "redis", "proxy")
 
 
 @dataclass
@@ -41,6 +49,11 @@ class Result:
     latencies: list[float]
     seconds: float
     errors: int
+    # CPU seconds each serving process group spent over the measured window (CpuProbe).
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    def cpu_us_per_request(self, group: str) -> float:
+        return self.cpu.get(group, 0.0) / max(1, len(self.latencies)) * 1e6
 
     @property
     def p50(self) -> float:
@@ -55,11 +68,70 @@ class Result:
         return len(self.latencies) / self.seconds
 
 
-async def drive(name: str, call: Callable[[], Awaitable[object]], clients: int, seconds: float, warmup: float) -> Result:
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    # Fields after the command name, which may hold spaces: state is [0], ppid [1], utime [11].
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (Triton's model stubs are its children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                children.setdefault(int(_stat(int(entry.name))[1]), []).append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    found, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        pending.extend(children.get(pid, []))
+    return found
+
+
+class CpuProbe:
+    """CPU seconds (user + system) of named process groups, each a process and its descendants,
+    read from /proc: how to compare serving paths on a noisy shared machine."""
+
+    def __init__(self, groups: dict[str, int]) -> None:
+        self.groups = groups
+
+    def read(self) -> dict[str, float]:
+        totals = {}
+        for name, root in self.groups.items():
+            total = 0
+            for pid in process_tree(root):
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    fields = _stat(pid)
+                    total += int(fields[11]) + int(fields[12])
+            totals[name] = total / TICKS
+        return totals
+
+
+async def drive(
+    name: str,
+    call: Callable[[], Awaitable[object]],
+    clients: int,
+    seconds: float,
+    warmup: float,
+    probe: CpuProbe | None = None,
+) -> Result:
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + warmup + seconds
     measure_from = time.perf_counter() + warmup
+    cpu_window: dict[str, dict[str, float]] = {}
+
+    async def watch_cpu() -> None:
+        assert probe is not None
+        await asyncio.sleep(warmup)
+        cpu_window["start"] = probe.read()
+        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+        cpu_window["end"] = probe.read()
 
     async def client() -> None:
         nonlocal errors
@@ -72,19 +144,24 @@ async def drive(name: str, call: Callable[[], Awaitable[object]], clients: int, 
             if start >= measure_from:
                 latencies.append(time.perf_counter() - start)
 
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return Result(name, latencies, seconds, errors)
+    watcher = [watch_cpu()] if probe is not None else []
+    await asyncio.gather(*(client() for _ in range(clients)), *watcher)
+    cpu = {group: cpu_window["end"][group] - cpu_window["start"][group] for group in cpu_window.get("end", {})}
+    return Result(name, latencies, seconds, errors, cpu)
 
 
 # Distinct inputs made before the cache-miss path runs (more are made on the fly if needed).
 MISS_POOL = 50_000
 
 
-async def measure(stack: EphemeralStack, api_key: str, batch: np.ndarray, clients: int, seconds: float) -> list[Result]:
+async def measure(
+    stack: EphemeralStack, api_key: str, batch: np.ndarray, clients: int, seconds: float, proxy: str, probe: CpuProbe
+) -> list[Result]:
     auth = (("authorization", f"Bearer {api_key}"),)
     triton_address = f"127.0.0.1:{stack.env['MAAS_TRITON_GRPC_PORT']}"
     async with grpc.aio.insecure_channel(triton_address) as triton_channel, \
-            grpc.aio.insecure_channel(stack.gateway) as gateway_channel:
+            grpc.aio.insecure_channel(stack.gateway) as gateway_channel, \
+            grpc.aio.insecure_channel(proxy) as proxy_channel:
         triton = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
         # Triton answers nothing but health without the stack's token (its restricted protocols).
         token = triton_metadata((stack.home / "triton.token").read_text().strip())
@@ -113,8 +190,10 @@ async def measure(stack: EphemeralStack, api_key: str, batch: np.ndarray, client
         gateway_oip = service_pb2_grpc.GRPCInferenceServiceStub(gateway_channel)
         gateway_predict = inference_pb2_grpc.InferenceServiceStub(gateway_channel)
         await gateway_predict.Predict(cached_request, metadata=auth)  # fills the entry the hit path reads
+        floor = service_pb2_grpc.GRPCInferenceServiceStub(proxy_channel)
         paths = [
             ("Triton direct (ModelInfer)", lambda: triton.ModelInfer(direct_request, metadata=token)),
+            ("minimal raw-bytes proxy (the floor)", lambda: floor.ModelInfer(direct_request)),
             ("gateway, Open Inference Protocol", lambda: gateway_oip.ModelInfer(oip_request, metadata=auth)),
             ("gateway, maas Predict", lambda: gateway_predict.Predict(predict_request, metadata=auth)),
             (
@@ -125,7 +204,7 @@ async def measure(stack: EphemeralStack, api_key: str, batch: np.ndarray, client
         ]
         results = []
         for name, call in paths:
-            results.append(await drive(name, call, clients, seconds, warmup=2.0))
+            results.append(await drive(name, call, clients, seconds, warmup=2.0, probe=probe))
         return results
 
 
@@ -171,6 +250,23 @@ def report(runs: dict[int, list[Result]], seconds: float, batch: int) -> str:
             lines.append(
                 f"| {r.name} | {r.p50:.2f} | {r.p99:.2f} | {r.throughput:,.0f} | {r.errors} | "
                 f"{r.p50 / base.p50:.2f} | {r.p99 / base.p99:.2f} | {r.throughput / base.throughput:.2f} |"
+            )
+        lines += [
+            "",
+            "CPU per request of each serving process over the measured window (user + system, from /proc; "
+            "Triton counts its model stubs; the client is not counted). \"beyond Triton\": the hop's own "
+            "processes (gateway + Redis, or the proxy).",
+            "",
+            "| path | Triton µs | gateway µs | Redis µs | proxy µs | beyond Triton µs | vs. the floor |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        floor = next((r for r in results if r.name.startswith("minimal raw-bytes proxy")), None)
+        for r in results:
+            beyond = sum(r.cpu_us_per_request(group) for group in HOP_GROUPS)
+            versus = f"{beyond / sum(floor.cpu_us_per_request(g) for g in HOP_GROUPS):.2f}" if floor and beyond else "—"
+            lines.append(
+                f"| {r.name} | {r.cpu_us_per_request('triton'):,.0f} | {r.cpu_us_per_request('gateway'):,.0f} | "
+                f"{r.cpu_us_per_request('redis'):,.0f} | {r.cpu_us_per_request('proxy'):,.0f} | {beyond:,.0f} | {versus} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -219,9 +315,30 @@ def main() -> None:
         client.wait_ready("digits", timeout=180)
         client.wait_ready("digits-cached", timeout=180)
         batch = digits.test_x[: args.batch]
-        runs = {
-            clients: asyncio.run(measure(stack, key, batch, clients, args.seconds)) for clients in args.clients
-        }
+        proxy_address = f"127.0.0.1:{free_port()}"
+        token = (stack.home / "triton.token").read_text().strip()
+        triton_address = f"127.0.0.1:{stack.env['MAAS_TRITON_GRPC_PORT']}"
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.raw_proxy", "--listen", proxy_address,
+             "--triton", triton_address, "--token", token],
+            cwd=ROOT,
+        )
+        try:
+            children = json.loads((stack.home / "run" / "stack.json").read_text())["children"]
+            triton_pid = int((stack.home / "inference" / "nodes" / "triton-0" / "triton.pid").read_text())
+            probe = CpuProbe({
+                "triton": triton_pid,
+                "gateway": children["gateway"]["pid"],
+                "redis": children["redis"]["pid"],
+                "proxy": proxy.pid,
+            })
+            runs = {
+                clients: asyncio.run(measure(stack, key, batch, clients, args.seconds, proxy_address, probe))
+                for clients in args.clients
+            }
+        finally:
+            proxy.terminate()
+            proxy.wait(timeout=10)
 
     section = report(runs, args.seconds, args.batch)
     print(section)
