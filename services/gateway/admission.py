@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from services.common.single_flight import SingleFlight
 from services.gateway.audit import AuditLog, is_mutating
 from services.gateway.limits import Gate, RateLimited
 from services.gateway.store import GatewayStore, QuotaRecord, RateLimit
@@ -26,13 +27,15 @@ class QuotaCache:
         self.seconds = seconds
         self.clock = clock
         self._cache: dict[str, tuple[float, QuotaRecord]] = {}
+        self._lookups: SingleFlight[QuotaRecord | None] = SingleFlight()
 
     async def get(self, tenant: str) -> QuotaRecord:
         now = self.clock()
         cached = self._cache.get(tenant)
         if cached is not None and cached[0] > now:
             return cached[1]
-        quota = await asyncio.to_thread(self.store.get_quota, tenant) or QuotaRecord(tenant)
+        quota = await self._lookups.run(tenant, lambda: asyncio.to_thread(self.store.get_quota, tenant))
+        quota = quota or QuotaRecord(tenant)
         self._cache[tenant] = (now + self.seconds, quota)
         return quota
 

@@ -16,6 +16,7 @@ from maas.trainer.v1 import trainer_pb2
 from tritonclient.grpc import service_pb2
 
 from services.common.errors import PermissionDenied, Unauthenticated
+from services.common.single_flight import SingleFlight
 from services.gateway.admission import Admission
 from services.gateway.audit import AuditLog, is_mutating
 from services.gateway.keys import ADMIN_TENANT, Role, parse_key, secret_matches
@@ -110,6 +111,7 @@ class ApiKeyAuthenticator:
         self.audit = audit
         # key id -> (expiry, the key or None when unknown); both answers are reused until expiry.
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        self._lookups: SingleFlight[KeyRecord | None] = SingleFlight()
 
     async def __call__(self, method: str, metadata: Mapping[str, str]) -> None:
         key_id, secret = parse_key(bearer_token(metadata))
@@ -143,7 +145,7 @@ class ApiKeyAuthenticator:
         cached = self._cache.get(key_id)
         if cached is not None and cached[0] > now:
             return cached[1]
-        key = await asyncio.to_thread(self.store.get_key, key_id)
+        key = await self._lookups.run(key_id, lambda: asyncio.to_thread(self.store.get_key, key_id))
         if self.cache_seconds > 0:
             if len(self._cache) >= MAX_CACHED_KEYS:
                 self._evict(now)
