@@ -4,6 +4,8 @@ stored, and asserted to the inference service on every forwarded InferenceServic
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 import sqlalchemy as sa
@@ -30,9 +32,15 @@ async def stack(tmp_path):
 
 
 async def audit_events(stack, method: str) -> list[admin_pb2.AuditEvent]:
-    events = await stack.admin.ListAuditEvents(
-        admin_pb2.ListAuditEventsRequest(method=method), metadata=stack.auth("admin-of-admin")
-    )
+    """The method's audit events, once there are any: a refusal's row may be written just after
+    the caller heard the answer."""
+    for _ in range(50):
+        events = await stack.admin.ListAuditEvents(
+            admin_pb2.ListAuditEventsRequest(method=method), metadata=stack.auth("admin-of-admin")
+        )
+        if events.audit_events:
+            break
+        await asyncio.sleep(0.05)
     return list(events.audit_events)
 
 
