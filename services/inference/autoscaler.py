@@ -109,6 +109,11 @@ class Autoscaler:
             fixed = deployment.min_replicas > 0 and deployment.max_replicas <= deployment.min_replicas
             if route.serving is None or fixed:
                 continue
+            if not route.ready:
+                # Loading (a cold start) or lost its nodes: nothing to measure, and the time it
+                # takes must not count as idle. The window starts again once a replica serves.
+                self.forget(deployment.id)
+                continue
             sample = await self._sample(route, at)
             if sample is None:
                 continue
