@@ -105,7 +105,7 @@ class Serving:
         check_task(request.deployment, serving.task, (GENERATE,), "Generate")
         triton_model, version = _target(route)
         infer = stream_request(prompt, sampling, triton_model, request_id_var.get())
-        triton = self._replica(route, triton_model)
+        triton = self._client(self._replica(route, triton_model))
         with self._public_errors(request.deployment):
             async for response in triton.stream(infer, self._budget(timeout)):
                 yield generate_response_of_stream(response, serving.model, version)
@@ -131,25 +131,22 @@ class Serving:
         (its node died, or the model is unloading there)."""
         first = self._replica(route, request.model_name)
         try:
-            return await first.infer(request, timeout)
+            return await self._client(first).infer(request, timeout)
         except Unavailable:
-            others = [n for n in route.ready_nodes(request.model_name) if n != self._node_of(first)]
+            others = [n for n in route.ready_nodes(request.model_name) if n != first]
             if not others:
                 raise
             return await self._client(random.choice(others)).infer(request, timeout)
 
-    def _replica(self, route: Route, triton_model: str) -> Triton:
-        """The Triton of one ready replica of the model, picked at random."""
+    def _replica(self, route: Route, triton_model: str) -> str:
+        """The node of one ready replica of the model, picked at random."""
         ready = route.ready_nodes(triton_model)
         if not ready:
             raise Unavailable(f"deployment {route.deployment.name!r} has no ready replica right now; retry shortly")
-        return self._client(random.choice(ready))
+        return random.choice(ready)
 
     def _client(self, node: str) -> Triton:
         return self.nodes.named(node).triton
-
-    def _node_of(self, triton: Triton) -> str:
-        return next((node.name for node in self.nodes if node.triton is triton), "")
 
     def _budget(self, timeout: float | None) -> float:
         return timeout if timeout is not None else self.predict_timeout
