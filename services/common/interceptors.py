@@ -4,13 +4,12 @@ and the mapping of domain errors to gRPC status codes."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import inspect
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -75,16 +74,18 @@ def internal_token_authenticator(token: str) -> Authenticator:
     return authenticate
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
+class ServiceInterceptor:
+    """Wraps each method's handler once, the first time the server routes a call to it (see
+    InterceptedHandlers). grpc-aio's own server interceptors run a coroutine and build a new
+    handler on every call, which cost a busy gateway more than most of the work they wrap."""
+
     def __init__(self, service: str, authenticate: Authenticator | None = None) -> None:
         self.service = service
         self.authenticate = authenticate
+        # (method, code) -> its metric children: labels() takes a lock and builds a key per call.
+        self._metrics: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         wrap = self._wrap_stream if handler.response_streaming else self._wrap_unary
         kind = ("stream" if handler.request_streaming else "unary") + "_" + (
             "stream" if handler.response_streaming else "unary"
@@ -100,16 +101,23 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> dict[str, str]:
+    async def enter(self, method: str, context: grpc.aio.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())
         request_id_var.set(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
         if self.authenticate and not method.startswith(UNAUTHENTICATED_PREFIXES):
             await self.authenticate(method, metadata)
-        return metadata
+
+    def record(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        metrics = self._metrics.get((method, code))
+        if metrics is None:
+            labels = (self.service, method, code.name)
+            metrics = self._metrics[(method, code)] = (REQUESTS.labels(*labels), LATENCY.labels(*labels))
+        metrics[0].inc()
+        metrics[1].observe(seconds)
 
     def _wrap_unary(self, method: str, behavior: Callable[..., Any], parse: Parser, streaming: bool):
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._call(method, context):
+            async with _Call(self, method, context):
                 return await behavior(_parsed(request, parse, streaming), context)
 
         return handle
@@ -119,41 +127,74 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             raise TypeError(f"{method}: streaming handlers must be async generators")
 
         async def handle(request: Any, context: grpc.aio.ServicerContext):
-            async with self._call(method, context):
+            async with _Call(self, method, context):
                 async for response in behavior(_parsed(request, parse, streaming), context):
                     yield response
 
         return handle
 
-    @contextlib.asynccontextmanager
-    async def _call(self, method: str, context: grpc.aio.ServicerContext):
-        """Around every call: authenticate, map errors to statuses, record metrics."""
-        started = time.perf_counter()
+
+class _Call:
+    """Around every call: authenticate, map errors to statuses, record metrics."""
+
+    __slots__ = ("interceptor", "method", "context", "started")
+
+    def __init__(self, interceptor: ServiceInterceptor, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.interceptor = interceptor
+        self.method = method
+        self.context = context
+        self.started = time.perf_counter()
+
+    async def __aenter__(self) -> None:
+        try:
+            await self.interceptor.enter(self.method, self.context)
+        except BaseException as raised:
+            # A refused call (authentication, limits) ends here, mapped as any other error.
+            await self.__aexit__(type(raised), raised, None)
+            raise
+
+    async def __aexit__(self, kind: type[BaseException] | None, raised: BaseException | None, _: Any) -> None:
         code = grpc.StatusCode.OK
         try:
-            await self._enter(method, context)
-            yield
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
-            # The handler aborted with a status of its own.
-            code = _as_status(context.code())
-            raise
-        except Exception as raised:
-            exc = _sole_error(raised)
-            code = status_of(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("unhandled error in %s", method)
-                message = f"internal error (request id {request_id_var.get()}); the server log has the details"
-            else:
-                message = str(exc)
-            trailers = exc.trailing_metadata if isinstance(exc, errors.MaasError) else ()
-            await context.abort(code, message, trailers)
+            if isinstance(raised, asyncio.CancelledError):
+                code = grpc.StatusCode.CANCELLED
+            elif isinstance(raised, grpc.aio.AbortError):
+                # The handler aborted with a status of its own.
+                code = _as_status(self.context.code())
+            elif isinstance(raised, Exception):
+                exc = _sole_error(raised)
+                code = status_of(exc)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.error("unhandled error in %s", self.method, exc_info=raised)
+                    message = f"internal error (request id {request_id_var.get()}); the server log has the details"
+                else:
+                    message = str(exc)
+                trailers = exc.trailing_metadata if isinstance(exc, errors.MaasError) else ()
+                await self.context.abort(code, message, trailers)
         finally:
-            elapsed = time.perf_counter() - started
-            REQUESTS.labels(self.service, method, code.name).inc()
-            LATENCY.labels(self.service, method, code.name).observe(elapsed)
+            self.interceptor.record(self.method, code, time.perf_counter() - self.started)
+
+
+class InterceptedHandlers(grpc.GenericRpcHandler):
+    """The server's one generic handler: finds a method among `handlers` (the services' own)
+    and hands out its wrapped handler, built on the method's first call and reused."""
+
+    def __init__(self, handlers: Sequence[grpc.GenericRpcHandler], interceptor: ServiceInterceptor) -> None:
+        self.handlers = handlers
+        self.interceptor = interceptor
+        # Only methods some handler serves are kept: a bounded set, whatever callers send.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            for handlers in self.handlers:
+                found = handlers.service(handler_call_details)
+                if found is not None:
+                    wrapped = self._wrapped[method] = self.interceptor.wrap(method, found)
+                    break
+        return wrapped
 
 
 def _sole_error(exc: Exception) -> Exception:

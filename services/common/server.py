@@ -13,11 +13,11 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
 from services.common.channels import KEEPALIVE
-from services.common.interceptors import Authenticator, ServiceInterceptor
+from services.common.interceptors import Authenticator, InterceptedHandlers, ServiceInterceptor
 from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,20 @@ class ServerSpec:
     tls: ServerTls | None = None
 
 
+class _Collector:
+    """Stands in for the server while the generated `add_*_to_server` functions mount their
+    services: keeps their handlers, to be served wrapped (InterceptedHandlers)."""
+
+    def __init__(self) -> None:
+        self.handlers: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        """The same methods as the generic handler added with them, which serves them already."""
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
@@ -100,15 +114,19 @@ async def start_server(spec: ServerSpec) -> RunningServer:
         ("grpc.so_reuseport", 0),
         *KEEPALIVE.server_options(),
     ]
-    server = grpc.aio.server(interceptors=[ServiceInterceptor(spec.service, spec.authenticate)], options=options)
-    for mounted in spec.servicers:
-        mounted.add_to_server(mounted.servicer, server)
-    if spec.generic_handlers:
-        server.add_generic_rpc_handlers(tuple(spec.generic_handlers))
+    server = grpc.aio.server(options=options)
+    # Every service is mounted on a collector, then served through one InterceptedHandlers.
+    mounted = _Collector()
+    for servicer in spec.servicers:
+        servicer.add_to_server(servicer.servicer, mounted)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, mounted)
     names = list(dict.fromkeys([*(m.full_name for m in spec.servicers), *spec.generic_service_names]))
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer([*names, health.SERVICE_NAME, reflection.SERVICE_NAME]), mounted
+    )
+    interceptor = ServiceInterceptor(spec.service, spec.authenticate)
+    server.add_generic_rpc_handlers((InterceptedHandlers([*mounted.handlers, *spec.generic_handlers], interceptor),))
     if spec.tls:
         port = server.add_secure_port(spec.address, spec.tls.credentials())
     else:

@@ -56,8 +56,10 @@ class Admission:
             return
         quota = await self.quotas.get(tenant)
         try:
-            # Counts the call in usage (requests or rejected) in the same step.
-            await self.gate.admit(tenant, key_id, key_limit, quota)
+            # Counts the call in usage (requests or rejected) in the same step. A call that changes
+            # nothing may come from a lease: its count then reaches Redis with the Meter's next
+            # push. A change's count is in Redis before it is acknowledged, as its audit row is.
+            await self.gate.admit(tenant, key_id, key_limit, quota, lease=not is_mutating(method))
         except RateLimited:
             if is_mutating(method):
                 self.audit.record(tenant, key_id, method, "", "RESOURCE_EXHAUSTED")

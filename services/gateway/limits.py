@@ -10,12 +10,13 @@ on from the last values Redis reported."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -34,17 +35,21 @@ from services.gateway.usage import DIRTY_SET, HASH_TTL, usage_key
 log = logging.getLogger(__name__)
 
 # KEYS: buckets, then counters, then (when counted) the call's usage hash and the usage dirty set.
-# ARGV: number of buckets, number of counters, 1 when usage is counted; then per bucket rate (per
-# second), burst, cost; then per counter limit, cost, ttl seconds; then (when counted) the usage
-# hash's ttl. A counter with cost 0 only checks that some budget is left. The usage hash counts
-# the call as one of `requests` or `rejected`, in the same atomic step as the admission, so usage
-# is exactly as durable as the quota counters.
-# Returns {1, 0, 0, 0, counter values...} when admitted, {0, index, remaining, retry
+# ARGV: number of buckets, number of counters, 1 when usage is counted, the lease wanted (units
+# beyond the call's own cost, 0 for none); then per bucket rate (per second), burst, cost; then
+# per counter limit, cost, ttl seconds; then (when counted) the usage hash's ttl. A counter with
+# cost 0 only checks that some budget is left. The usage hash counts the call as one of
+# `requests` or `rejected`, in the same atomic step as the admission.
+# A lease (see Leases) is granted only where every limit keeps plenty: at most 1/LEASE_HEADROOM
+# of what each has left after the call, and none below LEASE_MIN units. Its units are taken from
+# every bucket and counter like the call's own cost.
+# Returns {1, lease granted, 0, 0, counter values...} when admitted, {0, index, remaining, retry
 # milliseconds (-1: until the period ends)} when not.
 ADMIT_SCRIPT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local buckets, counters, usage = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local grant = tonumber(ARGV[4])
 local function count(field)
   if usage == 1 then
     local hash = KEYS[buckets + counters + 1]
@@ -55,7 +60,7 @@ local function count(field)
 end
 local levels = {}
 for i = 1, buckets do
-  local rate, burst, cost = tonumber(ARGV[3*i + 1]), tonumber(ARGV[3*i + 2]), tonumber(ARGV[3*i + 3])
+  local rate, burst, cost = tonumber(ARGV[3*i + 2]), tonumber(ARGV[3*i + 3]), tonumber(ARGV[3*i + 4])
   local state = redis.call('HMGET', KEYS[i], 'tokens', 'ms')
   local tokens = tonumber(state[1]) or burst
   local since = math.max(0, now - (tonumber(state[2]) or now))
@@ -65,8 +70,9 @@ for i = 1, buckets do
     return {0, i, math.floor(tokens), math.ceil((cost - tokens) * 1000 / rate)}
   end
   levels[i] = tokens - cost
+  grant = math.min(grant, math.floor(levels[i] / HEADROOM))
 end
-local base = 3 * buckets + 3
+local base = 3 * buckets + 4
 local used = {}
 for j = 1, counters do
   local limit, cost = tonumber(ARGV[base + 3*j - 2]), tonumber(ARGV[base + 3*j - 1])
@@ -75,17 +81,19 @@ for j = 1, counters do
     count('rejected')
     return {0, buckets + j, math.max(0, limit - used[j]), -1}
   end
+  grant = math.min(grant, math.floor((limit - used[j] - math.max(cost, 1)) / HEADROOM))
 end
+if grant < MIN_LEASE then grant = 0 end
 for i = 1, buckets do
-  local rate, burst = tonumber(ARGV[3*i + 1]), tonumber(ARGV[3*i + 2])
-  redis.call('HSET', KEYS[i], 'tokens', tostring(levels[i]), 'ms', now)
+  local rate, burst = tonumber(ARGV[3*i + 2]), tonumber(ARGV[3*i + 3])
+  redis.call('HSET', KEYS[i], 'tokens', tostring(levels[i] - grant), 'ms', now)
   redis.call('PEXPIRE', KEYS[i], math.ceil(burst * 1000 / rate) + 1000)
 end
-local result = {1, 0, 0, 0}
+local result = {1, grant, 0, 0}
 for j = 1, counters do
   local key, cost, ttl = KEYS[buckets + j], tonumber(ARGV[base + 3*j - 1]), tonumber(ARGV[base + 3*j])
   if cost > 0 then
-    result[4 + j] = redis.call('INCRBY', key, cost)
+    result[4 + j] = redis.call('INCRBY', key, cost + grant)
     redis.call('EXPIRE', key, ttl)
   else
     result[4 + j] = used[j]
@@ -94,6 +102,15 @@ end
 count('requests')
 return result
 """
+# Leases: a process takes up to LEASE_UNITS calls' worth of every limit a call meets in one go,
+# and admits the next calls from it in memory, without a Redis round trip. Granted only while
+# a limit keeps LEASE_HEADROOM times the lease (so it never binds where a limit is near), and
+# what a lease did not use goes back after LEASE_SECONDS.
+LEASE_UNITS = 32
+LEASE_MIN = 4
+LEASE_HEADROOM = 64
+LEASE_SECONDS = 0.5
+ADMIT_SCRIPT = f"local HEADROOM, MIN_LEASE = {LEASE_HEADROOM}, {LEASE_MIN}\n" + ADMIT_SCRIPT
 
 # Settling: ARGV per key is delta, ttl. Returns the counters' new values.
 ADJUST_SCRIPT = """
@@ -389,6 +406,50 @@ class LocalLimiter:
                 self._unwritten.discard(key)
 
 
+class Leases:
+    """This process's leases: units of a call's limits (its buckets and counters, all of cost 1)
+    taken from Redis ahead of the calls, so that the next calls meeting the same limits are
+    admitted in memory. Exact where it matters: a lease only takes what its limits have to
+    spare many times over (ADMIT_SCRIPT), so no limit is ever passed, and where one is near no
+    lease is granted and every call goes to Redis. A lease held by one gateway process may hold
+    back at most its unused units from the others, for at most LEASE_SECONDS."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._held: dict[tuple[Bucket | Counter, ...], tuple[int, float]] = {}  # -> (units, expires)
+        self._asking: set[tuple[Bucket | Counter, ...]] = set()
+
+    def take(self, limits: tuple[Bucket | Counter, ...]) -> bool:
+        """One call's worth from a live lease on exactly these limits, if there is one."""
+        held = self._held.get(limits)
+        if held is None or held[0] <= 0 or held[1] <= self.clock():
+            return False
+        self._held[limits] = (held[0] - 1, held[1])
+        return True
+
+    def ask(self, limits: tuple[Bucket | Counter, ...]) -> int:
+        """The lease a call going to Redis asks for: one per limit set at a time, so that a burst
+        of concurrent calls does not take a lease each."""
+        if limits in self._asking:
+            return 0
+        self._asking.add(limits)
+        return LEASE_UNITS
+
+    def asked(self, limits: tuple[Bucket | Counter, ...]) -> None:
+        self._asking.discard(limits)
+
+    def granted(self, limits: tuple[Bucket | Counter, ...], units: int) -> None:
+        left, _ = self._held.get(limits, (0, 0.0))
+        self._held[limits] = (left + units, self.clock() + LEASE_SECONDS)
+
+    def expired(self, now: float) -> list[tuple[tuple[Bucket | Counter, ...], int]]:
+        """Leases past their time, which leave: each with the units it did not use."""
+        ended = [(limits, units) for limits, (units, expires) in self._held.items() if expires <= now]
+        for limits, _ in ended:
+            del self._held[limits]
+        return [(limits, units) for limits, units in ended if units > 0]
+
+
 class Limiter:
     """Reserves against Redis, or against the LocalLimiter while Redis is down.
 
@@ -397,9 +458,19 @@ class Limiter:
     What was taken in process while Redis was down is written back (WRITE_BACK_SCRIPT) before
     anything is admitted against Redis again."""
 
-    def __init__(self, link: RedisLink, local: LocalLimiter | None = None) -> None:
+    def __init__(
+        self,
+        link: RedisLink,
+        local: LocalLimiter | None = None,
+        count_leased: Callable[[str], None] | None = None,
+    ) -> None:
         self.link = link
         self.local = local or LocalLimiter()
+        self.leases = Leases()
+        # Counts a call admitted from a lease as `requests` of its usage hash, in memory (the
+        # Meter, pushed to Redis every push interval) instead of in the admitting script.
+        self.count_leased = count_leased
+        self._returning: asyncio.Task[None] | None = None
         self._admit = link.client.register_script(ADMIT_SCRIPT)
         self._adjust = link.client.register_script(ADJUST_SCRIPT)
         self._refund = link.client.register_script(REFUND_SCRIPT)
@@ -491,13 +562,37 @@ class Limiter:
         raise AssertionError("unreachable")
 
     async def reserve(
-        self, buckets: Sequence[Bucket], counters: Sequence[Counter], usage_key: str = ""
+        self,
+        buckets: Sequence[Bucket],
+        counters: Sequence[Counter],
+        usage_key: str = "",
+        lease: bool = False,
     ) -> Denial | None:
         """All or nothing: takes from every bucket and counter, or from none and says why.
-        With a `usage_key`, the call is counted there as admitted (`requests`) or `rejected`."""
+        With a `usage_key`, the call is counted there as admitted (`requests`) or `rejected`.
+        With `lease` (every cost 1), the call may be admitted from this process's lease on its
+        limits, and may take a lease for the calls that follow; one admitted from a lease is
+        counted with `count_leased`."""
+        limits = (*buckets, *counters)
+        want = 0
+        if lease:
+            if self.leases.take(limits):
+                if usage_key and self.count_leased is not None:
+                    self.count_leased(usage_key)
+                return None
+            want = self.leases.ask(limits)
+        try:
+            return await self._reserve(buckets, counters, usage_key, want)
+        finally:
+            if want:
+                self.leases.asked(limits)
+
+    async def _reserve(
+        self, buckets: Sequence[Bucket], counters: Sequence[Counter], usage_key: str, want: int
+    ) -> Denial | None:
         if await self._redis_ready():
             keys = [b.key for b in buckets] + [c.key for c in counters]
-            args: list[float | int] = [len(buckets), len(counters), 1 if usage_key else 0]
+            args: list[float | int] = [len(buckets), len(counters), 1 if usage_key else 0, want]
             for b in buckets:
                 args += [b.rate, b.burst, b.cost]
             for c in counters:
@@ -511,6 +606,8 @@ class Limiter:
                 # Whether Redis ran it is unknown: counted again in process, it may count twice.
                 self.link.lost(error)
             else:
+                if want and int(result[0]) and int(result[1]):
+                    self.leases.granted((*buckets, *counters), int(result[1]))
                 return self._read(result, buckets, counters)
         denial = self.local.reserve(buckets, counters)
         if usage_key:
@@ -519,11 +616,36 @@ class Limiter:
             counter.report(self.local.used(counter.key))
         return denial
 
+    def start(self) -> None:
+        self._returning = asyncio.create_task(self._return_leases(), name="lease-returns")
+
+    async def close(self) -> None:
+        """Give back every lease's unused units, so that a stopped gateway strands nothing."""
+        if self._returning is not None:
+            self._returning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._returning
+        await self.give_back(self.leases.expired(float("inf")))
+
+    async def _return_leases(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 2)
+            try:
+                await self.give_back(self.leases.expired(time.monotonic()))
+            except Exception:
+                log.exception("returning unused lease units failed; they stay counted until the period ends")
+
+    async def give_back(self, unused: Sequence[tuple[tuple[Bucket | Counter, ...], int]]) -> None:
+        """Return what expired leases did not use to their buckets and counters."""
+        for limits, units in unused:
+            await self.adjust([replace(c, cost=-units) for c in limits if isinstance(c, Counter)])
+            await self.refund([replace(b, cost=units) for b in limits if isinstance(b, Bucket)])
+
     def _read(
         self, result: list[int], buckets: Sequence[Bucket], counters: Sequence[Counter]
     ) -> Denial | None:
         admitted, index, remaining, retry_ms = (int(v) for v in result[:4])
-        if admitted:
+        if admitted:  # (index is the lease granted)
             for counter, used in zip(counters, result[4:], strict=True):
                 self.local.seen(counter.key, int(used), counter.ttl_seconds)
                 counter.report(int(used))
@@ -611,9 +733,16 @@ class Gate:
         return self._periods
 
     async def admit(
-        self, tenant: str, key_id: str, key_limit: RateLimit | None, quota: QuotaRecord, tokens: int = 0
+        self,
+        tenant: str,
+        key_id: str,
+        key_limit: RateLimit | None,
+        quota: QuotaRecord,
+        tokens: int = 0,
+        lease: bool = False,
     ) -> None:
-        """Reserve one request (and `tokens` generated tokens) for a call; RateLimited if over."""
+        """Reserve one request (and `tokens` generated tokens) for a call; RateLimited if over.
+        With `lease`, a call no limit binds may be admitted from a lease (Leases)."""
         limit = key_limit or self.default_key_limit
         buckets = []
         if limit.requests_per_second > 0:
@@ -626,10 +755,10 @@ class Gate:
         if tokens:
             buckets += self._token_buckets(tenant, key_id, limit, quota, tokens)
             counters += self._counters(tenant, "tokens", quota.tokens_per_day, quota.tokens_per_month, tokens)
-        # Even a call without limits makes this round trip: its usage is counted in Redis, in
-        # the same pipeline as the calls admitted in the same event-loop turn.
+        # Even a call without limits goes through the limiter: its usage is counted in Redis, in
+        # the same pipeline as the calls admitted in the same event-loop turn, or from a lease.
         usage = usage_key(self.periods().day, tenant, key_id)
-        denial = await self.limiter.reserve(buckets, counters, usage)
+        denial = await self.limiter.reserve(buckets, counters, usage, lease=lease and not tokens)
         if denial is not None:
             raise RateLimited(denial)
 

@@ -56,7 +56,8 @@ async def create_app(settings: GatewaySettings) -> App:
         retry_seconds=settings.redis_check_seconds,
     )
     meter = Meter(link, store, settings.usage_push_seconds, settings.usage_flush_seconds, local.take_usage)
-    admission = Admission(Gate(Limiter(link, local), default_key_limit), quotas, meter, audit)
+    limiter = Limiter(link, local, count_leased=meter.count_admitted)
+    admission = Admission(Gate(limiter, default_key_limit), quotas, meter, audit)
     cache = ResponseCache(link, settings.cache_ttl_seconds, settings.cache_max_entry_bytes)
     authenticator = ApiKeyAuthenticator(store, settings.auth_cache_seconds, admission=admission, audit=audit)
     admin = Admin(store, on_revoke=authenticator.forget, quotas=quotas, meter=meter, audit=audit)
@@ -132,6 +133,7 @@ async def create_app(settings: GatewaySettings) -> App:
         routes.start()
         audit.start()
         meter.start()
+        limiter.start()
         settlement.start()
 
     async def on_stop() -> None:
@@ -140,6 +142,7 @@ async def create_app(settings: GatewaySettings) -> App:
         for backend in backends.values():
             await backend.close()
         await cache.drain()
+        await limiter.close()
         await meter.close()
         await audit.close()
         await link.close()

@@ -1,7 +1,9 @@
 """Usage metering per tenant, key and UTC day.
 
 A call's `requests` (or `rejected`) count is added to its Redis hash by the script that admits
-it (limits.ADMIT_SCRIPT), so it is exactly as durable as the quota counters; while Redis is down
+it (limits.ADMIT_SCRIPT), so it is exactly as durable as the quota counters. A call that changes
+nothing (inference, reads) admitted from a lease (limits.Leases) is counted in memory instead,
+as durable as its bytes and tokens below. While Redis is down
 the limiter holds it in process and writes it back with its quota leases (or, should Redis stay
 away past a flush, hands it over to go straight to SQL). The other counts
 (bytes, cache hits, errors, tokens) are added to a dict in memory, and a background task pushes
@@ -76,6 +78,10 @@ class Meter:
         pending = self._pending[(self._today(), tenant, key_id)]
         for name, value in counts.items():
             pending[name] += value
+
+    def count_admitted(self, hash_key: str) -> None:
+        """A call the limiter admitted from a lease, without the script that counts it in Redis."""
+        self._pending[_slot_of(hash_key)]["requests"] += 1
 
     def _today(self) -> str:
         day, until = self._day
