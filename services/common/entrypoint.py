@@ -13,7 +13,9 @@ from services.common.settings import CommonSettings, make_private
 S = TypeVar("S", bound=CommonSettings)
 
 
-def run_service(name: str, settings: S, create_app: Callable[[S], Awaitable[App]], metrics_address: str) -> None:
+def run_service(
+    name: str, settings: S, create_app: Callable[[S], Awaitable[App]], metrics_address: str | None
+) -> None:
     configure_logging(name, settings.log_level)
     make_private(settings.home)
 

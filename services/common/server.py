@@ -71,6 +71,8 @@ class ServerSpec:
     generic_handlers: Sequence[grpc.GenericRpcHandler] = field(default_factory=list)
     generic_service_names: Sequence[str] = ()
     tls: ServerTls | None = None
+    # Share the port with sibling processes (SO_REUSEPORT): the gateway's workers.
+    reuse_port: bool = False
 
 
 class _Collector:
@@ -111,7 +113,7 @@ async def start_server(spec: ServerSpec) -> RunningServer:
     options = [
         ("grpc.max_receive_message_length", spec.max_message_bytes),
         ("grpc.max_send_message_length", spec.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(spec.reuse_port)),
         *KEEPALIVE.server_options(),
     ]
     server = grpc.aio.server(options=options)
@@ -148,11 +150,12 @@ def start_metrics(address: str) -> int:
     return http_server.server_port
 
 
-async def serve_until_signalled(app: App, *, metrics_address: str, grace: float) -> None:
-    """Run a service until SIGTERM or SIGINT, then let in-flight RPCs finish within `grace`."""
-    metrics_port = start_metrics(metrics_address)
+async def serve_until_signalled(app: App, *, metrics_address: str | None, grace: float) -> None:
+    """Run a service until SIGTERM or SIGINT, then let in-flight RPCs finish within `grace`.
+    Without a metrics address, something else serves this process's metrics (gateway workers)."""
+    if metrics_address is not None:
+        log.info("metrics", extra={"metrics_port": start_metrics(metrics_address)})
     running = await start_server(app.spec)
-    log.info("metrics", extra={"metrics_port": metrics_port})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

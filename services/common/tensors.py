@@ -124,6 +124,8 @@ class CompiledSignature:
         self.max_batch_size = max_batch_size
         self.inputs = {s.name: (BY_PROTO[s.datatype], tuple(s.shape)) for s in signature.inputs}
         self.outputs = {s.name: (BY_PROTO[s.datatype], tuple(s.shape)) for s in signature.outputs}
+        # Whether every output has fixed-size elements, so that a batched answer cuts by rows.
+        self.splittable = all(dtype.triton != "BYTES" for dtype, _ in self.outputs.values())
 
     def describe(self, shape: tuple[int, ...]) -> str:
         return "[batch, " + ", ".join("any" if d == -1 else str(d) for d in shape) + "]"

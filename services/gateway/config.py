@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 from pydantic import Field, model_validator
 
 from services.common.settings import CommonSettings
@@ -10,12 +12,18 @@ class GatewaySettings(CommonSettings):
     # The public endpoint (MAAS_GATEWAY_ADDR): clients, the SDK and the CLI dial it.
     gateway_addr: str = "127.0.0.1:50051"
     gateway_metrics_addr: str = "127.0.0.1:9151"
+    # Gateway processes serving gateway_addr together (SO_REUSEPORT), under one primary that
+    # serves their merged metrics: by default one per core, at most 8.
+    gateway_workers: int = Field(default_factory=lambda: min(os.cpu_count() or 1, 8), ge=1, le=64)
     # Empty means the embedded SQLite file under `home`.
     gateway_database_url: str = ""
     # How long a key lookup (found or not) is reused; bounds how late a revocation takes effect.
     auth_cache_seconds: float = 1.0
     # Deadline for the call to Triton when the client sent none, so that nothing waits forever.
     predict_timeout_seconds: float = 60.0
+
+    # Join calls that queue behind calls in flight to the same model into one Triton batch.
+    gateway_coalesce: bool = True
 
     # Rate limit of every key without one of its own (SetApiKeyRateLimit); 0 = unlimited.
     default_key_requests_per_second: float = 0.0
@@ -28,9 +36,10 @@ class GatewaySettings(CommonSettings):
     # While Redis is unreachable, calls a quota applies to are admitted from a lease ("lease": each
     # gateway process up to its share of what was left) or refused ("refuse").
     gateway_redis_down_policy: RedisDownPolicy = RedisDownPolicy.LEASE
-    # The gateway processes sharing one Redis; each one's default share is 1 / this.
+    # The gateways sharing one Redis (each with gateway_workers processes); while Redis is down
+    # each process's default share is 1 / (gateway_processes x gateway_workers).
     gateway_processes: int = Field(default=1, ge=1)
-    # A process's share of a quota's remainder while Redis is down; 0: 1 / gateway_processes.
+    # A process's share of a quota's remainder while Redis is down; 0: the default above.
     gateway_fallback_quota_share: float = Field(default=0.0, ge=0.0, le=1.0)
     # The request cache, for deployments marked cacheable.
     cache_ttl_seconds: float = 300.0
@@ -44,7 +53,7 @@ class GatewaySettings(CommonSettings):
 
     @property
     def fallback_quota_share(self) -> float:
-        return self.gateway_fallback_quota_share or 1 / self.gateway_processes
+        return self.gateway_fallback_quota_share or 1 / (self.gateway_processes * self.gateway_workers)
 
     @model_validator(mode="after")
     def _default_database(self) -> GatewaySettings:

@@ -11,6 +11,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import NoReturn
 
 import grpc
@@ -23,6 +24,7 @@ from services.common.interceptors import INTERNAL_TOKEN_KEY
 from services.common.serving import execution_limit_error
 from services.common.tensors import CompiledSignature, check_signature
 from services.common.traffic import goes_to_canary
+from services.gateway.coalesce import Coalescer, Lane, join_key
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,9 @@ COLD_START_WAIT_SECONDS = 10.0
 WAKE_INTERVAL_SECONDS = 1.0
 # A request goes to one replica and, when that one cannot take it, to one other at most.
 MAX_TRIES = 2
+# Joined calls in flight to one model at once, per replica serving it, before more calls wait to
+# be joined: one running, one queued at Triton, so that Triton never waits for the gateway.
+COALESCE_DEPTH_PER_REPLICA = 1
 # How Triton says that it does not have a model loaded (or no longer: it is being unloaded).
 NOT_LOADED_MARKERS = ("unknown model", "is not ready")
 
@@ -109,8 +114,10 @@ class RouteTable:
         default_timeout: float = 60.0,
         triton_token: str = "",
         triton_credentials: grpc.ChannelCredentials | None = None,
+        coalesce: bool = True,
     ) -> None:
         self.default_timeout = default_timeout
+        self._coalescer = Coalescer() if coalesce else None
         self._triton_metadata = triton_metadata(triton_token)
         self._triton_credentials = triton_credentials
         routing = inference_pb2_grpc.RoutingServiceStub(inference)
@@ -254,6 +261,38 @@ class RouteTable:
         request: service_pb2.ModelInferRequest,
         context: grpc.aio.ServicerContext,
     ) -> service_pb2.ModelInferResponse:
+        """The call's answer from Triton: alone, or joined with other calls of the same shape
+        that queue behind calls in flight to the same model (services.gateway.coalesce)."""
+        joinable = self._coalescer is not None and live.route.max_batch_size > 1 and live.signature.splittable
+        joined = join_key(target.triton_model, request) if joinable else None
+        if joined is None or joined[1] >= live.route.max_batch_size:
+            return await self._infer_alone(live, target, request, context)
+        key, rows = joined
+        lane = Lane(
+            key,
+            live.route.max_batch_size,
+            COALESCE_DEPTH_PER_REPLICA * max(1, len(target.replicas)),
+            partial(self._send_joined, live, target),
+        )
+        alone = partial(self._infer_alone, live, target, request, context)
+        return await self._coalescer.infer(lane, request, rows, self._timeout(context), alone)  # type: ignore[union-attr]
+
+    async def _send_joined(
+        self, live: LiveRoute, target: Target, request: service_pb2.ModelInferRequest, timeout: float
+    ) -> service_pb2.ModelInferResponse:
+        """One ModelInfer of joined calls on the least busy replica, no retry: on any failure each
+        call goes alone."""
+        replica = self._next_replica(live, target, [])
+        with replica.busy():
+            return await replica.triton.ModelInfer(request, timeout=timeout, metadata=self._triton_metadata)
+
+    async def _infer_alone(
+        self,
+        live: LiveRoute,
+        target: Target,
+        request: service_pb2.ModelInferRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> service_pb2.ModelInferResponse:
         """One ModelInfer on the target's least busy replica; when that replica cannot take it
         (its node is down, or the model is not loaded there), once more on another one."""
         tried: list[Replica] = []
@@ -349,6 +388,8 @@ class RouteTable:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._coalescer is not None:
+            await self._coalescer.close()
         for channel in self._triton_channels.values():
             await channel.close()
 

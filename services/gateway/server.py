@@ -87,6 +87,7 @@ async def create_app(settings: GatewaySettings) -> App:
         settings.predict_timeout_seconds,
         triton_token=settings.triton_token,
         triton_credentials=triton_credentials(settings),
+        coalesce=settings.gateway_coalesce,
     )
     routes.on_scaling = ScalingAudit(audit, link).heard
     generation = generate.Generation(routes, admission, meter)
@@ -118,6 +119,7 @@ async def create_app(settings: GatewaySettings) -> App:
         generic_handlers=[proxy],
         generic_service_names=[service.full_name for service in FORWARDED.values()],
         tls=server_tls(settings),
+        reuse_port=settings.gateway_workers > 1,
     )
 
     async def on_start(server: RunningServer) -> None:

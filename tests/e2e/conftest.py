@@ -8,7 +8,10 @@ from tests.support.digits import DigitsModel, train_digits_mlp
 
 @pytest.fixture(scope="session")
 def stack():
-    with EphemeralStack() as running:
+    stack = EphemeralStack()
+    # Two gateway workers whatever the machine's cores: every end-to-end test runs through them.
+    stack.env["MAAS_GATEWAY_WORKERS"] = "2"
+    with stack as running:
         yield running
 
 

@@ -109,6 +109,14 @@ def down() -> None:
     console.print("stopped")
 
 
+def _gateway_workers() -> list[dict]:
+    """The gateway's worker processes, as its primary lists them (none with one worker)."""
+    try:
+        return json.loads((maas_home() / "run" / "gateway-workers.json").read_text()).get("workers", [])
+    except (OSError, ValueError):
+        return []
+
+
 def status() -> None:
     """Health of every process of the local stack."""
     from services.common.channels import internal_credentials
@@ -136,6 +144,16 @@ def status() -> None:
             str(child.get("pid") or "-"),
             "[green]SERVING[/]" if ok else "[red]DOWN[/]",
         )
+        if name == "gateway":
+            for worker in _gateway_workers():
+                alive = pid_alive(worker.get("pid"))
+                all_ok &= alive
+                table.add_row(
+                    f"  gateway worker {worker.get('index')}",
+                    child["address"],
+                    str(worker.get("pid") or "-"),
+                    "[green]RUNNING[/]" if alive else "[red]DOWN[/]",
+                )
     console.print(f"stack: {state.get('state')} (supervisor pid {state.get('supervisor_pid')})")
     console.print(table)
     if not all_ok:

@@ -22,7 +22,9 @@ GENERATE = inference_pb2.SERVING_TASK_GENERATE
 
 @pytest.fixture
 async def stack(tmp_path):
-    async with gateway_stack(tmp_path) as started:
+    # One Triton call per call, so that a replica's requests are the calls it served (joining
+    # calls into batches has its own tests: test_gateway_coalesce.py).
+    async with gateway_stack(tmp_path, gateway_coalesce=False) as started:
         await started.wait_for_routes()
         yield started
 
