@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -39,6 +40,8 @@ from services.stack.ephemeral import EphemeralStack, free_port
 from tests.support.digits import SIGNATURE, train_digits_mlp
 
 ROOT = Path(__file__).resolve().parent.parent
+# Connections per path, each path alike: a gateway's workers share connections, not calls.
+CHANNELS = 4
 # The processes a hop adds beside Triton: the gateway's (with the Redis it calls), or the proxy.
 HOP_GROUPS = ("gateway", "redis", "proxy")
 
@@ -154,58 +157,103 @@ async def drive(
 MISS_POOL = 50_000
 
 
+def connections(address: str) -> list[grpc.aio.Channel]:
+    """CHANNELS connections to one address: a gateway's workers share connections, not calls."""
+    return [
+        grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(CHANNELS)
+    ]
+
+
+def stubs(stub_class: type, channels: list[grpc.aio.Channel]) -> Callable[[], Any]:
+    """The next stub, round robin over the channels."""
+    return itertools.cycle([stub_class(channel) for channel in channels]).__next__
+
+
 async def measure(
-    stack: EphemeralStack, api_key: str, batch: np.ndarray, clients: int, seconds: float, proxy: str, probe: CpuProbe
+    stack: EphemeralStack,
+    api_key: str,
+    batch: np.ndarray,
+    clients: int,
+    seconds: float,
+    proxy: str,
+    probe: CpuProbe,
+    gateway_only: bool = False,
 ) -> list[Result]:
     auth = (("authorization", f"Bearer {api_key}"),)
     triton_address = f"127.0.0.1:{stack.env['MAAS_TRITON_GRPC_PORT']}"
-    async with grpc.aio.insecure_channel(triton_address) as triton_channel, \
-            grpc.aio.insecure_channel(stack.gateway) as gateway_channel, \
-            grpc.aio.insecure_channel(proxy) as proxy_channel:
-        triton = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
-        # Triton answers nothing but health without the stack's token (its restricted protocols).
-        token = triton_metadata((stack.home / "triton.token").read_text().strip())
-        index = await triton.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), metadata=token)
-        triton_model = index.models[0].name
-
-        def infer_request(model: str) -> service_pb2.ModelInferRequest:
-            request = service_pb2.ModelInferRequest(model_name=model)
-            request.inputs.add(name="x", datatype="FP32", shape=list(batch.shape))
-            request.raw_input_contents.append(batch.tobytes())
-            return request
-
-        direct_request = infer_request(triton_model)
-        oip_request = infer_request("digits")
-        predict_request = inference_pb2.PredictRequest(deployment="digits", inputs=[to_tensor("x", batch)])
-        cached_request = inference_pb2.PredictRequest(deployment="digits-cached", inputs=[to_tensor("x", batch)])
-        # Distinct inputs, made up front (a run's worth) so that the loop pays little for them.
-        misses = (
-            inference_pb2.PredictRequest(
-                deployment="digits-cached", inputs=[to_tensor("x", batch + np.float32(i) * 1e-6)]
-            )
-            for i in itertools.count(1)
+    triton_channels, gateway_channels, proxy_channels = (
+        connections(triton_address), connections(stack.gateway), connections(proxy)
+    )
+    try:
+        return await _measure(
+            stack, auth, batch, clients, seconds, probe, gateway_only,
+            stubs(service_pb2_grpc.GRPCInferenceServiceStub, triton_channels),
+            stubs(service_pb2_grpc.GRPCInferenceServiceStub, gateway_channels),
+            stubs(inference_pb2_grpc.InferenceServiceStub, gateway_channels),
+            stubs(service_pb2_grpc.GRPCInferenceServiceStub, proxy_channels),
         )
-        pool = list(itertools.islice(misses, MISS_POOL))
-        next_miss = itertools.chain(pool, misses).__next__
-        gateway_oip = service_pb2_grpc.GRPCInferenceServiceStub(gateway_channel)
-        gateway_predict = inference_pb2_grpc.InferenceServiceStub(gateway_channel)
-        await gateway_predict.Predict(cached_request, metadata=auth)  # fills the entry the hit path reads
-        floor = service_pb2_grpc.GRPCInferenceServiceStub(proxy_channel)
-        paths = [
-            ("Triton direct (ModelInfer)", lambda: triton.ModelInfer(direct_request, metadata=token)),
-            ("minimal raw-bytes proxy (the floor)", lambda: floor.ModelInfer(direct_request)),
-            ("gateway, Open Inference Protocol", lambda: gateway_oip.ModelInfer(oip_request, metadata=auth)),
-            ("gateway, maas Predict", lambda: gateway_predict.Predict(predict_request, metadata=auth)),
-            (
-                "gateway, maas Predict, cache miss",
-                lambda: gateway_predict.Predict(next_miss(), metadata=auth),
-            ),
-            ("gateway, maas Predict, cache hit", lambda: gateway_predict.Predict(cached_request, metadata=auth)),
-        ]
-        results = []
-        for name, call in paths:
-            results.append(await drive(name, call, clients, seconds, warmup=2.0, probe=probe))
-        return results
+    finally:
+        for channel in (*triton_channels, *gateway_channels, *proxy_channels):
+            await channel.close()
+
+
+async def _measure(
+    stack: EphemeralStack,
+    auth: tuple[tuple[str, str], ...],
+    batch: np.ndarray,
+    clients: int,
+    seconds: float,
+    probe: CpuProbe,
+    gateway_only: bool,
+    tritons: Callable[[], Any],
+    gateway_oips: Callable[[], Any],
+    gateway_predicts: Callable[[], Any],
+    floors: Callable[[], Any],
+) -> list[Result]:
+    triton = tritons()
+    # Triton answers nothing but health without the stack's token (its restricted protocols).
+    token = triton_metadata((stack.home / "triton.token").read_text().strip())
+    index = await triton.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), metadata=token)
+    triton_model = index.models[0].name
+
+    def infer_request(model: str) -> service_pb2.ModelInferRequest:
+        request = service_pb2.ModelInferRequest(model_name=model)
+        request.inputs.add(name="x", datatype="FP32", shape=list(batch.shape))
+        request.raw_input_contents.append(batch.tobytes())
+        return request
+
+    direct_request = infer_request(triton_model)
+    oip_request = infer_request("digits")
+    predict_request = inference_pb2.PredictRequest(deployment="digits", inputs=[to_tensor("x", batch)])
+    cached_request = inference_pb2.PredictRequest(deployment="digits-cached", inputs=[to_tensor("x", batch)])
+    # Distinct inputs, made up front (a run's worth) so that the loop pays little for them.
+    misses = (
+        inference_pb2.PredictRequest(
+            deployment="digits-cached", inputs=[to_tensor("x", batch + np.float32(i) * 1e-6)]
+        )
+        for i in itertools.count(1)
+    )
+    pool = list(itertools.islice(misses, MISS_POOL))
+    next_miss = itertools.chain(pool, misses).__next__
+    await gateway_predicts().Predict(cached_request, metadata=auth)  # fills the entry the hit path reads
+    paths = [
+        ("Triton direct (ModelInfer)", lambda: tritons().ModelInfer(direct_request, metadata=token)),
+        ("minimal raw-bytes proxy (the floor)", lambda: floors().ModelInfer(direct_request)),
+        ("gateway, Open Inference Protocol", lambda: gateway_oips().ModelInfer(oip_request, metadata=auth)),
+        ("gateway, maas Predict", lambda: gateway_predicts().Predict(predict_request, metadata=auth)),
+        (
+            "gateway, maas Predict, cache miss",
+            lambda: gateway_predicts().Predict(next_miss(), metadata=auth),
+        ),
+        ("gateway, maas Predict, cache hit", lambda: gateway_predicts().Predict(cached_request, metadata=auth)),
+    ]
+    if gateway_only:
+        paths = paths[:4]
+    results = []
+    for name, call in paths:
+        results.append(await drive(name, call, clients, seconds, warmup=2.0, probe=probe))
+    return results
 
 
 def machine() -> str:
@@ -220,15 +268,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def report(runs: dict[int, list[Result]], seconds: float, batch: int) -> str:
+def report(runs: dict[str, list[Result]], seconds: float, batch: int) -> str:
     lines = [
         f"## Gateway vs. Triton direct — {datetime.date.today().isoformat()}",
         "",
         f"Machine: {machine()}. No GPU: Triton runs the python-backend runner on CPU.",
         (
             f"Model: MLP 64-64-10 (TorchScript) trained on scikit-learn digits, batch {batch} per request, "
-            f"max_batch_size 32, dynamic batching. Concurrent clients in one asyncio process, {seconds:.0f} s "
-            "per path after a 2 s warm-up; client, gateway, Redis and Triton share the same cores."
+            f"max_batch_size 32, dynamic batching. Concurrent clients in one asyncio process over {CHANNELS} "
+            f"connections per path, {seconds:.0f} s per path after a 2 s warm-up; client, gateway, Redis "
+            "and Triton share the same cores. The gateway joins calls queued behind one in flight "
+            "(coalescing, on by default)."
         ),
         (
             "Every gateway path authenticates the key and runs the rate-limit + quota script in Redis "
@@ -237,11 +287,11 @@ def report(runs: dict[int, list[Result]], seconds: float, batch: int) -> str:
             "each call, answered from Redis without Triton."
         ),
     ]
-    for clients, results in runs.items():
+    for heading, results in runs.items():
         base = results[0]
         lines += [
             "",
-            f"### {clients} concurrent clients",
+            f"### {heading}",
             "",
             "| path | p50 ms | p99 ms | req/s | errors | p50 ratio | p99 ratio | throughput ratio |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -296,15 +346,13 @@ def add_section(path: Path, section: str) -> None:
     earlier = text[first + 1 :] if first >= 0 else ""
     path.write_text(INTRO + section.rstrip() + "\n" + ("\n" + earlier if earlier else ""))
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--clients", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
-    args = parser.parse_args()
-
-    with tempfile.TemporaryDirectory() as scratch, EphemeralStack() as stack:
+def run_stack(
+    workers: int, clients_runs: list[int], seconds: float, batch_size: int, gateway_only: bool
+) -> dict[str, list[Result]]:
+    """One stack whose gateway has `workers` processes, the paths measured at each client count."""
+    stack = EphemeralStack()
+    stack.env["MAAS_GATEWAY_WORKERS"] = str(workers)
+    with tempfile.TemporaryDirectory() as scratch, stack:
         digits = train_digits_mlp(Path(scratch))
         key = bench_key(stack)
         client = Client(stack.gateway, key)
@@ -314,7 +362,7 @@ def main() -> None:
         client.create_deployment("digits-cached", "digits", version=1, max_batch_size=32, cacheable=True)
         client.wait_ready("digits", timeout=180)
         client.wait_ready("digits-cached", timeout=180)
-        batch = digits.test_x[: args.batch]
+        batch = digits.test_x[:batch_size]
         proxy_address = f"127.0.0.1:{free_port()}"
         token = (stack.home / "triton.token").read_text().strip()
         triton_address = f"127.0.0.1:{stack.env['MAAS_TRITON_GRPC_PORT']}"
@@ -328,18 +376,36 @@ def main() -> None:
             triton_pid = int((stack.home / "inference" / "nodes" / "triton-0" / "triton.pid").read_text())
             probe = CpuProbe({
                 "triton": triton_pid,
-                "gateway": children["gateway"]["pid"],
+                "gateway": children["gateway"]["pid"],  # with its workers
                 "redis": children["redis"]["pid"],
                 "proxy": proxy.pid,
             })
-            runs = {
-                clients: asyncio.run(measure(stack, key, batch, clients, args.seconds, proxy_address, probe))
-                for clients in args.clients
+            label = "1 gateway process" if workers == 1 else f"{workers} gateway workers"
+            return {
+                f"{clients} concurrent clients, {label}": asyncio.run(
+                    measure(stack, key, batch, clients, seconds, proxy_address, probe, gateway_only)
+                )
+                for clients in clients_runs
             }
         finally:
             proxy.terminate()
             proxy.wait(timeout=10)
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="also measure a gateway of this many workers at 16 clients (1: skip)"
+    )
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+
+    runs = run_stack(1, args.clients, args.seconds, args.batch, gateway_only=False)
+    if args.workers > 1:
+        runs |= run_stack(args.workers, [16], args.seconds, args.batch, gateway_only=True)
     section = report(runs, args.seconds, args.batch)
     print(section)
     add_section(args.output, section)

@@ -72,7 +72,7 @@ class Coalescer:
         queue = self._queues.get(lane.key)
         if queue is None:
             queue = self._queues[lane.key] = _Queue()
-        if queue.in_flight < lane.depth:
+        if queue.in_flight < lane.depth or rows > lane.max_rows:
             queue.in_flight += 1
             try:
                 return await alone()

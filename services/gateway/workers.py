@@ -54,10 +54,11 @@ def metrics_dir(settings: GatewaySettings) -> Path:
 
 
 def die_with_parent() -> None:
-    """In a worker: be sent SIGTERM when the primary dies, even by kill -9, so that no orphan
-    keeps serving the port."""
+    """In a worker: be killed when the primary dies unasked (kill -9, a crash), as a one-process
+    gateway would be, so that no orphan keeps serving the port. A primary that is stopped
+    stops its workers gracefully first."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:  # the primary died before the line above
         sys.exit(0)
 

@@ -98,7 +98,7 @@ class Autoscaler:
         self.on_change = on_change
         self._samples: dict[str, deque[Sample]] = {}
         # Per deployment, (time, per (Triton model, node): (busy ns, requests)) at the last round.
-        self._last: dict[str, tuple[float, dict[tuple[str, str], tuple[int, int]]]] = {}
+        self._last: dict[str, tuple[float, dict[tuple[str, str], tuple[int, int, int]]]] = {}
         self._waking: set[str] = set()
 
     async def round(self) -> None:
@@ -165,33 +165,38 @@ class Autoscaler:
         await self.on_change()
 
     async def _sample(self, route: Route, at: float) -> Sample | None:
-        """In-flight average and finished requests since the last round, over the replicas of
-        the serving revision; None on the first round (nothing to compare with)."""
+        """Calls in flight on average, and calls finished, since the last round, over the
+        replicas of the serving revision; None on the first round (nothing to compare with).
+        Calls, not Triton requests: the gateway joins calls queued behind one in flight into one
+        request, so each request's time in Triton counts for the calls (rows) it carried."""
         assert route.serving is not None
         triton_model = route.serving.triton_model
-        totals: dict[tuple[str, str], tuple[int, int]] = {}
+        totals: dict[tuple[str, str], tuple[int, int, int]] = {}
         for node_name in route.ready_nodes(triton_model):
             node = self.nodes.get(node_name)
             if node is None:
                 continue
-            busy = requests = 0
+            busy = requests = calls = 0
             for stats in await node.triton.statistics(triton_model):
                 inference = stats.inference_stats
                 busy += inference.success.ns + inference.fail.ns
                 requests += inference.success.count + inference.fail.count
-            totals[(triton_model, node_name)] = (busy, requests)
+                calls += stats.inference_count + inference.fail.count
+            totals[(triton_model, node_name)] = (busy, requests, calls)
         previous = self._last.get(route.deployment.id)
         self._last[route.deployment.id] = (at, totals)
         if previous is None or at <= previous[0]:
             return None
-        busy_ns = requests = 0
-        for key, (busy, count) in totals.items():
-            before_busy, before_count = previous[1].get(key, (0, 0))
-            if busy < before_busy:  # reloaded since: its counters started again
-                before_busy = before_count = 0
-            busy_ns += busy - before_busy
-            requests += count - before_count
-        return Sample(at, busy_ns / 1e9 / (at - previous[0]), requests)
+        busy_ns = requests = calls = 0
+        for key, (busy, count, rows) in totals.items():
+            before = previous[1].get(key, (0, 0, 0))
+            if busy < before[0]:  # reloaded since: its counters started again
+                before = (0, 0, 0)
+            busy_ns += busy - before[0]
+            requests += count - before[1]
+            calls += rows - before[2]
+        calls_per_request = calls / requests if requests else 1.0
+        return Sample(at, busy_ns / 1e9 / (at - previous[0]) * calls_per_request, calls)
 
     def forget(self, deployment_id: str) -> None:
         self._samples.pop(deployment_id, None)

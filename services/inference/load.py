@@ -61,11 +61,14 @@ class VersionLoad:
     version: int
     triton_model: str
     pending_requests: int = 0
+    # Calls answered: rows of Triton's successful requests (the gateway joins calls into one).
     success_count: int = 0
     failure_count: int = 0
     execution_count: int = 0
     queue_ns: int = 0
     compute_ns: int = 0
+    # Triton's successful requests, over which its queue and compute times are summed.
+    requests: int = 0
 
     @property
     def average_batch_size(self) -> float:
@@ -73,11 +76,11 @@ class VersionLoad:
 
     @property
     def average_queue_ms(self) -> float:
-        return self.queue_ns / self.success_count / 1e6 if self.success_count else 0.0
+        return self.queue_ns / self.requests / 1e6 if self.requests else 0.0
 
     @property
     def average_compute_ms(self) -> float:
-        return self.compute_ns / self.success_count / 1e6 if self.success_count else 0.0
+        return self.compute_ns / self.requests / 1e6 if self.requests else 0.0
 
     def since(self, earlier: VersionLoad | None) -> VersionLoad:
         """The counts accumulated after `earlier` (same model); all of them if it was reloaded."""
@@ -92,6 +95,7 @@ class VersionLoad:
             self.execution_count - earlier.execution_count,
             self.queue_ns - earlier.queue_ns,
             self.compute_ns - earlier.compute_ns,
+            self.requests - earlier.requests,
         )
 
 
@@ -175,7 +179,7 @@ class LoadReporter:
                     version,
                     triton_model,
                     counts.pending_requests,
-                    counts.success_count + inference.success.count,
+                    counts.success_count + stats.inference_count,
                     counts.failure_count + inference.fail.count,
                     counts.execution_count + stats.execution_count,
                     counts.queue_ns + inference.queue.ns,
@@ -183,6 +187,7 @@ class LoadReporter:
                     + inference.compute_input.ns
                     + inference.compute_infer.ns
                     + inference.compute_output.ns,
+                    counts.requests + inference.success.count,
                 )
             loads.append(counts)
         return loads
@@ -205,14 +210,15 @@ class LoadReporter:
             loads = await self._read(loaded_versions(route), pending)
             window = [load.since(self._last.get(load.triton_model)) for load in loads]
             last.update((load.triton_model, load) for load in loads)
-            requests = sum(w.success_count for w in window)
+            requests = sum(w.requests for w in window)
             executions = sum(w.execution_count for w in window)
             PENDING.labels(*labels).set(sum(load.pending_requests for load in loads))
             QUEUE_MS.labels(*labels).set(sum(w.queue_ns for w in window) / requests / 1e6 if requests else 0)
             COMPUTE_MS.labels(*labels).set(
                 sum(w.compute_ns for w in window) / requests / 1e6 if requests else 0
             )
-            BATCH_SIZE.labels(*labels).set(requests / executions if executions else 0)
+            rows = sum(w.success_count for w in window)
+            BATCH_SIZE.labels(*labels).set(rows / executions if executions else 0)
             seen.add(labels)
         for labels in self._labelled - seen:
             for gauge in GAUGES:

@@ -123,7 +123,9 @@ class FakeTriton:
         succeeded, failed = self.counts.get(triton_model, (0, 0))
         if triton_model not in self.loaded:
             return []
-        stats = service_pb2.ModelStatistics(name=triton_model, version="1", execution_count=succeeded)
+        stats = service_pb2.ModelStatistics(
+            name=triton_model, version="1", execution_count=succeeded, inference_count=succeeded
+        )
         stats.inference_stats.success.count, stats.inference_stats.fail.count = succeeded, failed
         return [stats]
 

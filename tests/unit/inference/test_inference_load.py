@@ -36,8 +36,13 @@ class StatsTriton(FakeTriton):
         super().__init__(repository)
         self.stats: dict[str, service_pb2.ModelStatistics] = {}
 
-    def ran(self, triton_model: str, requests: int, executions: int, queue_ms: float, failed: int = 0) -> None:
-        stats = service_pb2.ModelStatistics(name=triton_model, version="1", execution_count=executions)
+    def ran(
+        self, triton_model: str, requests: int, executions: int, queue_ms: float, failed: int = 0, rows: int = 0
+    ) -> None:
+        # rows: the calls those requests carried (the gateway joins calls); one each by default.
+        stats = service_pb2.ModelStatistics(
+            name=triton_model, version="1", execution_count=executions, inference_count=rows or requests
+        )
         stats.inference_stats.success.count = requests
         stats.inference_stats.fail.count = failed
         stats.inference_stats.queue.ns = int(queue_ms * 1e6 * requests)
@@ -100,11 +105,15 @@ def test_pending_requests_are_read_per_model_from_tritons_exposition() -> None:
 
 def test_averages_and_the_counts_since_an_earlier_reading() -> None:
     now = VersionLoad(1, "m", 2, success_count=30, failure_count=1, execution_count=10, queue_ns=30_000_000,
-                      compute_ns=60_000_000)
+                      compute_ns=60_000_000, requests=30)
     assert (now.average_batch_size, now.average_queue_ms, now.average_compute_ms) == (3.0, 1.0, 2.0)
-    earlier = VersionLoad(1, "m", 0, success_count=10, execution_count=5, queue_ns=0, compute_ns=20_000_000)
+    earlier = VersionLoad(1, "m", 0, success_count=10, execution_count=5, queue_ns=0, compute_ns=20_000_000,
+                          requests=10)
     window = now.since(earlier)
     assert (window.success_count, window.execution_count, window.average_queue_ms) == (20, 5, 1.5)
+    # Joined calls: 30 calls in 15 requests. Calls per execution, times per request.
+    joined = VersionLoad(1, "m", 0, success_count=30, execution_count=10, queue_ns=30_000_000, requests=15)
+    assert (joined.average_batch_size, joined.average_queue_ms) == (3.0, 2.0)
     # A reloaded model starts from zero again: the whole reading is the window.
     assert now.since(VersionLoad(1, "m", 0, success_count=99)) == now
     assert VersionLoad(1, "m").average_batch_size == 0.0
@@ -162,7 +171,7 @@ async def test_gauges_show_the_last_interval_and_go_with_the_deployment(deployme
     # 30 more requests in 5 batches, queued 5 ms each (cumulative average 4 ms): the gauges
     # show the interval, not the average since loading.
     stats = triton.stats[model]
-    stats.inference_stats.success.count = 40
+    stats.inference_stats.success.count = stats.inference_count = 40
     stats.execution_count = 15
     stats.inference_stats.queue.ns += int(30 * 5e6)
     await loads.refresh()
