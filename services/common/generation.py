@@ -22,6 +22,8 @@ from services.common.errors import InvalidArgument
 from services.common.serving import execution_limit_error
 
 PROMPT, TEXT = "prompt", "text"
+# How many tokens a response's text holds: the runner joins tokens sampled while one is sent.
+TOKENS = "tokens"
 FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS = "finish_reason", "prompt_tokens", "completion_tokens"
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS = 2048
@@ -45,6 +47,7 @@ class GenerationTensor:
 GENERATION_INPUTS = (GenerationTensor(PROMPT, common_pb2.DATA_TYPE_BYTES),)
 GENERATION_OUTPUTS = (
     GenerationTensor(TEXT, common_pb2.DATA_TYPE_BYTES),
+    GenerationTensor(TOKENS, common_pb2.DATA_TYPE_INT64),
     GenerationTensor(FINISH_REASON, common_pb2.DATA_TYPE_BYTES),
     GenerationTensor(PROMPT_TOKENS, common_pb2.DATA_TYPE_INT64),
     GenerationTensor(COMPLETION_TOKENS, common_pb2.DATA_TYPE_INT64),
@@ -209,6 +212,16 @@ def generate_response_of_stream(
         message.prompt_tokens = _int64(outputs.get(PROMPT_TOKENS))
         message.completion_tokens = _int64(outputs.get(COMPLETION_TOKENS))
     return message
+
+
+def streamed_tokens(response: service_pb2.ModelStreamInferResponse) -> int:
+    """The tokens in a streamed response's text: its `tokens` output (a runner that predates it
+    sent one per response)."""
+    infer = response.infer_response
+    for index, tensor in enumerate(infer.outputs):
+        if tensor.name == TOKENS and index < len(infer.raw_output_contents):
+            return _int64(infer.raw_output_contents[index])
+    return 1 if any(tensor.name == TEXT for tensor in infer.outputs) else 0
 
 
 def is_final(response: inference_pb2.GenerateResponse) -> bool:

@@ -27,6 +27,7 @@ from services.common.generation import (
     is_final,
     sampling_of_generate,
     stream_request,
+    streamed_tokens,
 )
 from services.common.logs import request_id_var
 from services.common.serving import GENERATE, MODEL_VERSION_KEY, check_task, task_of_route
@@ -51,12 +52,13 @@ class TokenAccount:
         self.completion_tokens = 0
         self.finished = False
 
-    def saw(self, message: inference_pb2.GenerateResponse) -> None:
+    def saw(self, message: inference_pb2.GenerateResponse, tokens: int) -> None:
+        """A streamed message, holding `tokens` tokens of text."""
         if is_final(message):
             self.prompt_tokens, self.completion_tokens = message.prompt_tokens, message.completion_tokens
             self.finished = True
         else:
-            self.completion_tokens += 1
+            self.completion_tokens += tokens
 
     @property
     def used(self) -> int:
@@ -120,7 +122,7 @@ class GenerateHandler:
         async with self.generation.budget(caller, TokenAccount(prompt, sampling)) as account:
             async for response in self.generation.routes.stream(live, target, triton_request, context):
                 message = generate_response_of_stream(response, live.route.model, target.version)
-                account.saw(message)
+                account.saw(message, streamed_tokens(response))
                 yield message
 
 

@@ -16,7 +16,7 @@ from maas.common.v1 import common_pb2
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from services.common.errors import InvalidArgument, MaasError, NotFound
-from services.common.generation import generate_response_of_stream, generation_of_infer
+from services.common.generation import generate_response_of_stream, generation_of_infer, streamed_tokens
 from services.common.logs import request_id_var
 from services.common.oip import headers_of_infer
 from services.common.serving import TENSOR_TASKS, check_task, task_of_route
@@ -172,7 +172,8 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         async with self.generation.budget(caller, TokenAccount(prompt, sampling)) as account:
             async for response in self.routes.stream(live, target, request, context):
                 if not response.error_message:
-                    account.saw(generate_response_of_stream(response, deployment, target.version))
+                    message = generate_response_of_stream(response, deployment, target.version)
+                    account.saw(message, streamed_tokens(response))
                 response.infer_response.model_name = deployment
                 response.infer_response.model_version = str(target.version)
                 yield response

@@ -1,5 +1,7 @@
-"""The Triton python-backend runner of text-generation deployments (a decoupled model): one
-response per generated token, then a last one with the finish reason and the token counts.
+"""The Triton python-backend runner of text-generation deployments (a decoupled model): the
+generated tokens as they come, then a last response with the finish reason and the token counts.
+Tokens are sent on a thread of their own, so that sampling goes on while a response travels;
+tokens sampled meanwhile go together in the next response (its `tokens` output says how many).
 
 Config parameters: `artifact` (the TorchScript language model beside this file), `device` and
 `vocabulary` (JSON: the model's characters in token order). Each request carries the prompt
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -66,26 +70,22 @@ class TritonPythonModel:
             prompt_tokens = self.vocabulary.encode(prompt)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
-        for step in self.sampling.generate(
-            self.module, self.vocabulary, prompt_tokens, settings, self.block_size, self.device
-        ):
-            if sender.is_cancelled():
-                # The client went away or its deadline passed: stop generating now.
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                return
-            if step.finish_reason:
-                final = [
-                    _bytes_tensor("text", ""),
-                    _bytes_tensor("finish_reason", step.finish_reason),
-                    pb_utils.Tensor("prompt_tokens", np.array([len(prompt_tokens)], dtype=np.int64)),
-                    pb_utils.Tensor("completion_tokens", np.array([step.completion_tokens], dtype=np.int64)),
-                ]
-                sender.send(
-                    pb_utils.InferenceResponse(output_tensors=final),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-                )
-                return
-            sender.send(pb_utils.InferenceResponse(output_tensors=[_bytes_tensor("text", step.text)]))
+        with _Responses(sender) as responses:
+            for step in self.sampling.generate(
+                self.module, self.vocabulary, prompt_tokens, settings, self.block_size, self.device
+            ):
+                if sender.is_cancelled():
+                    # The client went away or its deadline passed: stop generating now.
+                    responses.end()
+                    return
+                if step.finish_reason:
+                    responses.end(
+                        _bytes_tensor("finish_reason", step.finish_reason),
+                        pb_utils.Tensor("prompt_tokens", np.array([len(prompt_tokens)], dtype=np.int64)),
+                        pb_utils.Tensor("completion_tokens", np.array([step.completion_tokens], dtype=np.int64)),
+                    )
+                    return
+                responses.token(step.text)
 
     def _read(self, request):
         prompt_tensor = pb_utils.get_input_tensor_by_name(request, "prompt")
@@ -116,6 +116,85 @@ class TritonPythonModel:
 
 class InvalidInput(Exception):
     """The request's content is at fault."""
+
+
+class _Responses:
+    """Sends a stream's responses on a thread of its own: each response carries every token
+    sampled since the previous one was sent (one when sending keeps up), in order. `end` sends
+    what is left with the last response and waits for it; leaving the block otherwise (an
+    error) sends what is left, then lets the caller report the error."""
+
+    def __init__(self, sender) -> None:
+        self.sender = sender
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._send_all, name="responses", daemon=True)
+        self._failure: BaseException | None = None
+
+    def __enter__(self) -> _Responses:
+        self._thread.start()
+        return self
+
+    def token(self, text: str) -> None:
+        if self._failure is not None:
+            raise self._failure
+        self._queue.put(text)
+
+    def end(self, *final) -> None:
+        """The last response, with these tensors (none: the stream was cancelled)."""
+        self._queue.put(_End(final))
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_End((), last=False))  # the caller sends the error as the last response
+            self._thread.join()
+
+    def _send_all(self) -> None:
+        try:
+            while True:
+                texts, end = [], None
+                item = self._queue.get()
+                while True:
+                    if isinstance(item, _End):
+                        end = item
+                        break
+                    texts.append(item)
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if texts:
+                    self.sender.send(pb_utils.InferenceResponse(output_tensors=_text_tensors(texts)))
+                if end is None:
+                    continue
+                # The last response carries no text, as when every response carried one token.
+                final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+                if end.final:
+                    tensors = [_bytes_tensor("text", ""), *end.final]
+                    self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=final)
+                elif end.last:  # cancelled: the stream ends without a last response's tensors
+                    self.sender.send(flags=final)
+                return
+        except BaseException as exc:  # noqa: BLE001 - raised again on the sampling thread
+            self._failure = exc
+
+
+class _End:
+    """The end of a stream: the last response's tensors (none when cancelled), or, with `last`
+    False, the end of the responses before an error the caller reports."""
+
+    def __init__(self, final: tuple, last: bool = True) -> None:
+        self.final = final
+        self.last = last
+
+
+def _text_tensors(texts: list) -> list:
+    return [
+        _bytes_tensor("text", "".join(texts)),
+        pb_utils.Tensor("tokens", np.array([len(texts)], dtype=np.int64)),
+    ]
 
 
 def _bytes_tensor(name: str, text: str):

@@ -1,5 +1,6 @@
 """The generation runner (runner/generate.py) outside Triton, with a stand-in for
-triton_python_backend_utils: one response per token, the final counts, cancellation, errors."""
+triton_python_backend_utils: the tokens in order (joined when sending is slower than sampling),
+the final counts, cancellation, errors."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -48,11 +50,13 @@ class TritonError:
 class Sender:
     """Records what the runner sends; reports cancelled after `cancel_after` sends."""
 
-    def __init__(self, cancel_after: int = 0) -> None:
+    def __init__(self, cancel_after: int = 0, seconds_per_send: float = 0.0) -> None:
         self.sent: list[tuple[InferenceResponse | None, int]] = []
         self.cancel_after = cancel_after
+        self.seconds_per_send = seconds_per_send
 
     def send(self, response=None, flags: int = 0) -> None:
+        time.sleep(self.seconds_per_send)
         self.sent.append((response, flags))
 
     def is_cancelled(self) -> bool:
@@ -111,13 +115,30 @@ def texts(sender: Sender) -> str:
     return "".join(r.outputs["text"][0].decode() for r, _ in sender.sent if r is not None and "text" in r.outputs)
 
 
-def test_one_response_per_token_then_the_counts(runner):
+def tokens(sender: Sender) -> int:
+    return sum(int(r.outputs["tokens"][0]) for r, _ in sender.sent if r is not None and "tokens" in r.outputs)
+
+
+def test_the_tokens_in_order_then_the_counts(runner):
     sender = Sender()
     runner.execute([Request("ab", sender, max_tokens=5, temperature=0.0)])
-    assert texts(sender) == "cdefa"
-    assert [flags for _, flags in sender.sent] == [0] * 5 + [FINAL]
+    assert texts(sender) == "cdefa" and tokens(sender) == 5
+    flags = [flags for _, flags in sender.sent]
+    assert flags[-1] == FINAL and set(flags[:-1]) <= {0}
     final = sender.sent[-1][0].outputs
     assert (final["finish_reason"][0], final["prompt_tokens"][0], final["completion_tokens"][0]) == (b"length", 2, 5)
+
+
+def test_tokens_sampled_while_a_response_travels_go_together_in_the_next(runner):
+    # Sending takes far longer than sampling: all but the first responses carry several tokens.
+    sender = Sender(seconds_per_send=0.05)
+    runner.execute([Request("a", sender, max_tokens=40, temperature=0.0)])
+    assert texts(sender) == ("bcdefa" * 7)[:40] and tokens(sender) == 40
+    assert len(sender.sent) < 20
+    *joined, (final, flags) = sender.sent
+    assert [len(r.outputs["text"][0].decode()) for r, _ in joined] == [int(r.outputs["tokens"][0]) for r, _ in joined]
+    # The last response carries the counts, and no text.
+    assert flags == FINAL and final.outputs["completion_tokens"][0] == 40 and final.outputs["text"][0] == b""
 
 
 def test_a_stop_sequence_ends_the_stream_without_emitting_it(runner):
@@ -130,7 +151,8 @@ def test_a_stop_sequence_ends_the_stream_without_emitting_it(runner):
 def test_a_cancelled_request_stops_generating(runner):
     sender = Sender(cancel_after=3)
     runner.execute([Request("a", sender, max_tokens=2000)])
-    assert len(sender.sent) == 4 and sender.sent[-1] == (None, FINAL)
+    assert sender.sent[-1] == (None, FINAL) and tokens(sender) < 2000
+    assert all(flags == 0 for _, flags in sender.sent[:-1])
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ async def test_a_language_model_deploys_as_a_decoupled_generation_model(deployme
     assert config.model_transaction_policy.decoupled and config.max_batch_size == 0
     assert not config.HasField("dynamic_batching")
     assert [i.name for i in config.input] == ["prompt"]
-    assert [o.name for o in config.output] == ["text", "finish_reason", "prompt_tokens", "completion_tokens"]
+    assert [o.name for o in config.output] == ["text", "tokens", "finish_reason", "prompt_tokens", "completion_tokens"]
     # The vocabulary's newline survives the text format.
     assert json.loads(config.parameters["vocabulary"].string_value) == VOCABULARY
 
