@@ -407,47 +407,60 @@ class LocalLimiter:
 
 
 class Leases:
-    """This process's leases: units of a call's limits (its buckets and counters, all of cost 1)
-    taken from Redis ahead of the calls, so that the next calls meeting the same limits are
-    admitted in memory. Exact where it matters: a lease only takes what its limits have to
-    spare many times over (ADMIT_SCRIPT), so no limit is ever passed, and where one is near no
-    lease is granted and every call goes to Redis. A lease held by one gateway process may hold
-    back at most its unused units from the others, for at most LEASE_SECONDS."""
+    """This process's leases: units of a call's limits (its buckets and counters, which the call
+    takes the same cost from: 1 request, or a text call's tokens) taken from Redis ahead of the
+    calls, so that the next calls meeting the same limits are admitted in memory. Exact where it
+    matters: a lease only takes what its limits have to spare many times over (ADMIT_SCRIPT), so
+    no limit is ever passed, and where one is near no lease is granted and every call goes to
+    Redis. A lease held by one gateway process may hold back at most its unused units from the
+    others, for at most LEASE_SECONDS."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._held: dict[tuple[Bucket | Counter, ...], tuple[int, float]] = {}  # -> (units, expires)
+        # Limits (as of cost 1) -> (units, expires).
+        self._held: dict[tuple[Bucket | Counter, ...], tuple[int, float]] = {}
         self._asking: set[tuple[Bucket | Counter, ...]] = set()
 
-    def take(self, limits: tuple[Bucket | Counter, ...]) -> bool:
-        """One call's worth from a live lease on exactly these limits, if there is one."""
-        held = self._held.get(limits)
-        if held is None or held[0] <= 0 or held[1] <= self.clock():
+    def take(self, limits: tuple[Bucket | Counter, ...], cost: int = 1) -> bool:
+        """One call's worth (`cost` units) from a live lease on exactly these limits, if there is one."""
+        key = _per_unit(limits)
+        held = self._held.get(key)
+        if held is None or held[0] < cost or held[1] <= self.clock():
             return False
-        self._held[limits] = (held[0] - 1, held[1])
+        self._held[key] = (held[0] - cost, held[1])
         return True
 
-    def ask(self, limits: tuple[Bucket | Counter, ...]) -> int:
-        """The lease a call going to Redis asks for: one per limit set at a time, so that a burst
-        of concurrent calls does not take a lease each."""
-        if limits in self._asking:
+    def ask(self, limits: tuple[Bucket | Counter, ...], cost: int = 1) -> int:
+        """The lease a call going to Redis asks for (units beyond its own cost): one per limit
+        set at a time, so that a burst of concurrent calls does not take a lease each."""
+        key = _per_unit(limits)
+        if key in self._asking:
             return 0
-        self._asking.add(limits)
-        return LEASE_UNITS
+        self._asking.add(key)
+        return LEASE_UNITS * cost
 
     def asked(self, limits: tuple[Bucket | Counter, ...]) -> None:
-        self._asking.discard(limits)
+        self._asking.discard(_per_unit(limits))
 
     def granted(self, limits: tuple[Bucket | Counter, ...], units: int) -> None:
-        left, _ = self._held.get(limits, (0, 0.0))
-        self._held[limits] = (left + units, self.clock() + LEASE_SECONDS)
+        key = _per_unit(limits)
+        left, _ = self._held.get(key, (0, 0.0))
+        self._held[key] = (left + units, self.clock() + LEASE_SECONDS)
 
     def expired(self, now: float) -> list[tuple[tuple[Bucket | Counter, ...], int]]:
-        """Leases past their time, which leave: each with the units it did not use."""
+        """Leases past their time, which leave: each with its limits (as of cost 1) and the units
+        it did not use."""
         ended = [(limits, units) for limits, (units, expires) in self._held.items() if expires <= now]
         for limits, _ in ended:
             del self._held[limits]
         return [(limits, units) for limits, units in ended if units > 0]
+
+
+def _per_unit(limits: tuple[Bucket | Counter, ...]) -> tuple[Bucket | Counter, ...]:
+    """The limits as of cost 1: what a lease on them is known by, whatever each call costs."""
+    if all(limit.cost == 1 for limit in limits):
+        return limits
+    return tuple(replace(limit, cost=1) for limit in limits)
 
 
 class Limiter:
@@ -570,17 +583,18 @@ class Limiter:
     ) -> Denial | None:
         """All or nothing: takes from every bucket and counter, or from none and says why.
         With a `usage_key`, the call is counted there as admitted (`requests`) or `rejected`.
-        With `lease` (every cost 1), the call may be admitted from this process's lease on its
-        limits, and may take a lease for the calls that follow; one admitted from a lease is
-        counted with `count_leased`."""
+        With `lease` (every limit at the same cost), the call may be admitted from this
+        process's lease on its limits, and may take a lease for the calls that follow; one
+        admitted from a lease is counted with `count_leased`."""
         limits = (*buckets, *counters)
+        cost = limits[0].cost if limits else 1
         want = 0
-        if lease:
-            if self.leases.take(limits):
+        if lease and cost > 0 and all(limit.cost == cost for limit in limits):
+            if self.leases.take(limits, cost):
                 if usage_key and self.count_leased is not None:
                     self.count_leased(usage_key)
                 return None
-            want = self.leases.ask(limits)
+            want = self.leases.ask(limits, cost)
         try:
             return await self._reserve(buckets, counters, usage_key, want)
         finally:
@@ -769,7 +783,8 @@ class Gate:
         buckets = self._token_buckets(tenant, key_id, key_limit or self.default_key_limit, quota, tokens)
         counters = self._counters(tenant, "tokens", quota.tokens_per_day, quota.tokens_per_month, tokens)
         if buckets or counters:
-            denial = await self.limiter.reserve(buckets, counters)
+            # From a lease where no token limit is near: no Redis round trip before the first token.
+            denial = await self.limiter.reserve(buckets, counters, lease=True)
             if denial is not None:
                 raise RateLimited(denial)
 

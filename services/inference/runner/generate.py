@@ -18,6 +18,7 @@ import os
 import queue
 import sys
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -25,6 +26,11 @@ import triton_python_backend_utils as pb_utils
 # The caller's mistakes start with this, so that the gateway answers INVALID_ARGUMENT.
 INVALID_INPUT_PREFIX = "invalid input: "
 DEFAULT_MAX_TOKENS = 64
+# The least time between two responses of a stream (the first goes at once): tokens sampled in
+# between go together, so that sending does not slow sampling down.
+SECONDS_BETWEEN_RESPONSES = 0.002
+# How often a stream asks whether its caller is still there.
+SECONDS_BETWEEN_CANCEL_CHECKS = 0.005
 
 
 class TritonPythonModel:
@@ -70,14 +76,18 @@ class TritonPythonModel:
             prompt_tokens = self.vocabulary.encode(prompt)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
+        checked = time.monotonic()
         with _Responses(sender) as responses:
             for step in self.sampling.generate(
                 self.module, self.vocabulary, prompt_tokens, settings, self.block_size, self.device
             ):
-                if sender.is_cancelled():
-                    # The client went away or its deadline passed: stop generating now.
-                    responses.end()
-                    return
+                # Asking Triton is a round trip to it: every few milliseconds, not every token.
+                if time.monotonic() - checked >= SECONDS_BETWEEN_CANCEL_CHECKS:
+                    checked = time.monotonic()
+                    if sender.is_cancelled():
+                        # The client went away or its deadline passed: stop generating now.
+                        responses.end()
+                        return
                 if step.finish_reason:
                     responses.end(
                         _bytes_tensor("finish_reason", step.finish_reason),
@@ -152,10 +162,14 @@ class _Responses:
             self._thread.join()
 
     def _send_all(self) -> None:
+        sent_at = 0.0
         try:
             while True:
                 texts, end = [], None
                 item = self._queue.get()
+                # Each response costs the stub and Triton about what a token costs to sample:
+                # after one, wait a moment so that the next carries the tokens sampled meanwhile.
+                time.sleep(max(0.0, sent_at + SECONDS_BETWEEN_RESPONSES - time.monotonic()))
                 while True:
                     if isinstance(item, _End):
                         end = item
@@ -167,6 +181,7 @@ class _Responses:
                         break
                 if texts:
                     self.sender.send(pb_utils.InferenceResponse(output_tensors=_text_tensors(texts)))
+                    sent_at = time.monotonic()
                 if end is None:
                     continue
                 # The last response carries no text, as when every response carried one token.

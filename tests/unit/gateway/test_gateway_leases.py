@@ -235,3 +235,20 @@ async def test_the_gate_leases_reads_but_never_a_call_that_reserves_tokens(make_
     assert await used(redis, f"maas:{{t}}:q:tokens:{gate.periods().day}") == 10
     await gate.admit("t", "k", None, quota, lease=False)
     assert await used(redis, requests) == 3 + LEASE_UNITS
+
+
+async def test_a_text_call_reserves_its_tokens_from_a_lease_where_no_token_limit_is_near(make_limiter, redis):
+    gate = Gate(await make_limiter(), RateLimit(0, 0, tokens_per_minute=10**9))
+    quota = QuotaRecord("t", tokens_per_day=10**9)
+    day = f"maas:{{t}}:q:tokens:{gate.periods().day}"
+    # The first reservation goes to Redis and takes a lease of LEASE_UNITS calls of 100 tokens.
+    await gate.reserve_tokens("t", "k", None, quota, 100)
+    assert await used(redis, day) == 100 * (1 + LEASE_UNITS)
+    # The next ones, even of another size, come from it: Redis does not move.
+    await gate.reserve_tokens("t", "k", None, quota, 100)
+    await gate.reserve_tokens("t", "k", None, quota, 250)
+    assert await used(redis, day) == 100 * (1 + LEASE_UNITS)
+    # Settling goes straight to Redis; the unused lease goes back: what remains is what was used.
+    await gate.settle_tokens("t", "k", None, quota, reserved=450, used=120)
+    await gate.limiter.close()
+    assert await used(redis, day) == 120
