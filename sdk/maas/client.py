@@ -330,9 +330,9 @@ class Client:
         top_k: int = 0, top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
         timeout: float | None = None,
     ) -> Iterator[inference_pb2.GenerateResponse]:
-        """Stream text from a text-generation deployment: one response per token, the last one
-        with finish_reason and the token counts. Stopping the iteration early (break, close())
-        cancels the call, and the model stops generating."""
+        """Stream text from a text-generation deployment: messages with the text as it comes (one
+        or more tokens each), the last one with finish_reason and the token counts. Stopping the
+        iteration early (break, close()) cancels the call, and the model stops generating."""
         request = inference_pb2.GenerateRequest(
             deployment=deployment, prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, stop=list(stop))

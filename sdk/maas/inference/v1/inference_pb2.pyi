@@ -1182,7 +1182,9 @@ class GenerateResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     text: _builtins.str
-    """The text this step adds (one token)."""
+    """The text this message adds: one token, or the tokens sampled while the previous message
+    travelled (in order).
+    """
     finish_reason: Global___FinishReason.ValueType
     """Set on the last message only."""
     prompt_tokens: _builtins.int
