@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -21,6 +22,8 @@ from services.common.interceptors import Authenticator, InterceptedHandlers, Ser
 from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
+# Allocations between two collections of the youngest generation (Python's default: 700).
+GC_YOUNG_THRESHOLD = 10_000
 
 
 @dataclass
@@ -163,6 +166,7 @@ async def serve_until_signalled(app: App, *, metrics_address: str | None, grace:
     try:
         if app.on_start:
             await app.on_start(running)
+        settle_garbage_collector()
         await running.set_serving(True)
         await stop.wait()
         log.info("stopping", extra={"grace_seconds": grace})
@@ -171,6 +175,16 @@ async def serve_until_signalled(app: App, *, metrics_address: str | None, grace:
         if app.on_stop:
             await app.on_stop()
         log.info("stopped")
+
+
+def settle_garbage_collector() -> None:
+    """Once a service has started: what start-up built (modules, descriptors, compiled routes)
+    lives as long as the process, so the collector stops scanning it (gc.freeze), and young
+    objects are collected less often. A busy gateway otherwise spends a few percent of its time
+    re-scanning that heap for cycles it does not have."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 @dataclass
