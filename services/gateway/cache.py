@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 
 from maas.inference.v1 import inference_pb2
 from prometheus_client import Counter
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 
 LOOKUPS = Counter("maas_gateway_cache_lookups_total", "Request cache lookups", ["result"])
 HITS, MISSES, BYPASSED = (LOOKUPS.labels(r) for r in ("hit", "miss", "bypassed"))
+# The longest an answer stays in a gateway process's memory.
+MEMORY_SECONDS = 10.0
 
 CACHE_CONTROL_KEY = "cache-control"
 
@@ -112,13 +116,34 @@ def infer_key(tenant: str, route: inference_pb2.Route, request: service_pb2.Mode
 
 
 class ResponseCache:
-    def __init__(self, link: RedisLink, ttl_seconds: float, max_entry_bytes: int) -> None:
+    """Answers of cacheable deployments in Redis, shared by every gateway process, with the
+    hottest also kept in this process's memory (`memory_bytes`, least recently used out first)
+    for up to MEMORY_SECONDS: a hit from memory costs no Redis round trip. An entry never
+    changes once written (its key covers the model, version and inputs), so a copy is never
+    wrong; the short lifetime only bounds how long one outlives its Redis entry."""
+
+    def __init__(
+        self,
+        link: RedisLink,
+        ttl_seconds: float,
+        max_entry_bytes: int,
+        memory_bytes: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.link = link
+        self.clock = clock
         self.ttl_ms = max(1, int(ttl_seconds * 1000))
         self.max_entry_bytes = max_entry_bytes
+        self.memory_bytes = memory_bytes
+        self.memory_seconds = min(ttl_seconds, MEMORY_SECONDS)
+        self._memory: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._memory_used = 0
         self._writes: set[asyncio.Task[None]] = set()
 
     async def get(self, key: str) -> bytes | None:
+        if (value := self._recall(key)) is not None:
+            HITS.inc()
+            return value
         if not self.link.up:
             BYPASSED.inc()
             return None
@@ -129,11 +154,40 @@ class ResponseCache:
             BYPASSED.inc()
             return None
         (HITS if value is not None else MISSES).inc()
+        if value is not None:
+            self._remember(key, value)
         return value
+
+    def _recall(self, key: str) -> bytes | None:
+        entry = self._memory.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self.clock():
+            self._forget(key)
+            return None
+        self._memory.move_to_end(key)
+        return entry[1]
+
+    def _remember(self, key: str, value: bytes) -> None:
+        if len(value) > self.memory_bytes // 8:  # a few big answers would push out every other
+            return
+        self._forget(key)
+        self._memory[key] = (self.clock() + self.memory_seconds, value)
+        self._memory_used += len(value)
+        while self._memory_used > self.memory_bytes:
+            self._forget(next(iter(self._memory)))
+
+    def _forget(self, key: str) -> None:
+        entry = self._memory.pop(key, None)
+        if entry is not None:
+            self._memory_used -= len(entry[1])
 
     def put(self, key: str, value: bytes) -> None:
         """Store in the background: the caller's answer does not wait for Redis."""
-        if not self.link.up or len(value) > self.max_entry_bytes:
+        if len(value) > self.max_entry_bytes:
+            return
+        self._remember(key, value)
+        if not self.link.up:
             return
         task = asyncio.get_running_loop().create_task(self._put(key, value))
         self._writes.add(task)

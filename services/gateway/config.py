@@ -44,6 +44,8 @@ class GatewaySettings(CommonSettings):
     # The request cache, for deployments marked cacheable.
     cache_ttl_seconds: float = 300.0
     cache_max_entry_bytes: int = 1024 * 1024
+    # The hottest cached answers also kept in each gateway process's memory; 0 turns that off.
+    cache_memory_bytes: int = Field(default=32 * 1024 * 1024, ge=0)
     # Usage counters: in memory -> Redis every push interval, Redis -> SQL every flush interval.
     usage_push_seconds: float = 1.0
     usage_flush_seconds: float = 10.0

@@ -58,7 +58,9 @@ async def create_app(settings: GatewaySettings) -> App:
     meter = Meter(link, store, settings.usage_push_seconds, settings.usage_flush_seconds, local.take_usage)
     limiter = Limiter(link, local, count_leased=meter.count_admitted)
     admission = Admission(Gate(limiter, default_key_limit), quotas, meter, audit)
-    cache = ResponseCache(link, settings.cache_ttl_seconds, settings.cache_max_entry_bytes)
+    cache = ResponseCache(
+        link, settings.cache_ttl_seconds, settings.cache_max_entry_bytes, settings.cache_memory_bytes
+    )
     authenticator = ApiKeyAuthenticator(store, settings.auth_cache_seconds, admission=admission, audit=audit)
     admin = Admin(store, on_revoke=authenticator.forget, quotas=quotas, meter=meter, audit=audit)
     addresses = {
