@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.rollout
 	$(BIN)/python -m benchmarks.model_transport
 	$(BIN)/python -m benchmarks.fleet
+	$(BIN)/python -m benchmarks.artifacts
 
 clean:
 	rm -rf $(VENV) .tools

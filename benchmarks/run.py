@@ -334,7 +334,7 @@ def bench_key(stack: EphemeralStack) -> str:
 
 INTRO = (
     "# Benchmarks\n\nWritten by `make bench` (benchmarks/run.py, train.py, embed.py, generate.py, rollout.py,\n"
-    "model_transport.py, fleet.py).\n"
+    "model_transport.py, fleet.py, artifacts.py).\n"
     "Each run puts its section at the top: newest first, earlier runs kept below for their analysis.\n\n"
 )
 

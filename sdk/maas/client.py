@@ -57,6 +57,41 @@ SERVING_STATES = (inference_pb2.DEPLOYMENT_STATE_READY, inference_pb2.DEPLOYMENT
 ROLES = {"reader": admin_pb2.ROLE_READER, "developer": admin_pb2.ROLE_DEVELOPER, "admin": admin_pb2.ROLE_ADMIN}
 
 
+# The wire key of `bytes chunk = 2`, the chunk of UploadVersionRequest and DownloadVersionResponse.
+_CHUNK_KEY = b"\x12"
+
+
+def _varint(value: int) -> bytes:
+    encoded = bytearray()
+    while value > 0x7F:
+        encoded.append(value & 0x7F | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
+
+
+def _framed_chunk(block: bytes | memoryview) -> bytes:
+    """The serialized message holding only `block` as its chunk: protobuf would copy the block
+    into a message and out again."""
+    return b"".join((_CHUNK_KEY, _varint(len(block)), block))
+
+
+def _unframed_chunk(message: bytes) -> memoryview | None:
+    """The chunk of a serialized message that holds exactly that field, as a view into it; None
+    for any other message (parse it)."""
+    if not message.startswith(_CHUNK_KEY):
+        return None
+    length, offset, shift = 0, len(_CHUNK_KEY), 0
+    while offset < len(message) and shift < 70:
+        byte = message[offset]
+        offset += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return memoryview(message)[offset:] if offset + length == len(message) else None
+    return None
+
+
 def _call(fn: Callable[[], T]) -> T:
     try:
         return fn()
@@ -93,6 +128,15 @@ class Client:
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
         self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel)
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        # The artifact streams' chunk messages go as bytes (_framed_chunk, _unframed_chunk).
+        self._upload_version = self.channel.stream_unary(
+            "/maas.registry.v1.RegistryService/UploadVersion",
+            response_deserializer=registry_pb2.UploadVersionResponse.FromString,
+        )
+        self._download_version = self.channel.unary_stream(
+            "/maas.registry.v1.RegistryService/DownloadVersion",
+            request_serializer=registry_pb2.DownloadVersionRequest.SerializeToString,
+        )
 
     def close(self) -> None:
         self.channel.close()
@@ -161,10 +205,8 @@ class Client:
     ) -> registry_pb2.Version:
         """Stream a TorchScript or ONNX file to the registry; `progress` gets each chunk's size."""
         path = Path(artifact)
-        digest = hashlib.sha256()
         with path.open("rb") as file:
-            for block in iter(lambda: file.read(CHUNK_BYTES), b""):
-                digest.update(block)
+            digest = hashlib.file_digest(file, "sha256")
         header = registry_pb2.VersionHeader(
             model=model,
             format=FORMATS[format.lower()],
@@ -176,15 +218,16 @@ class Client:
             precision=precision,
         )
 
-        def messages() -> Iterator[registry_pb2.UploadVersionRequest]:
-            yield registry_pb2.UploadVersionRequest(header=header)
+        def messages() -> Iterator[bytes]:
+            yield registry_pb2.UploadVersionRequest(header=header).SerializeToString()
+            block = memoryview(bytearray(CHUNK_BYTES))
             with path.open("rb") as file:
-                for block in iter(lambda: file.read(CHUNK_BYTES), b""):
-                    yield registry_pb2.UploadVersionRequest(chunk=block)
+                while size := file.readinto(block):
+                    yield _framed_chunk(block[:size])
                     if progress:
-                        progress(len(block))
+                        progress(size)
 
-        response = _call(lambda: self.registry.UploadVersion(
+        response = _call(lambda: self._upload_version(
             messages(), metadata=self._metadata, timeout=timeout or max(self.timeout, 600)))
         return response.version
 
@@ -210,12 +253,16 @@ class Client:
         record = None
         try:
             with partial.open("wb") as file:
-                stream = self.registry.DownloadVersion(request, metadata=self._metadata, timeout=max(self.timeout, 600))
-                for part in stream:
-                    if part.HasField("version"):
-                        record = part.version
-                    else:
-                        file.write(part.chunk)
+                stream = self._download_version(request, metadata=self._metadata, timeout=max(self.timeout, 600))
+                for message in stream:
+                    chunk = _unframed_chunk(message)
+                    if chunk is None:
+                        part = registry_pb2.DownloadVersionResponse.FromString(message)
+                        if part.HasField("version"):
+                            record = part.version
+                            continue
+                        chunk = part.chunk
+                    file.write(chunk)
             partial.replace(target)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None

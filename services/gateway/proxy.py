@@ -310,16 +310,24 @@ def _parse(request_class: type[Message], request: bytes | None) -> Message | Non
 
 
 def _pull(requests: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:
-    """The caller's request stream as a blocking iterator, for gRPC's request-sending thread."""
+    """The caller's request stream as a blocking iterator, for gRPC's request-sending thread.
+    The next request is read while gRPC sends this one: one at a time, a large upload waited
+    for a hop into the event loop and back between every two messages."""
 
     async def next_request() -> bytes:
         return await anext(requests)
 
-    while True:
-        try:
-            yield asyncio.run_coroutine_threadsafe(next_request(), loop).result()
-        except StopAsyncIteration:
-            return
+    pending = asyncio.run_coroutine_threadsafe(next_request(), loop)
+    try:
+        while True:
+            try:
+                request = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = asyncio.run_coroutine_threadsafe(next_request(), loop)
+            yield request
+    finally:
+        pending.cancel()
 
 
 def _resolve(finished: asyncio.Future[None]) -> None:

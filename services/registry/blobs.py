@@ -1,9 +1,9 @@
 """Content-addressed blob storage for artifacts and dataset files.
 
 A write streams into a temp file beside the blobs (same filesystem), hashing as it goes; commit
-checks size and sha256, fsyncs and renames it to sha256/<ab>/<hex> in one atomic step. Readers
-never see a partial blob. The S3-compatible backend (s3_blobs.py) spools and verifies the same
-way, then uploads the verified file under the same key.
+checks size and sha256, fsyncs (while the format checks run) and renames it to sha256/<ab>/<hex>
+in one atomic step. Readers never see a partial blob. The S3-compatible backend (s3_blobs.py)
+spools and verifies the same way, then uploads the verified file under the same key.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
+# A piece of an upload: received bytes, or a view into the message that carried them.
+Chunk = bytes | memoryview
 # Looks at the verified bytes before they become a blob; raises to refuse them.
 Check = Callable[[Path], None]
 # Makes a verified, closed temp file the blob with this digest.
@@ -41,7 +44,7 @@ class BlobWriter(Protocol):
     @property
     def size(self) -> int: ...
 
-    def write(self, chunk: bytes) -> None: ...
+    def write(self, chunk: Chunk) -> None: ...
 
     def commit(self, expected_sha256: str, expected_size: int, check: Check | None = None) -> None:
         """Publish the bytes as blob `expected_sha256` if they match; otherwise discard them and raise."""
@@ -118,6 +121,10 @@ class LocalBlobStore:
             os.close(directory)
 
 
+# A chunk is hashed in another thread while it is written (both let go of the GIL).
+_HASHING = ThreadPoolExecutor(thread_name_prefix="blob-hash")
+
+
 class SpooledBlobWriter:
     """Writes into a local temp file, hashing as it goes; commit verifies, then hands the closed
     file to the store's `publish`."""
@@ -135,12 +142,15 @@ class SpooledBlobWriter:
     def size(self) -> int:
         return self._size
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: Chunk) -> None:
         with self._lock:
             if self._file is None:
                 raise RuntimeError("write after commit or abort")
-            self._file.write(chunk)
-            self._hash.update(chunk)
+            hashed = _HASHING.submit(self._hash.update, chunk)
+            try:
+                self._file.write(chunk)
+            finally:
+                hashed.result()
             self._size += len(chunk)
 
     def commit(self, expected_sha256: str, expected_size: int, check: Check | None = None) -> None:
@@ -150,11 +160,14 @@ class SpooledBlobWriter:
             try:
                 self._verify(expected_sha256, expected_size)
                 self._file.flush()
-                os.fsync(self._file.fileno())
+                # The bytes go to the disk while the check reads them from the page cache.
+                with ThreadPoolExecutor(1) as pool:
+                    synced = pool.submit(os.fsync, self._file.fileno())
+                    if check:
+                        check(self.temp_path)
+                    synced.result()
                 self._file.close()
                 self._file = None
-                if check:
-                    check(self.temp_path)
                 self._publish(self.temp_path, expected_sha256)
             except BaseException:
                 self._discard()

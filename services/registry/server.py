@@ -3,15 +3,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from maas.registry.v1 import registry_pb2_grpc
-
 from services.common.database import make_engine, upgrade
 from services.common.interceptors import internal_token_authenticator
 from services.common.server import App, ServerSpec, Servicer, server_tls
 from services.registry.blobs import BlobStore, LocalBlobStore
 from services.registry.config import RegistrySettings
 from services.registry.service import Registry
-from services.registry.servicer import RegistryServicer
+from services.registry.servicer import SERVICE, RegistryServicer, add_to_server
 from services.registry.store import RegistryStore
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -44,11 +42,7 @@ async def create_app(settings: RegistrySettings) -> App:
         max_artifact_bytes=settings.registry_max_artifact_bytes,
         check_operators=not settings.registry_unsafe_skip_operator_check,
     )
-    servicer = Servicer(
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server,
-        RegistryServicer(registry),
-        "maas.registry.v1.RegistryService",
-    )
+    servicer = Servicer(add_to_server, RegistryServicer(registry), SERVICE)
     spec = ServerSpec(
         service="registry",
         address=settings.registry_addr,

@@ -11,7 +11,7 @@ import math
 import re
 import threading
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -21,8 +21,9 @@ from maas.common.v1 import common_pb2
 from services.common.errors import DataLoss, InvalidArgument, ResourceExhausted
 from services.common.tensors import check_signature
 from services.common.validation import Page, check_name
+from services.registry import torchscript_ops
 from services.registry.artifacts import check_artifact, check_dataset
-from services.registry.blobs import BlobStore, BlobWriter
+from services.registry.blobs import BlobStore, BlobWriter, Chunk
 from services.registry.store import (
     AliasRecord,
     ArtifactFormat,
@@ -44,6 +45,8 @@ MAX_DESCRIPTION_CHARS = 4096
 MAX_MAP_ENTRIES = 64
 MAX_KEY_CHARS = 128
 MAX_VALUE_CHARS = 4096
+# An upload's chunks waiting while the previous ones are written: past this, receiving waits.
+MAX_WAITING_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -110,11 +113,14 @@ class Registry:
     # Versions
 
     async def upload_version(
-        self, tenant: str, header: VersionUpload, chunks: AsyncIterator[bytes]
+        self, tenant: str, header: VersionUpload, chunks: AsyncIterator[Chunk]
     ) -> VersionRecord:
         artifact_format = _check_version_upload(header)
         self._check_declared_bytes(header.sha256, header.size_bytes)
         await asyncio.to_thread(self._store.get_model, tenant, header.model)
+        if artifact_format is ArtifactFormat.TORCHSCRIPT and self._check_operators:
+            # The operator check's zygote, if not running, starts while the bytes arrive.
+            await asyncio.to_thread(torchscript_ops.warm_up)
         new = NewVersion(
             format=artifact_format,
             signature=header.signature.SerializeToString(deterministic=True),
@@ -217,7 +223,7 @@ class Registry:
         return _paged(datasets, page, lambda dataset: dataset.name)
 
     async def upload_dataset_version(
-        self, tenant: str, dataset: str, sha256: str, size_bytes: int, chunks: AsyncIterator[bytes]
+        self, tenant: str, dataset: str, sha256: str, size_bytes: int, chunks: AsyncIterator[Chunk]
     ) -> DatasetVersionRecord:
         check_name("dataset", dataset)
         self._check_declared_bytes(sha256, size_bytes)
@@ -266,7 +272,7 @@ class Registry:
 
     async def _receive(
         self,
-        chunks: AsyncIterator[bytes],
+        chunks: AsyncIterator[Chunk],
         sha256: str,
         size_bytes: int,
         check: Callable[[Path], None],
@@ -279,15 +285,34 @@ class Registry:
         goes away, so that a committed blob always gets its row or is removed again.
         """
         writer = self._blobs.begin_write()
+        received = 0
+        # One write at a time runs in a thread; chunks that arrive meanwhile join the next one.
+        writing: asyncio.Task[None] | None = None
+        waiting: list[Chunk] = []
+        waiting_bytes = 0
         try:
             async for chunk in chunks:
-                if writer.size + len(chunk) > size_bytes:
+                received += len(chunk)
+                if received > size_bytes:
                     raise DataLoss(
                         f"received more than the {size_bytes} bytes the header declared; "
                         "send exactly size_bytes bytes"
                     )
-                await asyncio.to_thread(writer.write, chunk)
+                waiting.append(chunk)
+                waiting_bytes += len(chunk)
+                if writing is not None and not writing.done() and waiting_bytes < MAX_WAITING_BYTES:
+                    continue
+                if writing is not None:
+                    await writing
+                writing = _start_write(writer, waiting)
+                waiting, waiting_bytes = [], 0
+            if writing is not None:
+                await writing
+            if waiting:
+                await _start_write(writer, waiting)
         except BaseException:
+            if writing is not None:
+                writing.cancel()  # its thread finishes the write; abort() waits for it
             writer.abort()
             raise
         return await _finish_despite_cancel(
@@ -327,11 +352,18 @@ class Registry:
             raise DataLoss(f"the bytes of {what} (sha256 {sha256}) are missing from the blob store") from None
 
     async def _chunks_of(self, stream: BinaryIO) -> AsyncGenerator[bytes, None]:
+        # The next chunk is read while this one is sent.
+        reading = _in_thread(stream.read, self._chunk_bytes)
         try:
-            while chunk := await asyncio.to_thread(stream.read, self._chunk_bytes):
+            while chunk := await reading:
+                reading = _in_thread(stream.read, self._chunk_bytes)
                 yield chunk
         finally:
-            stream.close()
+            try:
+                # A read still in its thread ends before the stream is closed under it.
+                await asyncio.wait([reading])
+            finally:
+                stream.close()
 
 
 class _KeyedLocks:
@@ -349,12 +381,28 @@ class _KeyedLocks:
             return lock
 
 
+def _background(work: Awaitable[T]) -> asyncio.Task[T]:
+    """`work` as a task; a failure nobody awaits any more is not reported as "never retrieved"."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task
+
+
+def _in_thread(function: Callable[..., T], *args: Any) -> asyncio.Task[T]:
+    return _background(asyncio.to_thread(function, *args))
+
+
+def _start_write(writer: BlobWriter, chunks: list[Chunk]) -> asyncio.Task[None]:
+    def write() -> None:
+        for chunk in chunks:
+            writer.write(chunk)
+
+    return _in_thread(write)
+
+
 async def _finish_despite_cancel(work: Coroutine[Any, Any, T]) -> T:
     """Await `work`, letting it run to the end even if the caller is cancelled meanwhile."""
-    task = asyncio.ensure_future(work)
-    # A result nobody awaits any more must not be reported as "never retrieved".
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())
-    return await asyncio.shield(task)
+    return await asyncio.shield(_background(work))
 
 
 def _check_version_upload(header: VersionUpload) -> ArtifactFormat:

@@ -1,17 +1,21 @@
-"""gRPC face of the registry: protos in, domain calls, protos out. No logic of its own."""
+"""gRPC face of the registry: protos in, domain calls, protos out. No logic of its own. The
+upload and download streams' chunk messages are bytes on the wire (services.registry.wire)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import grpc
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.common.channels import tenant_of
 from services.common.errors import InvalidArgument
+from services.registry.blobs import Chunk
 from services.registry.service import Registry, VersionUpload
 from services.registry.store import (
     ArtifactFormat,
@@ -23,8 +27,21 @@ from services.registry.store import (
     VersionRecord,
     VersionState,
 )
+from services.registry.wire import chunk_tag, frame, unframe
 
 Upload = TypeVar("Upload", registry_pb2.UploadVersionRequest, registry_pb2.UploadDatasetVersionRequest)
+
+SERVICE = "maas.registry.v1.RegistryService"
+# The bulk streams' messages reach and leave the servicer as bytes (services.registry.wire):
+# requests of the uploads, responses of the downloads.
+BYTES_ON_THE_WIRE = {
+    "UploadVersion": {"request_deserializer": None},
+    "UploadDatasetVersion": {"request_deserializer": None},
+    "DownloadVersion": {"response_serializer": None},
+    "DownloadDatasetVersion": {"response_serializer": None},
+}
+DOWNLOAD_CHUNK_TAG = chunk_tag(registry_pb2.DownloadVersionResponse)
+DATASET_DOWNLOAD_CHUNK_TAG = chunk_tag(registry_pb2.DownloadDatasetVersionResponse)
 
 ARTIFACT_FORMATS = {
     registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT: ArtifactFormat.TORCHSCRIPT,
@@ -68,7 +85,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def UploadVersion(self, request_iterator, context):  # noqa: N802
         tenant = tenant_of(context)
-        header = (await _first_header(request_iterator)).header
+        requests = _Uploads(request_iterator, registry_pb2.UploadVersionRequest, "UploadVersion")
+        header = (await requests.first_header()).header
         upload = VersionUpload(
             model=header.model,
             format=ARTIFACT_FORMATS.get(header.format),
@@ -80,7 +98,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             lineage=lineage_of(header.lineage),
             precision=header.precision,
         )
-        version = await self.registry.upload_version(tenant, upload, _chunks(request_iterator))
+        version = await self.registry.upload_version(tenant, upload, requests.chunks())
         return registry_pb2.UploadVersionResponse(version=version_pb(version))
 
     async def GetVersion(self, request, context):  # noqa: N802
@@ -109,9 +127,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             tenant_of(context), request.model, request.version
         )
         async with contextlib.aclosing(chunks):
-            yield registry_pb2.DownloadVersionResponse(version=version_pb(version))
+            yield registry_pb2.DownloadVersionResponse(version=version_pb(version)).SerializeToString()
             async for chunk in chunks:
-                yield registry_pb2.DownloadVersionResponse(chunk=chunk)
+                yield frame(DOWNLOAD_CHUNK_TAG, chunk)
 
     async def SetAlias(self, request, context):  # noqa: N802
         alias = await self.registry.set_alias(
@@ -149,9 +167,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def UploadDatasetVersion(self, request_iterator, context):  # noqa: N802
         tenant = tenant_of(context)
-        header = (await _first_header(request_iterator)).header
+        requests = _Uploads(request_iterator, registry_pb2.UploadDatasetVersionRequest, "UploadDatasetVersion")
+        header = (await requests.first_header()).header
         version = await self.registry.upload_dataset_version(
-            tenant, header.dataset, header.sha256, header.size_bytes, _chunks(request_iterator)
+            tenant, header.dataset, header.sha256, header.size_bytes, requests.chunks()
         )
         return registry_pb2.UploadDatasetVersionResponse(version=dataset_version_pb(version))
 
@@ -168,26 +187,73 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             tenant_of(context), request.dataset, request.version
         )
         async with contextlib.aclosing(chunks):
-            yield registry_pb2.DownloadDatasetVersionResponse(version=dataset_version_pb(version))
+            yield registry_pb2.DownloadDatasetVersionResponse(version=dataset_version_pb(version)).SerializeToString()
             async for chunk in chunks:
-                yield registry_pb2.DownloadDatasetVersionResponse(chunk=chunk)
+                yield frame(DATASET_DOWNLOAD_CHUNK_TAG, chunk)
 
 
-async def _first_header(requests: AsyncIterator[Upload]) -> Upload:
-    """The first message of an upload stream, which must carry the header."""
-    first = await anext(aiter(requests), None)
-    if first is None or first.WhichOneof("part") != "header":
-        raise InvalidArgument("the first message must be the header")
-    return first
+def add_to_server(servicer: RegistryServicer, server: Any) -> None:
+    """The generated mount, with the bulk streams' messages as bytes (BYTES_ON_THE_WIRE)."""
+    registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, _BytesMount(server))
 
 
-async def _chunks(requests: AsyncIterator[Upload]) -> AsyncIterator[bytes]:
-    async for request in requests:
-        if request.WhichOneof("part") != "chunk":
-            raise InvalidArgument(
-                "only the first message may carry the header; every later one carries a chunk"
-            )
-        yield request.chunk
+class _BytesMount:
+    """Stands in for the server while the generated code mounts the service: the same method
+    handlers, the bulk streams' taking or giving bytes."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        """Made again from the method handlers, which the generated code adds next."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        handlers = {method: _as_bytes(method, handler) for method, handler in handlers.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        self.server.add_registered_method_handlers(service, handlers)
+
+
+def _as_bytes(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    changes = BYTES_ON_THE_WIRE.get(method)
+    # The generated handlers are named tuples (grpc's RpcMethodHandler implementation).
+    return handler._replace(**changes) if changes else handler  # type: ignore[attr-defined]
+
+
+class _Uploads:
+    """An upload stream's messages as they arrived: the header, then chunks."""
+
+    def __init__(self, requests: AsyncIterator[bytes], message_class: type[Upload], method: str) -> None:
+        self.requests = aiter(requests)
+        self.message_class = message_class
+        self.method = f"/{SERVICE}/{method}"
+        self.tag = chunk_tag(message_class)
+
+    async def first_header(self) -> Upload:
+        """The first message, which must carry the header."""
+        raw = await anext(self.requests, None)
+        first = None if raw is None else self._parse(raw)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("the first message must be the header")
+        return first
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        async for raw in self.requests:
+            chunk = unframe(self.tag, raw)
+            if chunk is None:
+                request = self._parse(raw)
+                if request.WhichOneof("part") != "chunk":
+                    raise InvalidArgument(
+                        "only the first message may carry the header; every later one carries a chunk"
+                    )
+                chunk = request.chunk
+            yield chunk
+
+    def _parse(self, raw: bytes) -> Upload:
+        try:
+            return self.message_class.FromString(raw)
+        except (DecodeError, ValueError) as error:
+            # What the server's interceptor says of any other method's undecodable request.
+            raise InvalidArgument(f"the request is not a valid protobuf message for {self.method}: {error}") from None
 
 
 def _timestamp(record: ModelRecord | VersionRecord | DatasetRecord | DatasetVersionRecord) -> Timestamp:

@@ -1,9 +1,9 @@
 """Upload-time safety of artifacts (issue 11): TorchScript operators on an allowlist, pickles scanned
 opcode by opcode, ONNX standard domains only and no external data.
 
-Attack models are built here with torch; the operator check loads each in its own subprocess
-(~3 s each on two busy cores), so refusals that the registry can prove without torch are tested
-with the operator check off.
+Attack models are built here with torch; the operator check loads each in its own process
+(forked from a zygote that imported torch once), so refusals that the registry can prove without
+torch are tested with the operator check off.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import io
 import os
 import pickle
 import pickletools
+import signal
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List  # noqa: UP035 (TorchScript needs typing.List)
 
@@ -211,6 +213,49 @@ def test_a_model_that_spins_while_loading_is_stopped(tmp_path: Path) -> None:
     path = saved(SpinsWhileLoading(), tmp_path)
     with pytest.raises(InvalidArgument, match="took longer than 6 s"):
         torchscript_ops.check_operators(path, timeout_s=6)
+
+
+def test_a_checker_past_its_memory_cap_is_stopped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Below torch's own footprint: the checker is over it as soon as it runs.
+    monkeypatch.setattr(torchscript_ops, "CHECK_BASE_MEMORY_BYTES", 64 * 1024 * 1024)
+    with pytest.raises(InvalidArgument, match="used more than 64 MiB"):
+        torchscript_ops.check_operators(saved(nn.Linear(4, 2), tmp_path))
+
+
+def outcome_of(path: Path) -> str:
+    try:
+        torchscript_ops.check_operators(path)
+    except InvalidArgument as error:
+        return str(error)
+    return "passed"
+
+
+def test_concurrent_checks_each_get_their_own_verdict(tmp_path: Path) -> None:
+    """One zygote forks a checker per check: answers go back to the check that asked."""
+    paths = [saved(nn.Linear(4, 2), tmp_path, "safe.pt"), saved(FileReader(), tmp_path, "reader.pt")] * 3
+    with ThreadPoolExecutor(len(paths)) as pool:
+        outcomes = list(pool.map(outcome_of, paths))
+    assert outcomes[::2] == ["passed"] * 3
+    assert all("aten::from_file" in outcome for outcome in outcomes[1::2])
+
+
+def test_a_zygote_that_died_is_replaced(tmp_path: Path) -> None:
+    path = saved(nn.Linear(4, 2), tmp_path)
+    torchscript_ops.warm_up()
+    process = torchscript_ops._ZYGOTE._process
+    assert process is not None
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    assert outcome_of(path) == "passed"
+
+
+def test_the_zygote_goes_when_no_check_needs_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(torchscript_ops, "ZYGOTE_IDLE_S", 0.5)
+    torchscript_ops.warm_up()
+    process = torchscript_ops._ZYGOTE._process
+    assert process is not None
+    assert process.wait(timeout=30) == 0
+    assert outcome_of(saved(nn.Linear(4, 2), tmp_path)) == "passed"  # a new one starts
 
 
 def test_the_platforms_own_models_pass(tmp_path: Path) -> None:
