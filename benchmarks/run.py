@@ -281,10 +281,11 @@ def report(runs: dict[str, list[Result]], seconds: float, batch: int) -> str:
             "(coalescing, on by default)."
         ),
         (
-            "Every gateway path authenticates the key and runs the rate-limit + quota script in Redis "
-            "(key limit and daily request quota set, far above the load). \"cache miss\": a cacheable "
-            "deployment, a new input each call (lookup + background store). \"cache hit\": the same input "
-            "each call, answered from Redis without Triton."
+            "Every gateway path authenticates the key and admits the call against its key limit and the "
+            "tenant's daily request quota (set far above the load, so taken by lease: one Redis script per "
+            "32 calls). \"cache miss\": a cacheable deployment, a new input each call (lookup + background "
+            "store). \"cache hit\": the same input each call, answered from the cache (the gateway's "
+            "memory tier, else Redis) without Triton."
         ),
     ]
     for heading, results in runs.items():

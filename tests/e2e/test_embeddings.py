@@ -82,7 +82,7 @@ def clients(stack, tmp_path_factory):
 
 
 def served(client: Client) -> int:
-    """Requests Triton has answered for the deployment: a cache hit leaves this unchanged."""
+    """Texts (rows) Triton has embedded for the deployment: a cache hit leaves this unchanged."""
     return sum(v.success_count for v in client.get_deployment_load("minilm").versions)
 
 
@@ -116,7 +116,7 @@ def test_identical_calls_hit_the_cache_of_their_own_tenant_only(clients):
     assert served(lexica) == before  # answered from the cache
     rival_before = served(rivals)
     np.testing.assert_allclose(rivals.embed("minilm", texts), first, atol=1e-6)
-    assert served(rivals) == rival_before + 1  # the same texts, another tenant: computed again
+    assert served(rivals) == rival_before + len(texts)  # the same texts, another tenant: computed again
 
 
 def test_prompt_tokens_and_cache_hits_reach_usage(clients):
