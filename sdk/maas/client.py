@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 from google.protobuf import field_mask_pb2
 
+from maas import wire
 from maas.common.v1 import common_pb2
 from maas.errors import from_rpc_error
 from maas.gateway.v1 import admin_pb2, admin_pb2_grpc
@@ -57,39 +58,8 @@ SERVING_STATES = (inference_pb2.DEPLOYMENT_STATE_READY, inference_pb2.DEPLOYMENT
 ROLES = {"reader": admin_pb2.ROLE_READER, "developer": admin_pb2.ROLE_DEVELOPER, "admin": admin_pb2.ROLE_ADMIN}
 
 
-# The wire key of `bytes chunk = 2`, the chunk of UploadVersionRequest and DownloadVersionResponse.
-_CHUNK_KEY = b"\x12"
-
-
-def _varint(value: int) -> bytes:
-    encoded = bytearray()
-    while value > 0x7F:
-        encoded.append(value & 0x7F | 0x80)
-        value >>= 7
-    encoded.append(value)
-    return bytes(encoded)
-
-
-def _framed_chunk(block: bytes | memoryview) -> bytes:
-    """The serialized message holding only `block` as its chunk: protobuf would copy the block
-    into a message and out again."""
-    return b"".join((_CHUNK_KEY, _varint(len(block)), block))
-
-
-def _unframed_chunk(message: bytes) -> memoryview | None:
-    """The chunk of a serialized message that holds exactly that field, as a view into it; None
-    for any other message (parse it)."""
-    if not message.startswith(_CHUNK_KEY):
-        return None
-    length, offset, shift = 0, len(_CHUNK_KEY), 0
-    while offset < len(message) and shift < 70:
-        byte = message[offset]
-        offset += 1
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return memoryview(message)[offset:] if offset + length == len(message) else None
-    return None
+# The key that starts the chunk field of UploadVersionRequest and DownloadVersionResponse.
+_CHUNK_TAG = wire.chunk_tag(registry_pb2.UploadVersionRequest)
 
 
 def _call(fn: Callable[[], T]) -> T:
@@ -128,7 +98,7 @@ class Client:
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
         self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel)
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
-        # The artifact streams' chunk messages go as bytes (_framed_chunk, _unframed_chunk).
+        # The artifact streams' chunk messages go as bytes (maas.wire).
         self._upload_version = self.channel.stream_unary(
             "/maas.registry.v1.RegistryService/UploadVersion",
             response_deserializer=registry_pb2.UploadVersionResponse.FromString,
@@ -223,7 +193,7 @@ class Client:
             block = memoryview(bytearray(CHUNK_BYTES))
             with path.open("rb") as file:
                 while size := file.readinto(block):
-                    yield _framed_chunk(block[:size])
+                    yield wire.frame(_CHUNK_TAG, block[:size])
                     if progress:
                         progress(size)
 
@@ -255,7 +225,7 @@ class Client:
             with partial.open("wb") as file:
                 stream = self._download_version(request, metadata=self._metadata, timeout=max(self.timeout, 600))
                 for message in stream:
-                    chunk = _unframed_chunk(message)
+                    chunk = wire.unframe(_CHUNK_TAG, message)
                     if chunk is None:
                         part = registry_pb2.DownloadVersionResponse.FromString(message)
                         if part.HasField("version"):

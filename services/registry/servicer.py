@@ -1,5 +1,5 @@
 """gRPC face of the registry: protos in, domain calls, protos out. No logic of its own. The
-upload and download streams' chunk messages are bytes on the wire (services.registry.wire)."""
+upload and download streams' chunk messages are bytes on the wire (maas.wire)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
+from maas.wire import chunk_tag, frame, unframe
 
 from services.common.channels import tenant_of
 from services.common.errors import InvalidArgument
@@ -27,12 +28,11 @@ from services.registry.store import (
     VersionRecord,
     VersionState,
 )
-from services.registry.wire import chunk_tag, frame, unframe
 
 Upload = TypeVar("Upload", registry_pb2.UploadVersionRequest, registry_pb2.UploadDatasetVersionRequest)
 
 SERVICE = "maas.registry.v1.RegistryService"
-# The bulk streams' messages reach and leave the servicer as bytes (services.registry.wire):
+# The bulk streams' messages reach and leave the servicer as bytes (maas.wire):
 # requests of the uploads, responses of the downloads.
 BYTES_ON_THE_WIRE = {
     "UploadVersion": {"request_deserializer": None},

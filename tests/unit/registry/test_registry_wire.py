@@ -1,4 +1,4 @@
-"""The bulk streams' chunk messages as bytes on the wire (services.registry.wire): framed and
+"""The bulk streams' chunk messages as bytes on the wire (maas.wire): framed and
 unframed exactly as protobuf would, any other message parsed as before, and the SDK's own
 framing against the registry."""
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 from maas import Client
 from maas.registry.v1 import registry_pb2 as pb
+from maas.wire import chunk_tag, frame, unframe
 
 from services.common.channels import internal_metadata
 from services.common.server import RunningServer
 from services.registry.config import RegistrySettings
-from services.registry.wire import chunk_tag, frame, unframe
 from tests.unit.registry.conftest import (
     TOKEN,
     TenantStub,

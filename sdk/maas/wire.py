@@ -1,4 +1,5 @@
-"""The chunk messages of the registry's upload and download streams, as the bytes on the wire.
+"""The chunk messages of the registry's upload and download streams, as the bytes on the wire,
+for the SDK and the registry alike.
 
 Each such message is a oneof of a header (or record) and `bytes chunk`. Through protobuf, a
 1 MiB chunk is copied into a message and out of it again on each side; here a received chunk is
