@@ -10,7 +10,6 @@ on from the last values Redis reported."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ from prometheus_client import Gauge
 from redis.exceptions import NoScriptError
 
 from services.common.errors import ResourceExhausted
+from services.common.periodic import Periodic
 from services.gateway.redis_link import REDIS_DOWN_ERRORS, RedisLink
 from services.gateway.store import QuotaRecord, RateLimit
 from services.gateway.usage import DIRTY_SET, HASH_TTL, usage_key
@@ -480,10 +480,10 @@ class Limiter:
         self.link = link
         self.local = local or LocalLimiter()
         self.leases = Leases()
+        self._returns = Periodic("lease-returns", self._return_expired, LEASE_SECONDS / 2)
         # Counts a call admitted from a lease as `requests` of its usage hash, in memory (the
         # Meter, pushed to Redis every push interval) instead of in the admitting script.
         self.count_leased = count_leased
-        self._returning: asyncio.Task[None] | None = None
         self._admit = link.client.register_script(ADMIT_SCRIPT)
         self._adjust = link.client.register_script(ADJUST_SCRIPT)
         self._refund = link.client.register_script(REFUND_SCRIPT)
@@ -631,23 +631,15 @@ class Limiter:
         return denial
 
     def start(self) -> None:
-        self._returning = asyncio.create_task(self._return_leases(), name="lease-returns")
+        self._returns.start()
 
     async def close(self) -> None:
         """Give back every lease's unused units, so that a stopped gateway strands nothing."""
-        if self._returning is not None:
-            self._returning.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._returning
+        await self._returns.close()
         await self.give_back(self.leases.expired(float("inf")))
 
-    async def _return_leases(self) -> None:
-        while True:
-            await asyncio.sleep(LEASE_SECONDS / 2)
-            try:
-                await self.give_back(self.leases.expired(time.monotonic()))
-            except Exception:
-                log.exception("returning unused lease units failed; they stay counted until the period ends")
+    async def _return_expired(self) -> None:
+        await self.give_back(self.leases.expired(time.monotonic()))
 
     async def give_back(self, unused: Sequence[tuple[tuple[Bucket | Counter, ...], int]]) -> None:
         """Return what expired leases did not use to their buckets and counters."""
