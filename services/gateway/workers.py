@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
 from services.common.database import make_engine, upgrade
 from services.gateway.config import GatewaySettings
+from services.gateway.server import MIGRATIONS
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,6 @@ def die_with_parent() -> None:
 def serve_workers(settings: GatewaySettings) -> None:
     _wait_for_port(settings.gateway_addr)
     engine = make_engine(settings.gateway_database_url)
-    from services.gateway.server import MIGRATIONS
-
     upgrade(engine, MIGRATIONS)
     engine.dispose()
     metrics = metrics_dir(settings)
