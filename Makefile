@@ -49,10 +49,13 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.train
 	$(BIN)/python -m benchmarks.embed
 	$(BIN)/python -m benchmarks.generate
+	$(BIN)/python -m benchmarks.llm
+	$(BIN)/python -m benchmarks.http_api
 	$(BIN)/python -m benchmarks.rollout
 	$(BIN)/python -m benchmarks.model_transport
 	$(BIN)/python -m benchmarks.fleet
 	$(BIN)/python -m benchmarks.artifacts
+	$(BIN)/python -m benchmarks.monitoring
 
 clean:
 	rm -rf $(VENV) .tools

@@ -10,6 +10,9 @@ registry has verified, checked and stored the bytes) and the resident-set growth
 each process's peak during the transfer (VmHWM, reset just before, and VmRSS sampled every 50 ms)
 less its resident set just before. The gateway runs one process (MAAS_GATEWAY_WORKERS=1); the
 median and the best of a few rounds are reported.
+
+Then encryption at rest (issue 16): the upload throughput and the deploy time of a ~100 MB
+artifact on two stacks alike but for MAAS_REGISTRY_ENCRYPTION, in the same run, as ratios.
 """
 
 from __future__ import annotations
@@ -34,12 +37,16 @@ import torch
 from maas import Client
 
 from benchmarks.model_transport import SIGNATURE, Blob
-from benchmarks.run import ROOT, add_section, bench_key, machine, process_tree
+from benchmarks.run import ROOT, CpuProbe, add_section, bench_key, machine, process_tree
 from services.common.channels import internal_metadata
 from services.stack.ephemeral import EphemeralStack
 
 MB = 1_000_000
 SAMPLE_SECONDS = 0.05
+# The two stacks of the encryption comparison: MAAS_REGISTRY_ENCRYPTION of each.
+ENCRYPTION = {"without encryption": "false", "with encryption": "true"}
+# What encryption may cost: of upload throughput, and of the time a deployment takes to be READY.
+ENCRYPTION_BUDGET = 0.15
 TENANT = "bench"
 MODEL = "big"
 T = TypeVar("T")
@@ -228,15 +235,116 @@ def report(measured: Measured, rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class EncryptionMeasured:
+    upload_seconds: dict[str, list[float]]  # per ENCRYPTION name, one per round
+    upload_cpu_seconds: dict[str, list[float]]  # the registry's (user + system), as above
+    deploy_seconds: dict[str, list[float]]
+    size: int  # bytes of the last round's artifact (every round's is the same size)
+    loads: list[float]
+
+
+def measure_encryption(size_mib: int, rounds: int, scratch: Path) -> EncryptionMeasured:
+    """Upload (straight to the registry's port, as `measure` does) and deploy until READY (through
+    the gateway) a TorchScript of `size_mib` MiB on each of two stacks that differ only in
+    MAAS_REGISTRY_ENCRYPTION, both up at once, the first of them alternating by round. Every round
+    uploads new bytes: the inference service keeps artifacts by sha256, and a repeated one would
+    deploy without being downloaded (and so without being opened)."""
+    stacks = {name: EphemeralStack() for name in ENCRYPTION}
+    upload: dict[str, list[float]] = {name: [] for name in ENCRYPTION}
+    upload_cpu: dict[str, list[float]] = {name: [] for name in ENCRYPTION}
+    deploy: dict[str, list[float]] = {name: [] for name in ENCRYPTION}
+    loads: list[float] = []
+    size = 0
+    with contextlib.ExitStack() as held:
+        clients: dict[str, tuple[Client, Client]] = {}
+        registries: dict[str, CpuProbe] = {}
+        for name, stack in stacks.items():
+            stack.env["MAAS_GATEWAY_WORKERS"] = "1"
+            stack.env["MAAS_REGISTRY_ENCRYPTION"] = ENCRYPTION[name]
+            held.enter_context(stack)
+            gateway = held.enter_context(Client(stack.gateway, bench_key(stack)))
+            direct = held.enter_context(Client(stack.env["MAAS_REGISTRY_ADDR"]))
+            # The registry's own port takes the metadata the gateway asserts, not an API key.
+            direct._metadata = internal_metadata((stack.home / "internal.token").read_text().strip(), TENANT)
+            gateway.create_model(MODEL)
+            clients[name] = gateway, direct
+            children = json.loads((stack.home / "run" / "stack.json").read_text())["children"]
+            registries[name] = CpuProbe({"registry": children["registry"]["pid"]})
+        order = list(ENCRYPTION)
+        for number in range(rounds):
+            loads.append(load_1min())
+            artifact = scratch / f"round-{number}.pt"
+            torch.manual_seed(number)
+            torch.jit.save(torch.jit.script(Blob(size_mib)), str(artifact))
+            size = artifact.stat().st_size
+            order.reverse()
+            for name in order:
+                gateway, direct = clients[name]
+                cpu_before, started = registries[name].read()["registry"], time.perf_counter()
+                version = direct.upload_version(MODEL, artifact, format="torchscript", signature=SIGNATURE)
+                upload[name].append(time.perf_counter() - started)
+                upload_cpu[name].append(registries[name].read()["registry"] - cpu_before)
+                deployment = f"{MODEL}-{number}"
+                started = time.perf_counter()
+                gateway.create_deployment(deployment, MODEL, version=version.version)
+                gateway.wait_ready(deployment, timeout=600)
+                deploy[name].append(time.perf_counter() - started)
+                gateway.delete_deployment(deployment)
+            artifact.unlink()
+    return EncryptionMeasured(upload, upload_cpu, deploy, size, loads)
+
+
+def encryption_report(measured: EncryptionMeasured, rounds: int) -> str:
+    plain, sealed = ENCRYPTION
+    throughput = {name: measured.size / MB / statistics.median(runs) for name, runs in measured.upload_seconds.items()}
+    cpu = {name: statistics.median(runs) for name, runs in measured.upload_cpu_seconds.items()}
+    deploy = {name: statistics.median(runs) for name, runs in measured.deploy_seconds.items()}
+    upload_cost = 1 - throughput[sealed] / throughput[plain]
+    deploy_cost = deploy[sealed] / deploy[plain] - 1
+    within = upload_cost <= ENCRYPTION_BUDGET and deploy_cost <= ENCRYPTION_BUDGET
+    return "\n".join([
+        f"## Encryption at rest: a {measured.size / MB:,.0f} MB artifact — {datetime.date.today().isoformat()}",
+        "",
+        f"Machine: {machine()}. 1-minute load average before each round: "
+        f"{', '.join(f'{load:.2f}' for load in measured.loads)}.",
+        "Two stacks alike but for MAAS_REGISTRY_ENCRYPTION, up at once. Each round makes a new TorchScript "
+        "file (one random uint8 buffer), uploads it to each stack straight to the registry's port with the SDK "
+        "(timed until the registry has hashed, sealed, fsynced, checked and stored it) and deploys it through "
+        "the gateway until READY (the inference service downloads it, the registry opening it on the way; "
+        f"Triton loads it); the stack that goes first alternates. Median of {rounds} rounds, MB = 10^6 bytes. "
+        "The registry's CPU time (from /proc) is steadier than wall time on a shared machine.",
+        "",
+        "| measure | without encryption | with encryption | with / without |",
+        "|---|---:|---:|---:|",
+        f"| upload, MB/s | {throughput[plain]:,.0f} | {throughput[sealed]:,.0f} | "
+        f"{throughput[sealed] / throughput[plain]:.2f} |",
+        f"| registry CPU per upload (user + system), s | {cpu[plain]:.2f} | {cpu[sealed]:.2f} | "
+        f"{cpu[sealed] / cpu[plain]:.2f} |",
+        f"| deploy until READY, s | {deploy[plain]:.2f} | {deploy[sealed]:.2f} | {deploy[sealed] / deploy[plain]:.2f} |",
+        "",
+        f"Encryption costs {upload_cost:.1%} of the upload throughput and {deploy_cost:.1%} of the deploy time "
+        f"(negative: faster, within the noise); the budget is {ENCRYPTION_BUDGET:.0%} of each: "
+        f"{'within it' if within else 'OVER IT'}.",
+    ]) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=400, help="the model's buffer, MiB")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--encryption-size-mib", type=int, default=96, help="the encryption comparison's buffer")
+    parser.add_argument("--encryption-rounds", type=int, default=5)
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="maas-artifacts-") as scratch:
         measured = measure(args.size_mb, args.rounds, Path(scratch))
     section = report(measured, args.rounds)
+    print(section)
+    add_section(args.output, section)
+    with tempfile.TemporaryDirectory(prefix="maas-encryption-") as scratch:
+        encrypted = measure_encryption(args.encryption_size_mib, args.encryption_rounds, Path(scratch))
+    section = encryption_report(encrypted, args.encryption_rounds)
     print(section)
     add_section(args.output, section)
 

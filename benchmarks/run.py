@@ -122,7 +122,10 @@ async def drive(
     seconds: float,
     warmup: float,
     probe: CpuProbe | None = None,
+    failures: tuple[type[BaseException], ...] = (grpc.aio.AioRpcError,),
 ) -> Result:
+    """`clients` concurrent loops of `call` for `warmup` + `seconds`; a call raising one of
+    `failures` counts as an error (each client library raises its own type)."""
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + warmup + seconds
@@ -141,7 +144,7 @@ async def drive(
         while (start := time.perf_counter()) < stop_at:
             try:
                 await call()
-            except grpc.aio.AioRpcError:
+            except failures:
                 errors += 1
                 continue
             if start >= measure_from:
@@ -334,8 +337,8 @@ def bench_key(stack: EphemeralStack) -> str:
 
 
 INTRO = (
-    "# Benchmarks\n\nWritten by `make bench` (benchmarks/run.py, train.py, embed.py, generate.py, rollout.py,\n"
-    "model_transport.py, fleet.py, artifacts.py).\n"
+    "# Benchmarks\n\nWritten by `make bench` (benchmarks/run.py, train.py, embed.py, generate.py, llm.py,\n"
+    "http_api.py, rollout.py, model_transport.py, fleet.py, artifacts.py, monitoring.py).\n"
     "Each run puts its section at the top: newest first, earlier runs kept below for their analysis.\n\n"
 )
 
@@ -346,6 +349,15 @@ def add_section(path: Path, section: str) -> None:
     first = text.find("\n#")  # the first section (or group heading) after the title
     earlier = text[first + 1 :] if first >= 0 else ""
     path.write_text(INTRO + section.rstrip() + "\n" + ("\n" + earlier if earlier else ""))
+
+
+def serving_processes(stack: EphemeralStack) -> dict[str, int]:
+    """The root process of Triton's first node, the gateway (its workers are its children) and
+    Redis: the groups a CpuProbe reads."""
+    children = json.loads((stack.home / "run" / "stack.json").read_text())["children"]
+    triton_pid = int((stack.home / "inference" / "nodes" / "triton-0" / "triton.pid").read_text())
+    return {"triton": triton_pid, "gateway": children["gateway"]["pid"], "redis": children["redis"]["pid"]}
+
 
 def run_stack(
     workers: int, clients_runs: list[int], seconds: float, batch_size: int, gateway_only: bool
@@ -373,14 +385,7 @@ def run_stack(
             cwd=ROOT,
         )
         try:
-            children = json.loads((stack.home / "run" / "stack.json").read_text())["children"]
-            triton_pid = int((stack.home / "inference" / "nodes" / "triton-0" / "triton.pid").read_text())
-            probe = CpuProbe({
-                "triton": triton_pid,
-                "gateway": children["gateway"]["pid"],  # with its workers
-                "redis": children["redis"]["pid"],
-                "proxy": proxy.pid,
-            })
+            probe = CpuProbe(serving_processes(stack) | {"proxy": proxy.pid})
             label = "1 gateway process" if workers == 1 else f"{workers} gateway workers"
             return {
                 f"{clients} concurrent clients, {label}": asyncio.run(

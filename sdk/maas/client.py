@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,8 +23,15 @@ from google.protobuf import field_mask_pb2
 
 from maas import wire
 from maas.common.v1 import common_pb2
-from maas.errors import from_rpc_error
-from maas.gateway.v1 import admin_pb2, admin_pb2_grpc
+from maas.errors import AlreadyExists, ApiError, NotFound, from_rpc_error
+from maas.gateway.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    billing_pb2,
+    billing_pb2_grpc,
+    monitoring_pb2,
+    monitoring_pb2_grpc,
+)
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from maas.tensors import from_tensor, to_tensor
@@ -30,6 +39,8 @@ from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 CHUNK_BYTES = 1024 * 1024
+# Labels per Feedback call (the gateway takes at most 10,000).
+FEEDBACK_BATCH = 10_000
 T = TypeVar("T")
 
 # gRPC's own retry machinery: transient UNAVAILABLE (a restarting service) is retried with backoff.
@@ -51,6 +62,12 @@ _RETRY_POLICY = {
 FORMATS = {
     "torchscript": registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
     "onnx": registry_pb2.ARTIFACT_FORMAT_ONNX,
+    "safetensors": registry_pb2.ARTIFACT_FORMAT_SAFETENSORS,  # a language model packed by maas.hf_format
+}
+# A dataset's format, which each of its versions has: the registry checks it at upload.
+DATASET_FORMATS = {
+    "csv": registry_pb2.DATASET_FORMAT_CSV,  # UTF-8, a header row; the dataset names its target column
+    "npz": registry_pb2.DATASET_FORMAT_NPZ,  # numpy.savez arrays X and y
 }
 DEVICES = {"auto": inference_pb2.DEVICE_AUTO, "cpu": inference_pb2.DEVICE_CPU, "gpu": inference_pb2.DEVICE_GPU}
 # A deployment in these states answers requests (scaled to zero: the first one loads a replica).
@@ -60,6 +77,35 @@ ROLES = {"reader": admin_pb2.ROLE_READER, "developer": admin_pb2.ROLE_DEVELOPER,
 
 # The key that starts the chunk field of UploadVersionRequest and DownloadVersionResponse.
 _CHUNK_TAG = wire.chunk_tag(registry_pb2.UploadVersionRequest)
+# The same for UploadDatasetVersionRequest and DownloadDatasetVersionResponse.
+_DATASET_CHUNK_TAG = wire.chunk_tag(registry_pb2.UploadDatasetVersionRequest)
+_REGISTRY = "/maas.registry.v1.RegistryService"
+
+
+def dataset_format(name: str) -> int:
+    """The DatasetFormat of "csv" or "npz" (any case)."""
+    try:
+        return DATASET_FORMATS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dataset format {name!r}; choose one of {', '.join(DATASET_FORMATS)}") from None
+
+
+def _sha256_of(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _upload_stream(
+    header: bytes, path: Path, chunk_tag: bytes, progress: Callable[[int], None] | None
+) -> Iterator[bytes]:
+    """An upload's messages: the header message, then the file in chunks sent as bytes (maas.wire)."""
+    yield header
+    block = memoryview(bytearray(CHUNK_BYTES))
+    with path.open("rb") as file:
+        while size := file.readinto(block):
+            yield wire.frame(chunk_tag, block[:size])
+            if progress:
+                progress(size)
 
 
 def _call(fn: Callable[[], T]) -> T:
@@ -96,16 +142,26 @@ class Client:
         else:
             self.channel = grpc.insecure_channel(self.address, options=options)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self.billing = billing_pb2_grpc.BillingServiceStub(self.channel)
         self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel)
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.monitoring = monitoring_pb2_grpc.MonitoringServiceStub(self.channel)
         # The artifact streams' chunk messages go as bytes (maas.wire).
         self._upload_version = self.channel.stream_unary(
-            "/maas.registry.v1.RegistryService/UploadVersion",
+            f"{_REGISTRY}/UploadVersion",
             response_deserializer=registry_pb2.UploadVersionResponse.FromString,
         )
         self._download_version = self.channel.unary_stream(
-            "/maas.registry.v1.RegistryService/DownloadVersion",
+            f"{_REGISTRY}/DownloadVersion",
             request_serializer=registry_pb2.DownloadVersionRequest.SerializeToString,
+        )
+        self._upload_dataset_version = self.channel.stream_unary(
+            f"{_REGISTRY}/UploadDatasetVersion",
+            response_deserializer=registry_pb2.UploadDatasetVersionResponse.FromString,
+        )
+        self._download_dataset_version = self.channel.unary_stream(
+            f"{_REGISTRY}/DownloadDatasetVersion",
+            request_serializer=registry_pb2.DownloadDatasetVersionRequest.SerializeToString,
         )
 
     def close(self) -> None:
@@ -146,9 +202,30 @@ class Client:
         return self._unary(self.admin.RevokeApiKey, admin_pb2.RevokeApiKeyRequest(id=key_id)).api_key
 
     # --- registry ----------------------------------------------------------------------------
-    def create_model(self, name: str, description: str = "") -> registry_pb2.Model:
-        request = registry_pb2.CreateModelRequest(name=name, description=description)
+    def create_model(self, name: str, description: str = "", *, no_download: bool = False) -> registry_pb2.Model:
+        """A new model; `no_download`: only an admin key may download its versions."""
+        request = registry_pb2.CreateModelRequest(name=name, description=description, no_download=no_download)
         return self._unary(self.registry.CreateModel, request).model
+
+    def update_model(
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        no_download: bool | None = None,
+    ) -> registry_pb2.Model:
+        """Change what is given, leave the rest: update_model("digits", no_download=True) marks a
+        model no-download (any developer); no_download=False lifts the mark (an admin key only)."""
+        given = {"description": description, "labels": labels, "no_download": no_download}
+        paths = [field for field, value in given.items() if value is not None]
+        if not paths:
+            raise ValueError("give at least one of description, labels and no_download to change")
+        model = registry_pb2.Model(
+            name=name, description=description or "", labels=dict(labels or {}), no_download=bool(no_download)
+        )
+        request = registry_pb2.UpdateModelRequest(model=model, update_mask=field_mask_pb2.FieldMask(paths=paths))
+        return self._unary(self.registry.UpdateModel, request).model
 
     def get_model(self, name: str) -> registry_pb2.Model:
         return self._unary(self.registry.GetModel, registry_pb2.GetModelRequest(name=name)).model
@@ -159,6 +236,18 @@ class Client:
 
     def delete_model(self, name: str) -> None:
         self._unary(self.registry.DeleteModel, registry_pb2.DeleteModelRequest(name=name))
+
+    def delete_model_if_empty(self, name: str) -> bool:
+        """Deletes `name` unless it has a version (another upload may have added one meanwhile),
+        e.g. after the upload it was created for was refused. A failure leaves it and says False,
+        since the refused upload is the error to report."""
+        try:
+            if self.list_versions(name):
+                return False
+            self.delete_model(name)
+        except ApiError:
+            return False
+        return True
 
     def upload_version(
         self,
@@ -173,33 +262,41 @@ class Client:
         progress: Callable[[int], None] | None = None,
         timeout: float | None = None,
     ) -> registry_pb2.Version:
-        """Stream a TorchScript or ONNX file to the registry; `progress` gets each chunk's size."""
+        """Stream a TorchScript, ONNX or safetensors file to the registry; `progress` gets each chunk's size."""
         path = Path(artifact)
-        with path.open("rb") as file:
-            digest = hashlib.file_digest(file, "sha256")
         header = registry_pb2.VersionHeader(
             model=model,
             format=FORMATS[format.lower()],
             signature=signature,
-            sha256=digest.hexdigest(),
+            sha256=_sha256_of(path),
             size_bytes=path.stat().st_size,
             metrics=dict(metrics or {}),
             metadata=dict(metadata or {}),
             precision=precision,
         )
 
-        def messages() -> Iterator[bytes]:
-            yield registry_pb2.UploadVersionRequest(header=header).SerializeToString()
-            block = memoryview(bytearray(CHUNK_BYTES))
-            with path.open("rb") as file:
-                while size := file.readinto(block):
-                    yield wire.frame(_CHUNK_TAG, block[:size])
-                    if progress:
-                        progress(size)
-
+        messages = _upload_stream(
+            registry_pb2.UploadVersionRequest(header=header).SerializeToString(), path, _CHUNK_TAG, progress
+        )
         response = _call(lambda: self._upload_version(
-            messages(), metadata=self._metadata, timeout=timeout or max(self.timeout, 600)))
+            messages, metadata=self._metadata, timeout=timeout or max(self.timeout, 600)))
         return response.version
+
+    def import_hf(
+        self,
+        path: str | Path,
+        *,
+        model: str,
+        alias: str = "",
+        log: Callable[[str], None] = lambda _: None,
+        progress: Callable[[int], None] | None = None,
+    ) -> registry_pb2.Version:
+        """Import a local Hugging Face model directory as a new version of `model` (created if
+        missing): a GPT-2, Llama or Qwen2 language model as one safetensors file, a BERT encoder
+        as an ONNX embedding model (maas.hf_import). Pickled weights are refused."""
+        from maas.hf_import import import_hf
+
+        return import_hf(self, path, model, alias=alias, log=log, progress=progress)
 
     def get_version(self, model: str, version: int | None = None, alias: str = "") -> registry_pb2.Version:
         request = registry_pb2.GetVersionRequest(model=model, alias=alias)
@@ -240,6 +337,129 @@ class Client:
             partial.unlink(missing_ok=True)
         if record is None:
             raise RuntimeError("the download stream carried no version record")
+        return record
+
+    # --- datasets ------------------------------------------------------------------------------
+    def create_dataset(
+        self, name: str, description: str = "", *, format: str = "csv", target_column: str = ""
+    ) -> registry_pb2.Dataset:
+        """A new dataset; each of its versions is one file in its `format`: "csv" (UTF-8 with a header
+        row; `target_column` names the column to predict, the other columns are numeric features) or
+        "npz" (numpy.savez arrays X and y)."""
+        request = registry_pb2.CreateDatasetRequest(
+            name=name, description=description, format=dataset_format(format), target_column=target_column
+        )
+        return self._unary(self.registry.CreateDataset, request).dataset
+
+    def get_dataset(self, name: str) -> registry_pb2.Dataset:
+        return self._unary(self.registry.GetDataset, registry_pb2.GetDatasetRequest(name=name)).dataset
+
+    def list_datasets(self) -> list[registry_pb2.Dataset]:
+        return self._paged(lambda token: self._unary(
+            self.registry.ListDatasets, registry_pb2.ListDatasetsRequest(page_token=token)), "datasets")
+
+    def ensure_dataset(
+        self, name: str, *, format: str, target_column: str = "", description: str = ""
+    ) -> tuple[registry_pb2.Dataset, bool]:
+        """The dataset `name`, and whether this call created it (with these settings) because it was
+        missing. One that exists must have this format and, when one is given, this target column:
+        every version of a dataset is read alike. A mismatch raises ValueError."""
+        try:
+            dataset = self.get_dataset(name)
+        except NotFound:
+            try:
+                return self.create_dataset(name, description, format=format, target_column=target_column), True
+            except AlreadyExists:  # another caller created it meanwhile
+                dataset = self.get_dataset(name)
+        if dataset.format != dataset_format(format) or (target_column and dataset.target_column != target_column):
+            kept = registry_pb2.DatasetFormat.Name(dataset.format).removeprefix("DATASET_FORMAT_").lower()
+            if dataset.target_column:
+                kept += f" with target column {dataset.target_column!r}"
+            asked = format.lower() + (f" with target column {target_column!r}" if target_column else "")
+            raise ValueError(f"dataset {name!r} exists as {kept}, not {asked}; upload a file of that kind, "
+                             "or use another dataset name")
+        return dataset, False
+
+    def upload_dataset_version(
+        self,
+        dataset: str,
+        path: str | Path,
+        *,
+        format: str | None = None,
+        target_column: str = "",
+        progress: Callable[[int], None] | None = None,
+        timeout: float | None = None,
+    ) -> registry_pb2.DatasetVersion:
+        """Stream a CSV or NPZ file to the registry as the next version of `dataset`; `progress` gets
+        each chunk's size. The version exists only once the bytes match their sha256 and read as the
+        dataset's format. With `format` (and for CSV `target_column`), a missing dataset is created
+        first, and an existing one must agree (ensure_dataset)."""
+        if format is not None:
+            self.ensure_dataset(dataset, format=format, target_column=target_column)
+        file_path = Path(path)
+        header = registry_pb2.DatasetVersionHeader(
+            dataset=dataset, sha256=_sha256_of(file_path), size_bytes=file_path.stat().st_size
+        )
+        messages = _upload_stream(
+            registry_pb2.UploadDatasetVersionRequest(header=header).SerializeToString(), file_path,
+            _DATASET_CHUNK_TAG, progress,
+        )
+        response = _call(lambda: self._upload_dataset_version(
+            messages, metadata=self._metadata, timeout=timeout or max(self.timeout, 600)))
+        return response.version
+
+    def list_dataset_versions(self, dataset: str) -> list[registry_pb2.DatasetVersion]:
+        return self._paged(lambda token: self._unary(
+            self.registry.ListDatasetVersions,
+            registry_pb2.ListDatasetVersionsRequest(dataset=dataset, page_token=token)), "versions")
+
+    def download_dataset_version(
+        self,
+        dataset: str,
+        version: int,
+        destination: str | Path,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> registry_pb2.DatasetVersion:
+        """Stream a dataset version's file to `destination`, which appears only whole and checked
+        against the size and sha256 the registry recorded (else DATA_LOSS, and nothing is written);
+        `progress` gets each chunk's size and the file's. Returns the version record."""
+        request = registry_pb2.DownloadDatasetVersionRequest(dataset=dataset, version=version)
+        target = Path(destination)
+        # A name of its own: two downloads to one destination never write into each other's file.
+        partial = target.with_name(f"{target.name}.{secrets.token_hex(4)}.partial")
+        record, digest, received = None, hashlib.sha256(), 0
+        try:
+            with partial.open("xb") as file:
+                stream = self._download_dataset_version(
+                    request, metadata=self._metadata, timeout=max(self.timeout, 600))
+                for message in stream:
+                    chunk = wire.unframe(_DATASET_CHUNK_TAG, message)
+                    if chunk is None:
+                        part = registry_pb2.DownloadDatasetVersionResponse.FromString(message)
+                        if part.HasField("version"):
+                            record = part.version
+                            continue
+                        chunk = part.chunk
+                    file.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    if progress:
+                        progress(len(chunk), record.size_bytes if record else 0)
+            if record is None:
+                raise RuntimeError("the download stream carried no version record")
+            if (received, digest.hexdigest()) != (record.size_bytes, record.sha256):
+                raise ApiError(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"version {version} of dataset {dataset!r} arrived as {received} bytes with sha256 "
+                    f"{digest.hexdigest()}, but the registry recorded {record.size_bytes} bytes with sha256 "
+                    f"{record.sha256}; {target} was not written",
+                )
+            partial.replace(target)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            partial.unlink(missing_ok=True)
         return record
 
     # --- deployments and prediction ---------------------------------------------------------
@@ -330,29 +550,53 @@ class Client:
                 raise TimeoutError(f"deployment {name} not ready after {timeout:.0f}s: {deployment.message}")
             time.sleep(poll)
 
+    def wait_canary_ready(self, name: str, timeout: float = 120.0, poll: float = 0.25) -> inference_pb2.Deployment:
+        """Poll until the deployment's canary is READY and answering its share; raises RuntimeError
+        if the canary failed or is gone (rolled back), TimeoutError if time runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            deployment = self.get_deployment(name)
+            if not deployment.HasField("canary"):
+                raise RuntimeError(f"deployment {name} has no canary any more: {deployment.message}")
+            if deployment.canary.state == inference_pb2.DEPLOYMENT_STATE_READY:
+                return deployment
+            if deployment.canary.state == inference_pb2.DEPLOYMENT_STATE_FAILED:
+                raise RuntimeError(f"the canary of {name} failed: {deployment.canary.message or deployment.message}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the canary of {name} is not ready after {timeout:.0f}s: {deployment.canary.message or deployment.message}")
+            time.sleep(poll)
+
     def predict(
         self, deployment: str, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None, *, request_id: str = "",
     ) -> dict[str, np.ndarray]:
+        """`request_id` (sent as x-request-id) is what a logged prediction is found by: pass the
+        same id to `feedback` with the true label."""
         request = inference_pb2.PredictRequest(
             deployment=deployment,
             inputs=[to_tensor(name, array) for name, array in inputs.items()],
             output_names=outputs or [],
         )
-        response = self._unary(self.inference.Predict, request, timeout)
+        metadata = (*self._metadata, ("x-request-id", request_id)) if request_id else self._metadata
+        response = _call(lambda: self.inference.Predict(request, metadata=metadata, timeout=timeout or self.timeout))
         return {tensor.name: from_tensor(tensor) for tensor in response.outputs}
 
     def generate(
-        self, deployment: str, prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
-        top_k: int = 0, top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
-        timeout: float | None = None,
+        self, deployment: str, prompt: str = "", *, messages: Sequence[Mapping[str, str]] = (),
+        max_tokens: int | None = None, temperature: float | None = None, top_k: int = 0,
+        top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (), timeout: float | None = None,
     ) -> Iterator[inference_pb2.GenerateResponse]:
         """Stream text from a text-generation deployment: messages with the text as it comes (one
         or more tokens each), the last one with finish_reason and the token counts. Stopping the
-        iteration early (break, close()) cancels the call, and the model stops generating."""
+        iteration early (break, close()) cancels the call, and the model stops generating.
+
+        Give a `prompt` to continue, or chat `messages` ({"role": ..., "content": ...}, as OpenAI's
+        API takes them) that the model's own chat template turns into its prompt."""
         request = inference_pb2.GenerateRequest(
             deployment=deployment, prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, stop=list(stop))
+            top_p=top_p, seed=seed, stop=list(stop),
+            messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
         call = self.inference.Generate(request, metadata=self._metadata, timeout=timeout)
         try:
             yield from call
@@ -366,6 +610,49 @@ class Client:
         L2-normalised rows in the order of `texts` (1 to 256 non-empty strings)."""
         request = inference_pb2.EmbedRequest(deployment=deployment, texts=list(texts))
         return from_tensor(self._unary(self.inference.Embed, request, timeout).embeddings)
+
+    # --- prediction monitoring ---------------------------------------------------------------
+    def set_prediction_logging(
+        self, deployment: str, sample_rate: float, *, keep_payloads: bool = False, byte_budget_per_day: int = 0,
+        retention_days: int = 0,
+    ) -> monitoring_pb2.PredictionLogging:
+        """Log `sample_rate` (0 to 1; 0 turns it off) of the deployment's predictions; 0 for the
+        byte budget or the retention means the gateway's default."""
+        wanted = monitoring_pb2.PredictionLogging(
+            deployment=deployment, sample_rate=sample_rate, keep_payloads=keep_payloads,
+            byte_budget_per_day=byte_budget_per_day, retention_days=retention_days,
+        )
+        request = monitoring_pb2.SetPredictionLoggingRequest(logging=wanted)
+        return self._unary(self.monitoring.SetPredictionLogging, request).logging
+
+    def get_prediction_logging(self, deployment: str) -> monitoring_pb2.PredictionLogging:
+        request = monitoring_pb2.GetPredictionLoggingRequest(deployment=deployment)
+        return self._unary(self.monitoring.GetPredictionLogging, request).logging
+
+    def prediction_samples(self, deployment: str, limit: int = 0) -> list[monitoring_pb2.PredictionSample]:
+        """The newest predictions logged with their payloads, newest first (limit 0: 20)."""
+        request = monitoring_pb2.ListPredictionSamplesRequest(deployment=deployment, limit=limit)
+        return list(self._unary(self.monitoring.ListPredictionSamples, request).samples)
+
+    def drift(self, deployment: str) -> monitoring_pb2.GetDriftResponse:
+        """The deployment's last window against its version's baseline, worst features first, and
+        its live quality from feedback."""
+        return self._unary(self.monitoring.GetDrift, monitoring_pb2.GetDriftRequest(deployment=deployment))
+
+    def feedback(self, deployment: str, labels: Mapping[str, float]) -> monitoring_pb2.FeedbackResponse:
+        """True labels (class indices, or regression targets) by the request id each prediction
+        was served with; sent FEEDBACK_BATCH at a time, the answers added up."""
+        answer = monitoring_pb2.FeedbackResponse()
+        items = list(labels.items())
+        for start in range(0, len(items), FEEDBACK_BATCH):
+            request = monitoring_pb2.FeedbackRequest(
+                deployment=deployment,
+                labels=[monitoring_pb2.Label(request_id=k, value=v) for k, v in items[start : start + FEEDBACK_BATCH]],
+            )
+            part = self._unary(self.monitoring.Feedback, request)
+            answer.matched += part.matched
+            answer.unmatched_request_ids.extend(part.unmatched_request_ids)
+        return answer
 
     # --- canaries and load -------------------------------------------------------------------
     def start_canary(
@@ -401,6 +688,13 @@ class Client:
         """Put a drained node back into placement."""
         return self._unary(self.admin.ResumeNode, admin_pb2.ResumeNodeRequest(name=name)).node
 
+    # --- encryption at rest (platform admin key) ------------------------------------------------
+    def rotate_kek(self) -> admin_pb2.RotateKekResponse:
+        """A new key-encryption key for the registry: every blob's data key is re-wrapped with it
+        (no blob is re-encrypted) and it replaces the KEK file. Keep the previous KEK as long as
+        backups taken before are kept: they need it to be restored."""
+        return self._unary(self.admin.RotateKek, admin_pb2.RotateKekRequest(), max(self.timeout, 600))
+
     # --- helpers ------------------------------------------------------------------------------
     def _paged(self, fetch: Callable[[str], Any], field: str) -> list[Any]:
         items: list[Any] = []
@@ -414,9 +708,16 @@ class Client:
 
 
     # --- quotas, usage, audit -----------------------------------------------------------------
-    def set_quota(self, quota: admin_pb2.Quota) -> admin_pb2.Quota:
-        """Replace a tenant's quota and tenant-wide rate limit (zero fields mean unlimited)."""
-        return self._unary(self.admin.SetQuota, admin_pb2.SetQuotaRequest(quota=quota)).quota
+    def set_quota(self, quota: admin_pb2.Quota, fields: Sequence[str] = ()) -> admin_pb2.Quota:
+        """Replace a tenant's quota and tenant-wide rate limit (zero fields mean unlimited), or
+        change only the `fields` named (update-mask paths), keeping the others; returns the result:
+
+            client.set_quota(admin_pb2.Quota(tenant="acme", requests_per_day=100_000))  # rest unlimited
+            client.set_quota(admin_pb2.Quota(tenant="acme", requests_per_day=100_000), ["requests_per_day"])
+            client.set_quota(admin_pb2.Quota(tenant="acme"), ["rate_limit"])  # clears the rate limit
+        """
+        request = admin_pb2.SetQuotaRequest(quota=quota, update_mask=field_mask_pb2.FieldMask(paths=fields))
+        return self._unary(self.admin.SetQuota, request).quota
 
     def get_quota(self, tenant: str) -> admin_pb2.Quota:
         return self._unary(self.admin.GetQuota, admin_pb2.GetQuotaRequest(tenant=tenant)).quota
@@ -463,6 +764,68 @@ class Client:
             if not token:
                 break
         return events
+
+    # --- billing: amounts are decimal strings (or Decimal), never floats -----------------------
+    def set_price(
+        self, resource: str, amount: str | Decimal, *, tier: str = "", effective_day: str = ""
+    ) -> billing_pb2.Price:
+        """The price of `resource` (per 1000 requests or tokens, CPU- or GPU-second, GB-month,
+        replica-hour) from `effective_day` (YYYY-MM-DD, default today, UTC) on; `tier` empty:
+        every tier without a price of its own. Platform admin key."""
+        request = billing_pb2.SetPriceRequest(
+            resource=resource, tier=tier, amount=str(amount), effective_day=effective_day
+        )
+        return self._unary(self.billing.SetPrice, request).price
+
+    def list_prices(self, include_superseded: bool = False) -> billing_pb2.ListPricesResponse:
+        """The book's currency and its prices in force and scheduled (any key)."""
+        request = billing_pb2.ListPricesRequest(include_superseded=include_superseded)
+        return self._unary(self.billing.ListPrices, request)
+
+    def define_plan(self, name: str, allowances: Mapping[str, int]) -> billing_pb2.Plan:
+        """A plan including, each month, `allowances` of "resource" or "resource/tier" in the
+        resource's base unit: define_plan("free", {"requests": 10_000, "output_tokens": 100_000})."""
+        included = []
+        for named, quantity in allowances.items():
+            resource, _, tier = named.partition("/")
+            included.append(billing_pb2.Allowance(resource=resource, tier=tier, quantity=quantity))
+        request = billing_pb2.DefinePlanRequest(plan=billing_pb2.Plan(name=name, allowances=included))
+        return self._unary(self.billing.DefinePlan, request).plan
+
+    def list_plans(self) -> list[billing_pb2.Plan]:
+        return list(self._unary(self.billing.ListPlans, billing_pb2.ListPlansRequest()).plans)
+
+    def set_tenant_plan(self, tenant: str, plan: str, start_month: str = "") -> billing_pb2.TenantPlan:
+        """Put `tenant` on `plan` from `start_month` (YYYY-MM, default the current month)."""
+        request = billing_pb2.SetTenantPlanRequest(tenant=tenant, plan=plan, start_month=start_month)
+        return self._unary(self.billing.SetTenantPlan, request).tenant_plan
+
+    def get_invoice(self, tenant: str, month: str) -> billing_pb2.Invoice:
+        """The invoice of `month` (YYYY-MM): as stored once finalized, else computed now."""
+        request = billing_pb2.GetInvoiceRequest(tenant=tenant, month=month)
+        return self._unary(self.billing.GetInvoice, request).invoice
+
+    def finalize_invoice(self, tenant: str, month: str) -> billing_pb2.Invoice:
+        """Store and number the invoice of a month that is over (again: the stored one)."""
+        request = billing_pb2.FinalizeInvoiceRequest(tenant=tenant, month=month)
+        return self._unary(self.billing.FinalizeInvoice, request).invoice
+
+    def create_credit_note(
+        self, tenant: str, invoice_number: str, amount: str | Decimal, reason: str
+    ) -> billing_pb2.CreditNote:
+        request = billing_pb2.CreateCreditNoteRequest(
+            tenant=tenant, invoice_number=invoice_number, amount=str(amount), reason=reason
+        )
+        return self._unary(self.billing.CreateCreditNote, request).credit_note
+
+    def get_spend(self, tenant: str) -> billing_pb2.Spend:
+        """The current month so far, its forecast and the tenant's budget."""
+        return self._unary(self.billing.GetSpend, billing_pb2.GetSpendRequest(tenant=tenant)).spend
+
+    def set_budget(self, tenant: str, amount: str | Decimal) -> billing_pb2.Budget:
+        """A monthly budget; "0" removes it."""
+        request = billing_pb2.SetBudgetRequest(tenant=tenant, amount=str(amount))
+        return self._unary(self.billing.SetBudget, request).budget
 
     # --- training jobs ----------------------------------------------------------------------
     @property
@@ -519,10 +882,72 @@ class Client:
         `method` and its options: "quantize" (precision="int8" or "fp16"); "prune" (target_sparsity=0.5,
         finetune_epochs=3, learning_rate); "distill" (student="mlp" with its hyperparameters such as
         hidden_sizes=[32], temperature=4, alpha=0.7, epochs=30, learning_rate, batch_size); "export"
-        (ONNX). All take dataset (default: the version's own training data and split), seed, device."""
+        (ONNX). All take dataset (default: the data and split a trained version was made with; an
+        uploaded version has none, and then distill and fine-tuning need one), seed, device."""
         request = trainer_pb2.CreateOptimizationJobRequest(
             spec=optimization_spec(model, version, method, **options), model=into)
         return self._unary(self.trainer.CreateOptimizationJob, request).job
+
+    # --- retraining policies ------------------------------------------------------------------
+    def set_retrain_policy(
+        self,
+        model: str,
+        *,
+        on: str,
+        dataset: str,
+        from_version: int = 0,
+        metric: str = "",
+        min_gain: float = 0.0,
+        action: str = "register",
+        alias: str = "",
+        deployment: str = "",
+        canary_weight: int = 0,
+        canary_window: int = 0,
+        canary_max_error_rate: float = 0.0,
+        interval: int = 0,
+        drift_threshold: float = 0.0,
+        cooldown: int = 0,
+    ) -> trainer_pb2.RetrainPolicy:
+        """Store (or replace) the model's retraining policy; returns it with its defaults.
+
+        `on`: "new-dataset-version" (a version of `dataset` uploaded), "schedule" (every `interval`
+        seconds, at least 60) or "drift" (the drift monitor reports `deployment` past
+        `drift_threshold`, default 0.2). Each run retrains with the spec that made `from_version`
+        (0: the newest version training made) on `dataset`'s newest version, then measures the
+        candidate and the serving version on the same test split by `metric` (accuracy or r2).
+        A candidate that gains at least `min_gain` is, per `action`: "register"ed only; given
+        `alias`; or a "canary" on `deployment` (`canary_weight` percent, default 10) promoted
+        once it held `canary_window` seconds (default 60) without being rolled back. Runs are at
+        least `cooldown` seconds apart (default 600) unless started by trigger_retrain."""
+        triggers = {"new-dataset-version": trainer_pb2.RETRAIN_TRIGGER_NEW_DATASET_VERSION,
+                    "schedule": trainer_pb2.RETRAIN_TRIGGER_SCHEDULE, "drift": trainer_pb2.RETRAIN_TRIGGER_DRIFT}
+        actions = {"register": trainer_pb2.RETRAIN_ACTION_UNSPECIFIED, "alias": trainer_pb2.RETRAIN_ACTION_ALIAS,
+                   "canary": trainer_pb2.RETRAIN_ACTION_CANARY}
+        if on not in triggers:
+            raise ValueError(f"on must be one of {', '.join(triggers)}, not {on!r}")
+        if action not in actions:
+            raise ValueError(f"action must be one of {', '.join(actions)}, not {action!r}")
+        policy = trainer_pb2.RetrainPolicy(
+            model=model, trigger=triggers[on], dataset=dataset, from_version=from_version, metric=metric,
+            min_gain=min_gain, action=actions[action], alias=alias, deployment=deployment,
+            canary_weight_percent=canary_weight, canary_window_seconds=canary_window,
+            canary_max_error_rate=canary_max_error_rate, interval_seconds=interval, drift_threshold=drift_threshold,
+            cooldown_seconds=cooldown,
+        )
+        request = trainer_pb2.SetRetrainPolicyRequest(policy=policy)
+        return self._unary(self.trainer.SetRetrainPolicy, request).policy
+
+    def get_retrain_policy(self, model: str) -> trainer_pb2.GetRetrainPolicyResponse:
+        """The policy, its latest runs (newest first) and events (oldest first)."""
+        return self._unary(self.trainer.GetRetrainPolicy, trainer_pb2.GetRetrainPolicyRequest(model=model))
+
+    def delete_retrain_policy(self, model: str) -> None:
+        """Delete the policy and its history; a run in progress stops (its canary rolled back)."""
+        self._unary(self.trainer.DeleteRetrainPolicy, trainer_pb2.DeleteRetrainPolicyRequest(model=model))
+
+    def trigger_retrain(self, model: str) -> trainer_pb2.RetrainRun:
+        """Start a run of the model's policy now, whatever its trigger and cooldown."""
+        return self._unary(self.trainer.TriggerRetrain, trainer_pb2.TriggerRetrainRequest(model=model)).run
 
 
 def replica_fields(

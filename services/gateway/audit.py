@@ -1,7 +1,8 @@
-"""The audit log: every mutating call through the gateway (who, tenant, method, resource,
-outcome, when). A change's row is committed to SQL before the call is answered (`commit`);
-refusals are written in the background (`record`). The caller is
-recorded by key id; the key itself never reaches the log."""
+"""The audit log: every mutating call and every download through the gateway (who, tenant,
+method, resource, outcome, when, and for a download the bytes it sent). The row of a change or
+of a download that ran to its end is committed to SQL before the call is answered (`commit`);
+refusals and abandoned downloads, whose caller waits for nothing, are written in the background
+(`record`). The caller is recorded by key id; the key itself never reaches the log."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf.message import Message
@@ -31,16 +31,29 @@ MUTATING_PREFIXES = (
     "Revoke",
     "Drain",
     "Resume",
+    "Define",
+    "Finalize",
+    "Rotate",
 )
 # Fields that name what a request acts on, in the order they are looked for.
-RESOURCE_FIELDS = ("name", "id", "deployment", "model", "dataset", "tenant")
+RESOURCE_FIELDS = ("name", "id", "deployment", "model", "dataset", "tenant", "kek_id")
 MAX_RESOURCE = 300
 MAX_BATCH = 500
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def is_mutating(method: str) -> bool:
     """Full method path -> whether the call changes something."""
     return method.rpartition("/")[2].startswith(MUTATING_PREFIXES)
+
+
+def is_download(method: str) -> bool:
+    """Full method path -> whether the call hands the caller a model's or dataset's bytes."""
+    return method.rpartition("/")[2].startswith("Download")
+
+
+def is_audited(method: str) -> bool:
+    return is_mutating(method) or is_download(method)
 
 
 def resource_of(message: Message | None, depth: int = 0) -> str:
@@ -52,7 +65,8 @@ def resource_of(message: Message | None, depth: int = 0) -> str:
     for field in RESOURCE_FIELDS:
         value = getattr(message, field, None) if field in fields else None
         if isinstance(value, str) and value:
-            version = getattr(message, "version", 0) if field == "model" and "version" in fields else 0
+            versioned = field in ("model", "dataset") and "version" in fields
+            version = getattr(message, "version", 0) if versioned else 0
             named = f"{value}/{version}" if isinstance(version, int) and version else value
             return named[:MAX_RESOURCE]
     for descriptor, value in message.ListFields():
@@ -75,9 +89,10 @@ def outcome(error: BaseException, context: grpc.aio.ServicerContext) -> str:
     return status_of(error).name
 
 
-def _event_id() -> str:
-    # Sorts by time (microseconds, hex), unique thanks to the random tail.
-    return f"{time.time_ns() // 1000:016x}{secrets.token_hex(8)}"
+def event_id(when: datetime) -> str:
+    """The id of a row written about `when`: sorts by time (microseconds, hex), unique thanks to
+    the random tail."""
+    return f"{(when - EPOCH) // timedelta(microseconds=1):016x}{secrets.token_hex(8)}"
 
 
 class AuditLog:
@@ -86,26 +101,34 @@ class AuditLog:
         self._queue: asyncio.Queue[AuditRecord] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
 
-    async def commit(self, tenant: str, api_key_id: str, method: str, resource: str, code: str) -> None:
+    async def commit(
+        self, tenant: str, api_key_id: str, method: str, resource: str, code: str, bytes_sent: int | None = None
+    ) -> None:
         """Record a call and wait until its row is in SQL: a change is answered only once its
         audit row would survive a kill of the gateway. Should SQL fail, the row is queued and
         retried in the background, as `record` does, and the call is answered anyway (its
         change is made already)."""
-        event = self._event(tenant, api_key_id, method, resource, code)
+        event = self._event(tenant, api_key_id, method, resource, code, bytes_sent)
         try:
             await asyncio.to_thread(self.store.add_audit_events, [event])
         except Exception:
             log.exception("audit write failed; queued for retry", extra={"method": method})
             self._queue.put_nowait(event)
 
-    def record(self, tenant: str, api_key_id: str, method: str, resource: str, code: str) -> None:
-        """Record a refused call, written in the background (nothing changed that needs it)."""
-        self._queue.put_nowait(self._event(tenant, api_key_id, method, resource, code))
+    def record(
+        self, tenant: str, api_key_id: str, method: str, resource: str, code: str, bytes_sent: int | None = None
+    ) -> None:
+        """Record a refused call or an abandoned download (with `bytes_sent`), written in the
+        background (nothing changed that needs it)."""
+        self._queue.put_nowait(self._event(tenant, api_key_id, method, resource, code, bytes_sent))
 
     @staticmethod
-    def _event(tenant: str, api_key_id: str, method: str, resource: str, code: str) -> AuditRecord:
+    def _event(
+        tenant: str, api_key_id: str, method: str, resource: str, code: str, bytes_sent: int | None = None
+    ) -> AuditRecord:
+        now = datetime.now(UTC)
         event = AuditRecord(
-            _event_id(), datetime.now(UTC), tenant, api_key_id, method, resource[:MAX_RESOURCE], code
+            event_id(now), now, tenant, api_key_id, method, resource[:MAX_RESOURCE], code, bytes_sent
         )
         log.info(
             "audit",
@@ -115,6 +138,7 @@ class AuditLog:
                 "method": method,
                 "resource": resource,
                 "code": code,
+                "bytes": bytes_sent,
             },
         )
         return event

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from google.protobuf.descriptor import ServiceDescriptor
-from maas.gateway.v1 import admin_pb2
+from maas.gateway.v1 import admin_pb2, billing_pb2, monitoring_pb2
 from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
 from maas.trainer.v1 import trainer_pb2
@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2
 from services.common.errors import PermissionDenied, Unauthenticated
 from services.common.single_flight import SingleFlight
 from services.gateway.admission import Admission
-from services.gateway.audit import AuditLog, is_mutating
+from services.gateway.audit import AuditLog, is_audited, is_download
 from services.gateway.keys import ADMIN_TENANT, Role, parse_key, secret_matches
 from services.gateway.store import GatewayStore, KeyRecord, RateLimit
 
@@ -27,11 +27,30 @@ UNKNOWN_KEY = "API key not recognised: check it was copied whole, or ask an admi
 # Bounds memory when callers send many made-up key ids (each is cached as "unknown").
 MAX_CACHED_KEYS = 100_000
 
-READ_PREFIXES = ("Get", "List", "Download", "Watch")
+# Downloads are not reads: a model's weights are a developer's (and of a no-download model, an
+# admin's, as the registry checks) to take away, never a reader's.
+READ_PREFIXES = ("Get", "List", "Watch")
 # InferenceService calls that only use a deployment: readers may make them.
 INFERENCE_CALLS = ("Predict", "Generate", "Embed")
 # AdminService methods any role may call (GetUsage checks the tenant itself).
 ANY_ROLE_ADMIN_METHODS = ("WhoAmI", "GetUsage")
+# BillingService methods any role may call: customers pick a tier and a plan knowing its price.
+# The rest need the admin role; the billing itself lets a tenant's admin read only its own
+# invoices and spend, and keeps every change to a platform admin.
+ANY_ROLE_BILLING_METHODS = ("ListPrices", "ListPlans")
+# Methods of the forwarded services that only the gateway itself calls: its billing (with the
+# tenant it bills asserted), AdminService.RotateKek (after its platform-admin check), its drift
+# monitor's ReportDrift and its audit log's ListRetrainEvents. No API key may call them, so they
+# have no required role.
+INTERNAL_METHODS = frozenset(
+    {
+        "/maas.registry.v1.RegistryService/GetStorageUsage",
+        "/maas.inference.v1.InferenceService/GetReplicaUsage",
+        "/maas.registry.v1.RegistryService/RotateKek",
+        "/maas.trainer.v1.TrainerService/ReportDrift",
+        "/maas.trainer.v1.TrainerService/ListRetrainEvents",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -66,12 +85,17 @@ def _required_roles() -> dict[str, Role]:
     roles: dict[str, Role] = {}
     for path, name in _methods(admin_pb2.DESCRIPTOR.services_by_name["AdminService"]):
         roles[path] = Role.READER if name in ANY_ROLE_ADMIN_METHODS else Role.ADMIN
+    for path, name in _methods(billing_pb2.DESCRIPTOR.services_by_name["BillingService"]):
+        roles[path] = Role.READER if name in ANY_ROLE_BILLING_METHODS else Role.ADMIN
     for service in (
+        monitoring_pb2.DESCRIPTOR.services_by_name["MonitoringService"],
         registry_pb2.DESCRIPTOR.services_by_name["RegistryService"],
         inference_pb2.DESCRIPTOR.services_by_name["InferenceService"],
         trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"],
     ):
         for path, name in _methods(service):
+            if path in INTERNAL_METHODS:
+                continue
             reads = name.startswith(READ_PREFIXES) or name in INFERENCE_CALLS
             roles[path] = Role.READER if reads else Role.DEVELOPER
     for path, _ in _methods(service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]):
@@ -126,8 +150,9 @@ class ApiKeyAuthenticator:
         if required is None:
             raise PermissionDenied(f"method {method[:120]!r} is not available through the gateway")
         if key.role < required:
-            if self.audit is not None and is_mutating(method):
-                self.audit.record(key.tenant, key.id, method, "", "PERMISSION_DENIED")
+            if self.audit is not None and is_audited(method):
+                bytes_sent = 0 if is_download(method) else None
+                self.audit.record(key.tenant, key.id, method, "", "PERMISSION_DENIED", bytes_sent)
             raise PermissionDenied(
                 f"this call needs the {required.name.lower()} role or above; "
                 f"API key {key.id} has the {key.role.name.lower()} role"

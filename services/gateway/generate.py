@@ -2,11 +2,16 @@
 Inference Protocol's ModelStreamInfer, both streamed straight from the deployment's Triton
 (a decoupled model) after auth, validation and a token reservation.
 
-Tokens: before the call the prompt's length plus max_tokens are reserved against the tenant's
+Tokens: before the call the prompt's UTF-8 length plus max_tokens are reserved against the tenant's
 token limits and quotas; afterwards the reservation is settled to what was used (the counts of
 the last response, or, when the client cancels or its deadline passes, the prompt plus the tokens
 streamed so far) and metered. Cancelling the client's call cancels the Triton stream, and the
-runner stops at the next token."""
+runner stops at the next token.
+
+Billing: a generation that finished, or that the caller cancelled or whose deadline ended it, bills
+one request, its prompt tokens (input) and the tokens streamed (output), under the price tier of
+the version that answered. One refused before it reached the model (validation, limits, a
+deployment not serving), or that failed in the model or on its way back, bills nothing."""
 
 from __future__ import annotations
 
@@ -22,9 +27,9 @@ from tritonclient.grpc import service_pb2
 from services.common.errors import MaasError
 from services.common.generation import (
     Sampling,
-    check_prompt,
     generate_response_of_stream,
     is_final,
+    prompt_of_generate,
     sampling_of_generate,
     stream_request,
     streamed_tokens,
@@ -33,9 +38,10 @@ from services.common.logs import request_id_var
 from services.common.serving import GENERATE, MODEL_VERSION_KEY, check_task, task_of_route
 from services.common.validation import check_name
 from services.gateway.admission import Admission
+from services.gateway.audit import outcome
 from services.gateway.auth import Caller, current_caller
 from services.gateway.routes import LiveRoute, RouteTable, Target
-from services.gateway.usage import Meter
+from services.gateway.usage import INPUT_TOKENS, OUTPUT_TOKENS, REQUESTS, Meter
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +53,27 @@ class TokenAccount:
     """One generation's tokens: what was reserved, and what the stream shows was used."""
 
     def __init__(self, prompt: str, sampling: Sampling) -> None:
-        self.reserved = len(prompt) + sampling.max_tokens
-        self.prompt_tokens = len(prompt)  # the models are character-level: one token per character
+        # A token is at least one byte (a character model's token is one character), so the
+        # prompt's UTF-8 length bounds its tokens. A conversation's prompt is its JSON list, whose
+        # syntax (some 30 bytes a message) bounds what the chat template adds around each message.
+        prompt_bytes = len(prompt.encode())
+        self.reserved = prompt_bytes + sampling.max_tokens
+        # Until a response counts them: the bound (a generation cut short before is billed so).
+        self.prompt_tokens = prompt_bytes
         self.completion_tokens = 0
         self.finished = False
+        # False once the generation failed (in the model or on its way back): it is not billed.
+        self.billable = True
 
     def saw(self, message: inference_pb2.GenerateResponse, tokens: int) -> None:
         """A streamed message, holding `tokens` tokens of text."""
         if is_final(message):
             self.prompt_tokens, self.completion_tokens = message.prompt_tokens, message.completion_tokens
             self.finished = True
-        else:
-            self.completion_tokens += tokens
+            return
+        if message.prompt_tokens:  # counted by a runner that sends it early
+            self.prompt_tokens = message.prompt_tokens
+        self.completion_tokens += tokens
 
     @property
     def used(self) -> int:
@@ -82,19 +97,28 @@ class Generation:
         return live, live.target(request_id_var.get())
 
     @contextlib.asynccontextmanager
-    async def budget(self, caller: Caller, account: TokenAccount) -> AsyncIterator[TokenAccount]:
+    async def budget(
+        self, caller: Caller, account: TokenAccount, tier: str, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[TokenAccount]:
         """Reserve the account's tokens, then settle and meter what was used, however it ends
-        (finished, failed, cancelled by the client, past its deadline)."""
+        (finished, failed, cancelled by the client, past its deadline), and bill it under `tier`
+        unless it failed."""
         await self.admission.reserve_tokens(caller.tenant, caller.key_id, caller.rate_limit, account.reserved)
         failed = False
         try:
             yield account
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as error:
             failed = True
+            # The caller's own deadline ending the stream is the caller's doing, as a cancel is.
+            account.billable = account.billable and _past_callers_deadline(error, context)
             raise
         finally:
+            if account.billable:  # before the await below, which a second cancel may interrupt
+                self.meter.bill(caller.tenant, REQUESTS, tier)
+                self.meter.bill(caller.tenant, INPUT_TOKENS, tier, account.prompt_tokens)
+                self.meter.bill(caller.tenant, OUTPUT_TOKENS, tier, account.completion_tokens)
             # Shielded: a cancelled call must still settle, or its reservation would stay counted.
             await asyncio.shield(
                 self.admission.settle_tokens(
@@ -115,11 +139,11 @@ class GenerateHandler:
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         caller = current_caller()
-        prompt, sampling = check_prompt(request.prompt), sampling_of_generate(request)
+        (prompt, chat), sampling = prompt_of_generate(request), sampling_of_generate(request)
         live, target = await self.generation.route(caller, request.deployment, context, "Generate")
         context.set_trailing_metadata(((MODEL_VERSION_KEY, str(target.version)),))
-        triton_request = stream_request(prompt, sampling, target.triton_model, request_id_var.get())
-        async with self.generation.budget(caller, TokenAccount(prompt, sampling)) as account:
+        triton_request = stream_request(prompt, sampling, target.triton_model, request_id_var.get(), chat)
+        async with self.generation.budget(caller, TokenAccount(prompt, sampling), target.tier, context) as account:
             async for response in self.generation.routes.stream(live, target, triton_request, context):
                 message = generate_response_of_stream(response, live.route.model, target.version)
                 account.saw(message, streamed_tokens(response))
@@ -134,6 +158,12 @@ def add_to_server(handler: GenerateHandler, server: grpc.aio.Server) -> None:
         response_serializer=inference_pb2.GenerateResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Generate": method}),))
+
+
+def _past_callers_deadline(error: Exception, context: grpc.aio.ServicerContext) -> bool:
+    """Whether the call ended DEADLINE_EXCEEDED by a deadline the caller set (without one, the
+    gateway's own timeout ended it: a failure)."""
+    return context.time_remaining() is not None and outcome(error, context) == "DEADLINE_EXCEEDED"
 
 
 def error_response(request: service_pb2.ModelInferRequest, error: MaasError) -> service_pb2.ModelStreamInferResponse:

@@ -17,6 +17,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from services.common.errors import InvalidArgument, MaasError, NotFound
 from services.common.generation import generate_response_of_stream, generation_of_infer, streamed_tokens
+from services.common.interceptors import REQUEST_ID_KEY
 from services.common.logs import request_id_var
 from services.common.oip import headers_of_infer
 from services.common.serving import TENSOR_TASKS, check_task, task_of_route
@@ -24,8 +25,9 @@ from services.common.tensors import BY_PROTO
 from services.gateway.auth import Caller, current_caller
 from services.gateway.cache import ResponseCache, infer_key, may_use_cache
 from services.gateway.generate import Generation, TokenAccount, error_response
+from services.gateway.monitoring_log import PredictionLog
 from services.gateway.routes import LiveRoute, RouteTable
-from services.gateway.usage import Meter
+from services.gateway.usage import REQUESTS, Meter
 
 SERVER_NAME = "maas-gateway"
 SERVICE = "inference.GRPCInferenceService"
@@ -34,11 +36,19 @@ BATCH_DIM = -1
 
 
 class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, routes: RouteTable, cache: ResponseCache, meter: Meter, generation: Generation) -> None:
+    def __init__(
+        self,
+        routes: RouteTable,
+        cache: ResponseCache,
+        meter: Meter,
+        generation: Generation,
+        predictions: PredictionLog,
+    ) -> None:
         self.routes = routes
         self.cache = cache
         self.meter = meter
         self.generation = generation
+        self.predictions = predictions
 
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -83,7 +93,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         caller = current_caller()
         try:
-            response, cache_hit = await self._infer(caller.tenant, request, context)
+            response, cache_hit, tier = await self._infer(caller.tenant, request, context)
         except Exception:
             self.meter.add(caller.tenant, caller.key_id, errors=1)
             raise
@@ -94,11 +104,13 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             input_bytes=request.ByteSize(),
             output_bytes=response.ByteSize(),
         )
+        self.meter.bill(caller.tenant, REQUESTS, tier)
         return response
 
     async def _infer(
         self, tenant: str, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[service_pb2.ModelInferResponse, int]:
+    ) -> tuple[service_pb2.ModelInferResponse, int, str]:
+        """The answer, whether the cache gave it, and the price tier of the version that did."""
         deployment = request.model_name
         live = await self.routes.wait_ready(tenant, deployment, context.time_remaining())
         _check_version(live, request.model_version)
@@ -118,7 +130,8 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if cached is not None:
                 response = service_pb2.ModelInferResponse.FromString(cached)
                 response.id = request.id
-                return response, 1
+                self._answered(context, tenant, live, target.version, request, response)
+                return response, 1, target.tier
         request.model_name = target.triton_model
         request.model_version = ""
         response = await self.routes.infer(live, target, request, context)
@@ -129,7 +142,21 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             request_id, response.id = response.id, ""
             self.cache.put(cache_key, response.SerializeToString())
             response.id = request_id
-        return response, 0
+        self._answered(context, tenant, live, target.version, request, response)
+        return response, 0, target.tier
+
+    def _answered(
+        self,
+        context: grpc.aio.ServicerContext,
+        tenant: str,
+        live: LiveRoute,
+        version: int,
+        request: service_pb2.ModelInferRequest,
+        response: service_pb2.ModelInferResponse,
+    ) -> None:
+        """The request id the answer was served (and logged) with, for the caller's feedback."""
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id_var.get()),))
+        self.predictions.offer(tenant, live.route.deployment, live.route.model, version, request, response)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Generation requests on one stream, served concurrently; like Triton, a refused request
@@ -169,9 +196,11 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         _check_version(live, request.model_version)
         # Forwarded as sent (its id and Triton's own parameters kept), to the version's Triton model.
         request.model_name, request.model_version = target.triton_model, ""
-        async with self.generation.budget(caller, TokenAccount(prompt, sampling)) as account:
+        async with self.generation.budget(caller, TokenAccount(prompt, sampling), target.tier, context) as account:
             async for response in self.routes.stream(live, target, request, context):
-                if not response.error_message:
+                if response.error_message:
+                    account.billable = False  # the model refused or failed it, in the stream
+                else:
                     message = generate_response_of_stream(response, deployment, target.version)
                     account.saw(message, streamed_tokens(response))
                 response.infer_response.model_name = deployment

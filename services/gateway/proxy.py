@@ -1,7 +1,7 @@
 """Pass-through of the internal services' public APIs: messages move as raw bytes, the caller's
-tenant (and, to the inference service, the tenant's replica cap) is asserted in metadata,
-deadlines and cancellation carry over, statuses come back as-is. Mutating calls are written to
-the audit log with their outcome."""
+tenant and role (and, to the inference service, the tenant's replica cap) are asserted in
+metadata, deadlines and cancellation carry over, statuses come back as-is. Mutating calls are
+written to the audit log with their outcome, downloads with the bytes they sent too."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from google.protobuf.message_factory import GetMessageClass
 from maas.inference.v1 import inference_pb2
 from maas.registry.v1 import registry_pb2
 from maas.trainer.v1 import trainer_pb2
+from maas.wire import chunk_tag, unframe
 
 from services.common.channels import (
+    CALLER_ROLE_KEY,
     MAX_REPLICAS_KEY,
     internal_metadata,
     open_blocking_channel,
@@ -27,8 +29,8 @@ from services.common.channels import (
 )
 from services.common.errors import NotFound
 from services.gateway.admission import QuotaCache
-from services.gateway.audit import AuditLog, is_mutating, outcome, resource_of
-from services.gateway.auth import current_caller
+from services.gateway.audit import AuditLog, is_download, is_mutating, outcome, resource_of
+from services.gateway.auth import INTERNAL_METHODS, current_caller
 from services.gateway.usage import Meter
 
 log = logging.getLogger(__name__)
@@ -110,10 +112,12 @@ class Proxy(grpc.GenericRpcHandler):
             self._add_unary(backend, service)
             for method in service.methods:
                 path = f"/{service.full_name}/{method.name}"
-                if path not in served_here:
+                if path not in served_here and path not in INTERNAL_METHODS:
                     handler = self._handler(backend, path, method)
                     if audit is not None and is_mutating(path) and not method.server_streaming:
                         handler = self._audited(path, method, handler)
+                    elif audit is not None and is_download(path):
+                        handler = self._audited_download(path, method, handler)
                     self._handlers[path] = handler
 
     def _add_unary(self, backend: Backend, service: ServiceDescriptor) -> None:
@@ -218,14 +222,17 @@ class Proxy(grpc.GenericRpcHandler):
     ) -> grpc.RpcMethodHandler:
         """The same handler, recording the call and its outcome in the audit log."""
         request_class = GetMessageClass(method.input_type)
+        response_class = GetMessageClass(method.output_type)
         audit = self.audit
         assert audit is not None
 
-        async def record(first_request: bytes | None, code: str) -> None:
-            caller = current_caller()
-            await audit.commit(
-                caller.tenant, caller.key_id, path, resource_of(_parse(request_class, first_request)), code
+        async def record(first_request: bytes | None, response: bytes | None, code: str) -> None:
+            # The response names the resource as resolved (a job id prefix: the whole id).
+            resource = resource_of(_parse(response_class, response)) or resource_of(
+                _parse(request_class, first_request)
             )
+            caller = current_caller()
+            await audit.commit(caller.tenant, caller.key_id, path, resource, code)
 
         if method.client_streaming:
             upload = handler.stream_unary
@@ -241,42 +248,81 @@ class Proxy(grpc.GenericRpcHandler):
                             first.append(request)
                         yield request
 
-                code = "OK"
+                code, response = "OK", None
                 try:
-                    return await upload(remembering(), context)
+                    response = await upload(remembering(), context)
+                    return response
                 except BaseException as error:
                     code = outcome(error, context)
                     raise
                 finally:
-                    await record(first[0] if first else None, code)
+                    await record(first[0] if first else None, response, code)
 
             return grpc.stream_unary_rpc_method_handler(audited_upload)
 
         unary = handler.unary_unary
 
         async def audited_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            code = "OK"
+            code, response = "OK", None
             try:
-                return await unary(request, context)
+                response = await unary(request, context)
+                return response
             except BaseException as error:
                 code = outcome(error, context)
                 raise
             finally:
-                await record(request, code)
+                await record(request, response, code)
 
         return grpc.unary_unary_rpc_method_handler(audited_unary)
 
+    def _audited_download(
+        self, path: str, method: MethodDescriptor, handler: grpc.RpcMethodHandler
+    ) -> grpc.RpcMethodHandler:
+        """The same download stream, recording it with the chunk bytes handed on to the caller:
+        a whole download's count is the artifact's size; one that failed or that the caller
+        abandoned half-way shows how much left."""
+        request_class = GetMessageClass(method.input_type)
+        response_class = GetMessageClass(method.output_type)
+        tag = chunk_tag(response_class)
+        audit = self.audit
+        assert audit is not None
+        download = handler.unary_stream
+
+        async def audited_download(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            # Taken now: a stream the caller abandoned is closed later, maybe in another context.
+            caller = current_caller()
+            code, sent = "OK", 0
+            try:
+                async for response in download(request, context):
+                    yield response
+                    sent += _chunk_bytes(tag, response_class, response)
+            except GeneratorExit:
+                code = "CANCELLED"  # the caller went away between two chunks
+                raise
+            except BaseException as error:
+                code = outcome(error, context)
+                raise
+            finally:
+                resource = resource_of(_parse(request_class, request))
+                if code == "CANCELLED":  # nobody waits for the status: written in the background
+                    audit.record(caller.tenant, caller.key_id, path, resource, code, sent)
+                else:  # in SQL before the status goes out, as a change's row
+                    await audit.commit(caller.tenant, caller.key_id, path, resource, code, sent)
+
+        return grpc.unary_stream_rpc_method_handler(audited_download)
+
     async def _metadata(self, path: str, context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
         """The caller's metadata less what only the gateway may assert, plus what it asserts:
-        the tenant, the internal token, the request id and, on InferenceService calls, the
-        tenant's replica cap."""
-        tenant = current_caller().tenant
+        the tenant, the internal token, the request id, the caller's role and, on
+        InferenceService calls, the tenant's replica cap."""
+        caller = current_caller()
+        tenant = caller.tenant
         forwarded = tuple(
             (key, value)
             for key, value in context.invocation_metadata() or ()
             if key not in DROPPED_KEYS and not key.startswith(DROPPED_PREFIXES)
         )
-        asserted = internal_metadata(self.token, tenant)
+        asserted = internal_metadata(self.token, tenant) + ((CALLER_ROLE_KEY, caller.role.name.lower()),)
         if self.quotas is not None and path.startswith(REPLICA_CAPPED_PREFIX):
             # Admission read this quota for the same call: the cache answers, not SQL.
             max_replicas = (await self.quotas.get(tenant)).max_replicas
@@ -300,13 +346,22 @@ class Proxy(grpc.GenericRpcHandler):
         await context.abort(code, details, tuple(error.trailing_metadata() or ()))
 
 
-def _parse(request_class: type[Message], request: bytes | None) -> Message | None:
-    if request is None:
+def _parse(message_class: type[Message], data: bytes | None) -> Message | None:
+    if data is None:
         return None
     try:
-        return request_class.FromString(request)
+        return message_class.FromString(data)
     except DecodeError:
         return None
+
+
+def _chunk_bytes(tag: bytes, message_class: type[Message], response: bytes) -> int:
+    """How many artifact bytes a download stream's message carries (0 for its header)."""
+    chunk = unframe(tag, response)
+    if chunk is not None:
+        return len(chunk)
+    part = _parse(message_class, response)
+    return len(part.chunk) if part is not None and part.WhichOneof("part") == "chunk" else 0  # type: ignore[attr-defined]
 
 
 def _pull(requests: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:

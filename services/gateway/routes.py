@@ -19,7 +19,7 @@ from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.channels import open_channel, triton_metadata
-from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.errors import InvalidArgument, Unavailable, not_found
 from services.common.interceptors import INTERNAL_TOKEN_KEY
 from services.common.serving import execution_limit_error
 from services.common.tensors import CompiledSignature, check_signature
@@ -64,11 +64,13 @@ class Replica:
 
 @dataclass(frozen=True)
 class Target:
-    """The Triton model one request goes to, the version it is, and the replicas serving it."""
+    """The Triton model one request goes to, the version it is, the replicas serving it, and the
+    version's price tier (what the calls it answers are metered under)."""
 
     triton_model: str
     version: int
     replicas: tuple[Replica, ...] = ()
+    tier: str = ""
 
     def least_busy(self, avoiding: Collection[Replica] = ()) -> Replica | None:
         """The replica with the fewest requests in flight, ties broken at random so that idle
@@ -144,7 +146,8 @@ class RouteTable:
         if live is None:
             if not self.synced:
                 raise Unavailable("the gateway is still loading the deployment table; retry shortly")
-            raise NotFound(f"deployment {deployment[:80]!r} not found")
+            own = (name for owner, name in self._routes if owner == tenant)
+            raise not_found("deployment", deployment, own)
         return live
 
     async def wait_ready(self, tenant: str, deployment: str, timeout: float | None) -> LiveRoute:
@@ -233,20 +236,20 @@ class RouteTable:
             for replica in target.replicas
         }
 
-        def target(triton_model: str, version: int, addresses: Iterable[str]) -> Target:
+        def target(triton_model: str, version: int, addresses: Iterable[str], tier: str) -> Target:
             replicas = tuple(
                 known.get((triton_model, address)) or Replica(address, self._triton(address))
                 for address in addresses
             )
-            return Target(triton_model, version, replicas)
+            return Target(triton_model, version, replicas, tier)
 
         # An inference service that predates replicas names one Triton, for both revisions.
         legacy = [route.triton_address] if route.ready and route.triton_address else []
-        main = target(route.triton_model, route.version, route.replica_addresses or legacy)
+        main = target(route.triton_model, route.version, route.replica_addresses or legacy, route.tier)
         canary = None
         if route.HasField("canary"):
             addresses = route.canary.replica_addresses or legacy
-            canary = target(route.canary.triton_model, route.canary.version, addresses)
+            canary = target(route.canary.triton_model, route.canary.version, addresses, route.canary.tier)
         signature = CompiledSignature(route.signature, route.max_batch_size)
         return LiveRoute(route, signature, main, canary)
 

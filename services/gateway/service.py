@@ -8,14 +8,14 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 from typing import TypeVar
 
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied
-from services.common.validation import Page, check_name
+from services.common.validation import MATCHES_NAMED, Page, check_id_prefix, check_name, one_match
 from services.gateway.admission import QuotaCache
 from services.gateway.audit import AuditLog
 from services.gateway.auth import Caller
@@ -46,6 +46,9 @@ MAX_BURST = 2**31 - 1
 MAX_REPLICAS = 2**31 - 1
 MAX_RATE = 1e9
 MAX_USAGE_DAYS = 366
+QUOTA_BUDGETS = (*QUOTA_FIELDS, "max_replicas")
+RATE_FIELDS = tuple(field.name for field in dataclasses.fields(RateLimit))
+QUOTA_PATHS = {*QUOTA_BUDGETS, "rate_limit", *(f"rate_limit.{name}" for name in RATE_FIELDS)}
 
 
 @dataclass(frozen=True)
@@ -150,9 +153,7 @@ class Admin:
 
     async def revoke_key(self, key_id: str, *, caller: Caller | None = None) -> KeyRecord:
         """Idempotent: revoking a revoked key returns it unchanged."""
-        if not key_id:
-            raise InvalidArgument("id is required: the key's public id, as ListApiKeys shows it")
-        await self._check_key_in_reach(caller, key_id)
+        key_id = await self._resolve_key_id(caller, key_id)
         key = await asyncio.to_thread(self.store.revoke_key, key_id, utc_now())
         if key is None:
             raise NotFound(f"API key {key_id[:80]!r} not found")
@@ -166,20 +167,21 @@ class Admin:
             raise NotFound(f"API key {key_id[:80]!r} not found")
         return key
 
-    async def _check_key_in_reach(self, caller: Caller | None, key_id: str) -> None:
-        """Another tenant's key is NOT_FOUND to a tenant admin, exactly like a missing one."""
-        if caller is None or caller.is_platform_admin:
-            return
-        key = await asyncio.to_thread(self.store.get_key, key_id)
-        if key is None or key.tenant != caller.tenant:
-            raise NotFound(f"API key {key_id[:80]!r} not found in tenant {caller.tenant!r}")
+    async def _resolve_key_id(self, caller: Caller | None, key_id: str) -> str:
+        """The whole id of the key `key_id` names (it or a unique prefix of it) among the keys in
+        the caller's reach: another tenant's key is NOT_FOUND to a tenant admin, exactly like a
+        missing one, and never makes a prefix ambiguous."""
+        if not key_id:
+            raise InvalidArgument("id is required: the key's public id, as ListApiKeys shows it")
+        check_id_prefix("API key id", key_id)
+        tenant = None if caller is None or caller.is_platform_admin else caller.tenant
+        found = await asyncio.to_thread(self.store.key_ids_starting_with, key_id, tenant, MATCHES_NAMED + 1)
+        return one_match("API key", key_id, found, f" in tenant {tenant!r}" if tenant else "")
 
     async def set_key_rate_limit(
         self, key_id: str, rate_limit: RateLimit | None, *, caller: Caller | None = None
     ) -> KeyRecord:
-        if not key_id:
-            raise InvalidArgument("id is required: the key's public id, as ListApiKeys shows it")
-        await self._check_key_in_reach(caller, key_id)
+        key_id = await self._resolve_key_id(caller, key_id)
         if rate_limit is not None:
             check_rate_limit(rate_limit)
         key = await asyncio.to_thread(self.store.set_key_rate_limit, key_id, rate_limit)
@@ -189,10 +191,18 @@ class Admin:
         log.info("api key rate limit set", extra={"key_id": key.id, "rate_limit": str(rate_limit)})
         return key
 
-    async def set_quota(self, quota: QuotaRecord, *, caller: Caller | None = None) -> QuotaRecord:
-        """Platform admins only: a tenant must not lift its own quota."""
+    async def set_quota(
+        self, quota: QuotaRecord, fields: Collection[str] = (), *, caller: Caller | None = None
+    ) -> QuotaRecord:
+        """Platform admins only: a tenant must not lift its own quota. With `fields` (the paths of
+        an update mask) only those change; the rest keep their stored values."""
         check_platform_admin(caller, "setting a quota")
         await self.get_tenant(quota.tenant)
+        columns = None
+        if fields:
+            current = await asyncio.to_thread(self.store.get_quota, quota.tenant)
+            quota = merged_quota(current or QuotaRecord(quota.tenant), quota, set(fields))
+            columns = quota_columns(set(fields))
         check_rate_limit(quota.rate_limit)
         for name in QUOTA_FIELDS:
             if getattr(quota, name) > MAX_BUDGET:
@@ -202,7 +212,7 @@ class Admin:
                 f"max_replicas is larger than {MAX_REPLICAS}; use 0 for the service's default"
             )
         quota = dataclasses.replace(quota, update_time=utc_now())
-        await asyncio.to_thread(self.store.set_quota, quota)
+        await asyncio.to_thread(self.store.set_quota, quota, columns)
         if self.quotas is not None:
             self.quotas.forget(quota.tenant)
         log.info("quota set", extra={"tenant": quota.tenant, "quota": str(quota)})
@@ -302,6 +312,24 @@ def write_secret_file(path: Path, text: str) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def merged_quota(current: QuotaRecord, given: QuotaRecord, paths: set[str]) -> QuotaRecord:
+    """`current` with the fields that `paths` name taken from `given`."""
+    if unknown := paths - QUOTA_PATHS:
+        raise InvalidArgument(f"cannot set {sorted(unknown)}; update_mask paths are {sorted(QUOTA_PATHS)}")
+    budgets = {name: getattr(given if name in paths else current, name) for name in QUOTA_BUDGETS}
+    rate_limit = {
+        name: getattr((given if {"rate_limit", f"rate_limit.{name}"} & paths else current).rate_limit, name)
+        for name in RATE_FIELDS
+    }
+    return QuotaRecord(current.tenant, **budgets, rate_limit=RateLimit(**rate_limit))
+
+
+def quota_columns(paths: set[str]) -> set[str]:
+    """The store's columns that the update-mask `paths` name."""
+    rate = {name for name in RATE_FIELDS if {"rate_limit", f"rate_limit.{name}"} & paths}
+    return (paths & set(QUOTA_BUDGETS)) | {f"rate_{name}" for name in rate}
 
 
 def check_rate_limit(rate_limit: RateLimit) -> None:

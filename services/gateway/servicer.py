@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from maas.gateway.v1 import admin_pb2, admin_pb2_grpc
 
 from services.common.errors import InvalidArgument
-from services.gateway.audit import AuditLog, outcome, resource_of
+from services.gateway.audit import AuditLog, resource_of
+from services.gateway.audited import audited
 from services.gateway.auth import current_caller
 from services.gateway.fleet import Fleet
+from services.gateway.kek import KekRotation
 from services.gateway.keys import Role
 from services.gateway.service import Admin
 from services.gateway.store import (
@@ -39,38 +37,18 @@ ROLE_OF_PROTO = {
 PROTO_OF_ROLE = {role: value for value, role in ROLE_OF_PROTO.items()}
 
 
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
-
-
-def audited(handler: Handler) -> Handler:
-    """Record the call in the audit log with its outcome (a mutating admin method)."""
-    method = f"/{SERVICE}/{handler.__name__}"
-
-    @functools.wraps(handler)
-    async def wrapper(self: AdminServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        code, response = "OK", None
-        try:
-            response = await handler(self, request, context)
-            return response
-        except BaseException as error:
-            code = outcome(error, context)
-            raise
-        finally:
-            if self.audit is not None:
-                caller = current_caller()
-                resource = resource_of(request) or resource_of(response)
-                await self.audit.commit(caller.tenant, caller.key_id, method, resource, code)
-
-    return wrapper
+# The response names the resource as resolved (a key id prefix: the whole id).
+audited_change = audited(SERVICE, lambda request, response: resource_of(response) or resource_of(request))
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, admin: Admin, fleet: Fleet, audit: AuditLog | None = None) -> None:
+    def __init__(self, admin: Admin, fleet: Fleet, kek: KekRotation, audit: AuditLog | None = None) -> None:
         self.admin = admin
         self.fleet = fleet
+        self.kek = kek
         self.audit = audit
 
-    @audited
+    @audited_change
     async def CreateTenant(self, request, context):
         tenant = await self.admin.create_tenant(request.name, request.display_name, caller=current_caller())
         return admin_pb2.CreateTenantResponse(tenant=tenant_to_proto(tenant))
@@ -87,7 +65,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             tenants=[tenant_to_proto(t) for t in tenants], next_page_token=next_token
         )
 
-    @audited
+    @audited_change
     async def CreateApiKey(self, request, context):
         created = await self.admin.create_key(
             request.tenant, ROLE_OF_PROTO.get(request.role), request.description, caller=current_caller()
@@ -102,7 +80,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             api_keys=[key_to_proto(k) for k in keys], next_page_token=next_token
         )
 
-    @audited
+    @audited_change
     async def RevokeApiKey(self, request, context):
         key = await self.admin.revoke_key(request.id, caller=current_caller())
         return admin_pb2.RevokeApiKeyResponse(api_key=key_to_proto(key))
@@ -111,13 +89,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         key = await self.admin.get_key(current_caller().key_id)
         return admin_pb2.WhoAmIResponse(api_key=key_to_proto(key))
 
-    @audited
+    @audited_change
     async def SetApiKeyRateLimit(self, request, context):
         rate_limit = rate_limit_of(request.rate_limit) if request.HasField("rate_limit") else None
         key = await self.admin.set_key_rate_limit(request.id, rate_limit, caller=current_caller())
         return admin_pb2.SetApiKeyRateLimitResponse(api_key=key_to_proto(key))
 
-    @audited
+    @audited_change
     async def SetQuota(self, request, context):
         budgets = {name: getattr(request.quota, name) for name in QUOTA_FIELDS}
         quota = QuotaRecord(
@@ -126,7 +104,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             rate_limit=rate_limit_of(request.quota.rate_limit),
             max_replicas=request.quota.max_replicas,
         )
-        saved = await self.admin.set_quota(quota, caller=current_caller())
+        saved = await self.admin.set_quota(quota, request.update_mask.paths, caller=current_caller())
         return admin_pb2.SetQuotaResponse(quota=quota_to_proto(saved))
 
     async def GetQuota(self, request, context):
@@ -160,15 +138,24 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         nodes = await self.fleet.list_nodes(current_caller(), context)
         return admin_pb2.ListNodesResponse(nodes=nodes)
 
-    @audited
+    @audited_change
     async def DrainNode(self, request, context):
         node = await self.fleet.drain_node(request.name, current_caller(), context)
         return admin_pb2.DrainNodeResponse(node=node)
 
-    @audited
+    @audited_change
     async def ResumeNode(self, request, context):
         node = await self.fleet.resume_node(request.name, current_caller(), context)
         return admin_pb2.ResumeNodeResponse(node=node)
+
+    @audited_change
+    async def RotateKek(self, request, context):
+        rotation = await self.kek.rotate(current_caller(), context)
+        return admin_pb2.RotateKekResponse(
+            rewrapped_keys=rotation.rewrapped_keys,
+            kek_id=rotation.kek_id,
+            previous_kek_id=rotation.previous_kek_id,
+        )
 
 
 def tenant_to_proto(tenant: TenantRecord) -> admin_pb2.Tenant:
@@ -231,6 +218,7 @@ def audit_to_proto(event: AuditRecord) -> admin_pb2.AuditEvent:
         method=event.method,
         resource=event.resource,
         code=event.code,
+        bytes=event.bytes,
     )
 
 

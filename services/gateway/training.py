@@ -6,7 +6,8 @@ key. A background task asks the trainer about unsettled jobs and, for each one t
 terminal state, counts its seconds (end - start, times its workers) against the tenant's
 training quota and in usage. The record is marked settled in the same step (a conditional
 update, so only one replica counts a job); a gateway that restarts picks up whatever was left
-unsettled."""
+unsettled. The same transaction adds the seconds to billable usage, as CPU-seconds or
+GPU-seconds by the device the job ran on, on the UTC day it ended: billed exactly once."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from prometheus_client import Counter
 from services.common.channels import internal_metadata
 from services.common.periodic import Periodic
 from services.gateway.admission import Admission
-from services.gateway.store import GatewayStore, TrainingJobRecord
+from services.gateway.store import BillableRecord, GatewayStore, TrainingJobRecord
+from services.gateway.usage import TRAINING_CPU_SECONDS, TRAINING_GPU_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,16 @@ def job_seconds(job: trainer_pb2.Job) -> int:
     elapsed = (job.end_time.ToDatetime() - job.start_time.ToDatetime()).total_seconds()
     workers = job.spec.workers if job.spec.HasField("workers") and job.spec.workers > 0 else 1
     return max(0, math.ceil(elapsed * workers))
+
+
+def billed_seconds(tenant: str, job: trainer_pb2.Job, seconds: int) -> BillableRecord | None:
+    """A terminal job's seconds as billable usage on the UTC day it ended, per GPU-second when it
+    ran on CUDA, else per CPU-second; None when it ran none."""
+    if not seconds:
+        return None
+    resource = TRAINING_GPU_SECONDS if job.device == "cuda" else TRAINING_CPU_SECONDS
+    day = job.end_time.ToDatetime().strftime("%Y-%m-%d")  # a Timestamp reads back in UTC
+    return BillableRecord(day, tenant, resource, "", seconds)
 
 
 class TrainingSettlement:
@@ -82,7 +94,11 @@ class TrainingSettlement:
                 continue
             # A job the trainer no longer knows is settled with nothing to count.
             seconds = job_seconds(job) if job is not None else 0
-            if await asyncio.to_thread(self.store.settle_training_job, record.job_id, seconds, datetime.now(UTC)):
+            billed = billed_seconds(record.tenant, job, seconds) if job is not None else None
+            settled_now = await asyncio.to_thread(
+                self.store.settle_training_job, record.job_id, seconds, datetime.now(UTC), billed
+            )
+            if settled_now:
                 if seconds:
                     await self.admission.settle_training(record.tenant, record.api_key_id, seconds)
                     SETTLED.labels(record.tenant).inc(seconds)

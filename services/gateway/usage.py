@@ -12,7 +12,10 @@ those sums to Redis (one pipeline per interval); what a process holds of them wh
 GetUsage reads it. Moving out of Redis is atomic per hash (read-and-delete in one script); if
 the SQL write fails the counts go back into memory for the next round, but a process killed
 between the take and the SQL commit (a few milliseconds per flush) loses that hash's counts:
-never counted twice, at most lost once."""
+never counted twice, at most lost once.
+
+Billable usage (what invoices price: requests, tokens by the answering version's price tier) takes
+the same way, in hashes of its own per tenant and day (`bill`), into the billable_usage table."""
 
 from __future__ import annotations
 
@@ -24,11 +27,12 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 
 from services.gateway.redis_link import REDIS_DOWN_ERRORS, RedisLink
-from services.gateway.store import USAGE_FIELDS, GatewayStore, UsageRecord
+from services.gateway.store import USAGE_FIELDS, BillableRecord, GatewayStore, UsageRecord
 
 log = logging.getLogger(__name__)
 
 DIRTY_SET = "maas:usage:dirty"
+BILLABLE_DIRTY_SET = "maas:billable:dirty"
 # Read a hash and delete it, atomically: counts land in exactly one flush.
 TAKE_SCRIPT = """
 local counts = redis.call('HGETALL', KEYS[1])
@@ -37,12 +41,26 @@ return counts
 """
 HASH_TTL = 7 * 86400  # a hash nobody flushes (no gateway left) does not live forever
 
+# The billable resources the gateway meters itself, in their base units (README, "Billing").
+REQUESTS = "requests"
+INPUT_TOKENS, OUTPUT_TOKENS = "input_tokens", "output_tokens"  # a generation's prompt and completion
+EMBEDDING_TOKENS = "embedding_tokens"
+TRAINING_CPU_SECONDS, TRAINING_GPU_SECONDS = "training_cpu_seconds", "training_gpu_seconds"
+# The tier of a call the gateway forwarded before it knew the deployment's route (at start-up).
+UNKNOWN_TIER = ""
+
 Slot = tuple[str, str, str]  # (day, tenant, key id)
+BillableSlot = tuple[str, str, str, str]  # (day, tenant, resource, tier)
 
 
 def usage_key(day: str, tenant: str, key_id: str) -> str:
     """The Redis hash of one key's usage on one UTC day."""
     return f"maas:{{{tenant}}}:usage:{day}:{key_id}"
+
+
+def billable_key(day: str, tenant: str) -> str:
+    """The Redis hash of one tenant's billable usage on one UTC day; fields "resource/tier"."""
+    return f"maas:{{{tenant}}}:billable:{day}"
 
 
 def _slot_of(hash_key: str) -> Slot:
@@ -68,6 +86,7 @@ class Meter:
         self.push_seconds = push_seconds
         self.flush_seconds = flush_seconds
         self._pending: defaultdict[Slot, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._billable: defaultdict[BillableSlot, int] = defaultdict(int)
         self._take = link.client.register_script(TAKE_SCRIPT)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -78,6 +97,11 @@ class Meter:
         pending = self._pending[(self._today(), tenant, key_id)]
         for name, value in counts.items():
             pending[name] += value
+
+    def bill(self, tenant: str, resource: str, tier: str, quantity: int = 1) -> None:
+        """Count billable usage of this call; cheap, never waits."""
+        if quantity:
+            self._billable[(self._today(), tenant, resource, tier)] += quantity
 
     def count_admitted(self, hash_key: str) -> None:
         """A call the limiter admitted from a lease, without the script that counts it in Redis."""
@@ -117,9 +141,10 @@ class Meter:
 
     async def push(self) -> None:
         """Memory -> Redis. While Redis is down the counts stay in memory."""
-        if not self._pending or not self.link.up:
+        if not (self._pending or self._billable) or not self.link.up:
             return
         pending, self._pending = self._pending, defaultdict(lambda: defaultdict(int))
+        billable, self._billable = self._billable, defaultdict(int)
         pipe = self.link.client.pipeline(transaction=False)
         for slot, counts in pending.items():
             key = usage_key(*slot)
@@ -127,6 +152,14 @@ class Meter:
                 pipe.hincrby(key, name, value)
             pipe.expire(key, HASH_TTL)
             pipe.sadd(DIRTY_SET, key)
+        billable_keys = set()
+        for (day, tenant, resource, tier), quantity in billable.items():
+            key = billable_key(day, tenant)
+            pipe.hincrby(key, f"{resource}/{tier}", quantity)
+            billable_keys.add(key)
+        for key in billable_keys:
+            pipe.expire(key, HASH_TTL)
+            pipe.sadd(BILLABLE_DIRTY_SET, key)
         try:
             await pipe.execute()
         except REDIS_DOWN_ERRORS as error:
@@ -140,7 +173,16 @@ class Meter:
         async with self._lock:
             await self.push()
             if self.link.up:
-                rows = await self._take_from_redis()
+                rows = [
+                    UsageRecord(*_slot_of(key), counts)
+                    for key, flat in await self._take_from_redis(DIRTY_SET)
+                    if (counts := _counts(flat))
+                ]
+                billed = [
+                    record
+                    for key, flat in await self._take_from_redis(BILLABLE_DIRTY_SET)
+                    for record in _billable_records(key, flat)
+                ]
             else:
                 # Straight from memory to SQL while Redis is away.
                 pending, self._pending = self._pending, defaultdict(lambda: defaultdict(int))
@@ -148,36 +190,61 @@ class Meter:
                     for name, value in counts.items():
                         pending[_slot_of(key)][name] += value
                 rows = [UsageRecord(*slot, dict(counts)) for slot, counts in pending.items()]
-            if not rows:
-                return
+                billable, self._billable = self._billable, defaultdict(int)
+                billed = [BillableRecord(*slot, quantity) for slot, quantity in billable.items()]
+            # Each table's rows go back into memory if its write fails; the other's still go.
             try:
-                await asyncio.to_thread(self.store.add_usage, rows)
-            except Exception:
-                for row in rows:
-                    self._restore(row)
-                raise
+                await self._write(self.store.add_usage, rows, self._restore)
+            finally:
+                await self._write(self.store.add_billable_usage, billed, self._restore_billable)
 
-    async def _take_from_redis(self) -> list[UsageRecord]:
-        rows: list[UsageRecord] = []
+    async def _take_from_redis(self, dirty_set: str) -> list[tuple[str, list[bytes]]]:
+        """Every hash `dirty_set` marks, each read and deleted at once: (key, flat fields)."""
+        taken: list[tuple[str, list[bytes]]] = []
         try:
-            keys = await self.link.client.smembers(DIRTY_SET)
+            keys = await self.link.client.smembers(dirty_set)
             for raw_key in keys:
                 key = raw_key.decode()
                 # Unmark first: a push after this re-marks the hash for the next flush.
-                await self.link.client.srem(DIRTY_SET, key)
-                counts = _counts(await self._take([key]))
-                if counts:
-                    rows.append(UsageRecord(*_slot_of(key), counts))
+                await self.link.client.srem(dirty_set, key)
+                taken.append((key, await self._take([key])))
         except REDIS_DOWN_ERRORS as error:
             self.link.lost(error)
-        return rows
+        return taken
+
+    @staticmethod
+    async def _write(write: Callable[[list], None], records: list, restore: Callable) -> None:
+        """Records -> SQL; should that fail, each goes back into memory for the next round."""
+        if not records:
+            return
+        try:
+            await asyncio.to_thread(write, records)
+        except Exception:
+            for record in records:
+                restore(record)
+            raise
 
     def _restore(self, row: UsageRecord) -> None:
         pending = self._pending[(row.day, row.tenant, row.api_key_id)]
         for name, value in row.counts.items():
             pending[name] += value
 
+    def _restore_billable(self, row: BillableRecord) -> None:
+        self._billable[(row.day, row.tenant, row.resource, row.tier)] += row.quantity
+
 
 def _counts(flat: list[bytes]) -> Mapping[str, int]:
     pairs = zip(flat[::2], flat[1::2], strict=True)
     return {name.decode(): int(value) for name, value in pairs if name.decode() in USAGE_FIELDS}
+
+
+def _billable_records(hash_key: str, flat: list[bytes]) -> list[BillableRecord]:
+    """A billable hash's fields ("resource/tier" -> quantity) as rows of its tenant and day."""
+    prefix, _, day = hash_key.partition(":billable:")
+    tenant = prefix.removeprefix("maas:{").removesuffix("}")
+    records = []
+    for field, value in zip(flat[::2], flat[1::2], strict=True):
+        resource, _, tier = field.decode().partition("/")
+        if int(value):
+            records.append(BillableRecord(day, tenant, resource, tier, int(value)))
+    return records

@@ -78,6 +78,9 @@ class InferenceSettings(CommonSettings):
     # scaling), and how often the autoscaler samples load.
     inference_replica_check_seconds: float = Field(default=0.5, gt=0)
     inference_autoscale_seconds: float = Field(default=1.0, gt=0)
+    # How often the leader adds its READY replicas x the seconds since its previous count to
+    # replica_usage (replica-seconds per tenant, deployment, tier and UTC day; billed per replica-hour).
+    inference_replica_meter_seconds: float = Field(default=60.0, gt=0)
     # Several inference replicas (Helm): only the one holding the leader lock drives Triton.
     inference_leader_election: bool = False
 

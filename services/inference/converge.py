@@ -68,6 +68,7 @@ def canary_revision(deployment: Deployment, canary: Canary) -> Deployment:
         sha256=canary.sha256,
         format=canary.format,
         triton_model=canary.triton_model,
+        tier=canary.tier,
         canary=None,
     )
 
@@ -631,6 +632,7 @@ class Converger:
             execution_limit_seconds=self.limit_of(deployment),
             on_gpu=deployment.device == "GPU" or (deployment.device == "AUTO" and self.gpu_available),
             nodes_sharing_host=embedded if node.embedded else 1,
+            precision=deployment.precision,
         )
 
     def _reason(self, exc: BaseException, deployment: Deployment) -> str:

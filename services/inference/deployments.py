@@ -7,6 +7,7 @@ delete, with the tenant's caps), and the parts that act on it, each in its own m
   where replicas go);
 - autoscaler.Autoscaler: replicas following the load;
 - rollouts.Rollouts: canaries and alias-following deployments;
+- metering.ReplicaMeter: the replica-seconds each tenant's deployments hold, for billing;
 - serving.Serving: the service's own Predict, Embed and Generate.
 """
 
@@ -14,16 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound, not_found
 from services.common.periodic import Periodic
 from services.common.validation import Page, check_name
 from services.inference.artifacts import ArtifactCache, Registry
 from services.inference.autoscaler import Autoscaler, Policy
 from services.inference.caps import TenantCaps
 from services.inference.converge import Converger, triton_model_name
+from services.inference.metering import ReplicaMeter
 from services.inference.nodes import NodeSet
 from services.inference.rollouts import Rollouts
 from services.inference.routes import RouteTable
@@ -43,7 +45,15 @@ from services.inference.spec import (
     deployable_version,
     serving_fields,
 )
-from services.inference.store import FAILED, LOADING, Deployment, DeploymentStore, ScalingEvent, now
+from services.inference.store import (
+    FAILED,
+    LOADING,
+    Deployment,
+    DeploymentStore,
+    ReplicaUsageStore,
+    ScalingEvent,
+    now,
+)
 
 # Scaling defaults for callers that set none (the server passes its settings).
 DEFAULT_SCALING = Policy(target_in_flight=4, up_window=5, down_window=30, idle_to_zero=300)
@@ -91,7 +101,10 @@ class Deployments:
         scaling: Policy | None = None,
         fill_interval: float = 0.0,
         autoscale_interval: float = 0.0,
+        replica_meter_interval: float = 0.0,
+        leading: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`leading`: whether this process leads now (only the leader meters replica-seconds)."""
         self.store = store
         self.registry = registry
         self.gpu_available = gpu_available
@@ -114,6 +127,9 @@ class Deployments:
         self.rollouts = Rollouts(self, self.routes, self.converger, nodes)
         self.autoscaler = Autoscaler(store, self.routes, nodes, scaling or DEFAULT_SCALING, self.converger.fill)
         self.serving = Serving(self.routes, nodes, predict_timeout, cold_start_wait, self.autoscaler.wake)
+        self.replica_meter = ReplicaMeter(
+            self.routes, ReplicaUsageStore(store.engine), replica_meter_interval, leading=leading
+        )
         # Background rounds, each started only when its interval is set.
         self._rounds = [
             Periodic("follow-aliases", self.rollouts.follow_aliases, alias_poll_interval),
@@ -122,6 +138,7 @@ class Deployments:
             Periodic("fill-replicas", self.converger.fill, fill_interval),
             Periodic("autoscale", self.autoscaler.round, autoscale_interval),
             Periodic("node-contact", nodes.contact, NODE_CONTACT_SECONDS if fill_interval else 0.0),
+            Periodic("meter-replicas", self.replica_meter.tick, replica_meter_interval),
         ]
 
     def start_watching(self) -> None:
@@ -133,6 +150,7 @@ class Deployments:
     async def close(self) -> None:
         for periodic in self._rounds:
             await periodic.close()
+        await self.replica_meter.close()
         await self.converger.close()
 
     # -- the API ------------------------------------------------------------------------------
@@ -196,7 +214,7 @@ class Deployments:
         check_name("deployment", name)
         deployment = await asyncio.to_thread(self.store.get, tenant, name)
         if deployment is None:
-            raise NotFound(f"deployment {name!r} not found")
+            raise not_found("deployment", name, self.routes.names(tenant))
         return deployment
 
     async def list_page(self, tenant: str, page_size: int, page_token: str) -> tuple[list[Deployment], str]:
@@ -287,7 +305,7 @@ class Deployments:
         check_name("deployment", name)
         deployment = await asyncio.to_thread(self.store.delete, tenant, name)
         if deployment is None:
-            raise NotFound(f"deployment {name!r} not found")
+            raise not_found("deployment", name, self.routes.names(tenant))
         route = self.routes.remove(tenant, name)
         self.routes.changed()
         triton_models = {deployment.triton_model}

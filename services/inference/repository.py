@@ -2,10 +2,11 @@
 
 <root>/<triton_model>/config.pbtxt
 <root>/<triton_model>/1/model.py     the runner of the deployment's task (runner/model.py for tensors,
-                                     runner/generate.py for text generation, runner/embed.py for embeddings)
+                                     runner/generate.py for text generation, runner/embed.py for embeddings,
+                                     runner/llm.py for text generation from an imported safetensors model)
 <root>/<triton_model>/1/*.py         modules that runner imports (runner/execution_limit.py, and runner/sampling.py
-                                     for generation)
-<root>/<triton_model>/1/model.pt     or model.onnx: the artifact, hard-linked from the cache
+                                     for generation; decoder.py, batching.py and chat.py for imported models)
+<root>/<triton_model>/1/model.pt     or model.onnx or model.safetensors: the artifact, hard-linked from the cache
 """
 
 from __future__ import annotations
@@ -39,9 +40,18 @@ RUNNER_FILES = {
     # Written by the embeddings work: strings in, one vector per string out.
     EMBED: {"model.py": RUNNER_DIR / "embed.py", **EXECUTION_LIMIT},
 }
+# Imported language models (a safetensors artifact) and the trainer's GPT: the continuous-batching decoder.
+LLM_RUNNER_FILES = {
+    "model.py": RUNNER_DIR / "llm.py",
+    "decoder.py": RUNNER_DIR / "decoder.py",
+    "batching.py": RUNNER_DIR / "batching.py",
+    "chat.py": RUNNER_DIR / "chat.py",
+    "sampling.py": RUNNER_DIR / "sampling.py",
+    **EXECUTION_LIMIT,
+}
 # Per task: the version metadata its runner reads (passed as config parameters).
-RUNNER_METADATA_KEYS: dict[str, tuple[str, ...]] = {PREDICT: (), GENERATE: ("vocabulary",), EMBED: ()}
-ARTIFACT_FILE = {"TORCHSCRIPT": "model.pt", "ONNX": "model.onnx"}
+RUNNER_METADATA_KEYS: dict[str, tuple[str, ...]] = {PREDICT: (), GENERATE: ("vocabulary", "architecture"), EMBED: ()}
+ARTIFACT_FILE = {"TORCHSCRIPT": "model.pt", "ONNX": "model.onnx", "SAFETENSORS": "model.safetensors"}
 # Requests wait at most this long for others to join their batch: small, because on a
 # busy server batches form anyway and on an idle one nobody should wait.
 MAX_QUEUE_DELAY_MICROSECONDS = 100
@@ -52,7 +62,7 @@ class ModelSpec:
     """Everything config.pbtxt says about one deployment."""
 
     triton_model: str
-    format: str  # TORCHSCRIPT or ONNX
+    format: str  # TORCHSCRIPT, ONNX or SAFETENSORS
     sha256: str
     signature: common_pb2.Signature
     max_batch_size: int
@@ -66,6 +76,19 @@ class ModelSpec:
     # How many Triton nodes run on this host and may compute at once: the cores are split
     # between them as between instances (a thread per core each would wait on each other).
     nodes_sharing_host: int = 1
+    precision: str = "fp32"
+
+
+def runner_files(spec: ModelSpec) -> Mapping[str, Path]:
+    """The files of the deployment's runner, by their name in the version directory."""
+    return LLM_RUNNER_FILES if spec.format == "SAFETENSORS" or decodes_as_gpt2(spec) else RUNNER_FILES[spec.task]
+
+
+def decodes_as_gpt2(spec: ModelSpec) -> bool:
+    """The trainer's character GPT is a GPT-2 the continuous-batching runner loads from its
+    TorchScript weights; a quantized one (packed int8 weights) and other TorchScript language
+    models run on the one-stream runner, which runs the module itself."""
+    return spec.task == GENERATE and spec.runner_metadata.get("architecture") == "gpt" and spec.precision != "int8"
 
 
 def signature_json(signature: common_pb2.Signature) -> str:
@@ -121,7 +144,8 @@ def config_text(spec: ModelSpec) -> str:
         (GENERATION_INPUTS, GENERATION_OUTPUTS) if generating else (spec.signature.inputs, spec.signature.outputs)
     )
     if generating:
-        # One stream per request, answered token by token: nothing to batch.
+        # One stream per request, answered token by token: nothing for Triton to batch (the
+        # runner of imported models batches the streams in flight itself).
         policy = ["model_transaction_policy {", "  decoupled: true", "}"]
     else:
         policy = ["dynamic_batching {", f"  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_MICROSECONDS}", "}"]
@@ -168,7 +192,7 @@ class ModelRepository:
     def write(self, spec: ModelSpec, artifact: Path) -> bool:
         """Write the model directory; returns False when it already holds exactly this spec."""
         config = config_text(spec)
-        runner = RUNNER_FILES[spec.task]
+        runner = runner_files(spec)
         target = self.path(spec.triton_model)
         if self._holds(target, config, runner, ARTIFACT_FILE[spec.format]):
             return False

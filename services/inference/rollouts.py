@@ -50,7 +50,8 @@ class Rollouts:
         if current.alias is not None:
             raise FailedPrecondition(
                 f"deployment {name!r} follows alias {current.alias!r}, which decides its version: "
-                "move the alias to roll, or pin a version (UpdateDeployment) to run a canary"
+                f"move the alias to roll, or pin a version to run a canary (UpdateDeployment; "
+                f"`maas deploy update {name} --version N`)"
             )
         route = self.routes.add(current)
         if current.canary is not None and current.canary.version == version:
@@ -85,6 +86,7 @@ class Rollouts:
             triton_model=triton_model_name(current.id),
             sha256=found.sha256,
             format=FORMATS[found.format],
+            tier=serving["tier"],
         )
         updated = await self.deployments.save_within_caps(current.replace(canary=canary, update_time=now()))
         route.deployment = updated

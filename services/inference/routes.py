@@ -115,6 +115,10 @@ class RouteTable:
     def remove(self, tenant: str, name: str) -> Route | None:
         return self._routes.pop((tenant, name), None)
 
+    def names(self, tenant: str) -> list[str]:
+        """The tenant's deployments, for a NOT_FOUND's suggestions."""
+        return [name for owner, name in self._routes if owner == tenant]
+
     def all(self) -> list[Route]:
         return list(self._routes.values())
 

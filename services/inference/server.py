@@ -139,6 +139,7 @@ async def create_app(settings: InferenceSettings) -> App:
     registry_channel = open_channel(settings.registry_addr, internal_credentials(settings))
     registry = Registry(registry_channel, settings.internal_token, settings.model_load_timeout_seconds)
     fleet = Fleet(settings, NodeStore(engine))
+    leader = LeaderLock(settings.inference_database_url, "inference") if settings.inference_leader_election else None
     deployments = Deployments(
         store=DeploymentStore(engine),
         registry=registry,
@@ -168,6 +169,8 @@ async def create_app(settings: InferenceSettings) -> App:
         ),
         fill_interval=settings.inference_replica_check_seconds,
         autoscale_interval=settings.inference_autoscale_seconds,
+        replica_meter_interval=settings.inference_replica_meter_seconds,
+        leading=lambda: leader is None or leader.held,
     )
     await deployments.converger.restore()
     fleet.watch(deployments.converger)
@@ -175,8 +178,6 @@ async def create_app(settings: InferenceSettings) -> App:
     loads = LoadReporter(
         deployments, fleet.nodes, [node.metrics_url for node in fleet.nodes], settings.load_refresh_seconds
     )
-
-    leader = LeaderLock(settings.inference_database_url, "inference") if settings.inference_leader_election else None
 
     async def on_start(server: RunningServer) -> None:
         # Health stays NOT_SERVING until this returns: every node up, deployments loading.

@@ -102,6 +102,7 @@ def deployment_message(
         update_time=_timestamp(deployment.update_time),
         task=TASK_VALUES[deployment.task],
         precision=deployment.precision,
+        tier=deployment.tier,
         execution_limit_seconds=deployment.execution_limit_seconds,
         min_replicas=deployment.min_replicas,
         max_replicas=deployment.max_replicas,
@@ -134,6 +135,7 @@ def deployment_message(
                 max_error_rate=canary.max_error_rate,
                 state=STATE_VALUES[canary.state],
                 message=canary.message,
+                tier=canary.tier,
             )
         )
     return message
@@ -157,6 +159,7 @@ def route_message(route: Route, nodes: NodeSet) -> inference_pb2.Route:
         ready=route.ready,
         task=TASK_VALUES[served.task],
         scaled_to_zero=not route.ready and wanted_replicas(route.deployment) == 0,
+        tier=served.tier,
     )
     if route.last_scaling is not None:
         message.last_scaling_event.CopyFrom(scaling_event_message(route.last_scaling))
@@ -168,6 +171,7 @@ def route_message(route: Route, nodes: NodeSet) -> inference_pb2.Route:
                 triton_model=route.canary.triton_model,
                 weight_percent=route.canary.weight,
                 replica_addresses=canary_addresses,
+                tier=route.canary.tier,
             )
         )
     return message
@@ -268,6 +272,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 )
                 for v in load.versions
             ],
+        )
+
+    async def GetReplicaUsage(self, request, context):
+        """Internal: the gateway's billing asks for the tenant it bills."""
+        rows = await self.deployments.replica_meter.usage(tenant_of(context), request.start_day, request.end_day)
+        return inference_pb2.GetReplicaUsageResponse(
+            rows=[
+                inference_pb2.ReplicaUsageRow(
+                    day=row.day, deployment=row.deployment, tier=row.tier, replica_seconds=row.replica_seconds
+                )
+                for row in rows
+            ]
         )
 
     async def Predict(self, request, context):

@@ -15,10 +15,10 @@ from maas.inference.v1 import inference_pb2
 from tritonclient.grpc import service_pb2
 
 from services.common.embedding import EmbeddingModel, check_texts
-from services.common.errors import MaasError, NotFound, Unavailable
+from services.common.errors import MaasError, Unavailable, not_found
 from services.common.generation import (
-    check_prompt,
     generate_response_of_stream,
+    prompt_of_generate,
     sampling_of_generate,
     stream_request,
 )
@@ -98,13 +98,13 @@ class Serving:
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         """Text from a generation deployment, one message per token; leaving the iteration
         early (a cancelled caller) cancels the Triton stream."""
-        prompt, sampling = check_prompt(request.prompt), sampling_of_generate(request)
+        (prompt, chat), sampling = prompt_of_generate(request), sampling_of_generate(request)
         route = await self._route(tenant, request.deployment, timeout)
         serving = route.serving
         assert serving is not None  # _route returns only then
         check_task(request.deployment, serving.task, (GENERATE,), "Generate")
         triton_model, version = _target(route)
-        infer = stream_request(prompt, sampling, triton_model, request_id_var.get())
+        infer = stream_request(prompt, sampling, triton_model, request_id_var.get(), chat)
         triton = self._client(self._replica(route, triton_model))
         with self._public_errors(request.deployment):
             async for response in triton.stream(infer, self._budget(timeout)):
@@ -115,7 +115,7 @@ class Serving:
         route = self.routes.get(tenant, name)
         if route is None:
             check_name("deployment", name)
-            raise NotFound(f"deployment {name!r} not found")
+            raise not_found("deployment", name, self.routes.names(tenant))
         if route.ready:
             return route
         if self.wake is not None and route.deployment.state == SCALED_TO_ZERO:

@@ -8,6 +8,7 @@ from typing import Any
 
 from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2
+from maas.tiers import tier_of_version
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.serving import GENERATE, PREDICT, task_of_metadata
@@ -24,7 +25,11 @@ DEFAULT_MAX_BATCH_SIZE = 8
 MAX_EXECUTION_LIMIT_SECONDS = 3600
 MAX_REPLICAS = 64
 MAX_TARGET_IN_FLIGHT = 10_000
-FORMATS = {registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT: "TORCHSCRIPT", registry_pb2.ARTIFACT_FORMAT_ONNX: "ONNX"}
+FORMATS = {
+    registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT: "TORCHSCRIPT",
+    registry_pb2.ARTIFACT_FORMAT_ONNX: "ONNX",
+    registry_pb2.ARTIFACT_FORMAT_SAFETENSORS: "SAFETENSORS",
+}
 # The generic runner feeds numeric tensors to torch and onnxruntime; strings and bfloat16 it cannot.
 UNSERVED_DATATYPES = {common_pb2.DATA_TYPE_BYTES, common_pb2.DATA_TYPE_BF16}
 
@@ -81,15 +86,22 @@ async def deployable_version(
     if found.state == registry_pb2.VERSION_STATE_ARCHIVED:
         raise FailedPrecondition(f"{label} is archived: deploy a version that is not")
     if found.format not in FORMATS:
-        raise FailedPrecondition(f"{label} has no TorchScript or ONNX artifact: nothing Triton can serve")
+        raise FailedPrecondition(f"{label} has no TorchScript or ONNX artifact, nor a safetensors language model: nothing Triton can serve")
     try:
         check_signature(found.signature)
     except InvalidArgument as exc:
         raise FailedPrecondition(f"{label} has an unusable signature: {exc}") from None
     task = task_of_metadata(found.metadata)
+    if found.format == registry_pb2.ARTIFACT_FORMAT_SAFETENSORS:
+        if task != GENERATE:
+            raise FailedPrecondition(
+                f"{label} is a safetensors artifact: deployments serve those as language models "
+                "(metadata task `language`, as `maas import-hf` sets it)"
+            )
+        return found  # its runner reads config, tokenizer and chat template from the artifact
     if task == GENERATE:
         if found.format != registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT:
-            raise FailedPrecondition(f"{label} is a language model: text generation serves TorchScript")
+            raise FailedPrecondition(f"{label} is a language model: text generation serves TorchScript (the trainer's GPT) or safetensors (imported models)")
         if not found.metadata.get("vocabulary"):
             raise FailedPrecondition(
                 f"{label} is a language model without a `vocabulary` in its metadata "
@@ -113,6 +125,7 @@ def serving_fields(version: registry_pb2.Version) -> dict[str, Any]:
         "task": task,
         "artifact_bytes": version.size_bytes,
         "precision": version.precision or "fp32",
+        "tier": tier_of_version(version),
         "runner_metadata": {
             key: version.metadata[key] for key in RUNNER_METADATA_KEYS[task] if key in version.metadata
         },

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from maas.common.v1 import common_pb2
+from maas.tiers import FP32, tier_of_precision
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from services.common.errors import AlreadyExists
@@ -90,8 +92,22 @@ deployments = Table(
     Column("max_replicas", Integer, nullable=False, server_default="1"),
     Column("desired_replicas", Integer, nullable=False, server_default="1"),
     Column("target_in_flight", Integer, nullable=False, server_default="0"),
+    # The price tier of the served version and of the canary's (fp32, fp16, int8, distilled).
+    Column("tier", String(32), nullable=False, server_default=""),
+    Column("canary_tier", String(32), nullable=True),
     UniqueConstraint("tenant", "name", name="uq_deployments_tenant_name"),
     UniqueConstraint("triton_model", name="uq_deployments_triton_model"),
+)
+
+# Replica-seconds each tenant's deployments held READY, per UTC day and tier (billed per replica-hour).
+replica_usage = Table(
+    "replica_usage",
+    metadata,
+    Column("day", String(10), primary_key=True),  # YYYY-MM-DD, UTC
+    Column("tenant", String(63), primary_key=True),
+    Column("deployment", String(63), primary_key=True),
+    Column("tier", String(32), primary_key=True),
+    Column("replica_seconds", BigInteger, nullable=False),
 )
 
 # The Triton servers replicas are placed on, as the service last saw them.
@@ -133,6 +149,7 @@ class Canary:
     triton_model: str
     sha256: str
     format: str
+    tier: str = ""  # its version's price tier
 
     def replace(self, **changes) -> Canary:
         return dataclasses.replace(self, **changes)
@@ -147,6 +164,7 @@ CANARY_COLUMNS = {
     "triton_model": "canary_triton_model",
     "sha256": "canary_sha256",
     "format": "canary_format",
+    "tier": "canary_tier",
 }
 
 
@@ -181,6 +199,7 @@ class Deployment:
     max_replicas: int = 1
     desired_replicas: int = 1  # what the autoscaler wants now, within the bounds
     target_in_flight: int = 0  # 0: the service's default
+    tier: str = ""  # the served version's price tier: fp32, fp16, int8 or distilled
 
     def replace(self, **changes) -> Deployment:
         return dataclasses.replace(self, **changes)
@@ -196,6 +215,17 @@ class NodeRecord:
     gpus: int
     message: str
     last_contact: datetime | None
+
+
+@dataclass(frozen=True)
+class ReplicaUsage:
+    """Replica-seconds one deployment's replicas of one tier held READY on one UTC day."""
+
+    day: str  # YYYY-MM-DD
+    tenant: str
+    deployment: str  # its name
+    tier: str
+    replica_seconds: int
 
 
 @dataclass(frozen=True)
@@ -220,8 +250,10 @@ def _row_values(deployment: Deployment) -> dict:
 def _deployment(row) -> Deployment:
     values = dict(row._mapping)
     canary = {field: values.pop(column) for field, column in CANARY_COLUMNS.items()}
+    # A row written before tiers existed: its precision's tier; its canary's precision is not kept.
+    values["tier"] = values["tier"] or tier_of_precision(values["precision"])
     if canary["version"] is not None:
-        values["canary"] = Canary(**canary)
+        values["canary"] = Canary(**{**canary, "tier": canary["tier"] or FP32})
     values["signature"] = common_pb2.Signature.FromString(values["signature"])
     values["runner_metadata"] = json.loads(values["runner_metadata"])
     for key in ("create_time", "update_time"):
@@ -377,3 +409,33 @@ class NodeStore:
         """Forget nodes no longer configured."""
         with self.engine.begin() as connection:
             connection.execute(delete(nodes).where(nodes.c.name.not_in(names)))
+
+
+class ReplicaUsageStore:
+    """The replica_usage table: the leader adds to it, billing reads it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def add(self, rows: list[ReplicaUsage]) -> None:
+        """Adds each row's replica-seconds to its (day, tenant, deployment, tier), in one transaction."""
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        with self.engine.begin() as connection:
+            for row in rows:
+                upsert = dialect.insert(replica_usage).values(**dataclasses.asdict(row))
+                connection.execute(
+                    upsert.on_conflict_do_update(
+                        index_elements=["day", "tenant", "deployment", "tier"],
+                        set_={"replica_seconds": replica_usage.c.replica_seconds + upsert.excluded.replica_seconds},
+                    )
+                )
+
+    def of_tenant(self, tenant: str, first_day: str, last_day: str) -> list[ReplicaUsage]:
+        """The tenant's rows between two UTC days (inclusive), by day, deployment and tier."""
+        query = (
+            select(replica_usage)
+            .where(replica_usage.c.tenant == tenant, replica_usage.c.day.between(first_day, last_day))
+            .order_by(replica_usage.c.day, replica_usage.c.deployment, replica_usage.c.tier)
+        )
+        with self.engine.connect() as connection:
+            return [ReplicaUsage(**row._mapping) for row in connection.execute(query)]

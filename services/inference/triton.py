@@ -295,6 +295,8 @@ class TritonSupervisor:
                 log.warning("tritonserver ignored SIGTERM; killing it")
                 self._process.kill()
                 await self._process.wait()
+        if self._process:
+            _kill_group(self._process.pid)
         self.pid_path.unlink(missing_ok=True)
 
     def _prepare(self) -> None:
@@ -434,6 +436,7 @@ class TritonSupervisor:
             assert self._process is not None
             up_since = time.monotonic()
             status = await self._process.wait()
+            _kill_group(self._process.pid)
             log.error(
                 "tritonserver exited; restarting it", extra={"status": status, "log_tail": self._log_tail()}
             )
@@ -480,3 +483,10 @@ class TritonSupervisor:
                 return "\n".join(handle.read().decode(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def _kill_group(pid: int) -> None:
+    """Kill what is left of a tritonserver's process group (it leads its own session): a model's
+    python stub that outlived a killed server would hold its memory and cores for good."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)

@@ -3,7 +3,8 @@
 Nothing here loads or unpickles an artifact in this process: TorchScript archives are inspected
 as zip files (their pickles opcode by opcode) and their operators in a short-lived subprocess
 (services.registry.torchscript_ops), ONNX models by the ONNX checker and a walk of their graphs,
-datasets by their headers. torch is deliberately not imported.
+Hugging Face language models (maas.hf_format) by their safetensors header, datasets by their
+headers. torch is deliberately not imported.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from jinja2 import TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from maas import hf_format
+from tokenizers import Tokenizer
 
 from services.common.errors import InvalidArgument
 from services.registry import torchscript_ops
@@ -28,6 +33,8 @@ PICKLE_REFUSED = (
 PICKLE_PROTOCOL_2_OR_LATER = b"\x80"
 # A CSV header row longer than this is not a header row.
 MAX_CSV_HEADER_BYTES = 1024 * 1024
+# The metadata task of a language model: its deployments serve Generate (services.common.serving).
+LANGUAGE_TASK = "language"
 # TorchScript's printed code calls non-aten operators as ops.<namespace>.<name>.
 CODE_OPERATOR = re.compile(rb"\bops\s*\.\s*([A-Za-z_]\w*)\s*\.\s*([A-Za-z_]\w*)")
 MAX_CODE_BYTES = 64 * 1024 * 1024
@@ -35,11 +42,41 @@ MAX_CODE_BYTES = 64 * 1024 * 1024
 STANDARD_ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 
 
-def check_artifact(format: ArtifactFormat, path: Path, *, check_operators: bool = True) -> None:
+def check_artifact(format: ArtifactFormat, path: Path, *, check_operators: bool = True) -> dict[str, str]:
+    """Refuses what is not a sound artifact of `format`; returns the metadata the registry derives
+    from the bytes themselves (replacing what the uploader claimed)."""
     if format is ArtifactFormat.TORCHSCRIPT:
         check_torchscript(path, check_operators=check_operators)
+    elif format is ArtifactFormat.SAFETENSORS:
+        return check_safetensors(path)
     else:
         check_onnx(path)
+    return {}
+
+
+def check_safetensors(path: Path) -> dict[str, str]:
+    """A Hugging Face decoder-only model packed by maas.hf_format: only the header is read (at
+    most hf_format.MAX_HEADER_BYTES), never the weights. Its tensors must tile the file, its config
+    name a supported architecture without custom code, and its tokenizer and chat template parse.
+    Returns what the model is (architecture, model_type, parameters, context_length, dtype) and
+    its task, language."""
+    what = "this safetensors artifact"
+    try:
+        header, data_start = hf_format.read_header(path, what)
+        derived = hf_format.describe(header, path.stat().st_size - data_start, what)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+    texts = header["__metadata__"]
+    try:
+        Tokenizer.from_str(texts[hf_format.TOKENIZER_KEY])
+    except Exception as exc:  # the tokenizers library parses untrusted JSON: any failure means "not one"
+        raise InvalidArgument(f"tokenizer.json in {what}'s metadata is not a tokenizers tokenizer: {exc}") from None
+    if hf_format.CHAT_TEMPLATE_KEY in texts:
+        try:
+            ImmutableSandboxedEnvironment().parse(texts[hf_format.CHAT_TEMPLATE_KEY])
+        except TemplateSyntaxError as exc:
+            raise InvalidArgument(f"the chat template in {what}'s metadata is not a Jinja template: {exc}") from None
+    return {**derived, "task": LANGUAGE_TASK}
 
 
 def check_torchscript(path: Path, *, check_operators: bool = True) -> None:

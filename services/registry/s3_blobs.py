@@ -2,7 +2,9 @@
 
 Uploads spool into a local temp file and are verified exactly like the local store's; only a
 verified file is uploaded, under the same content address (sha256/<ab>/<hex>) below an optional
-prefix. A PUT of one object is atomic in S3, so readers never see a partial blob. Credentials
+prefix. A PUT of one object is atomic in S3, so readers never see a partial blob. With
+encryption at rest the file uploaded is the sealed one: the bucket holds ciphertext only.
+Credentials
 come from the usual AWS sources (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, or the
 pod's role).
 """
@@ -18,7 +20,14 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from services.registry.blobs import SHA256_HEX, SpooledBlobWriter, blob_key, sweep_temp_dir
+from services.registry.blobs import (
+    SHA256_HEX,
+    BeforeNew,
+    Sealing,
+    SpooledBlobWriter,
+    blob_key,
+    sweep_temp_dir,
+)
 
 MISSING = {"404", "NoSuchKey", "NotFound"}
 
@@ -51,8 +60,8 @@ class S3BlobStore:
     def sweep_temps(self) -> None:
         sweep_temp_dir(self.temp_dir)
 
-    def begin_write(self) -> SpooledBlobWriter:
-        return SpooledBlobWriter(self.temp_dir / f"{uuid.uuid4().hex}.part", self._publish)
+    def begin_write(self, sealing: Sealing | None = None) -> SpooledBlobWriter:
+        return SpooledBlobWriter(self.temp_dir / f"{uuid.uuid4().hex}.part", self.put_file, sealing)
 
     def open(self, sha256: str) -> BinaryIO:
         try:
@@ -75,20 +84,22 @@ class S3BlobStore:
                 if SHA256_HEX.match(name):
                     yield name
 
-    def _exists(self, key: str) -> bool:
+    def exists(self, sha256: str) -> bool:
         try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
+            self.client.head_object(Bucket=self.bucket, Key=self.key_of(sha256))
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in MISSING:
                 return False
             raise
         return True
 
-    def _publish(self, temp_path: Path, sha256: str) -> None:
+    def put_file(self, path: Path, sha256: str, before_new: BeforeNew | None = None) -> None:
         key = self.key_of(sha256)
         try:
             # Content-addressed: the same bytes already stored need no second upload.
-            if not self._exists(key):
-                self.client.upload_file(str(temp_path), self.bucket, key)
+            if not self.exists(sha256):
+                if before_new is not None:
+                    before_new()
+                self.client.upload_file(str(path), self.bucket, key)
         finally:
-            temp_path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)

@@ -14,10 +14,11 @@ from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from maas.wire import chunk_tag, frame, unframe
 
-from services.common.channels import tenant_of
+from services.common.channels import caller_role_of, tenant_of
 from services.common.errors import InvalidArgument
 from services.registry.blobs import Chunk
 from services.registry.service import Registry, VersionUpload
+from services.registry.storage_usage import StorageMeter
 from services.registry.store import (
     ArtifactFormat,
     DatasetFormat,
@@ -46,6 +47,7 @@ DATASET_DOWNLOAD_CHUNK_TAG = chunk_tag(registry_pb2.DownloadDatasetVersionRespon
 ARTIFACT_FORMATS = {
     registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT: ArtifactFormat.TORCHSCRIPT,
     registry_pb2.ARTIFACT_FORMAT_ONNX: ArtifactFormat.ONNX,
+    registry_pb2.ARTIFACT_FORMAT_SAFETENSORS: ArtifactFormat.SAFETENSORS,
 }
 PROTO_ARTIFACT_FORMATS = {domain: proto for proto, domain in ARTIFACT_FORMATS.items()}
 DATASET_FORMATS = {
@@ -60,14 +62,27 @@ PROTO_VERSION_STATES = {
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, storage: StorageMeter) -> None:
         self.registry = registry
+        self.storage = storage
 
     async def CreateModel(self, request, context):  # noqa: N802
         model = await self.registry.create_model(
-            tenant_of(context), request.name, request.description, dict(request.labels)
+            tenant_of(context), request.name, request.description, dict(request.labels), request.no_download
         )
         return registry_pb2.CreateModelResponse(model=model_pb(model))
+
+    async def UpdateModel(self, request, context):  # noqa: N802
+        model = await self.registry.update_model(
+            tenant_of(context),
+            request.model.name,
+            request.update_mask.paths,
+            description=request.model.description,
+            labels=dict(request.model.labels),
+            no_download=request.model.no_download,
+            role=caller_role_of(context),
+        )
+        return registry_pb2.UpdateModelResponse(model=model_pb(model))
 
     async def GetModel(self, request, context):  # noqa: N802
         model = await self.registry.get_model(tenant_of(context), request.name)
@@ -97,6 +112,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             metadata=dict(header.metadata),
             lineage=lineage_of(header.lineage),
             precision=header.precision,
+            from_tenant_key=caller_role_of(context) is not None,
         )
         version = await self.registry.upload_version(tenant, upload, requests.chunks())
         return registry_pb2.UploadVersionResponse(version=version_pb(version))
@@ -122,9 +138,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         version = await self.registry.archive_version(tenant_of(context), request.model, request.version)
         return registry_pb2.ArchiveVersionResponse(version=version_pb(version))
 
+    async def UpdateVersionMetadata(self, request, context):  # noqa: N802
+        version = await self.registry.update_version_metadata(
+            tenant_of(context), request.model, request.version, dict(request.metadata)
+        )
+        return registry_pb2.UpdateVersionMetadataResponse(version=version_pb(version))
+
     async def DownloadVersion(self, request, context):  # noqa: N802
         version, chunks = await self.registry.download_version(
-            tenant_of(context), request.model, request.version
+            tenant_of(context), request.model, request.version, caller_role_of(context)
         )
         async with contextlib.aclosing(chunks):
             yield registry_pb2.DownloadVersionResponse(version=version_pb(version)).SerializeToString()
@@ -184,12 +206,25 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def DownloadDatasetVersion(self, request, context):  # noqa: N802
         version, chunks = await self.registry.download_dataset_version(
-            tenant_of(context), request.dataset, request.version
+            tenant_of(context), request.dataset, request.version, caller_role_of(context)
         )
         async with contextlib.aclosing(chunks):
             yield registry_pb2.DownloadDatasetVersionResponse(version=dataset_version_pb(version)).SerializeToString()
             async for chunk in chunks:
                 yield frame(DATASET_DOWNLOAD_CHUNK_TAG, chunk)
+
+    async def RotateKek(self, request, context):  # noqa: N802
+        rotation = await self.registry.rotate_kek()
+        return registry_pb2.RotateKekResponse(
+            rewrapped_keys=rotation.rewrapped, kek_id=rotation.kek_id, previous_kek_id=rotation.previous_kek_id
+        )
+
+    async def GetStorageUsage(self, request, context):  # noqa: N802
+        """Internal: the gateway's billing asks for the tenant it bills."""
+        days = await self.storage.usage(tenant_of(context), request.start_day, request.end_day)
+        return registry_pb2.GetStorageUsageResponse(
+            days=[registry_pb2.StorageUsageDay(day=day.day, bytes=day.bytes) for day in days]
+        )
 
 
 def add_to_server(servicer: RegistryServicer, server: Any) -> None:
@@ -280,6 +315,7 @@ def model_pb(model: ModelRecord) -> registry_pb2.Model:
         latest_version=model.latest_version,
         aliases=model.aliases,
         create_time=_timestamp(model),
+        no_download=model.no_download,
     )
 
 

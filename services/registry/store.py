@@ -1,12 +1,14 @@
 """What the registry keeps in SQL: models, versions, aliases, datasets and dataset versions.
 
 Synchronous SQLAlchemy 2 sessions (the service calls them through `asyncio.to_thread`). Every
-query is scoped by tenant, except `blob_in_use`: blobs are content-addressed and shared by all.
+query is scoped by tenant, except `blob_in_use` and the blob data keys: blobs are
+content-addressed and shared by all.
 The schema comes from migrations/, never from `metadata.create_all`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -15,6 +17,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Engine,
     ForeignKey,
@@ -24,20 +27,25 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     delete,
     exists,
+    false,
+    func,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 
 class ArtifactFormat(StrEnum):
     TORCHSCRIPT = "TORCHSCRIPT"
     ONNX = "ONNX"
+    SAFETENSORS = "SAFETENSORS"  # a Hugging Face language model packed by maas.hf_format
 
 
 class VersionState(StrEnum):
@@ -67,6 +75,7 @@ class ModelRecord:
     latest_version: int
     aliases: dict[str, int]
     create_time: datetime
+    no_download: bool = False  # only an admin may download its versions
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,14 @@ class DatasetVersionRecord:
     create_time: datetime
 
 
+@dataclass(frozen=True)
+class StorageDay:
+    """The bytes a tenant stored on a UTC day."""
+
+    day: str  # YYYY-MM-DD
+    bytes: int
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -140,6 +157,8 @@ class ModelRow(Base):
     labels: Mapped[dict[str, str]] = mapped_column(JSON)
     latest_version: Mapped[int] = mapped_column(Integer)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Only an admin may download the weights of a model marked so.
+    no_download: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 class VersionRow(Base):
@@ -207,6 +226,36 @@ class DatasetVersionRow(Base):
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class BlobKeyRow(Base):
+    """A blob's AES-256-GCM data key, wrapped by the key-encryption key `kek_id` names."""
+
+    __tablename__ = "blob_keys"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    kek_id: Mapped[str] = mapped_column(String(64))
+    algorithm: Mapped[str] = mapped_column(String(32))
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class BlobKeyRecord:
+    sha256: str
+    wrapped_key: bytes
+    kek_id: str
+    algorithm: str
+
+
+class StorageUsageRow(Base):
+    """The bytes a tenant stored on a UTC day (the day's largest sample), billed per GB-month."""
+
+    __tablename__ = "storage_usage"
+
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+
+
 def _utc(moment: datetime) -> datetime:
     # SQLite hands back naive datetimes; everything stored is UTC.
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
@@ -220,6 +269,7 @@ def _model_record(row: ModelRow, aliases: dict[str, int]) -> ModelRecord:
         latest_version=row.latest_version,
         aliases=aliases,
         create_time=_utc(row.create_time),
+        no_download=row.no_download,
     )
 
 
@@ -237,6 +287,20 @@ def _version_record(model: str, row: VersionRow) -> VersionRecord:
         lineage=Lineage(**row.lineage),
         precision=row.precision,
         create_time=_utc(row.create_time),
+    )
+
+
+def _blob_key_record(row: BlobKeyRow) -> BlobKeyRecord:
+    return BlobKeyRecord(sha256=row.sha256, wrapped_key=row.wrapped_key, kek_id=row.kek_id, algorithm=row.algorithm)
+
+
+def _blob_key_row(record: BlobKeyRecord) -> BlobKeyRow:
+    return BlobKeyRow(
+        sha256=record.sha256,
+        wrapped_key=record.wrapped_key,
+        kek_id=record.kek_id,
+        algorithm=record.algorithm,
+        create_time=datetime.now(UTC),
     )
 
 
@@ -267,7 +331,9 @@ class RegistryStore:
 
     # Models
 
-    def create_model(self, tenant: str, name: str, description: str, labels: dict[str, str]) -> ModelRecord:
+    def create_model(
+        self, tenant: str, name: str, description: str, labels: dict[str, str], no_download: bool = False
+    ) -> ModelRecord:
         row = ModelRow(
             tenant=tenant,
             name=name,
@@ -275,6 +341,7 @@ class RegistryStore:
             labels=labels,
             latest_version=0,
             create_time=datetime.now(UTC),
+            no_download=no_download,
         )
         try:
             with self._sessions.begin() as session:
@@ -298,6 +365,24 @@ class RegistryStore:
             ).all()
             aliases = self._aliases_of(session, tenant, [row.id for row in rows])
             return [_model_record(row, aliases[row.id]) for row in rows]
+
+    def update_model(
+        self, tenant: str, name: str, changes: dict[str, Any], *, unless_no_download: bool = False
+    ) -> ModelRecord | None:
+        """Writes `changes` (column -> value) to the model and returns it. With
+        `unless_no_download`, a model marked no-download is left as it is and None returned: the
+        check and the write are one statement, so a mark set meanwhile is never lost."""
+        with self._sessions.begin() as session:
+            query = update(ModelRow).where(ModelRow.tenant == tenant, ModelRow.name == name)
+            if unless_no_download:
+                query = query.where(ModelRow.no_download == false())
+            changed = session.execute(
+                query.values(**changes).execution_options(synchronize_session=False)
+            ).rowcount
+            row = self._model_row(session, tenant, name)  # NotFound when there is no such model
+            if not changed:
+                return None
+            return _model_record(row, self._aliases_of(session, tenant, [row.id])[row.id])
 
     def delete_model(self, tenant: str, name: str) -> set[str]:
         """Deletes the model, its versions and aliases; returns the sha256 of every deleted version."""
@@ -410,6 +495,24 @@ class RegistryStore:
                     "point those aliases at another version or delete them first"
                 )
             row.state = VersionState.ARCHIVED.value
+        return _version_record(model, row)
+
+    def update_version_metadata(
+        self, tenant: str, model: str, version: int, entries: dict[str, str], max_entries: int
+    ) -> VersionRecord:
+        """Merge `entries` into the version's metadata (an empty value removes its key), in one
+        transaction so that concurrent updates of other keys are not lost."""
+        with self._sessions.begin() as session:
+            model_row = self._model_row(session, tenant, model)
+            row = self._version_row(session, tenant, model_row, version, for_update=True)
+            merged = {**row.meta, **entries}
+            merged = {key: value for key, value in merged.items() if value}
+            if len(merged) > max_entries:
+                raise InvalidArgument(
+                    f"version {version} of model {model!r} would have {len(merged)} metadata entries; "
+                    f"at most {max_entries} are allowed: remove some (an empty value removes a key)"
+                )
+            row.meta = merged
         return _version_record(model, row)
 
     def set_alias(self, tenant: str, model: str, alias: str, version: int) -> AliasRecord:
@@ -538,6 +641,130 @@ class RegistryStore:
                 .limit(limit)
             ).all()
             return [_dataset_version_record(dataset, row) for row in rows]
+
+    # Blob data keys (not scoped by tenant: like blobs, they belong to the bytes)
+
+    def blob_key(self, sha256: str) -> BlobKeyRecord | None:
+        with self._sessions() as session:
+            row = session.get(BlobKeyRow, sha256)
+            return None if row is None else _blob_key_record(row)
+
+    def add_blob_key_unless_present(self, new: BlobKeyRecord) -> BlobKeyRecord:
+        """Store `new` unless the blob has a key already; return the blob's key either way."""
+        try:
+            with self._sessions.begin() as session:
+                row = session.get(BlobKeyRow, new.sha256)
+                if row is not None:
+                    return _blob_key_record(row)
+                session.add(_blob_key_row(new))
+            return new
+        except IntegrityError:
+            # Another upload of the same bytes stored one at that moment: that one holds.
+            existing = self.blob_key(new.sha256)
+            if existing is None:
+                raise
+            return existing
+
+    def put_blob_key(self, new: BlobKeyRecord) -> None:
+        """Store `new` as the blob's key, replacing any other."""
+        try:
+            self._put_blob_key_once(new)
+        except IntegrityError:
+            # Another writer inserted one between our delete and insert: replace that one.
+            self._put_blob_key_once(new)
+
+    def _put_blob_key_once(self, new: BlobKeyRecord) -> None:
+        with self._sessions.begin() as session:
+            session.execute(delete(BlobKeyRow).where(BlobKeyRow.sha256 == new.sha256))
+            session.add(_blob_key_row(new))
+
+    def delete_blob_key(self, sha256: str) -> None:
+        with self._sessions.begin() as session:
+            session.execute(delete(BlobKeyRow).where(BlobKeyRow.sha256 == sha256))
+
+    def has_blob_keys(self) -> bool:
+        with self._sessions() as session:
+            return session.scalar(select(BlobKeyRow.sha256).limit(1)) is not None
+
+    def kek_ids(self) -> set[str]:
+        """Every KEK some data key is wrapped by."""
+        with self._sessions() as session:
+            return set(session.scalars(select(BlobKeyRow.kek_id).distinct()))
+
+    def blob_keys_not_wrapped_by(self, kek_id: str, limit: int) -> list[BlobKeyRecord]:
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(BlobKeyRow).where(BlobKeyRow.kek_id != kek_id).order_by(BlobKeyRow.sha256).limit(limit)
+            ).all()
+            return [_blob_key_record(row) for row in rows]
+
+    def rewrap_blob_keys(self, old: list[BlobKeyRecord], new: list[BlobKeyRecord]) -> int:
+        """Replace each key of `old` by the same blob's in `new`, in one transaction, where the row
+        is still as `old` read it (a key deleted or replaced meanwhile is left alone). Returns how
+        many were replaced."""
+        replaced = 0
+        with self._sessions.begin() as session:
+            for before, after in zip(old, new, strict=True):
+                result = session.execute(
+                    update(BlobKeyRow)
+                    .where(BlobKeyRow.sha256 == before.sha256, BlobKeyRow.wrapped_key == before.wrapped_key)
+                    .values(wrapped_key=after.wrapped_key, kek_id=after.kek_id)
+                    .execution_options(synchronize_session=False)
+                )
+                replaced += result.rowcount
+        return replaced
+
+    # Storage usage (billing)
+
+    def sample_storage(self, day: str) -> dict[str, int]:
+        """Records what each tenant stores now (its versions', archived ones included, and its
+        dataset versions' sizes: a blob two versions share counts for each) as `day`'s sample,
+        keeping the day's largest. A tenant whose latest sample was above zero and who stores
+        nothing now is sampled at zero, so that carrying samples forward never bills deleted
+        bytes. Returns the samples written."""
+        with self._sessions.begin() as session:
+            stored: Counter[str] = Counter()
+            for table in (VersionRow, DatasetVersionRow):
+                sizes = select(table.tenant, func.sum(table.size_bytes)).group_by(table.tenant)
+                for tenant, size in session.execute(sizes):
+                    stored[tenant] += int(size)
+            latest_days = (
+                select(StorageUsageRow.tenant, func.max(StorageUsageRow.day).label("day"))
+                .group_by(StorageUsageRow.tenant)
+                .subquery()
+            )
+            last_sampled_above_zero = session.scalars(
+                select(StorageUsageRow.tenant)
+                .join(
+                    latest_days,
+                    (StorageUsageRow.tenant == latest_days.c.tenant) & (StorageUsageRow.day == latest_days.c.day),
+                )
+                .where(StorageUsageRow.bytes > 0)
+            )
+            samples = dict.fromkeys(last_sampled_above_zero, 0) | dict(stored)
+            dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+            for tenant, size in samples.items():
+                upsert = dialect.insert(StorageUsageRow).values(day=day, tenant=tenant, bytes=size)
+                larger = case((upsert.excluded.bytes > StorageUsageRow.bytes, upsert.excluded.bytes), else_=StorageUsageRow.bytes)
+                session.execute(upsert.on_conflict_do_update(index_elements=["day", "tenant"], set_={"bytes": larger}))
+        return samples
+
+    def storage_days(self, tenant: str, first_day: str, last_day: str) -> list[StorageDay]:
+        """The tenant's samples from first_day to last_day (inclusive), oldest first, preceded by
+        its latest sample before first_day when there is one (what the range's first days carry)."""
+        with self._sessions() as session:
+            before = session.scalar(
+                select(StorageUsageRow)
+                .where(StorageUsageRow.tenant == tenant, StorageUsageRow.day < first_day)
+                .order_by(StorageUsageRow.day.desc())
+                .limit(1)
+            )
+            within = session.scalars(
+                select(StorageUsageRow)
+                .where(StorageUsageRow.tenant == tenant, StorageUsageRow.day.between(first_day, last_day))
+                .order_by(StorageUsageRow.day)
+            ).all()
+            return [StorageDay(row.day, row.bytes) for row in [*([before] if before else []), *within]]
 
     # Lookups shared by the methods above
 

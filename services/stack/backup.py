@@ -14,6 +14,13 @@ is what a resume reads.
 Supported: SQLite -> SQLite and PostgreSQL -> PostgreSQL per service (pg_dump / pg_restore on
 PATH), local or S3 blob stores on either side. Redis holds only caches, rate-limit windows and
 counters that the services rebuild, so it is not backed up.
+
+Encryption at rest: blobs are copied as stored, the sealed ones sealed, each checked on the way
+against its sha256 (opened with its data key, the plaintext dropped). Their data keys travel in
+the registry's database, wrapped; the key-encryption key (MAAS_REGISTRY_KEK_FILE) never goes into
+a backup, so that a backup alone opens nothing. The manifest names the KEKs the backup needs, and
+restore refuses to start until that KEK is back in place. A sealed blob whose key is not in the
+database copy (written after its snapshot, so no version in the backup refers to it) is skipped.
 """
 
 from __future__ import annotations
@@ -26,18 +33,23 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import make_url
 
+from services.common.errors import DataLoss
 from services.common.settings import CommonSettings, make_private
 from services.gateway.config import GatewaySettings
 from services.inference.config import InferenceSettings
 from services.registry.blobs import BlobStore, LocalBlobStore
 from services.registry.config import RegistrySettings
+from services.registry.encryption import NoDataKey, StoredCheck, unwrap_data_key
+from services.registry.keys import KekError, Keyring
 from services.registry.server import open_blob_store
+from services.registry.store import RegistryStore
 from services.trainer.config import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -50,6 +62,7 @@ SERVICES: tuple[tuple[str, type[CommonSettings]], ...] = (
     ("inference", InferenceSettings),
     ("registry", RegistrySettings),
 )
+# Never the KEK: a backup must not open its own blobs.
 SECRET_FILES = ("admin.key", "internal.token")
 JOBS_DIR = "trainer-jobs"
 # Files written aside and renamed into place: half-written while the backup runs.
@@ -67,6 +80,8 @@ class Report:
     blobs: int
     missing_blobs: list[str]
     job_files: int = 0  # files of the trainer's job folders
+    # Sealed blobs without a data key in the registry's database copy: no version refers to them.
+    skipped_blobs: list[str] = field(default_factory=list)
 
 
 def database_url(service: str, settings: CommonSettings) -> str:
@@ -150,7 +165,12 @@ def backup(destination: Path) -> Report:
     job_files = _copy_tree(trainer.trainer_jobs_dir, destination / JOBS_DIR)
 
     target_blobs = LocalBlobStore(destination / "blobs")
-    copied, missing = _copy_blobs(open_blob_store(registry), target_blobs)
+    keys = _BlobKeys(registry.registry_database_url, registry.registry_kek_file)
+    try:
+        copied, missing, skipped = _copy_blobs(open_blob_store(registry), target_blobs, keys)
+        kek_ids = _kek_ids_in_backup(destination, databases.get("registry"), keys)
+    finally:
+        keys.close()
     shutil.rmtree(target_blobs.temp_dir, ignore_errors=True)
 
     home = registry.home
@@ -158,9 +178,10 @@ def backup(destination: Path) -> Report:
         if (home / name).exists():
             _copy_secret(home / name, destination / name)
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "databases": databases, "blobs": copied, "missing_blobs": missing, "job_files": job_files}
+                "databases": databases, "blobs": copied, "missing_blobs": missing, "job_files": job_files,
+                "kek_ids": kek_ids}
     (destination / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return Report(destination, {s: d["engine"] for s, d in databases.items()}, copied, missing, job_files)
+    return Report(destination, {s: d["engine"] for s, d in databases.items()}, copied, missing, job_files, skipped)
 
 
 def restore(source: Path) -> Report:
@@ -176,6 +197,7 @@ def restore(source: Path) -> Report:
     settings, registry = _settings()
     _refuse_if_running(registry.home)
     make_private(registry.home)
+    _require_kek(registry.registry_kek_file, set(manifest.get("kek_ids", [])))
 
     plan = []
     for service, entry in manifest["databases"].items():
@@ -203,7 +225,11 @@ def restore(source: Path) -> Report:
         log.info("database restored", extra={"service": service})
 
     job_files = _copy_tree(source / JOBS_DIR, jobs_dir)
-    copied, missing = _copy_blobs(LocalBlobStore(source / "blobs"), open_blob_store(registry))
+    keys = _BlobKeys(registry.registry_database_url, registry.registry_kek_file)
+    try:
+        copied, missing, skipped = _copy_blobs(LocalBlobStore(source / "blobs"), open_blob_store(registry), keys)
+    finally:
+        keys.close()
     shutil.rmtree(source / "blobs" / "tmp", ignore_errors=True)
 
     home = registry.home
@@ -211,29 +237,116 @@ def restore(source: Path) -> Report:
         if (source / name).exists():
             _copy_secret(source / name, home / name)
     return Report(home, {s: e["engine"] for s, e in manifest["databases"].items()}, copied,
-                  [*manifest.get("missing_blobs", []), *missing], job_files)
+                  [*manifest.get("missing_blobs", []), *missing], job_files, skipped)
 
 
-def _copy_blobs(source: BlobStore, target: BlobStore) -> tuple[int, list[str]]:
-    """Every blob through the stores' own write path: each copy is verified against its digest."""
-    copied, missing = 0, []
+class _BlobKeys:
+    """The blob data keys of a registry database and the KEK that unwraps them: what checks a
+    copied blob against its digest."""
+
+    def __init__(self, url: str, kek_file: Path) -> None:
+        self.kek_file = kek_file
+        self._engine = None
+        self._store: RegistryStore | None = None
+        if engine_of(url) != "sqlite" or sqlite_path(url).exists():
+            self._engine = create_engine(url)
+            # A database from before encryption at rest has no keys (nor their table).
+            if inspect(self._engine).has_table("blob_keys"):
+                self._store = RegistryStore(self._engine)
+        self._keyring: Keyring | None = None
+
+    def check(self, digest: str) -> StoredCheck:
+        record = self._store.blob_key(digest) if self._store is not None else None
+        if record is None:
+            return StoredCheck(digest, None)
+        return StoredCheck(digest, unwrap_data_key(self._kek(), record, f"blob {digest}"))
+
+    def kek_ids(self) -> list[str]:
+        return sorted(self._store.kek_ids()) if self._store is not None else []
+
+    def _kek(self) -> Keyring:
+        if self._keyring is None:
+            try:
+                self._keyring = Keyring(self.kek_file)
+            except KekError as error:
+                raise BackupError(f"{error}: the registry's encrypted blobs cannot be checked without it") from None
+        return self._keyring
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+def _copy_blobs(source: BlobStore, target: BlobStore, keys: _BlobKeys) -> tuple[int, list[str], list[str]]:
+    """Every blob's bytes as stored (sealed ones stay sealed), each checked against its digest on
+    the way. Returns how many were copied, the ones gone since they were listed, and the sealed
+    ones without a data key (skipped)."""
+    copied, missing, skipped = 0, [], []
     for digest in list(source.digests()):
         try:
             stream = source.open(digest)
         except FileNotFoundError:
             missing.append(digest)  # deleted since it was listed
             continue
-        writer = target.begin_write()
+        temp = target.temp_dir / f"{uuid.uuid4().hex}.part"
         try:
-            with stream:
-                while chunk := stream.read(1 << 20):
-                    writer.write(chunk)
+            with stream, temp.open("xb") as copy:
+                check = keys.check(digest)
+                while block := stream.read(1 << 20):
+                    check.update(block)
+                    copy.write(block)
+                check.finish()
+                copy.flush()
+                os.fsync(copy.fileno())
+        except NoDataKey:
+            temp.unlink(missing_ok=True)
+            skipped.append(digest)
+            continue
+        except DataLoss as error:
+            temp.unlink(missing_ok=True)
+            raise BackupError(f"{error}; nothing after it was copied") from None
         except BaseException:
-            writer.abort()
+            temp.unlink(missing_ok=True)
             raise
-        writer.commit(digest, writer.size)
+        target.put_file(temp, digest)
         copied += 1
-    return copied, missing
+    return copied, missing, skipped
+
+
+def _kek_ids_in_backup(destination: Path, registry_database: dict[str, str] | None, keys: _BlobKeys) -> list[str]:
+    """The KEKs the backup's blob data keys are wrapped by: read from the SQLite copy itself; of
+    PostgreSQL, from the live database just after pg_dump."""
+    if registry_database is None:
+        return []
+    if registry_database["engine"] != "sqlite":
+        return keys.kek_ids()
+    copy = destination / "databases" / registry_database["file"]
+    with contextlib.closing(sqlite3.connect(f"file:{copy}?mode=ro", uri=True)) as database:
+        if not database.execute("SELECT 1 FROM sqlite_master WHERE name = 'blob_keys'").fetchone():
+            return []
+        return sorted(row[0] for row in database.execute("SELECT DISTINCT kek_id FROM blob_keys"))
+
+
+def _require_kek(kek_file: Path, needed: set[str]) -> None:
+    """Refuse a restore whose blobs could not be read: the KEK they need must be in place first."""
+    if not needed:
+        return
+    wanted = ", ".join(sorted(needed))
+    try:
+        keyring = Keyring(kek_file)
+    except KekError as error:
+        raise BackupError(
+            f"{error}. This backup's blob data keys are wrapped by {wanted}, and backups never hold the KEK: put "
+            f"back the KEK file that was in use when the backup was taken (you keep it apart from the backups) "
+            f"at {kek_file}, mode 0600, then run restore again"
+        ) from None
+    held = {kek.id for kek in (keyring.current, keyring.next) if kek is not None}
+    if not needed <= held:
+        raise BackupError(
+            f"this backup's blob data keys are wrapped by {wanted}, but the KEK at {kek_file} is "
+            f"{keyring.current.id}: put the KEK that was in use when the backup was taken there (after a "
+            "rotate-kek, the previous one), then run restore again"
+        )
 
 
 def _copy_tree(source: Path, target: Path) -> int:

@@ -17,7 +17,7 @@ from types import TracebackType
 PORT_SETTINGS = [
     "MAAS_GATEWAY_ADDR", "MAAS_REGISTRY_ADDR", "MAAS_INFERENCE_ADDR", "MAAS_TRAINER_ADDR",
     "MAAS_GATEWAY_METRICS_ADDR", "MAAS_REGISTRY_METRICS_ADDR", "MAAS_INFERENCE_METRICS_ADDR",
-    "MAAS_TRAINER_METRICS_ADDR",
+    "MAAS_TRAINER_METRICS_ADDR", "MAAS_GATEWAY_HTTP_ADDR",
 ]
 
 
@@ -66,6 +66,11 @@ class EphemeralStack:
     @property
     def gateway(self) -> str:
         return self.env["MAAS_GATEWAY_ADDR"]
+
+    @property
+    def http(self) -> str:
+        """The gateway's HTTP port as a base URL (the OpenAI API is under /v1)."""
+        return f"http://{self.env['MAAS_GATEWAY_HTTP_ADDR']}"
 
     @property
     def admin_key(self) -> str:

@@ -25,6 +25,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.channels import internal_credentials
+from services.registry.config import RegistrySettings
+from services.registry.keys import ensure_kek_file
 from services.stack.config import StackSettings
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,9 @@ class Supervisor:
         env["MAAS_HOME"] = str(self.settings.home)
         env["MAAS_INTERNAL_TOKEN"] = ensure_secret(self.settings.internal_token_file, lambda: secrets.token_urlsafe(32))
         env["MAAS_TRITON_TOKEN"] = ensure_secret(self.settings.home / "triton.token", lambda: secrets.token_urlsafe(32))
+        # The registry's key-encryption key: a file only the registry reads, never in the
+        # environment that every service (and through the inference service, Triton) inherits.
+        ensure_kek_file(RegistrySettings(home=self.settings.home).registry_kek_file)
         env["MAAS_REDIS_URL"] = self.redis_url()
         env["PYTHONUNBUFFERED"] = "1"
         return env

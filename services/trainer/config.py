@@ -37,6 +37,12 @@ class TrainerSettings(CommonSettings):
     trainer_max_attempts: int = 3
     # Seconds a cancelled or stopped worker gets after SIGTERM before SIGKILL.
     trainer_stop_grace_seconds: float = 1.0
+    # Retraining policies: how often the trainer holding the leader lock looks for new dataset
+    # versions and due schedules and carries runs on (0: never; tests drive it by hand), and
+    # the longest one evaluation of a candidate against the serving version may take.
+    # The serving version is asked of the inference service at inference_addr (CommonSettings).
+    trainer_retrain_poll_seconds: float = 10.0
+    trainer_retrain_evaluation_timeout_seconds: float = 600.0
 
     @model_validator(mode="after")
     def _check_limits(self) -> TrainerSettings:
@@ -44,6 +50,8 @@ class TrainerSettings(CommonSettings):
             raise ValueError("trainer_max_running_jobs and trainer_max_running_jobs_per_tenant must be at least 1")
         if self.trainer_max_workers < 1 or self.trainer_max_epochs < 1 or self.trainer_max_attempts < 1:
             raise ValueError("trainer_max_workers, trainer_max_epochs and trainer_max_attempts must be at least 1")
+        if self.trainer_retrain_poll_seconds < 0 or self.trainer_retrain_evaluation_timeout_seconds <= 0:
+            raise ValueError("trainer_retrain_poll_seconds must not be negative, and the evaluation timeout must be positive")
         return self
 
     def threads_per_job(self) -> int:

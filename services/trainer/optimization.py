@@ -179,7 +179,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: tor
     return alpha * soft * temperature**2 + (1 - alpha) * F.cross_entropy(student, targets)
 
 
-def distill(spec: OptimizationSpec, student_training: TrainingSpec, teacher: torch.jit.ScriptModule, splits: Splits,
+def distill(spec: OptimizationSpec, student_training: TrainingSpec, teacher: Model, splits: Splits,
             emit: Emit, device: torch.device) -> nn.Module:
     assert spec.temperature is not None and spec.alpha is not None and spec.learning_rate is not None
     x_train = splits.train[0]
@@ -248,18 +248,22 @@ def export_onnx(model: nn.Module, source: torch.jit.ScriptModule, splits: Splits
         dynamo=True, external_data=False,
     )
     exported = OnnxModel(path, torch.get_num_threads())
-    x = splits.test[0]
+    check_parity(exported, source, splits.test[0], "the test split")
+    return exported, path
+
+
+def check_parity(exported: OnnxModel, source: Model, x: torch.Tensor, inputs: str) -> None:
+    """FailedPrecondition unless onnxruntime answers like the TorchScript source on `x`."""
     with torch.inference_mode():
         expected = source(x)
     difference = float((exported(x) - expected).abs().max())
     tolerance = ONNX_TOLERANCE * max(1.0, float(expected.abs().max()))
     if not difference <= tolerance:
         raise FailedPrecondition(
-            f"the ONNX export differs from the TorchScript source by up to {difference:.3g} on the test split "
+            f"the ONNX export differs from the TorchScript source by up to {difference:.3g} on {inputs} "
             f"(tolerance {tolerance:.3g}); it was not registered"
         )
     log.info("ONNX export matches the source within %.3g (largest difference %.3g)", tolerance, difference)
-    return exported, path
 
 
 # Measuring

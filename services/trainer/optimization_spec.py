@@ -2,7 +2,8 @@
 
 Like spec.py for training: unset fields arrive as None, `resolve_optimization` fills the
 documented defaults and raises InvalidArgument for what can never run. `check_source` then
-compares the request with the version to optimize, as the registry describes it. No torch here.
+compares the request with the version to optimize, as the registry describes it, and
+`check_uploaded_data` the dataset named for a version the trainer did not produce. No torch here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.trainer.spec import ARCHITECTURES, TASKS, TrainingSpec, architecture_parameters
+from services.trainer.spec import ARCHITECTURES, TASKS, DatasetInfo, TrainingSpec, architecture_parameters
 
 METHODS = ("quantize", "prune", "distill", "export")
 PRECISIONS = ("int8", "fp16")
@@ -24,6 +25,10 @@ STUDENTS = ("linear", "logistic", "mlp", "cnn", "recurrent")
 TRAINING_SPEC_KEY = "training_spec"
 # The metadata key of an optimized version holding its parent's measurements (JSON), taken in its job.
 PARENT_METRICS_KEY = "parent_metrics"
+SOURCE_FORMATS = ("TORCHSCRIPT", "ONNX")
+# A dataset named for a version without a training spec is split like training's defaults.
+DATA_FRACTION = 0.15
+DATA_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -144,37 +149,114 @@ class SourceVersion:
     precision: str
     metadata: dict[str, str]
     dataset_version: int = 0  # lineage: the registry dataset version it was trained on
+    signature: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # {"inputs": [{name, datatype, shape}], ...}
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} version {self.version}"
+
+    @property
+    def trained(self) -> bool:
+        """Whether its eager network can be rebuilt: TorchScript with the training spec it was made with.
+        Any other version is optimized as the artifact it is (see optimization_uploaded.py)."""
+        return self.format == "TORCHSCRIPT" and bool(self.metadata.get(TRAINING_SPEC_KEY))
 
 
-def check_source(spec: OptimizationSpec, source: SourceVersion) -> TrainingSpec:
-    """Whether this version can be optimized so; returns the training spec it was made with
-    (data source replaced when the request names another dataset)."""
-    name = f"{source.model} version {source.version}"
-    if source.format != "TORCHSCRIPT":
-        raise InvalidArgument(
-            f"{name} is {source.format}: optimization starts from a TorchScript version (e.g. the one it was exported from)"
-        )
+def check_source(spec: OptimizationSpec, source: SourceVersion) -> TrainingSpec | None:
+    """Whether this version can be optimized so. Returns the spec of the data the job uses: for a
+    trained version, the training spec it was made with (data source replaced when the request
+    names another dataset); for any other, the dataset named or the training data its metadata
+    records, or None when there is none (it is then measured on random inputs, without accuracy)."""
+    name = source.name
+    if source.format not in SOURCE_FORMATS:
+        raise InvalidArgument(f"{name} is {source.format}: optimization starts from a TorchScript or ONNX version")
     precision = source.precision or "fp32"
     # Every method rebuilds or measures the float network; a quantized teacher would be counted wrong.
     if precision != "fp32":
         raise InvalidArgument(
             f"{name} is already {precision}: {spec.method} starts from an fp32 version (its parent, for example)"
         )
-    text = source.metadata.get(TRAINING_SPEC_KEY, "")
-    if not text:
-        raise FailedPrecondition(
-            f"{name} has no {TRAINING_SPEC_KEY} metadata: only versions the trainer produced (or that carry the same "
-            "metadata) can be optimized"
-        )
-    try:
-        training = TrainingSpec.from_dict(json.loads(text))
-    except (ValueError, TypeError) as exc:
-        raise FailedPrecondition(f"{name} has unreadable {TRAINING_SPEC_KEY} metadata: {exc}") from None
+    if not source.trained:
+        return _check_uploaded(spec, source)
+    training = _training_spec(source)
     task = source.metadata.get("task", "")
     if spec.method == "distill" and task != "classification":
         raise InvalidArgument(f"distillation needs a classifier teacher; {name} is a {task or 'unknown'} model")
     if spec.method == "export" and training.architecture == "gpt":
         raise InvalidArgument(f"{name} is a gpt text model: ONNX export covers models with one fixed-shape input")
+    return _data_of(spec, source, training)
+
+
+def _check_uploaded(spec: OptimizationSpec, source: SourceVersion) -> TrainingSpec | None:
+    """A version the trainer cannot rebuild is fed tensors of its signature: random ones, or the
+    samples of a dataset reshaped to its input."""
+    name = source.name
+    inputs, outputs = source.signature.get("inputs", []), source.signature.get("outputs", [])
+    if not (len(inputs) == 1 and len(outputs) == 1 and all(t["datatype"] == "FP32" for t in inputs + outputs)
+            and all(d > 0 for d in inputs[0]["shape"])):
+        shown = "; ".join(f"{t['name']} {t['datatype']} {t['shape']}" for t in inputs + outputs)
+        raise InvalidArgument(
+            f"{name} has no {TRAINING_SPEC_KEY} metadata, so it is optimized as the artifact it is: that needs one "
+            f"FP32 input of fixed shape and one FP32 output, and its signature has {shown or 'no tensors'}"
+        )
+    if spec.method == "export" and source.format == "ONNX":
+        raise InvalidArgument(f"{name} is already ONNX: export starts from a TorchScript version")
+    if spec.method == "prune" and spec.finetune_epochs and source.format == "ONNX":
+        raise InvalidArgument(f"{name} is ONNX, which the trainer cannot fine-tune: prune it with finetune_epochs 0")
+    # An ONNX export of a trained version keeps its parent's metadata, training data included.
+    if source.metadata.get(TRAINING_SPEC_KEY):
+        return _data_of(spec, source, _training_spec(source))
+    if spec.dataset:
+        return TrainingSpec(
+            architecture="",  # no network: the data only, split as training would split it
+            dataset=spec.dataset, builtin=spec.builtin, dataset_version=spec.dataset_version, task=spec.task,
+            max_samples=spec.max_samples, seed=spec.seed, batch_size=spec.batch_size or DATA_BATCH_SIZE,
+            validation_fraction=DATA_FRACTION, test_fraction=DATA_FRACTION, workers=1,
+        )
+    if spec.method == "distill":
+        raise InvalidArgument(
+            f"distillation needs a dataset: pass --dataset NAME ({name} has no {TRAINING_SPEC_KEY} metadata naming "
+            "the data it was trained on)"
+        )
+    if spec.method == "prune" and spec.finetune_epochs:
+        raise InvalidArgument("fine-tuning after pruning needs a dataset: pass --dataset NAME, or finetune_epochs 0")
+    return None
+
+
+def check_uploaded_data(spec: OptimizationSpec, source: SourceVersion, data: TrainingSpec,
+                        info: DatasetInfo) -> DatasetInfo:
+    """Whether the dataset fits a version optimized as the artifact it is; returns it as the job
+    feeds it, every sample reshaped to the version's input (digits' 8x8 images to an input of 64)."""
+    name = source.name
+    (tensor,) = source.signature["inputs"]
+    shape = tuple(tensor["shape"])
+    if info.kind == "text":
+        raise InvalidArgument(f"{info.name} is a text corpus; {name} takes {tensor['name']} of shape {list(shape)}")
+    if math.prod(info.sample_shape) != math.prod(shape):
+        raise InvalidArgument(
+            f"{info.name} has samples of shape {list(info.sample_shape)}; {name} takes {tensor['name']} of shape "
+            f"{list(shape)}: pass a dataset with {math.prod(shape)} features per sample"
+        )
+    task = data.task or info.task
+    outputs = math.prod(source.signature["outputs"][0]["shape"])
+    if task == "classification" and outputs != info.classes:
+        raise InvalidArgument(
+            f"{info.name} has {info.classes} classes; {name} returns {outputs} values per sample: "
+            "pass a dataset with one class per output"
+        )
+    if spec.method == "distill" and task != "classification":
+        raise InvalidArgument(f"distillation needs a classification dataset; {info.name} is a {task} dataset")
+    return replace(info, sample_shape=shape)
+
+
+def _training_spec(source: SourceVersion) -> TrainingSpec:
+    try:
+        return TrainingSpec.from_dict(json.loads(source.metadata[TRAINING_SPEC_KEY]))
+    except (ValueError, TypeError) as exc:
+        raise FailedPrecondition(f"{source.name} has unreadable {TRAINING_SPEC_KEY} metadata: {exc}") from None
+
+
+def _data_of(spec: OptimizationSpec, source: SourceVersion, training: TrainingSpec) -> TrainingSpec:
     if not training.builtin:
         training = replace(training, dataset_version=source.dataset_version)
     if spec.dataset:

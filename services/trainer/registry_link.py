@@ -1,6 +1,8 @@
 """The trainer's calls to the registry, each on behalf of the job's tenant: fetch a dataset
 version, check a parent version, fetch a version to optimize, and register a finished job's
-artifact as a new version."""
+artifact as a new version. What an optimization of a no-download model registers is
+no-download too: a model this link creates for it is marked so, and a target model that allows
+downloads is refused."""
 
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.channels import internal_metadata
 from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from services.common.remote_errors import domain_error
-from services.common.tensors import BY_TRITON
+from services.common.tensors import BY_PROTO, BY_TRITON
 from services.trainer.optimization_spec import SourceVersion
+from services.trainer.retrain import VersionInfo
 
 CHUNK_BYTES = 1024 * 1024
+LIST_PAGE_SIZE = 500
 DATASET_FORMATS = {registry_pb2.DATASET_FORMAT_NPZ: "NPZ", registry_pb2.DATASET_FORMAT_CSV: "CSV"}
 
 
@@ -47,6 +51,10 @@ class Registration:
     hyperparameters: dict[str, str]
     format: str = "TORCHSCRIPT"  # or ONNX
     precision: str = "fp32"
+    # The model an optimization's artifact was made from ("" for training), and whether it was
+    # marked no-download when the job was created (it is read again at registration).
+    source: str = ""
+    source_no_download: bool = False
 
 
 class RegistryLink:
@@ -86,10 +94,88 @@ class RegistryLink:
         partial.replace(path)
         return FetchedDataset(version, format, dataset.target_column, path)
 
+    async def no_download(self, tenant: str, model: str) -> bool:
+        """Whether the tenant's model is marked no-download (False when there is no such model)."""
+        found = await self._find_model(tenant, model)
+        return found is not None and found.no_download
+
+    async def check_no_download_target(self, tenant: str, target: str, source: str) -> None:
+        """Refuse `target` as the model to hold what an optimization of the no-download model
+        `source` makes, when it exists and allows downloads (a missing one is created marked)."""
+        found = await self._find_model(tenant, target)
+        if found is not None and not found.no_download:
+            raise _downloadable_target(target, source)
+
+    async def _find_model(self, tenant: str, model: str) -> registry_pb2.Model | None:
+        request = registry_pb2.GetModelRequest(name=model)
+        try:
+            return (await self._stub.GetModel(request, metadata=self._metadata(tenant))).model
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise domain_error("registry", error) from None
+
     async def check_version(self, tenant: str, model: str, version: int) -> None:
         request = registry_pb2.GetVersionRequest(model=model, version=version)
         try:
             await self._stub.GetVersion(request, metadata=self._metadata(tenant))
+        except grpc.aio.AioRpcError as error:
+            raise domain_error("registry", error) from None
+
+    # What retraining asks of the registry (services/trainer/retrain.py: RetrainRegistry)
+
+    async def get_version(self, tenant: str, model: str, version: int) -> VersionInfo:
+        request = registry_pb2.GetVersionRequest(model=model, version=version)
+        try:
+            found = (await self._stub.GetVersion(request, metadata=self._metadata(tenant))).version
+        except grpc.aio.AioRpcError as error:
+            raise domain_error("registry", error) from None
+        return _version_info(found)
+
+    async def list_versions(self, tenant: str, model: str) -> list[VersionInfo]:
+        """Every version of the model, oldest first."""
+        versions: list[VersionInfo] = []
+        token = ""
+        try:
+            while True:
+                request = registry_pb2.ListVersionsRequest(model=model, page_size=LIST_PAGE_SIZE, page_token=token)
+                page = await self._stub.ListVersions(request, metadata=self._metadata(tenant))
+                versions += [_version_info(v) for v in page.versions]
+                token = page.next_page_token
+                if not token:
+                    return versions
+        except grpc.aio.AioRpcError as error:
+            raise domain_error("registry", error) from None
+
+    async def alias_version(self, tenant: str, model: str, alias: str) -> int | None:
+        """The version `alias` names, or None when the model has no such alias."""
+        request = registry_pb2.GetVersionRequest(model=model, alias=alias)
+        try:
+            return (await self._stub.GetVersion(request, metadata=self._metadata(tenant))).version.version
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND and "alias" in (error.details() or ""):
+                return None
+            raise domain_error("registry", error) from None
+
+    async def latest_dataset_version(self, tenant: str, dataset: str) -> int:
+        """The dataset's newest version number (0: none uploaded yet)."""
+        request = registry_pb2.GetDatasetRequest(name=dataset)
+        try:
+            return (await self._stub.GetDataset(request, metadata=self._metadata(tenant))).dataset.latest_version
+        except grpc.aio.AioRpcError as error:
+            raise domain_error("registry", error) from None
+
+    async def update_version_metadata(self, tenant: str, model: str, version: int, entries: dict[str, str]) -> None:
+        request = registry_pb2.UpdateVersionMetadataRequest(model=model, version=version, metadata=entries)
+        try:
+            await self._stub.UpdateVersionMetadata(request, metadata=self._metadata(tenant))
+        except grpc.aio.AioRpcError as error:
+            raise domain_error("registry", error) from None
+
+    async def set_alias(self, tenant: str, model: str, alias: str, version: int) -> None:
+        request = registry_pb2.SetAliasRequest(model=model, alias=alias, version=version)
+        try:
+            await self._stub.SetAlias(request, metadata=self._metadata(tenant))
         except grpc.aio.AioRpcError as error:
             raise domain_error("registry", error) from None
 
@@ -115,20 +201,25 @@ class RegistryLink:
         partial.replace(path)
         format = registry_pb2.ArtifactFormat.Name(described.format).removeprefix("ARTIFACT_FORMAT_")
         return SourceVersion(model, version, format, described.precision, dict(described.metadata),
-                             described.lineage.dataset_version)
+                             described.lineage.dataset_version, signature_dict(described.signature))
 
     async def register(self, tenant: str, registration: Registration) -> int:
         """Upload the artifact as a new version of the model (created if missing); returns the
         version number. A model this call created is deleted again if the upload fails."""
         meta = self._metadata(tenant)
         created = False
+        no_download = registration.source_no_download or (
+            bool(registration.source) and await self.no_download(tenant, registration.source)
+        )
         try:
             try:
-                await self._stub.GetModel(registry_pb2.GetModelRequest(name=registration.model), metadata=meta)
+                model = await self._stub.GetModel(registry_pb2.GetModelRequest(name=registration.model), metadata=meta)
+                if no_download and not model.model.no_download:
+                    raise _downloadable_target(registration.model, registration.source)
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.NOT_FOUND:
                     raise
-                created = await self._create_model(tenant, registration)
+                created = await self._create_model(tenant, registration.model, registration.job_id, no_download)
             response = await self._stub.UploadVersion(self._upload(registration), metadata=meta)
             return response.version.version
         except grpc.aio.AioRpcError as error:
@@ -136,9 +227,9 @@ class RegistryLink:
                 await self._delete_model(tenant, registration.model)
             raise domain_error("registry", error) from None
 
-    async def _create_model(self, tenant: str, registration: Registration) -> bool:
+    async def _create_model(self, tenant: str, model: str, job_id: str, no_download: bool) -> bool:
         request = registry_pb2.CreateModelRequest(
-            name=registration.model, description=f"created by trainer job {registration.job_id}"
+            name=model, description=f"created by trainer job {job_id}", no_download=no_download
         )
         try:
             await self._stub.CreateModel(request, metadata=self._metadata(tenant))
@@ -177,6 +268,26 @@ class RegistryLink:
         yield registry_pb2.UploadVersionRequest(header=header)
         for start in range(0, len(data), CHUNK_BYTES):
             yield registry_pb2.UploadVersionRequest(chunk=data[start : start + CHUNK_BYTES])
+
+
+def _version_info(version: registry_pb2.Version) -> VersionInfo:
+    return VersionInfo(version.version, version.state == registry_pb2.VERSION_STATE_READY, dict(version.metadata))
+
+
+def _downloadable_target(target: str, source: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"model {source!r} is marked no-download, so every model its optimizations register into must "
+        f"be too, and model {target!r} allows downloads: register into a new model (created "
+        f"no-download) or into {source!r}, or mark {target!r} (maas models update {target} --no-download)"
+    )
+
+
+def signature_dict(signature: common_pb2.Signature) -> dict[str, list[dict[str, Any]]]:
+    """The inverse of signature_pb: {"inputs": [{name, datatype, shape}], "outputs": [...]}."""
+    def specs(items: Any) -> list[dict[str, Any]]:
+        return [{"name": s.name, "datatype": BY_PROTO[s.datatype].triton, "shape": list(s.shape)} for s in items]
+
+    return {"inputs": specs(signature.inputs), "outputs": specs(signature.outputs)}
 
 
 def signature_pb(signature: dict[str, list[dict[str, Any]]]) -> common_pb2.Signature:

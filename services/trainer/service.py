@@ -27,21 +27,24 @@ from typing import Any
 
 from prometheus_client import Gauge
 
-from services.common.errors import FailedPrecondition, InvalidArgument, MaasError
-from services.common.validation import Page, check_name
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, MaasError
+from services.common.validation import Page, check_id_prefix, check_name
 from services.trainer import data as datasets
 from services.trainer.config import TrainerSettings
 from services.trainer.optimization_spec import (
     PARENT_METRICS_KEY,
     TRAINING_SPEC_KEY,
     OptimizationSpec,
+    SourceVersion,
     check_source,
+    check_uploaded_data,
     resolve_optimization,
     student_spec,
 )
 from services.trainer.registry_link import Registration, RegistryLink
+from services.trainer.retrain import RETRAIN_KEY_PREFIX
 from services.trainer.runner import WorkerProcess, launch, log_tail, pick_next, running_by_tenant
-from services.trainer.spec import TrainingSpec, check_fits, resolve
+from services.trainer.spec import DatasetInfo, TrainingSpec, check_fits, resolve
 from services.trainer.store import EventRecord, JobRecord, JobState, JobStore, now
 from services.trainer.worker import JOB_FILE
 
@@ -112,13 +115,17 @@ class Trainer:
     # The API
 
     async def create_training_job(
-        self, tenant: str, spec: TrainingSpec, model: str, parent_version: int
+        self, tenant: str, spec: TrainingSpec, model: str, parent_version: int, job_id: str = ""
     ) -> JobRecord:
+        """Queue a training job. `job_id`: an id from new_job_id() chosen beforehand (a retraining
+        run stores it first, so that a restart finds the job or creates it, never two)."""
         check_name("model", model)
         if parent_version < 0:
             raise InvalidArgument("parent_version must be a version number, or 0 for none")
         spec = self._resolve(spec)
-        job_id, folder = self._new_folder()
+        if job_id and await self.find_job(job_id) is not None:
+            raise AlreadyExists(f"job {job_id} exists already")
+        job_id, folder = self._new_folder(job_id)
         try:
             config, dataset_version = await self._prepare(tenant, spec, folder)
             if parent_version:
@@ -144,11 +151,22 @@ class Trainer:
         job_id, folder = self._new_folder()
         try:
             source = await self._registry.fetch_version(tenant, spec.model, spec.version, folder / SOURCE_ARTIFACT)
-            training = replace(check_source(spec, source), device=spec.device)
-            students = [self._resolve(student_spec(spec, training))] if spec.method == "distill" else []
-            config, dataset_version = await self._prepare(tenant, training, folder, students)
+            data = check_source(spec, source)
+            # Quantized, pruned, distilled or exported, the result carries the source's weights.
+            no_download = await self._registry.no_download(tenant, spec.model)
+            if no_download and model != spec.model:
+                await self._registry.check_no_download_target(tenant, model, spec.model)
+            if source.trained:
+                assert data is not None
+                training = replace(data, device=spec.device)
+                students = [self._resolve(student_spec(spec, training))] if spec.method == "distill" else []
+                config, dataset_version = await self._prepare(tenant, training, folder, students)
+            else:
+                config, dataset_version = await self._prepare_uploaded(tenant, spec, source, data, folder)
             config.update(kind="optimization", optimization=spec.to_dict(),
-                          source={"model": source.model, "version": source.version, "metadata": source.metadata})
+                          source={"model": source.model, "version": source.version, "metadata": source.metadata,
+                                  "format": source.format, "signature": source.signature,
+                                  "no_download": no_download})
             job = await self._queue(JobRecord(
                 id=job_id, tenant=tenant, kind="optimization", state=JobState.QUEUED, spec=spec.to_dict(),
                 # Lineage links versions of one model; another target model names its parent in metadata.
@@ -161,7 +179,12 @@ class Trainer:
         log.info("job queued", extra={"job": job_id, "tenant": tenant, "optimization": spec.summary})
         return job
 
+    async def find_job(self, job_id: str) -> JobRecord | None:
+        """The job with exactly this id, of any tenant (for the trainer's own bookkeeping)."""
+        return await asyncio.to_thread(self._store.find, job_id)
+
     async def get_job(self, tenant: str, job_id: str) -> JobRecord:
+        """The tenant's job `job_id` names: its id or a unique prefix of it."""
         _check_job_id(job_id)
         return await asyncio.to_thread(self._store.get, tenant, job_id)
 
@@ -177,6 +200,7 @@ class Trainer:
 
     async def cancel_job(self, tenant: str, job_id: str) -> JobRecord:
         job = await self.get_job(tenant, job_id)
+        job_id = job.id  # the whole id, where a prefix was given
         if job.state.terminal:
             raise FailedPrecondition(f"job {job_id} is already {job.state.value}; only queued or running jobs can be cancelled")
         running = self._running.get(job_id)
@@ -194,7 +218,7 @@ class Trainer:
 
     async def watch_job(self, tenant: str, job_id: str, after_sequence: int) -> AsyncIterator[EventRecord]:
         """The job's stored events after `after_sequence`, then live ones until the terminal event."""
-        await self.get_job(tenant, job_id)
+        job_id = (await self.get_job(tenant, job_id)).id  # the whole id, where a prefix was given
         if after_sequence < 0:
             raise InvalidArgument("after_sequence must not be negative")
         watcher = Watcher()
@@ -232,8 +256,11 @@ class Trainer:
     def _resolve(self, spec: TrainingSpec) -> TrainingSpec:
         return resolve(spec, max_epochs=self._settings.trainer_max_epochs, max_workers=self._settings.trainer_max_workers)
 
-    def _new_folder(self) -> tuple[str, Path]:
-        job_id = f"job-{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+    def _new_folder(self, job_id: str = "") -> tuple[str, Path]:
+        if job_id:
+            # A chosen id's folder may be left from a creation a restart interrupted (no job row).
+            shutil.rmtree(self._folder(job_id), ignore_errors=True)
+        job_id = job_id or new_job_id()
         folder = self._folder(job_id)
         folder.mkdir(parents=True)
         return job_id, folder
@@ -250,26 +277,51 @@ class Trainer:
     ) -> tuple[dict[str, Any], int]:
         """Check the spec (and `also_fits`, e.g. a distillation student) against its dataset;
         fetch a registry dataset into the job folder."""
+        config, dataset_version, info = await self._fetch_data(tenant, spec, folder)
+        for fitting in (spec, *also_fits):
+            check_fits(fitting, info)
+        await self._check_device(spec.device)
+        return config, dataset_version
+
+    async def _prepare_uploaded(
+        self, tenant: str, spec: OptimizationSpec, source: SourceVersion, data: TrainingSpec | None, folder: Path
+    ) -> tuple[dict[str, Any], int]:
+        """_prepare for a version optimized as the artifact it is (no network to rebuild): its data,
+        if any, must fit its signature, and a distillation student the data as the job reshapes it."""
+        config: dict[str, Any] = {"spec": None}
+        dataset_version = 0
+        if data is not None:
+            config, dataset_version, info = await self._fetch_data(tenant, data, folder)
+            info = check_uploaded_data(spec, source, data, info)
+            if spec.method == "distill":
+                check_fits(self._resolve(student_spec(spec, data)), info)
+        await self._check_device(spec.device)
+        config["uploaded"] = True
+        return config, dataset_version
+
+    async def _fetch_data(
+        self, tenant: str, spec: TrainingSpec, folder: Path
+    ) -> tuple[dict[str, Any], int, DatasetInfo]:
+        """The job config naming the spec's data, the registry dataset version (0 for built-in data)
+        and the data's description; a registry dataset is fetched into the job folder."""
         config: dict[str, Any] = {"spec": spec.to_dict()}
         if spec.builtin:
             info = await asyncio.to_thread(datasets.describe_builtin, spec.dataset)
-            dataset_version = 0
-        else:
-            check_name("dataset", spec.dataset)
-            if spec.dataset_version < 0:
-                raise InvalidArgument("dataset version must be a version number, or 0 for the newest")
-            fetched = await self._registry.fetch_dataset(tenant, spec.dataset, spec.dataset_version, folder)
-            info = await asyncio.to_thread(
-                datasets.describe_file, spec.dataset, fetched.path, fetched.format, fetched.target_column, spec.task
-            )
-            dataset_version = fetched.version
-            config.update(dataset_file=fetched.path.name, dataset_format=fetched.format,
-                          target_column=fetched.target_column)
-        for fitting in (spec, *also_fits):
-            check_fits(fitting, info)
-        if spec.device == "cuda" and not await asyncio.to_thread(_cuda_available):
+            return config, 0, info
+        check_name("dataset", spec.dataset)
+        if spec.dataset_version < 0:
+            raise InvalidArgument("dataset version must be a version number, or 0 for the newest")
+        fetched = await self._registry.fetch_dataset(tenant, spec.dataset, spec.dataset_version, folder)
+        info = await asyncio.to_thread(
+            datasets.describe_file, spec.dataset, fetched.path, fetched.format, fetched.target_column, spec.task
+        )
+        config.update(dataset_file=fetched.path.name, dataset_format=fetched.format,
+                      target_column=fetched.target_column)
+        return config, fetched.version, info
+
+    async def _check_device(self, device: str) -> None:
+        if device == "cuda" and not await asyncio.to_thread(_cuda_available):
             raise FailedPrecondition("device cuda was asked for, but this trainer has no CUDA device: use auto or cpu")
-        return config, dataset_version
 
     # Scheduling and running
 
@@ -349,7 +401,9 @@ class Trainer:
                 error = str(event.get("message", ""))[:4000]
             elif kind == "started":
                 event["attempt"] = running.job.attempts
-                await self._emit(running.job.id, "started", event, message="running")
+                # torch names a GPU "cuda" or "cuda:N"; the job is billed by the kind of device.
+                device = "cuda" if str(event.get("device", "")).startswith("cuda") else "cpu"
+                await self._emit(running.job.id, "started", event, message="running", device=device)
             elif kind == "progress":
                 running.progress.update({k: event.get(k) for k in PROGRESS_FIELDS})
                 await self._emit(running.job.id, "progress", event, progress=dict(running.progress))
@@ -365,25 +419,34 @@ class Trainer:
         running.registering = True
         metrics = _finite(result["metrics"])
         # The spec of the data (and, for training, the network): what an optimization job rebuilds.
-        data = TrainingSpec.from_dict(config["spec"])
-        metadata = {**result["metadata"], "job": job.id,
-                    "dataset": f"builtin:{data.dataset}" if data.builtin else f"registry:{data.dataset}"}
+        # None for an uploaded version optimized without a dataset.
+        data = TrainingSpec.from_dict(config["spec"]) if config["spec"] else None
+        metadata = {**result["metadata"], "job": job.id}
+        if data:
+            metadata["dataset"] = f"builtin:{data.dataset}" if data.builtin else f"registry:{data.dataset}"
         if job.kind == "optimization":
             spec = OptimizationSpec.from_dict(job.spec)
+            # A retraining verdict judged the parent, not what is made of it.
+            inherited = {k: v for k, v in config["source"]["metadata"].items() if not k.startswith(RETRAIN_KEY_PREFIX)}
+            if spec.method == "distill":  # another network: only the student's own training spec describes it
+                inherited.pop(TRAINING_SPEC_KEY, None)
             # The parent's measurements travel with the child: the parent's own version predates them.
-            metadata = {**config["source"]["metadata"], **metadata, "optimization": spec.summary,
+            metadata = {**inherited, **metadata, "optimization": spec.summary,
                         "parent": f"{spec.model}:{spec.version}",
                         PARENT_METRICS_KEY: json.dumps(_finite(result.get("parent_metrics", {})))}
             hyperparameters = spec.lineage_hyperparameters()
+            source, source_no_download = spec.model, bool(config["source"].get("no_download"))
         else:
+            assert data is not None
             metadata[TRAINING_SPEC_KEY] = json.dumps(data.to_dict())
             hyperparameters = data.lineage_hyperparameters()
+            source, source_no_download = "", False
         registration = Registration(
             model=job.model, artifact=self._folder(job.id) / result["artifact"], signature=result["signature"],
-            metrics=metrics, metadata=metadata, job_id=job.id, dataset="" if data.builtin else data.dataset,
+            metrics=metrics, metadata=metadata, job_id=job.id, dataset="" if not data or data.builtin else data.dataset,
             dataset_version=job.dataset_version, parent_version=job.parent_version,
             hyperparameters=hyperparameters, format=result.get("format", "TORCHSCRIPT"),
-            precision=result.get("precision", "fp32"),
+            precision=result.get("precision", "fp32"), source=source, source_no_download=source_no_download,
         )
         try:
             version = await self._registry.register(job.tenant, registration)
@@ -450,9 +513,15 @@ class Trainer:
         return self._settings.trainer_jobs_dir / job_id
 
 
+def new_job_id() -> str:
+    """job-<12 hex digits of milliseconds><8 random hex digits>: ids sort by creation time."""
+    return f"job-{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+
+
 def _check_job_id(job_id: str) -> None:
     if not job_id.startswith("job-") or len(job_id) > 40 or not job_id[4:].isalnum():
         raise InvalidArgument(f"invalid job id {job_id[:60]!r}: job ids look like job-0193a2b4c5d6e7f8a9b0")
+    check_id_prefix("job id", job_id, start="job-")
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:

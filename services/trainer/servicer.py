@@ -9,7 +9,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from maas.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 from services.common.channels import tenant_of
+from services.common.errors import InvalidArgument, Unauthenticated
 from services.trainer.optimization_spec import OptimizationSpec
+from services.trainer.retrain import Retrainer
+from services.trainer.retrain_store import Action, Policy, RetrainEvent, Run, RunState, TenantEvent, Trigger
 from services.trainer.service import Trainer
 from services.trainer.spec import TrainingSpec
 from services.trainer.store import EventRecord, JobRecord, JobState
@@ -52,9 +55,28 @@ def _reverse(mapping: dict[int, str]) -> dict[str, int]:
     return reverse
 
 
+TRIGGERS = {
+    trainer_pb2.RETRAIN_TRIGGER_NEW_DATASET_VERSION: Trigger.NEW_DATASET_VERSION,
+    trainer_pb2.RETRAIN_TRIGGER_SCHEDULE: Trigger.SCHEDULE,
+    trainer_pb2.RETRAIN_TRIGGER_DRIFT: Trigger.DRIFT,
+}
+ACTIONS = {
+    trainer_pb2.RETRAIN_ACTION_UNSPECIFIED: Action.REGISTER,
+    trainer_pb2.RETRAIN_ACTION_ALIAS: Action.ALIAS,
+    trainer_pb2.RETRAIN_ACTION_CANARY: Action.CANARY,
+}
+RUN_STATES = {state: trainer_pb2.RetrainRunState.Value(f"RETRAIN_RUN_STATE_{state.value}") for state in RunState}
+# RetrainPolicy fields that go to the domain as they are.
+POLICY_FIELDS = (
+    "model", "dataset", "from_version", "interval_seconds", "deployment", "metric", "min_gain", "alias",
+    "canary_weight_percent", "canary_window_seconds", "canary_max_error_rate", "drift_threshold", "cooldown_seconds",
+)
+
+
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Trainer, retrainer: Retrainer) -> None:
         self.trainer = trainer
+        self.retrainer = retrainer
 
     async def CreateTrainingJob(self, request, context):  # noqa: N802
         job = await self.trainer.create_training_job(
@@ -84,6 +106,42 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             tenant_of(context), optimization_spec_of(request.spec), request.model
         )
         return trainer_pb2.CreateOptimizationJobResponse(job=job_pb(job))
+
+    async def SetRetrainPolicy(self, request, context):  # noqa: N802
+        policy = await self.retrainer.set_policy(tenant_of(context), policy_of(request.policy))
+        return trainer_pb2.SetRetrainPolicyResponse(policy=policy_pb(policy))
+
+    async def GetRetrainPolicy(self, request, context):  # noqa: N802
+        policy, runs, events = await self.retrainer.get_policy(tenant_of(context), request.model)
+        return trainer_pb2.GetRetrainPolicyResponse(
+            policy=policy_pb(policy), runs=[run_pb(r) for r in runs], events=[retrain_event_pb(e) for e in events]
+        )
+
+    async def DeleteRetrainPolicy(self, request, context):  # noqa: N802
+        await self.retrainer.delete_policy(tenant_of(context), request.model)
+        return trainer_pb2.DeleteRetrainPolicyResponse()
+
+    async def TriggerRetrain(self, request, context):  # noqa: N802
+        run = await self.retrainer.trigger(tenant_of(context), request.model)
+        return trainer_pb2.TriggerRetrainResponse(run=run_pb(run))
+
+    async def ReportDrift(self, request, context):  # noqa: N802
+        # The monitor names the tenant in the request, the call's metadata, or both (then alike).
+        try:
+            tenant = tenant_of(context)
+        except Unauthenticated:
+            if not request.tenant:
+                raise
+            tenant = request.tenant
+        if request.tenant and request.tenant != tenant:
+            raise InvalidArgument(f"tenant {request.tenant[:80]!r} is not the tenant the call asserts ({tenant!r})")
+        runs = await self.retrainer.report_drift(tenant, request.deployment, request.psi, request.feature)
+        return trainer_pb2.ReportDriftResponse(runs=[run_pb(r) for r in runs])
+
+    async def ListRetrainEvents(self, request, context):  # noqa: N802
+        # Internal, for the gateway's audit log: every tenant's events, so no tenant is asserted.
+        events = await self.retrainer.list_events(request.after_id, request.limit)
+        return trainer_pb2.ListRetrainEventsResponse(events=[tenant_retrain_event_pb(e) for e in events])
 
 
 def _architecture_of(architecture: trainer_pb2.Architecture) -> tuple[str, dict[str, Any]]:
@@ -240,6 +298,7 @@ def job_pb(job: JobRecord) -> trainer_pb2.Job:
         message=job.message,
         attempts=job.attempts,
         dataset_version=job.dataset_version,
+        device=job.device,
     )
 
 
@@ -266,3 +325,45 @@ def event_pb(event: EventRecord) -> trainer_pb2.JobEvent:
             result=result_pb(p["result"]) if p.get("result") else None,
         ))
     return message
+
+
+def policy_of(policy: trainer_pb2.RetrainPolicy) -> Policy:
+    if policy.action not in ACTIONS:
+        raise InvalidArgument(f"unknown retrain action {policy.action}; choose register, alias or canary")
+    return Policy(
+        trigger=TRIGGERS.get(policy.trigger), action=ACTIONS[policy.action],
+        **{name: getattr(policy, name) for name in POLICY_FIELDS},
+    )
+
+
+def policy_pb(policy: Policy) -> trainer_pb2.RetrainPolicy:
+    assert policy.trigger is not None
+    return trainer_pb2.RetrainPolicy(
+        trigger=_reverse_enum(TRIGGERS)[policy.trigger], action=_reverse_enum(ACTIONS)[policy.action],
+        create_time=_timestamp(policy.create_time), last_dataset_version=policy.last_dataset_version,
+        **{name: getattr(policy, name) for name in POLICY_FIELDS},
+    )
+
+
+def run_pb(run: Run) -> trainer_pb2.RetrainRun:
+    return trainer_pb2.RetrainRun(
+        id=run.id, state=RUN_STATES[run.state], reason=run.reason, dataset_version=run.dataset_version,
+        job_id=run.job_id, candidate_version=run.candidate_version, serving_version=run.serving_version,
+        candidate_metric=run.candidate_metric or 0.0, serving_metric=run.serving_metric or 0.0,
+        message=run.message or run.comparison, create_time=_timestamp(run.create_time),
+        end_time=_timestamp(run.end_time),
+    )
+
+
+def retrain_event_pb(event: RetrainEvent) -> trainer_pb2.RetrainEvent:
+    return trainer_pb2.RetrainEvent(run_id=event.run_id, time=_timestamp(event.time), step=event.step,
+                                    message=event.message)
+
+
+def tenant_retrain_event_pb(event: TenantEvent) -> trainer_pb2.TenantRetrainEvent:
+    return trainer_pb2.TenantRetrainEvent(id=event.id, tenant=event.tenant, model=event.model,
+                                          event=retrain_event_pb(event.event))
+
+
+def _reverse_enum(mapping: dict[int, Any]) -> dict[Any, int]:
+    return {value: number for number, value in mapping.items()}

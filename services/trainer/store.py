@@ -18,6 +18,7 @@ from sqlalchemy import JSON, DateTime, Engine, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from services.common.errors import NotFound
+from services.common.validation import MATCHES_NAMED, one_match
 
 
 class JobState(StrEnum):
@@ -50,6 +51,7 @@ class JobRecord:
     message: str = ""
     attempts: int = 0
     last_sequence: int = 0
+    device: str = ""  # "cpu" or "cuda", from the latest started event; "" until it starts
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class JobRow(Base):
     message: Mapped[str] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer)
     last_sequence: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(8), server_default="")
 
 
 class EventRow(Base):
@@ -103,7 +106,7 @@ def _record(row: JobRow) -> JobRecord:
         parent_version=row.parent_version, dataset_version=row.dataset_version,
         create_time=_utc(row.create_time), start_time=_utc(row.start_time), end_time=_utc(row.end_time),
         progress=row.progress, result=row.result, message=row.message, attempts=row.attempts,
-        last_sequence=row.last_sequence,
+        last_sequence=row.last_sequence, device=row.device,
     )
 
 
@@ -133,11 +136,17 @@ class JobStore:
         return job
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
+        """The tenant's job with this id or, failing that, the one whose id starts with it (`%` and
+        `_` taken literally); never another tenant's."""
+        query = (
+            select(JobRow)
+            .where(JobRow.tenant == tenant, JobRow.id.startswith(job_id, autoescape=True))
+            .order_by(JobRow.id)
+            .limit(MATCHES_NAMED + 1)
+        )
         with self._sessions() as session:
-            row = session.get(JobRow, job_id)
-            if row is None or row.tenant != tenant:
-                raise NotFound(f"job {job_id!r} not found")
-            return _record(row)
+            rows = {row.id: row for row in session.scalars(query)}
+        return _record(rows[one_match("job", job_id, list(rows))])
 
     def get_by_id(self, job_id: str) -> JobRecord:
         with self._sessions() as session:
@@ -145,6 +154,11 @@ class JobStore:
             if row is None:
                 raise NotFound(f"job {job_id!r} not found")
             return _record(row)
+
+    def find(self, job_id: str) -> JobRecord | None:
+        with self._sessions() as session:
+            row = session.get(JobRow, job_id)
+            return None if row is None else _record(row)
 
     def list(self, tenant: str, state: JobState | None, before_id: str, limit: int) -> list[JobRecord]:
         """Newest first: ids sort by creation time."""

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from services.common import summaries
 from services.trainer import data as datasets
 from services.trainer.models import Exported, Standardize, build
 from services.trainer.spec import TrainingSpec
@@ -267,7 +268,7 @@ def export(job: Job, model: Exported, splits: Splits) -> dict[str, Any]:
         metrics.update(evaluate(artifact, split, splits.task, torch.device("cpu"), name))
     if splits.task == "language":
         metrics["unigram_loss"] = unigram_loss(splits)
-    metadata = {"task": splits.task, "architecture": job.spec.architecture}
+    metadata = {"task": splits.task, "architecture": job.spec.architecture, **baseline_metadata(splits)}
     if splits.vocabulary:
         metadata["vocabulary"] = splits.vocabulary
     if splits.class_names:
@@ -275,6 +276,16 @@ def export(job: Job, model: Exported, splits: Splits) -> dict[str, Any]:
     log.info("exported %s: %s", ARTIFACT, ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     return {"type": "result", "artifact": ARTIFACT, "signature": signature(splits), "metrics": metrics,
             "metadata": metadata}
+
+
+def baseline_metadata(splits: Splits) -> dict[str, str]:
+    """The training split summarized as the drift monitor reads it (services.common.summaries):
+    per-feature histograms of the input `x` and the distribution of the targets. None for text."""
+    if splits.task == "language":
+        return {}
+    x, y = splits.train
+    classes = splits.outputs if splits.task == "classification" else 0
+    return {summaries.BASELINE_KEY: summaries.baseline({"x": x.numpy()}, y.numpy(), classes).to_json()}
 
 
 def unigram_loss(splits: Splits) -> float:

@@ -4,7 +4,8 @@ The trainer service starts it (through `torchrun` when the job has several worke
 its events, one JSON object per line, from its stdout: started, progress, checkpoint, log,
 result or error. Everything else the process prints goes to stderr (the job's worker.log).
 The job folder holds job.json (written by the service), the checkpoint and the exported model;
-an optimization job's also holds source.pt, the version it starts from (see optimization.py).
+an optimization job's also holds source.pt, the version it starts from, TorchScript or ONNX (see
+optimization.py, and optimization_uploaded.py for versions without a training spec).
 A worker whose trainer dies exits too: the restarted trainer resumes the job from its checkpoint.
 """
 
@@ -106,7 +107,11 @@ def run(folder: Path, rank: int, world: int, events: EventWriter) -> None:
     config = json.loads((folder / JOB_FILE).read_text())
     torch.set_num_threads(int(config.get("threads", 1)))
     if config.get("kind") == "optimization":
-        from services.trainer.optimization import optimize
+        # A version without a training spec (or ONNX) is optimized as the artifact it is.
+        if config.get("uploaded"):
+            from services.trainer.optimization_uploaded import optimize
+        else:
+            from services.trainer.optimization import optimize
 
         events(optimize(folder, config, events, pick_device(config["optimization"]["device"], rank)))
         return

@@ -272,3 +272,20 @@ def test_settings_that_cannot_work_fail_the_render(helm: str, charts: Path, valu
         args += ["--set", value]
     result = subprocess.run(args, capture_output=True, text=True, check=False)
     assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_the_registry_reads_its_kek_from_a_secret_no_other_pod_mounts(helm: str, yaml: Any, charts: Path) -> None:
+    objects = render(helm, yaml, charts / "maas")
+    assert configs_of(objects, "t-registry")["MAAS_REGISTRY_KEK_FILE"] == "/etc/maas/kek/kek"
+    registry = pod_spec(objects, "Deployment", "t-registry")
+    (volume,) = [volume for volume in registry["volumes"] if volume["name"] == "kek"]
+    assert volume["secret"] == {"secretName": "maas-kek", "defaultMode": 0o400, "items": [{"key": "kek", "path": "kek"}]}
+    assert {"name": "kek", "mountPath": "/etc/maas/kek", "readOnly": True} in registry["containers"][0]["volumeMounts"]
+    for other in ("t-gateway", "t-inference", "t-trainer"):
+        assert "MAAS_REGISTRY_KEK_FILE" not in configs_of(objects, other)
+        assert not [v for v in pod_spec(objects, "Deployment", other)["volumes"] if v["name"] == "kek"]
+    result = subprocess.run(
+        [helm, "template", "t", str(charts / "registry"), "--set", "secrets.kek.name="],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode != 0 and "key-encryption key" in result.stderr

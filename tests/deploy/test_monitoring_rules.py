@@ -13,6 +13,7 @@ MONITORING = REPO / "deploy" / "monitoring"
 REQUIRED_ALERTS = {
     "MaasHighErrorRate", "MaasPredictLatencyP99High", "MaasTritonDown", "MaasRedisDegraded",
     "MaasInferenceQueueBacklog", "MaasTrainingQueueBacklog", "MaasQuotaNearExhaustion",
+    "MaasBudgetNearlySpent", "MaasBudgetSpent",
 }
 
 METRIC_DEFINITION = re.compile(r'(?:Counter|Gauge|Histogram|Summary)\(\s*"(maas_[a-z0-9_]+)"')

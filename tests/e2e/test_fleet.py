@@ -74,7 +74,7 @@ def deployment_json(stack: EphemeralStack, name: str, key: str) -> dict:
 
 def nodes_json(stack: EphemeralStack) -> list[dict]:
     shown = stack.maas("nodes", "list", "--json", env={**stack.env, "MAAS_API_KEY": stack.admin_key})
-    return json.loads(shown.stdout)["nodes"]
+    return json.loads(shown.stdout)
 
 
 def ready_nodes(client: Client, name: str) -> list[str]:

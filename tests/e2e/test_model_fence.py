@@ -100,7 +100,7 @@ def test_no_secret_database_or_other_tenants_file_is_in_reach(attack):
     targets = [
         "admin.key",  # relative, as the attacker sent it: Triton's working directory held MAAS_HOME
         "internal.token",
-        *(str(home / name) for name in ("admin.key", "internal.token", "triton.token", "redis.password")),
+        *(str(home / name) for name in ("admin.key", "internal.token", "triton.token", "redis.password", "kek")),
         *(str(path) for path in home.rglob("*.db")),
         *(str(path) for path in (home / "redis").rglob("*") if path.is_file()),
         *(str(path) for path in others),

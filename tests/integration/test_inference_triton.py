@@ -321,6 +321,9 @@ async def test_deploy_predict_survive_restarts_and_delete(tmp_path: Path) -> Non
                 print(f"Predict answered again {time.perf_counter() - started:.1f} s after kill -9 of Triton")
                 np.testing.assert_allclose(as_array(response.outputs[0]), expected, rtol=1e-4, atol=1e-5)
                 assert int(pid_file.read_text()) != old_pid
+                # The killed server's model stubs went with it: its process group is empty.
+                with pytest.raises(ProcessLookupError):
+                    os.killpg(old_pid, 0)
                 await wait_for_state(stub, "digits-ts", inference_pb2.DEPLOYMENT_STATE_READY, metadata)
                 watch.cancel()
         assert registry.downloads == 2  # the artifact cache kept them across the Triton restart

@@ -16,6 +16,7 @@ from sqlalchemy import inspect
 from services.common.database import make_engine, upgrade
 from services.common.errors import FailedPrecondition, NotFound
 from services.registry.blobs import LocalBlobStore
+from services.registry.encryption import BlobEncryption, open_keyring
 from services.registry.server import MIGRATIONS
 from services.registry.service import Registry, VersionUpload
 from services.registry.store import ArtifactFormat, RegistryStore
@@ -30,9 +31,11 @@ def registry(postgres_url: str, tmp_path: Path) -> Iterator[Registry]:
     assert {"models", "versions", "aliases", "datasets", "dataset_versions"} <= set(
         inspect(engine).get_table_names()
     )
+    store = RegistryStore(engine)
     yield Registry(
-        RegistryStore(engine),
+        store,
         LocalBlobStore(tmp_path / "blobs"),
+        encryption=BlobEncryption(store, open_keyring(tmp_path / "kek", store), enabled=True),
         chunk_bytes=64 * 1024,
         max_artifact_bytes=1 << 30,
     )
@@ -116,3 +119,18 @@ async def test_core_flow_on_postgres(registry: Registry) -> None:
     with pytest.raises(NotFound):
         await registry.get_model("acme", "digits")
     assert (await registry.get_model("rival", "digits")).latest_version == 1
+
+
+async def test_one_data_key_for_bytes_uploaded_at_once_and_a_rotation_keeps_them(registry: Registry) -> None:
+    """Uploads of the same bytes meanwhile share the blob's data key (the table's row decides, not
+    the process), and a KEK rotation re-wraps it on PostgreSQL as on SQLite."""
+    data = onnx_model(0.7)
+    for tenant in ("acme", "rival"):
+        await registry.create_model(tenant, "digits", "", {})
+    await asyncio.gather(*(upload(registry, tenant, "digits", data) for tenant in ("acme", "rival") * 3))
+    rotation = await registry.rotate_kek()
+    assert rotation.rewrapped == 1 and rotation.kek_id != rotation.previous_kek_id
+    for tenant in ("acme", "rival"):
+        for number in (1, 2, 3):
+            _, chunks = await registry.download_version(tenant, "digits", number)
+            assert b"".join([chunk async for chunk in chunks]) == data

@@ -154,13 +154,26 @@ def start_trainer(home: Path, registry_port: int, port: int) -> subprocess.Popen
                             stdout=subprocess.DEVNULL, stderr=(home / "trainer.log").open("ab"))
 
 
+async def serving(process: subprocess.Popen, channel: grpc.aio.Channel, home: Path, timeout: float = 120) -> None:
+    """Until the trainer listens; a trainer that exits or hangs fails the test with its own log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), 1)
+            return
+        except TimeoutError:
+            log = (home / "trainer.log").read_text(errors="replace")[-4000:]
+            assert process.poll() is None, f"the trainer exited with {process.returncode}:\n{log}"
+            assert time.monotonic() < deadline, f"the trainer did not listen in {timeout:.0f} s:\n{log}"
+
+
 async def test_a_killed_trainer_resumes_its_job_from_the_checkpoint(tmp_path, registry_server) -> None:  # noqa: F811
     port = free_port()
     training = spec("cnn", "digits", epochs=6)
     process = start_trainer(tmp_path, registry_server.port, port)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await asyncio.wait_for(channel.channel_ready(), 60)
+            await serving(process, channel, tmp_path)
             stub = TenantStub(trainer_pb2_grpc.TrainerServiceStub(channel), "tenant-a")
             await asyncio.sleep(0.5)  # the server listens before its start-up work ends
             job_id = await submit(stub, training, "resumed")
@@ -174,7 +187,7 @@ async def test_a_killed_trainer_resumes_its_job_from_the_checkpoint(tmp_path, re
             await asyncio.sleep(0.1)
         process = start_trainer(tmp_path, registry_server.port, port)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await asyncio.wait_for(channel.channel_ready(), 60)
+            await serving(process, channel, tmp_path)
             stub = TenantStub(trainer_pb2_grpc.TrainerServiceStub(channel), "tenant-a")
             resumed = await finish(stub, job_id)
             assert resumed.attempts == 2

@@ -11,8 +11,11 @@ from maas.cli import _shared
 from maas.cli._shared import TlsCaOption
 from maas.cli.admin import admin_app, whoami
 from maas.cli.backup import backup, restore
+from maas.cli.billing import billing_app
+from maas.cli.datasets import datasets_app
 from maas.cli.deploy import deploy_app, predict
 from maas.cli.embed import embed, import_pretrained
+from maas.cli.feedback import feedback
 from maas.cli.generate import generate
 from maas.cli.models import models_app
 from maas.cli.nodes import nodes_app
@@ -39,6 +42,7 @@ app.command()(whoami)
 app.command()(predict)
 app.command()(embed)
 app.command()(generate)
+app.command()(feedback)
 app.command()(usage)
 app.command()(train)
 app.command()(optimize)
@@ -47,9 +51,11 @@ admin_app.command()(restore)
 app.add_typer(admin_app, name="admin")
 models_app.command("import-pretrained")(import_pretrained)
 app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(nodes_app, name="nodes")
+app.add_typer(billing_app, name="billing")
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -12,22 +13,33 @@ import typer
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
+from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Column, Table
+from rich.text import Text
 
 from maas.client import Client
 from maas.common.v1 import common_pb2
 from maas.errors import ApiError
 from maas.tensors import datatype
 
-console = Console()
-errors = Console(stderr=True)
+# Markup off: server text (error details, messages, names) is printed as it is, never read as
+# rich tags ("[batch, 64]" would vanish). Styles are applied with Text, never with markup.
+# Soft wrap: a line is never broken by the CLI (ids and shapes stay whole for copy and grep);
+# tables still fit the terminal.
+console = Console(markup=False, soft_wrap=True)
+errors = Console(stderr=True, markup=False, soft_wrap=True)
 
 
 def upload_progress() -> Progress:
     """A bar of bytes sent and their rate, on stderr (stdout stays for results)."""
     return Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=errors
+        TextColumn("{task.description}", style="progress.description", markup=False),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=errors,
     )
 
 ApiKeyOption = Annotated[
@@ -62,27 +74,55 @@ def maas_home() -> Path:
     return default_home()
 
 
+# Whether this command's key came from $MAAS_API_KEY: a refusal then says how to act as admin.
+key_from_environment = False
+
+
 def client(api_key: str | None, address: str | None) -> Client:
+    global key_from_environment
+    key_from_environment = bool(api_key) and api_key == os.environ.get("MAAS_API_KEY")
     if not api_key:
         key_file = maas_home() / "admin.key"
         if key_file.exists():
             api_key = key_file.read_text().strip()
     if not api_key:
         errors.print(
-            "[red]no API key:[/] pass --api-key, set MAAS_API_KEY, or run `maas up` to create the admin key"
+            Text.assemble(("no API key:", "red"), " pass --api-key, set MAAS_API_KEY, or run `maas up` to create the admin key")
         )
         raise typer.Exit(2)
     root_certificates = tls_ca.read_bytes() if tls_ca else None
     return Client(address, api_key, root_certificates=root_certificates)
 
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the full record as JSON")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the full records as JSON (the proto3 JSON mapping)")]
+
+
+def _as_dict(message: Message) -> dict:
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
 
 
 def print_json(message: Message) -> None:
     """A message in the proto3 JSON mapping (camelCase keys, enum names), fields at their zero
     value included: a 0 that means something (minReplicas 0, an empty replica list) shows."""
-    print(json.dumps(json_format.MessageToDict(message, always_print_fields_with_no_presence=True), indent=2))
+    print(json.dumps(_as_dict(message), indent=2))
+
+
+def print_json_list(messages: Iterable[Message]) -> None:
+    """A JSON array of messages, each as print_json prints one."""
+    print(json.dumps([_as_dict(message) for message in messages], indent=2))
+
+
+def new_table(*columns: Column | str, **options: object) -> Table:
+    """The CLI's one table style: a rule under the header and no borders, so that 80 columns
+    hold whole ids and more of everything else."""
+    return Table(*columns, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True, **options)
+
+
+def id_column(header: str, values: Iterable[str]) -> Column:
+    """A table column of identifiers (ids, names, versions): never wrapped nor cut short, as wide
+    as its longest value, so that on a narrow terminal the other columns wrap instead and an id
+    copied from the table is whole."""
+    return Column(header, no_wrap=True, min_width=max((len(value) for value in values), default=0))
 
 
 def ago(stamp: Timestamp) -> str:
@@ -97,7 +137,13 @@ def ago(stamp: Timestamp) -> str:
 
 
 def fail(error: ApiError) -> typer.Exit:
-    errors.print(f"[red]{error.code.name}[/]: {error.details}")
+    errors.print(Text.assemble((error.code.name, "red"), f": {error.details}"))
+    if error.code.name == "PERMISSION_DENIED" and key_from_environment:
+        admin_key = maas_home() / "admin.key"
+        errors.print(
+            f"This command used the key in $MAAS_API_KEY. To act as the platform admin, pass "
+            f'--api-key "$(cat {admin_key})", or `unset MAAS_API_KEY` so that the CLI uses {admin_key}.'
+        )
     return typer.Exit(1)
 
 

@@ -5,9 +5,22 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.table import Column
+from rich.text import Text
 
-from maas.cli._shared import AddressOption, ApiKeyOption, client, console, errors, fail
+from maas.cli._shared import (
+    AddressOption,
+    ApiKeyOption,
+    JsonOption,
+    client,
+    console,
+    errors,
+    fail,
+    id_column,
+    new_table,
+    print_json,
+    print_json_list,
+)
 from maas.client import ROLES
 from maas.errors import ApiError
 from maas.gateway.v1 import admin_pb2
@@ -29,7 +42,7 @@ def whoami(api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
     except ApiError as error:
         raise fail(error) from None
     role = {v: k for k, v in ROLES.items()}.get(key.role, "?")
-    console.print(f"key {key.id}: tenant [bold]{key.tenant}[/], role {role}")
+    console.print(Text.assemble(f"key {key.id}: tenant ", (key.tenant, "bold"), f", role {role}"))
 
 
 tenant_app = typer.Typer(help="Tenants.", no_args_is_help=True)
@@ -49,17 +62,20 @@ def tenant_create(
         tenant = client(api_key, address).create_tenant(name, display_name)
     except ApiError as error:
         raise fail(error) from None
-    console.print(f"created tenant [bold]{tenant.name}[/]")
+    console.print(Text.assemble("created tenant ", (tenant.name, "bold")))
 
 
 @tenant_app.command("list")
-def tenant_list(api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+def tenant_list(as_json: JsonOption = False, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
     """Every tenant with a platform admin key; a tenant admin sees its own."""
     try:
         tenants = client(api_key, address).list_tenants()
     except ApiError as error:
         raise fail(error) from None
-    table = Table("tenant", "display name", "created")
+    if as_json:
+        print_json_list(tenants)
+        return
+    table = new_table(id_column("tenant", (t.name for t in tenants)), "display name", "created")
     for tenant in tenants:
         table.add_row(tenant.name, tenant.display_name, tenant.create_time.ToJsonString())
     console.print(table)
@@ -89,6 +105,7 @@ def key_list(
     tenant: Annotated[
         str, typer.Argument(help="Default: your own tenant; every tenant with a platform admin key")
     ] = "",
+    as_json: JsonOption = False,
     api_key: ApiKeyOption = None,
     address: AddressOption = None,
 ) -> None:
@@ -96,8 +113,14 @@ def key_list(
         keys = client(api_key, address).list_api_keys(tenant)
     except ApiError as error:
         raise fail(error) from None
+    if as_json:
+        print_json_list(keys)
+        return
     roles = {v: k for k, v in ROLES.items()}
-    table = Table("id", "tenant", "role", "revoked", "description", "created")
+    table = new_table(
+        id_column("id", (k.id for k in keys)), id_column("tenant", (k.tenant for k in keys)),
+        "role", "revoked", "description", "created",
+    )
     for key in keys:
         table.add_row(
             key.id,
@@ -110,18 +133,21 @@ def key_list(
     console.print(table)
 
 
+KeyIdArgument = Annotated[str, typer.Argument(help="A key id, or a unique prefix of one (at least 4 characters)")]
+
+
 @key_app.command("revoke")
-def key_revoke(key_id: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+def key_revoke(key_id: KeyIdArgument, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
     try:
-        client(api_key, address).revoke_api_key(key_id)
+        key = client(api_key, address).revoke_api_key(key_id)
     except ApiError as error:
         raise fail(error) from None
-    console.print(f"revoked {key_id}")
+    console.print(f"revoked {key.id}")
 
 
 @key_app.command("limit")
 def key_limit(
-    key_id: str,
+    key_id: KeyIdArgument,
     rps: Annotated[float, typer.Option(help="Requests per second; 0 = unlimited")] = 0.0,
     burst: Annotated[int, typer.Option(help="Calls allowed at once (default: max(1, rps))")] = 0,
     tokens_per_minute: Annotated[int, typer.Option(help="Generated tokens per minute; 0 = unlimited")] = 0,
@@ -158,58 +184,92 @@ QUOTA_OPTIONS = (
 )
 
 
+# What `--clear NAME` resets: the option's update-mask paths. A burst without a rate is refused,
+# so clearing the rate clears the burst too.
+CLEARABLE = {name.replace("_", "-"): [name] for name in (*QUOTA_OPTIONS, "max_replicas")} | {
+    "rps": ["rate_limit.requests_per_second", "rate_limit.burst"],
+    "burst": ["rate_limit.burst"],
+    "tokens-per-minute": ["rate_limit.tokens_per_minute"],
+}
+
+
 @quota_app.command("set")
 def quota_set(
     tenant: str,
-    requests_per_day: int = 0,
-    requests_per_month: int = 0,
-    tokens_per_day: int = 0,
-    tokens_per_month: int = 0,
-    training_minutes_per_day: int = 0,
-    training_minutes_per_month: int = 0,
-    rps: Annotated[float, typer.Option(help="Tenant-wide requests per second")] = 0.0,
-    burst: int = 0,
-    tokens_per_minute: int = 0,
+    requests_per_day: int | None = None,
+    requests_per_month: int | None = None,
+    tokens_per_day: int | None = None,
+    tokens_per_month: int | None = None,
+    training_minutes_per_day: int | None = None,
+    training_minutes_per_month: int | None = None,
+    rps: Annotated[float | None, typer.Option(help="Tenant-wide requests per second")] = None,
+    burst: int | None = None,
+    tokens_per_minute: int | None = None,
     max_replicas: Annotated[
-        int, typer.Option(min=0, help="Replicas its deployments may reserve together; 0: the service's default")
-    ] = 0,
+        int | None,
+        typer.Option(min=0, help="Replicas its deployments may reserve together; 0: the service's default"),
+    ] = None,
+    clear: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--clear",
+            metavar="NAME",
+            help=f"Reset a budget to unlimited or its default (repeatable): {', '.join(CLEARABLE)}",
+        ),
+    ] = None,
     api_key: ApiKeyOption = None,
     address: AddressOption = None,
 ) -> None:
-    """Replace a tenant's quota (platform admin key): every budget not given becomes unlimited
-    (the replica budget: the service's default)."""
-    quota = admin_pb2.Quota(
-        tenant=tenant,
-        requests_per_day=requests_per_day,
-        requests_per_month=requests_per_month,
-        tokens_per_day=tokens_per_day,
-        tokens_per_month=tokens_per_month,
-        training_minutes_per_day=training_minutes_per_day,
-        training_minutes_per_month=training_minutes_per_month,
-        rate_limit=admin_pb2.RateLimit(
-            requests_per_second=rps, burst=burst, tokens_per_minute=tokens_per_minute
-        ),
-        max_replicas=max_replicas,
-    )
+    """Change a tenant's quota (platform admin key): only the budgets given or cleared change,
+    then the whole quota is shown."""
+    budgets = {
+        "requests_per_day": requests_per_day,
+        "requests_per_month": requests_per_month,
+        "tokens_per_day": tokens_per_day,
+        "tokens_per_month": tokens_per_month,
+        "training_minutes_per_day": training_minutes_per_day,
+        "training_minutes_per_month": training_minutes_per_month,
+        "max_replicas": max_replicas,
+    }
+    rate = {"requests_per_second": rps, "burst": burst, "tokens_per_minute": tokens_per_minute}
+    budgets = {name: value for name, value in budgets.items() if value is not None}
+    rate = {name: value for name, value in rate.items() if value is not None}
+    given = [*budgets, *(f"rate_limit.{name}" for name in rate)]
+    cleared = []
+    for name in clear or []:
+        if name.replace("_", "-") not in CLEARABLE:
+            raise typer.BadParameter(f"{name!r}; choose from {', '.join(CLEARABLE)}", param_hint="--clear")
+        cleared += CLEARABLE[name.replace("_", "-")]
+    if both := set(given) & set(cleared):
+        raise typer.BadParameter(f"{', '.join(sorted(both))} is both given and cleared", param_hint="--clear")
+    if not given and not cleared:
+        raise typer.BadParameter("give at least one budget to set, or --clear NAME", param_hint="options")
+    # The cleared fields are sent as zero (unlimited) under the mask; the unnamed ones keep their values.
+    quota = admin_pb2.Quota(tenant=tenant, **budgets, rate_limit=admin_pb2.RateLimit(**rate))
     try:
-        saved = client(api_key, address).set_quota(quota)
+        saved = client(api_key, address).set_quota(quota, [*given, *cleared])
     except ApiError as error:
         raise fail(error) from None
     _print_quota(saved)
 
 
 @quota_app.command("get")
-def quota_get(tenant: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+def quota_get(
+    tenant: str, as_json: JsonOption = False, api_key: ApiKeyOption = None, address: AddressOption = None
+) -> None:
     """Show a tenant's quota and rate limit."""
     try:
         quota = client(api_key, address).get_quota(tenant)
     except ApiError as error:
         raise fail(error) from None
+    if as_json:
+        print_json(quota)
+        return
     _print_quota(quota)
 
 
 def _print_quota(quota) -> None:  # type: ignore[no-untyped-def]
-    table = Table("budget", "limit", title=f"quota of tenant {quota.tenant}")
+    table = new_table("budget", "limit", title=f"quota of tenant {quota.tenant}")
     for name in QUOTA_OPTIONS:
         value = getattr(quota, name)
         table.add_row(name.replace("_", " "), f"{value:,}" if value else "unlimited")
@@ -225,21 +285,54 @@ def _print_quota(quota) -> None:  # type: ignore[no-untyped-def]
     console.print(table)
 
 
+@admin_app.command("rotate-kek")
+def rotate_kek(as_json: JsonOption = False, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    """Give the registry a new key-encryption key: every blob's data key is re-wrapped with it (no
+    blob is re-encrypted) and it replaces the KEK file. Platform admin key only. Copy the new KEK
+    ($MAAS_HOME/kek) to where you keep it apart from backups, and keep the previous one as long as
+    backups taken before this rotation: restoring them needs it."""
+    try:
+        rotation = client(api_key, address).rotate_kek()
+    except ApiError as error:
+        raise fail(error) from None
+    if as_json:
+        print_json(rotation)
+        return
+    console.print(
+        f"re-wrapped {rotation.rewrapped_keys:,} data key(s) with the new key-encryption key {rotation.kek_id} "
+        f"(it replaces {rotation.previous_kek_id})"
+    )
+    errors.print(
+        "copy the new KEK to where you keep it apart from backups; keep the previous one while you keep "
+        "backups taken before now",
+        style="yellow",
+    )
+
+
 @admin_app.command("audit")
 def audit(
     tenant: str = "",
     key: Annotated[str, typer.Option("--key", help="Only this API key id")] = "",
     method: Annotated[str, typer.Option(help="A method name such as DeleteModel")] = "",
     limit: int = 50,
+    as_json: JsonOption = False,
     api_key: ApiKeyOption = None,
     address: AddressOption = None,
 ) -> None:
-    """The newest audit events (mutating calls through the gateway); a tenant admin sees its own tenant's."""
+    """The newest audit events (mutating calls and downloads through the gateway, a download with
+    the bytes it sent); a tenant admin sees its own tenant's."""
     try:
         events = client(api_key, address).list_audit_events(tenant, key, method, limit)
     except ApiError as error:
         raise fail(error) from None
-    table = Table("time", "tenant", "key", "method", "resource", "outcome")
+    if as_json:
+        print_json_list(events)
+        return
+    # A resource (a name, an id, a scaling decision) folds onto the next line rather than losing its end.
+    table = new_table(
+        "time", id_column("tenant", (e.tenant for e in events)), id_column("key", (e.api_key_id for e in events)),
+        "method", Column("resource", overflow="fold"), "outcome", Column("bytes", justify="right", no_wrap=True),
+    )
     for event in events:
         table.add_row(
             event.time.ToJsonString(),
@@ -248,5 +341,6 @@ def audit(
             event.method.rpartition("/")[2],
             event.resource,
             event.code,
+            str(event.bytes) if event.HasField("bytes") else "",
         )
     console.print(table)

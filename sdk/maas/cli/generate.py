@@ -1,5 +1,6 @@
-"""`maas generate`: text from a text-generation deployment (e.g. the trainer's GPT), streamed
-token by token with --stream or printed once it is complete."""
+"""`maas generate`: text from a text-generation deployment (the trainer's GPT, or an imported
+language model), streamed token by token with --stream or printed once it is complete; with
+--chat the text is a user's message that the model's chat template turns into the prompt."""
 
 from __future__ import annotations
 
@@ -27,16 +28,23 @@ def generate(
         list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable, at most 8)")
     ] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Print each token as it arrives")] = False,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="PROMPT is a user's message, answered through the model's chat template")
+    ] = False,
+    system: Annotated[str, typer.Option("--system", help="With --chat: a system message before it")] = "",
     api_key: ApiKeyOption = None,
     address: AddressOption = None,
 ) -> None:
-    """Continue PROMPT with a text-generation deployment."""
+    """Continue PROMPT with a text-generation deployment (with --chat: answer it)."""
+    if system and not chat:
+        raise typer.BadParameter("--system goes with --chat", param_hint="--system")
+    messages = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": prompt}]
     maas = client(api_key, address)
     pieces: list[str] = []
     final = inference_pb2.GenerateResponse()
     try:
         for response in maas.generate(
-            deployment, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            deployment, "" if chat else prompt, messages=messages if chat else (), max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, stop=stop or (),
         ):
             if response.finish_reason:
@@ -50,11 +58,12 @@ def generate(
         raise fail(error) from None
     except KeyboardInterrupt:
         # Leaving the stream cancels the call: the model stops generating.
-        errors.print("\n[yellow]interrupted[/]")
+        errors.print("\ninterrupted", style="yellow")
         raise typer.Exit(130) from None
     print("".join(pieces) if not stream else "")
     reason = inference_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
     errors.print(
-        f"[dim]{final.completion_tokens} tokens ({final.prompt_tokens} in the prompt), finished: {reason}, "
-        f"{final.model} version {final.version}[/]"
+        f"{final.completion_tokens} tokens ({final.prompt_tokens} in the prompt), finished: {reason}, "
+        f"{final.model} version {final.version}",
+        style="dim",
     )

@@ -6,7 +6,7 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from maas.cli._shared import (
     AddressOption,
@@ -17,10 +17,11 @@ from maas.cli._shared import (
     console,
     errors,
     fail,
-    print_json,
+    id_column,
+    new_table,
+    print_json_list,
 )
 from maas.errors import ApiError
-from maas.gateway.v1 import admin_pb2
 from maas.inference.v1 import inference_pb2
 
 nodes_app = typer.Typer(
@@ -28,9 +29,8 @@ nodes_app = typer.Typer(
     no_args_is_help=True,
 )
 
-NODE_COLUMNS = (
-    "node", "address", "state", "replicas", "free / slots", "free / memory MB", "GPUs", "last contact", "message"
-)
+# What follows a node's name and address (id columns, sized to the names and addresses shown).
+NODE_COLUMNS = ("state", "replicas", "free / slots", "free / memory MB", "GPUs", "last contact", "message")
 STATE_STYLE = {"READY": "green", "DRAINING": "yellow", "DOWN": "red"}
 
 
@@ -44,7 +44,7 @@ def node_row(node: inference_pb2.Node) -> list[str]:
     return [
         node.name,
         node.address,
-        f"[{style}]{state}[/]" if style else state,
+        Text(state, style=style or ""),
         str(node.replicas),
         f"{node.free_slots} / {node.model_slots}",
         f"{node.free_memory_mb:,} / {node.memory_mb:,}",
@@ -55,7 +55,9 @@ def node_row(node: inference_pb2.Node) -> list[str]:
 
 
 def _print_nodes(nodes: list[inference_pb2.Node]) -> None:
-    table = Table(*NODE_COLUMNS)
+    table = new_table(
+        id_column("node", (n.name for n in nodes)), id_column("address", (n.address for n in nodes)), *NODE_COLUMNS
+    )
     for node in nodes:
         table.add_row(*node_row(node))
     console.print(table)
@@ -69,7 +71,7 @@ def nodes_list(as_json: JsonOption = False, api_key: ApiKeyOption = None, addres
     except ApiError as error:
         raise fail(error) from None
     if as_json:
-        print_json(admin_pb2.ListNodesResponse(nodes=nodes))
+        print_json_list(nodes)
         return
     _print_nodes(nodes)
 
@@ -95,7 +97,7 @@ def nodes_drain(
                     time.sleep(0.5)
                     drained = next((n for n in maas.list_nodes() if n.name == node), drained)
             if drained.replicas:
-                errors.print(f"[red]{node} still holds {drained.replicas} replica(s) after {timeout:.0f}s[/]")
+                errors.print(f"{node} still holds {drained.replicas} replica(s) after {timeout:.0f}s", style="red")
                 _print_nodes([drained])
                 raise typer.Exit(1)
     except ApiError as error:

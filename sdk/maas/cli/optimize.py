@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from maas.cli._shared import AddressOption, ApiKeyOption, client, console, fail
+from maas.cli._shared import AddressOption, ApiKeyOption, client, console, fail, new_table
 from maas.cli.train import follow_job, parse_params
 from maas.client import ARCHITECTURE_FIELDS
 from maas.errors import ApiError
@@ -53,7 +53,10 @@ def optimize(
     param: Annotated[list[str] | None, typer.Option("--param", help="Student hyperparameter KEY=VALUE")] = None,
     export: Annotated[str | None, typer.Option(help="onnx")] = None,
     into: Annotated[str, typer.Option(help="Register under this model instead (default: MODEL)")] = "",
-    dataset: Annotated[str, typer.Option(help="Default: the data the version was trained on")] = "",
+    dataset: Annotated[str, typer.Option(help=(
+        "Built-in or registry dataset (NAME or NAME@VERSION) to measure accuracy on, fine-tune and distil with; "
+        "default: the data the version was trained on. Needed to distil a version uploaded without a "
+        "training spec, which is otherwise measured on random inputs (no accuracy)"))] = "",
     seed: Annotated[int | None, typer.Option()] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Show progress, then parent vs result")] = False,
@@ -85,7 +88,7 @@ def optimize(
         raise typer.BadParameter(str(error)) from None
     except ApiError as error:
         raise fail(error) from None
-    console.print(f"queued job [bold]{job.id}[/]")
+    console.print(f"queued job {job.id}")
     if not follow:
         console.print(f"`maas jobs watch {job.id}` follows it")
         return
@@ -99,10 +102,15 @@ def optimize(
 def comparison(job: trainer_pb2.Job) -> Table:
     """The parent's and the result's measurements side by side, with the ratio."""
     result = job.result
-    table = Table("", f"parent v{job.optimization.version}", f"{result.model} v{result.version}", "ratio")
+    table = new_table("", f"parent v{job.optimization.version}", f"{result.model} v{result.version}", "ratio")
     for name in COMPARED:
         if name in result.metrics and name in result.parent_metrics:
             parent, ours = result.parent_metrics[name], result.metrics[name]
             ratio = f"{ours / parent:.2f}x" if parent else ""
-            table.add_row(name, f"{parent:.4g}", f"{ours:.4g}", ratio)
+            table.add_row(name, _measure(parent), _measure(ours), ratio)
     return table
+
+
+def _measure(value: float) -> str:
+    """Counts and bytes whole (26,962, not 2.696e+04); times and scores to 4 significant digits."""
+    return f"{value:,.0f}" if value >= 1000 and value.is_integer() else f"{value:.4g}"

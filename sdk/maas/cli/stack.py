@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
-from maas.cli._shared import console, errors, maas_home
+from maas.cli._shared import console, errors, maas_home, new_table
 
 
 def read_state() -> dict | None:
@@ -70,7 +71,7 @@ def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the b
                 break
             if supervisor.poll() is not None or state.get("state") == "failed":
                 errors.print(
-                    f"[red]the stack failed to start[/]: {state.get('error') or 'see ' + str(log_path)}"
+                    Text.assemble(("the stack failed to start", "red"), f": {state.get('error') or 'see ' + str(log_path)}")
                 )
                 raise typer.Exit(1)
             starting = [n for n, c in state.get("children", {}).items() if c.get("pid")]
@@ -83,9 +84,9 @@ def up(detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the b
 def print_banner(elapsed: float) -> None:
     home = maas_home()
     address = os.environ.get("MAAS_GATEWAY_ADDR", "127.0.0.1:50051")
-    console.print(f"[green]MaaS is up[/] in {elapsed:.1f}s. Gateway: [bold]{address}[/]")
+    console.print(Text.assemble(("MaaS is up", "green"), f" in {elapsed:.1f}s. Gateway: ", (address, "bold")))
     console.print(f"Admin key: {home / 'admin.key'} (mode 0600). Logs: {home / 'logs'}")
-    console.print("Try: [bold]maas whoami[/]  then  [bold]maas admin tenant create my-team[/]")
+    console.print(Text.assemble("Try: ", ("maas whoami", "bold"), "  then  ", ("maas admin tenant create my-team", "bold")))
 
 
 def down() -> None:
@@ -117,6 +118,23 @@ def _gateway_workers() -> list[dict]:
         return []
 
 
+def _gateway_http_addr() -> str:
+    """The gateway's HTTP port (MAAS_GATEWAY_HTTP_ADDR); empty when it is off."""
+    from services.gateway.config import GatewaySettings
+
+    return GatewaySettings().gateway_http_addr
+
+
+def _accepts_connections(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("", "0.0.0.0", "::") else host, int(port)), 2):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def status() -> None:
     """Health of every process of the local stack."""
     from services.common.channels import internal_credentials
@@ -130,7 +148,7 @@ def status() -> None:
     if not state:
         console.print("the stack is not running (`maas up --detach` starts it)")
         raise typer.Exit(1)
-    table = Table("service", "address", "pid", "health")
+    table = new_table("service", "address", "pid", "health")
     all_ok = True
     for name, child in state.get("children", {}).items():
         if name == "redis":
@@ -142,8 +160,12 @@ def status() -> None:
             name,
             child["address"],
             str(child.get("pid") or "-"),
-            "[green]SERVING[/]" if ok else "[red]DOWN[/]",
+            Text("SERVING", "green") if ok else Text("DOWN", "red"),
         )
+        if name == "gateway" and (http := _gateway_http_addr()):
+            listening = _accepts_connections(http)
+            all_ok &= listening
+            table.add_row("  gateway http", http, "-", Text("LISTENING", "green") if listening else Text("DOWN", "red"))
         if name == "gateway":
             for worker in _gateway_workers():
                 alive = pid_alive(worker.get("pid"))
@@ -152,7 +174,7 @@ def status() -> None:
                     f"  gateway worker {worker.get('index')}",
                     child["address"],
                     str(worker.get("pid") or "-"),
-                    "[green]RUNNING[/]" if alive else "[red]DOWN[/]",
+                    Text("RUNNING", "green") if alive else Text("DOWN", "red"),
                 )
     console.print(f"stack: {state.get('state')} (supervisor pid {state.get('supervisor_pid')})")
     console.print(table)

@@ -106,21 +106,13 @@ class TritonPythonModel:
         if not prompt:
             raise InvalidInput("the prompt is empty")
         given = json.loads(request.parameters() or "{}")
+        if str(given.get("chat", "0")).lower() in ("1", "true"):
+            # A character-level model has no chat template to render messages with.
+            raise InvalidInput("this model has no chat template: send a prompt (/v1/completions) instead of messages")
         try:
-            stop = json.loads(given.get("stop", "[]"))
-            settings = self.sampling.Settings(
-                max_tokens=int(given.get("max_tokens", DEFAULT_MAX_TOKENS)),
-                temperature=float(given.get("temperature", 1.0)),
-                top_k=int(given.get("top_k", 0)),
-                top_p=float(given.get("top_p", 1.0)),
-                seed=int(given["seed"]) if "seed" in given else None,
-                stop=tuple(str(item) for item in stop),
-            )
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"unreadable sampling parameters: {exc}") from None
-        # The gateway validates the ranges; internal callers of Triton are checked here too.
-        if settings.max_tokens < 1 or settings.temperature < 0 or not 0 < settings.top_p <= 1:
-            raise InvalidInput("max_tokens must be 1 or more, temperature 0 or more and top_p in (0, 1]")
+            settings = self.sampling.settings_of(given, DEFAULT_MAX_TOKENS)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
         return prompt, settings
 
 

@@ -6,6 +6,7 @@ and the in-process benchmark run exactly this code.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,26 @@ class Settings:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+
+def settings_of(given: dict, default_max_tokens: int) -> Settings:
+    """A request's sampling parameters (strings, as Triton carries them); ValueError names what is wrong."""
+    try:
+        stop = json.loads(given.get("stop", "[]"))
+        settings = Settings(
+            max_tokens=int(given.get("max_tokens", default_max_tokens)),
+            temperature=float(given.get("temperature", 1.0)),
+            top_k=int(given.get("top_k", 0)),
+            top_p=float(given.get("top_p", 1.0)),
+            seed=int(given["seed"]) if "seed" in given else None,
+            stop=tuple(str(item) for item in stop),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"unreadable sampling parameters: {exc}") from None
+    # The gateway validates the ranges; internal callers of Triton are checked here too.
+    if settings.max_tokens < 1 or settings.temperature < 0 or not 0 < settings.top_p <= 1:
+        raise ValueError("max_tokens must be 1 or more, temperature 0 or more and top_p in (0, 1]")
+    return settings
 
 
 @dataclass(frozen=True)
@@ -65,8 +86,14 @@ def next_token(logits: torch.Tensor, settings: Settings, generator: torch.Genera
         # Drop a token when the ones before it already reach top_p; the most likely one always stays.
         drop = cumulative - torch.softmax(ordered, dim=-1) >= settings.top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probabilities = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probabilities, 1, generator=generator))
+    # Inverse CDF: the first token whose cumulative probability passes a uniform draw below the
+    # total (a token of zero probability is never the first). torch.multinomial drew the same
+    # distribution at five times the cost on a CPU, a sixth of a decoding step's time at 16 streams.
+    cumulative = torch.cumsum(torch.softmax(logits, dim=-1, dtype=torch.float64), dim=-1)
+    if not bool(torch.isfinite(cumulative[-1])) or float(cumulative[-1]) <= 0:
+        raise RuntimeError("the probabilities are not finite (a temperature so small that the logits overflow?)")
+    draw = torch.rand((), generator=generator, dtype=torch.float64) * cumulative[-1]
+    return int(torch.searchsorted(cumulative, draw, right=True))
 
 
 class StopMatcher:

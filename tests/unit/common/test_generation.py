@@ -10,7 +10,7 @@ import pytest
 from maas.inference.v1 import inference_pb2
 from tritonclient.grpc import service_pb2
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.generation import (
     GenerationFailed,
     Sampling,
@@ -125,6 +125,10 @@ def test_error_responses_map_to_the_callers_fault_or_a_failure():
         )
     with pytest.raises(GenerationFailed, match="out of memory"):
         generate_response_of_stream(service_pb2.ModelStreamInferResponse(error_message="out of memory"), "g", 1)
+    with pytest.raises(ResourceExhausted, match="^all 8 sequences"):
+        generate_response_of_stream(
+            service_pb2.ModelStreamInferResponse(error_message="model busy: all 8 sequences are in flight"), "g", 1
+        )
 
 
 def test_stop_travels_as_a_json_list():

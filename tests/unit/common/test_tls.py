@@ -36,7 +36,8 @@ async def health_status(channel: grpc.aio.Channel) -> int:
 async def test_gateway_serves_tls_to_a_client_that_trusts_the_ca(ca: TestCa, tmp_path: Path) -> None:
     server_cert = ca.issue("gateway")
     settings = GatewaySettings(
-        home=tmp_path, gateway_addr="127.0.0.1:0", tls_cert_file=server_cert.cert, tls_key_file=server_cert.key,
+        home=tmp_path, gateway_addr="127.0.0.1:0", gateway_http_addr="", tls_cert_file=server_cert.cert,
+        tls_key_file=server_cert.key,
         inference_addr="127.0.0.1:1", registry_addr="127.0.0.1:1", trainer_addr="127.0.0.1:1",
     )
     key_file = tmp_path / "admin.key"
@@ -105,7 +106,7 @@ async def test_gateway_reaches_an_mtls_registry_with_its_own_certificate(ca: Tes
     )
     async with running(await create_registry(registry_settings)) as registry:
         settings = GatewaySettings(
-            home=tmp_path, gateway_addr="127.0.0.1:0", internal_token="secret",
+            home=tmp_path, gateway_addr="127.0.0.1:0", gateway_http_addr="", internal_token="secret",
             registry_addr=f"localhost:{registry.port}", inference_addr="127.0.0.1:1", trainer_addr="127.0.0.1:1",
             tls_cert_file=gateway_cert.cert, tls_key_file=gateway_cert.key, tls_ca_file=ca.cert,
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 from maas.common.v1 import common_pb2
-from maas.gateway.v1 import admin_pb2, admin_pb2_grpc
+from maas.gateway.v1 import admin_pb2, admin_pb2_grpc, billing_pb2_grpc
 from maas.inference.v1 import inference_pb2, inference_pb2_grpc
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -39,6 +39,9 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
         self.time_remaining: list[float | None] = []
         self.download_cancelled = asyncio.Event()
         self.upload_ended = asyncio.Event()
+        # tenant -> (day, bytes) samples GetStorageUsage answers within the days asked for.
+        self.storage: dict[str, list[tuple[str, int]]] = {}
+        self.kek_rotations = 0
 
     def _record(self, context: grpc.aio.ServicerContext) -> str:
         metadata = dict(context.invocation_metadata())
@@ -102,10 +105,39 @@ class FakeRegistry(registry_pb2_grpc.RegistryServiceServicer):
             yield registry_pb2.DownloadVersionResponse(chunk=chunk)
 
 
+    async def GetStorageUsage(self, request, context):
+        tenant = self._record(context)
+        days = [
+            registry_pb2.StorageUsageDay(day=day, bytes=size)
+            for day, size in self.storage.get(tenant, [])
+            if request.start_day <= day <= request.end_day
+        ]
+        return registry_pb2.GetStorageUsageResponse(days=days)
+
+    async def RotateKek(self, request, context):
+        self._record(context)
+        self.kek_rotations += 1
+        return registry_pb2.RotateKekResponse(
+            rewrapped_keys=7, kek_id=f"kek-{self.kek_rotations}", previous_kek_id=f"kek-{self.kek_rotations - 1}"
+        )
+
+
 class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self) -> None:
         self.predicts: list[inference_pb2.PredictRequest] = []
         self.metadata: list[dict] = []
+        # tenant -> the rows GetReplicaUsage answers within the days asked for.
+        self.replica_usage: dict[str, list[inference_pb2.ReplicaUsageRow]] = {}
+
+    async def GetReplicaUsage(self, request, context):
+        metadata = dict(context.invocation_metadata())
+        self.metadata.append(metadata)
+        rows = [
+            row
+            for row in self.replica_usage.get(metadata.get(TENANT_KEY, ""), [])
+            if request.start_day <= row.day <= request.end_day
+        ]
+        return inference_pb2.GetReplicaUsageResponse(rows=rows)
 
     async def GetDeployment(self, request, context):
         metadata = dict(context.invocation_metadata())
@@ -354,6 +386,10 @@ class Stack:
         return admin_pb2_grpc.AdminServiceStub(self.channel)
 
     @property
+    def billing(self) -> billing_pb2_grpc.BillingServiceStub:
+        return billing_pb2_grpc.BillingServiceStub(self.channel)
+
+    @property
     def registry_stub(self) -> registry_pb2_grpc.RegistryServiceStub:
         return registry_pb2_grpc.RegistryServiceStub(self.channel)
 
@@ -383,7 +419,8 @@ class Stack:
 async def gateway_stack(
     tmp_path: Path, *, routes_available: bool = True, redis_url: str = "", **settings_overrides
 ) -> AsyncIterator[Stack]:
-    """`redis_url` empty: a closed port, so the gateway runs on its Redis fallbacks."""
+    """`redis_url` empty: a closed port, so the gateway runs on its Redis fallbacks. A
+    `registry_addr` override puts a real registry (with the internal token TOKEN) behind it."""
     registry, inference, triton, fleet = FakeRegistry(), FakeInference(), FakeGenerator(), FakeFleet()
     triton_server, triton_address = await serve(
         (service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, triton)
@@ -409,10 +446,12 @@ async def gateway_stack(
         (inference_pb2_grpc.add_FleetServiceServicer_to_server, fleet),
     )
     settings_overrides.setdefault("trainer_addr", closed_address())
+    settings_overrides.setdefault("registry_addr", registry_address)
+    # The HTTP port only where a test asks for it: never the default 50080 that a running stack holds.
+    settings_overrides.setdefault("gateway_http_addr", "")
     settings = GatewaySettings(
         home=tmp_path,
         gateway_addr="127.0.0.1:0",
-        registry_addr=registry_address,
         inference_addr=inference_address,
         internal_token=TOKEN,
         redis_url=redis_url or f"redis://{closed_address()}/0",

@@ -107,7 +107,8 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
         "acme-dev": (DENIED, DENIED, DENIED, DENIED, DENIED),
         "acme-reader": (DENIED, DENIED, DENIED, DENIED, DENIED),
     },
-    # The serving fleet is shared by every tenant: platform admins only.
+    # The serving fleet and the registry's key-encryption key are shared by every tenant:
+    # platform admins only.
     **{
         method: {
             "platform": (OK, _, _, _, _),
@@ -115,7 +116,7 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
             "acme-dev": (DENIED, _, _, _, _),
             "acme-reader": (DENIED, _, _, _, _),
         }
-        for method in ("ListNodes", "DrainNode", "ResumeNode")
+        for method in ("ListNodes", "DrainNode", "ResumeNode", "RotateKek")
     },
 }
 del _
@@ -188,6 +189,7 @@ REQUESTS: dict[str, Build] = {
     "ListNodes": _plain(lambda tenant: admin_pb2.ListNodesRequest()),
     "DrainNode": _plain(lambda tenant: admin_pb2.DrainNodeRequest(name="triton-0")),
     "ResumeNode": _plain(lambda tenant: admin_pb2.ResumeNodeRequest(name="triton-0")),
+    "RotateKek": _plain(lambda tenant: admin_pb2.RotateKekRequest()),
 }
 
 

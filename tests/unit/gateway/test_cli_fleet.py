@@ -44,7 +44,7 @@ def _deployment(name: str) -> inference_pb2.Deployment:
     event.time.FromSeconds(1_700_000_000)
     return inference_pb2.Deployment(
         name=name, model="digits", version=3, resolved_version=3, state=READY, instances=1, max_batch_size=8,
-        min_replicas=0, max_replicas=4, target_in_flight=4, desired_replicas=2,
+        min_replicas=0, max_replicas=4, target_in_flight=4, desired_replicas=2, tier="int8",
         replicas=[
             inference_pb2.Replica(node="triton-0", version=3, state=READY),
             inference_pb2.Replica(node="triton-2", version=3, state=LOADING, message="loading into Triton"),
@@ -212,10 +212,26 @@ def test_deploy_get_shows_replicas_and_scaling_events(fakes):
     assert "1 → 2" in result.output and "8.0 in flight per replica > 4" in result.output
 
 
+def test_deploy_get_shows_the_price_tier_and_the_canarys(fakes, monkeypatch):
+    result = maas(fakes, "deploy", "get", "web")
+    assert result.exit_code == 0, result.output
+    assert "price tier: int8\n" in result.output
+
+    def with_canary(name: str, plain=_deployment) -> inference_pb2.Deployment:
+        deployment = plain(name)
+        deployment.canary.CopyFrom(inference_pb2.Canary(version=4, weight_percent=10, state=READY, tier="distilled"))
+        return deployment
+
+    monkeypatch.setitem(globals(), "_deployment", with_canary)  # what FakeInference answers with
+    result = maas(fakes, "deploy", "get", "web")
+    assert "price tier: int8; canary v4 distilled" in result.output
+    assert json.loads(maas(fakes, "deploy", "get", "web", "--json").output)["canary"]["tier"] == "distilled"
+
+
 def test_nodes_list(fakes):
     result = maas(fakes, "nodes", "list", "--json")
     assert result.exit_code == 0, result.output
-    nodes = json.loads(result.output)["nodes"]
+    nodes = json.loads(result.output)  # an array, as every list --json prints
     assert [(n["name"], n["state"]) for n in nodes] == [
         ("triton-0", "NODE_STATE_READY"), ("triton-1", "NODE_STATE_DOWN")]
     assert nodes[0]["freeSlots"] == 6 and nodes[0]["modelSlots"] == 8 and nodes[0]["gpus"] == 0

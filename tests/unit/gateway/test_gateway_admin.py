@@ -15,8 +15,10 @@ from maas.registry.v1 import registry_pb2
 from services.common.logs import JsonFormatter
 from services.gateway.__main__ import main
 from services.gateway.config import GatewaySettings
+from services.gateway.keys import Role
 from services.gateway.server import bootstrap_admin, open_store
 from services.gateway.service import Admin
+from services.gateway.store import KeyRecord, utc_now
 from tests.unit.gateway.gateway_fakes import gateway_stack
 
 
@@ -216,3 +218,52 @@ async def test_bootstrap_force_issues_a_new_key(tmp_path):
     second = await bootstrap_admin(settings, tmp_path / "b.key", force=True)
     assert second is not None and second.id != first.id
     assert stat.S_IMODE((tmp_path / "b.key").stat().st_mode) == 0o600
+
+
+async def _add_keys(stack, tenant: str, *key_ids: str) -> None:
+    """Keys with chosen ids, straight into the store: prefixes that collide on purpose."""
+    store = await open_store(stack.settings)
+    for key_id in key_ids:
+        record = KeyRecord(key_id, tenant, Role.DEVELOPER, "0" * 64, "", False, utc_now(), None)
+        await asyncio.to_thread(store.create_key, record)
+
+
+async def _fails(call, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call
+    assert error.value.code() == code, error.value.details()
+    return error.value.details()
+
+
+async def test_a_unique_prefix_names_a_key_within_the_callers_reach(stack):
+    admin, acme, root = stack.admin, stack.auth("admin"), stack.auth("admin-of-admin")
+    await _add_keys(stack, "acme", "pfx%aaaaaaaa", "pfx_aaaaaaaa", "pfxaaaaaaaab", "pfxaaaaaaaac")
+    await _add_keys(stack, "acme", *(f"many{n}aaaaaaa" for n in range(7)))
+    await _add_keys(stack, "other", "pfxbbbbbbbbb", "qrstbbbbbbbb")
+
+    def revoke(key_id: str):
+        return admin.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(id=key_id), metadata=acme)
+
+    # `%` and `_` are no wildcards: each names the one key that holds it.
+    assert (await revoke("pfx%")).api_key.id == "pfx%aaaaaaaa"
+    limited = await admin.SetApiKeyRateLimit(
+        admin_pb2.SetApiKeyRateLimitRequest(id="pfx_", rate_limit=admin_pb2.RateLimit(requests_per_second=2)),
+        metadata=acme,
+    )
+    assert limited.api_key.id == "pfx_aaaaaaaa"
+    assert (await revoke(stack.key_ids["reader"][:6])).api_key.id == stack.key_ids["reader"]
+    # The audit log names the key revoked, not the prefix typed.
+    events = await admin.ListAuditEvents(admin_pb2.ListAuditEventsRequest(method="RevokeApiKey"), metadata=acme)
+    assert {e.resource for e in events.audit_events} == {"pfx%aaaaaaaa", stack.key_ids["reader"]}
+
+    # Several matches are refused, naming them (five at most); the other tenant's never counts.
+    details = await _fails(revoke("pfxa"), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "pfxaaaaaaaab, pfxaaaaaaaac" in details and "give more characters" in details
+    details = await _fails(revoke("many"), grpc.StatusCode.INVALID_ARGUMENT)
+    assert details.count("many") == 6 and "many4aaaaaaa, ..." in details
+    # Another tenant's key is as unknown as a missing one; a platform admin reaches it.
+    assert await _fails(revoke("pfxb"), grpc.StatusCode.NOT_FOUND) == "API key 'pfxb' not found in tenant 'acme'"
+    assert await _fails(revoke("zzzz"), grpc.StatusCode.NOT_FOUND) == "API key 'zzzz' not found in tenant 'acme'"
+    as_root = await admin.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(id="qrst"), metadata=root)
+    assert as_root.api_key.id == "qrstbbbbbbbb"
+    assert "at least 4 characters" in await _fails(revoke("pfx"), grpc.StatusCode.INVALID_ARGUMENT)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from services.common.database import make_engine, upgrade
 from services.common.errors import PermissionDenied, Unauthenticated
-from services.gateway.auth import REQUIRED_ROLE, ApiKeyAuthenticator, caller_var
+from services.gateway.auth import INTERNAL_METHODS, REQUIRED_ROLE, ApiKeyAuthenticator, caller_var
 from services.gateway.keys import Role, generate_key, parse_key
 from services.gateway.server import MIGRATIONS
 from services.gateway.service import Admin
@@ -76,7 +76,9 @@ async def test_roles_are_ordered_per_method(store, keys):
     authenticate = ApiKeyAuthenticator(store, 1.0)
     await authenticate(WHOAMI, bearer(keys["READER"]))
     assert caller_var.get().tenant == "acme" and caller_var.get().role is Role.READER
-    await authenticate(DOWNLOAD, bearer(keys["READER"]))
+    with pytest.raises(PermissionDenied, match="needs the developer role"):
+        await authenticate(DOWNLOAD, bearer(keys["READER"]))
+    await authenticate(DOWNLOAD, bearer(keys["DEVELOPER"]))
     with pytest.raises(PermissionDenied):
         await authenticate(UPLOAD, bearer(keys["READER"]))
     await authenticate(UPLOAD, bearer(keys["DEVELOPER"]))
@@ -86,6 +88,14 @@ async def test_roles_are_ordered_per_method(store, keys):
     await authenticate(UPLOAD, bearer(keys["ADMIN"]))
     with pytest.raises(PermissionDenied, match="not available through the gateway"):
         await authenticate("/maas.inference.v1.RoutingService/WatchRoutes", bearer(keys["ADMIN"]))
+
+
+async def test_billings_usage_calls_need_a_role_no_key_has(store, keys):
+    authenticate = ApiKeyAuthenticator(store, 1.0)
+    assert INTERNAL_METHODS and not INTERNAL_METHODS & REQUIRED_ROLE.keys()
+    for internal in sorted(INTERNAL_METHODS):
+        with pytest.raises(PermissionDenied, match="not available through the gateway"):
+            await authenticate(internal, bearer(keys["ADMIN"]))
 
 
 async def test_lookups_are_cached_for_the_configured_time_only(store, keys):

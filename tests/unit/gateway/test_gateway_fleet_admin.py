@@ -5,6 +5,7 @@ stored, and asserted to the inference service on every forwarded InferenceServic
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import grpc
 import pytest
@@ -19,7 +20,8 @@ from services.common.channels import MAX_REPLICAS_KEY
 from services.common.database import make_engine
 from services.common.interceptors import INTERNAL_TOKEN_KEY
 from services.gateway.server import MIGRATIONS
-from services.gateway.store import GatewayStore
+from services.gateway.service import quota_columns
+from services.gateway.store import BillableRecord, GatewayStore, QuotaRecord, RateLimit
 from tests.unit.gateway.gateway_fakes import TOKEN, gateway_stack
 
 DRAINING, READY = inference_pb2.NODE_STATE_DRAINING, inference_pb2.NODE_STATE_READY
@@ -124,4 +126,45 @@ async def test_max_replicas_is_zero_for_quotas_set_before_it_existed(tmp_path):
         command.upgrade(config, "head")
     quota = GatewayStore(engine).get_quota("acme")
     assert quota is not None and quota.max_replicas == 0 and quota.requests_per_day == 1
+    engine.dispose()
+
+
+def test_quota_changes_of_different_budgets_at_once_both_stay(tmp_path):
+    """Two admins merge their change into the same stale quota; each writes only its own columns."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+        connection.execute(sa.text("INSERT INTO tenants VALUES ('acme', 'Acme', '2026-01-01 00:00:00')"))
+    store = GatewayStore(engine)
+    now = datetime.now(UTC)
+    store.set_quota(QuotaRecord("acme", requests_per_day=5, update_time=now))
+    store.set_quota(QuotaRecord("acme", requests_per_day=100, update_time=now), {"requests_per_day"})
+    stale = QuotaRecord("acme", requests_per_day=5, rate_limit=RateLimit(requests_per_second=200), update_time=now)
+    store.set_quota(stale, quota_columns({"rate_limit.requests_per_second"}))
+    quota = store.get_quota("acme")
+    assert quota is not None
+    assert (quota.requests_per_day, quota.rate_limit.requests_per_second) == (100, 200)
+    engine.dispose()
+
+
+def test_billable_usage_adds_up_per_day_resource_and_tier(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    store = GatewayStore(engine)
+    store.add_billable_usage([
+        BillableRecord("2026-11-30", "acme", "requests", "int8", 3),
+        BillableRecord("2026-12-01", "acme", "requests", "int8", 5),
+        BillableRecord("2026-12-01", "rival", "requests", "int8", 7),
+    ])
+    store.add_billable_usage([BillableRecord("2026-12-01", "acme", "requests", "int8", 2)])
+    assert store.billable_usage("acme", "2026-12-01", "2026-12-31") == [
+        BillableRecord("2026-12-01", "acme", "requests", "int8", 7)
+    ]
     engine.dispose()

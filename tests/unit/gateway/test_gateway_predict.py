@@ -64,6 +64,17 @@ async def test_predict_is_scoped_to_the_callers_tenant(stack):
     assert stack.triton.requests[-1].model_name == "other--secret--1"
 
 
+async def test_not_found_suggests_only_the_callers_own_deployments(stack):
+    values = np.zeros((1, 4), np.float32)
+
+    async def missing(deployment: str) -> str:
+        call = stack.inference_stub.Predict(predict_request(deployment, values), metadata=stack.auth("reader"))
+        return await expect_error(call, grpc.StatusCode.NOT_FOUND)
+
+    assert await missing("mpl") == "deployment 'mpl' not found; did you mean 'mlp'?"
+    assert await missing("secre") == "deployment 'secre' not found"  # tenant other's 'secret' stays unnamed
+
+
 @pytest.mark.parametrize(
     ("values", "datatype", "message"),
     [

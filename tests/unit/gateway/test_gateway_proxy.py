@@ -132,7 +132,7 @@ async def test_cancelled_upload_ends_at_the_backend(stack):
 
 async def test_server_streaming_download(stack):
     call = stack.registry_stub.DownloadVersion(
-        registry_pb2.DownloadVersionRequest(model="m", version=2), metadata=stack.auth("reader"), timeout=5
+        registry_pb2.DownloadVersionRequest(model="m", version=2), metadata=stack.auth("developer"), timeout=5
     )
     messages = [message async for message in call]
     assert messages[0].version.version == 2 and messages[0].version.precision == "acme"
@@ -140,7 +140,7 @@ async def test_server_streaming_download(stack):
     assert 1 < stack.registry.time_remaining[-1] < 5.1
 
     call = stack.registry_stub.DownloadVersion(
-        registry_pb2.DownloadVersionRequest(model="missing"), metadata=stack.auth("reader")
+        registry_pb2.DownloadVersionRequest(model="missing"), metadata=stack.auth("developer")
     )
     with pytest.raises(grpc.aio.AioRpcError) as error:
         _ = [message async for message in call]
@@ -149,7 +149,7 @@ async def test_server_streaming_download(stack):
 
 async def test_client_cancellation_reaches_the_backend(stack):
     call = stack.registry_stub.DownloadVersion(
-        registry_pb2.DownloadVersionRequest(model="endless"), metadata=stack.auth("reader")
+        registry_pb2.DownloadVersionRequest(model="endless"), metadata=stack.auth("developer")
     )
     for _ in range(3):
         await call.read()
@@ -179,3 +179,31 @@ async def test_routing_service_is_not_exposed(stack):
     with pytest.raises(grpc.aio.AioRpcError) as error:
         _ = [message async for message in call]
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize(
+    ("path", "request_message", "response_class"),
+    [
+        (
+            "/maas.registry.v1.RegistryService/GetStorageUsage",
+            registry_pb2.GetStorageUsageRequest(start_day="2026-01-01", end_day="2026-01-31"),
+            registry_pb2.GetStorageUsageResponse,
+        ),
+        (
+            "/maas.inference.v1.InferenceService/GetReplicaUsage",
+            inference_pb2.GetReplicaUsageRequest(start_day="2026-01-01", end_day="2026-01-31"),
+            inference_pb2.GetReplicaUsageResponse,
+        ),
+    ],
+)
+async def test_billings_internal_usage_calls_are_refused_to_every_client(stack, path, request_message, response_class):
+    call = stack.channel.unary_unary(
+        path, request_serializer=type(request_message).SerializeToString, response_deserializer=response_class.FromString
+    )
+    calls_before = len(stack.registry.metadata) + len(stack.inference.metadata)
+    for role in ("reader", "developer", "admin"):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call(request_message, metadata=stack.auth(role), timeout=5)
+        # The gateway serves no such method (as the RoutingService's), and grants it no role.
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert len(stack.registry.metadata) + len(stack.inference.metadata) == calls_before, "a backend was called"

@@ -1,7 +1,8 @@
 """Training minutes through the real gateway and a real redis-server, in front of a scripted
 trainer: jobs created through the gateway are recorded, settled once they end (run time times
 workers) into usage and the training quota, also by a gateway started after the one that saw
-the job created; a used-up quota refuses the next CreateTrainingJob and CreateOptimizationJob."""
+the job created; a used-up quota refuses the next CreateTrainingJob and CreateOptimizationJob.
+Settling also bills the seconds once, per CPU-second or GPU-second by the device the job ran on."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from services.common.channels import tenant_of
 from services.common.database import make_engine, upgrade
 from services.common.server import running
 from services.gateway.server import MIGRATIONS, create_app
-from services.gateway.store import GatewayStore, TrainingJobRecord
-from services.gateway.training import job_seconds
+from services.gateway.store import BillableRecord, GatewayStore, TrainingJobRecord
+from services.gateway.training import billed_seconds, job_seconds
 from tests.unit.gateway.gateway_fakes import gateway_stack, serve
 from tests.unit.gateway.test_gateway_limits import set_quota
 
@@ -55,9 +56,11 @@ class ScriptedTrainer(trainer_pb2_grpc.TrainerServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.id} not found")
         return trainer_pb2.GetJobResponse(job=job)
 
-    def end(self, job_id: str, seconds: float, state: int = trainer_pb2.JOB_STATE_SUCCEEDED) -> None:
+    def end(
+        self, job_id: str, seconds: float, state: int = trainer_pb2.JOB_STATE_SUCCEEDED, ended: datetime | None = None
+    ) -> None:
         job = self.jobs[job_id][1]
-        start = datetime.now(UTC) - timedelta(seconds=seconds)
+        start = (ended or datetime.now(UTC)) - timedelta(seconds=seconds)
         job.state = state
         job.start_time.CopyFrom(stamp(start))
         job.end_time.CopyFrom(stamp(start + timedelta(seconds=seconds)))
@@ -93,6 +96,13 @@ def test_job_seconds_are_wall_time_times_workers() -> None:
     job.spec.workers = 4
     assert job_seconds(job) == 41
     assert job_seconds(trainer_pb2.Job(state=trainer_pb2.JOB_STATE_CANCELLED)) == 0  # cancelled while queued
+
+
+def test_a_job_from_a_trainer_that_names_no_device_is_billed_per_cpu_second() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    job = trainer_pb2.Job(start_time=stamp(start), end_time=stamp(start + timedelta(seconds=5)))
+    assert billed_seconds("acme", job, 5) == BillableRecord("2026-01-01", "acme", "training_cpu_seconds", "", 5)
+    assert billed_seconds("acme", job, 0) is None
 
 
 async def test_jobs_are_settled_after_a_gateway_restart_and_then_the_quota_refuses(tmp_path, redis_server,
@@ -157,6 +167,44 @@ async def test_jobs_are_settled_after_a_gateway_restart_and_then_the_quota_refus
         store.engine.dispose()
 
 
+async def test_training_is_billed_once_by_device_on_the_day_the_job_ended(tmp_path, redis_server, trainer) -> None:
+    scripted, address = trainer
+    async with gateway_stack(
+        tmp_path, redis_url=redis_server.url, trainer_addr=address, training_settle_seconds=0.05
+    ) as stack:
+        stub = trainer_pb2_grpc.TrainerServiceStub(stack.channel)
+        spec = trainer_pb2.TrainingSpec(workers=2)
+        on_cpu = await stub.CreateTrainingJob(
+            trainer_pb2.CreateTrainingJobRequest(model="m", spec=spec), metadata=stack.auth("developer")
+        )
+        on_gpu = await stub.CreateOptimizationJob(
+            trainer_pb2.CreateOptimizationJobRequest(), metadata=stack.auth("developer")
+        )
+        never_started = await stub.CreateTrainingJob(
+            trainer_pb2.CreateTrainingJobRequest(model="m"), metadata=stack.auth("developer")
+        )
+        scripted.jobs[on_cpu.job.id][1].device = "cpu"
+        scripted.end(on_cpu.job.id, seconds=30, ended=datetime(2026, 1, 31, 12, tzinfo=UTC))  # 2 workers
+        scripted.jobs[on_gpu.job.id][1].device = "cuda"
+        # Started before midnight, ended after: billed on the day it ended.
+        scripted.end(on_gpu.job.id, seconds=12.5, state=trainer_pb2.JOB_STATE_FAILED,
+                     ended=datetime(2026, 2, 1, 0, 0, 2, tzinfo=UTC))
+        scripted.jobs[never_started.job.id][1].state = trainer_pb2.JOB_STATE_CANCELLED
+        store = GatewayStore(make_engine(stack.settings.gateway_database_url))
+
+        async def all_settled() -> bool:
+            return store.unsettled_training_jobs("", 10) == []
+
+        await eventually(all_settled)
+        await asyncio.sleep(0.2)  # later rounds find nothing left to bill
+        billed = {(row.day, row.resource, row.tier): row.quantity
+                  for row in store.billable_usage("acme", "2026-01-01", "2026-02-28")}
+        assert billed == {("2026-01-31", "training_cpu_seconds", ""): 60,
+                          ("2026-02-01", "training_gpu_seconds", ""): 13}
+        assert store.billable_usage("other", "2026-01-01", "2026-02-28") == []
+        store.engine.dispose()
+
+
 async def test_a_refused_or_failed_create_records_no_job(tmp_path, redis_server, trainer) -> None:
     _, address = trainer
     async with gateway_stack(
@@ -182,8 +230,10 @@ def test_the_store_pages_unsettled_jobs_and_settles_each_once(tmp_path) -> None:
     first = store.unsettled_training_jobs("", 3)
     assert [job.job_id for job in first] == ["job-0", "job-1", "job-2"]
     assert [job.job_id for job in store.unsettled_training_jobs(first[-1].job_id, 3)] == ["job-3", "job-4"]
-    assert store.settle_training_job("job-1", 42, now) is True
-    assert store.settle_training_job("job-1", 42, now) is False  # another replica got there first
+    billed = BillableRecord("2026-03-01", "acme", "training_cpu_seconds", "", 42)
+    assert store.settle_training_job("job-1", 42, now, billed) is True
+    assert store.settle_training_job("job-1", 42, now, billed) is False  # another replica got there first
+    assert store.billable_usage("acme", "2026-03-01", "2026-03-01") == [billed]  # billed once
     assert store.get_training_job("job-1").seconds == 42
     assert "job-1" not in [job.job_id for job in store.unsettled_training_jobs("", 10)]
     engine.dispose()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2
+from maas.tiers import PLATFORM_SOURCE, SOURCE_METADATA_KEY
 from tritonclient.grpc import service_pb2
 
 from services.common.errors import NotFound
@@ -48,6 +49,9 @@ class FakeRegistry:
         fmt: int = registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
         state: int = registry_pb2.VERSION_STATE_READY,
         signature: common_pb2.Signature | None = None,
+        precision: str = "",
+        lineage: registry_pb2.Lineage | None = None,
+        source: str = PLATFORM_SOURCE,  # who registered it, as the registry records it
     ) -> registry_pb2.Version:
         version = registry_pb2.Version(
             model=model,
@@ -57,6 +61,9 @@ class FakeRegistry:
             sha256=hashlib.sha256(artifact).hexdigest(),
             size_bytes=len(artifact),
             state=state,
+            precision=precision,
+            lineage=lineage,
+            metadata={SOURCE_METADATA_KEY: source},
         )
         self.versions[(tenant, model, number)] = (version, artifact)
         return version

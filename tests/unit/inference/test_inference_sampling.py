@@ -26,6 +26,18 @@ def test_temperature_zero_is_greedy():
     assert draws(Settings(temperature=0)) == {1}
 
 
+def test_draws_follow_the_probabilities_and_never_pick_an_impossible_token():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2, 0.0]))
+    generator = torch.Generator().manual_seed(7)
+    draws = [next_token(logits, Settings(temperature=1.0), generator) for _ in range(20_000)]
+    shares = [draws.count(token) / len(draws) for token in range(4)]
+    assert shares[3] == 0
+    for share, expected in zip(shares[:3], (0.5, 0.3, 0.2), strict=True):
+        assert abs(share - expected) < 0.015  # about 4 standard deviations at 20,000 draws
+    with pytest.raises(RuntimeError, match="not finite"):
+        next_token(torch.tensor([1.0, 2.0]), Settings(temperature=1e-300), generator)
+
+
 def test_top_k_keeps_only_the_k_most_likely():
     assert draws(Settings(top_k=2)) == {1, 2}
     assert draws(Settings(top_k=1)) == {1}

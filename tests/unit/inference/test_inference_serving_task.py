@@ -142,6 +142,12 @@ async def test_generate_streams_from_a_generation_deployment(deployments, regist
     assert [t.text for t in tokens] == ["a", "b", "c"] and (final.model, final.version) == ("gpt", 1)
     assert final.finish_reason == inference_pb2.FINISH_REASON_LENGTH and final.completion_tokens == 3
     assert triton.requests[-1].parameters["seed"].int64_param == 4
+    # A conversation travels as its JSON list, flagged for the runner's chat template.
+    chat = inference_pb2.GenerateRequest(deployment="chat", messages=[inference_pb2.ChatMessage(role="user", content="hi")])
+    _ = [message async for message in deployments.serving.generate(TENANT, chat)]
+    sent = triton.requests[-1]
+    assert sent.parameters["chat"].string_param == "1"
+    assert json.loads(sent.raw_input_contents[0][4:]) == [{"role": "user", "content": "hi"}]
 
 
 async def test_generate_refuses_bad_prompts_and_tensor_deployments(deployments, registry):

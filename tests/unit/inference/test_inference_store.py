@@ -13,7 +13,7 @@ from services.common.database import make_engine, upgrade
 from services.common.errors import AlreadyExists
 from services.common.validation import Page
 from services.inference.server import MIGRATIONS
-from services.inference.store import FAILED, LOADING, READY, Deployment, DeploymentStore, now
+from services.inference.store import FAILED, LOADING, READY, Canary, Deployment, DeploymentStore, now
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -57,6 +57,8 @@ def deployment(name: str = "web", tenant: str = "acme", **changes) -> Deployment
         ),
         create_time=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
         update_time=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        precision="int8",
+        tier="int8",
     )
     values.update(changes)
     return Deployment(**values)
@@ -67,6 +69,23 @@ def test_create_and_get_round_trip_every_field(store: DeploymentStore):
     assert store.get("acme", "web") == created
     assert store.get("other", "web") is None
     assert store.get("acme", "missing") is None
+
+
+def test_a_canary_round_trips_with_its_tier(store: DeploymentStore):
+    canary = Canary(2, 10, 0.5, READY, "", "m_canary", "ef" * 32, "TORCHSCRIPT", tier="distilled")
+    created = store.create(deployment(canary=canary))
+    assert store.get("acme", "web") == created
+
+
+def test_a_row_from_before_tiers_reads_as_its_precisions_tier(store: DeploymentStore):
+    """Rows the 0006 migration gave an empty tier: the precision's (a distillation is not told
+    by the precision), and full precision for a canary, whose precision the table does not keep."""
+    canary = Canary(2, 10, 0.5, READY, "", "m_canary", "ef" * 32, "TORCHSCRIPT")
+    store.create(deployment(name="old-int8", tier="", canary=canary))
+    store.create(deployment(name="old-untagged", tier="", precision=""))
+    old = store.get("acme", "old-int8")
+    assert (old.tier, old.canary.tier) == ("int8", "fp32")
+    assert store.get("acme", "old-untagged").tier == "fp32"
 
 
 def test_names_are_unique_per_tenant_only(store: DeploymentStore):

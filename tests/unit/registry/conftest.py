@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import onnx
 import pytest
 from maas.common.v1 import common_pb2
 from maas.registry.v1 import registry_pb2, registry_pb2_grpc
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from services.common.channels import internal_metadata
 from services.common.server import RunningServer, running
@@ -25,6 +26,8 @@ from services.registry.server import create_app
 
 TOKEN = "test-internal-token"
 CHUNK = 64 * 1024
+# What the tests look for in every stored byte: 64 bytes no ciphertext holds by chance.
+MARKER = b"MAAS-PLAINTEXT-MARKER-" + hashlib.sha256(b"encryption at rest").hexdigest()[:42].encode()
 
 
 def sha256_of(data: bytes) -> str:
@@ -137,6 +140,25 @@ def make_onnx(weight: float = 0.5, outputs: int = 2) -> bytes:
         initializer=[helper.make_tensor("W", TensorProto.FLOAT, [4, outputs], [weight] * 4 * outputs)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def marked_onnx(padding_bytes: int, seed: int = 0) -> bytes:
+    """A valid ONNX model y = x @ W whose doc string is MARKER, padded with an unused random
+    initializer to span several sealed chunks."""
+    padding = np.random.default_rng(seed).integers(0, 255, padding_bytes, dtype=np.uint8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+        initializer=[
+            helper.make_tensor("W", TensorProto.FLOAT, [4, 2], [0.5] * 8),
+            numpy_helper.from_array(padding, "padding"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], doc_string=MARKER.decode())
     onnx.checker.check_model(model)
     return model.SerializeToString()
 

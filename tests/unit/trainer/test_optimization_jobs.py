@@ -31,7 +31,7 @@ from tests.unit.trainer.test_trainer_jobs import (  # noqa: F401  (fixtures)
     trainer_server,
     wait_state,
 )
-from tests.unit.trainer.trainer_fakes import FakeLauncher, torchscript_result
+from tests.unit.trainer.trainer_fakes import RESULT_SIGNATURE, FakeLauncher, torchscript_result
 
 SIGNATURE = common_pb2.Signature(
     inputs=[common_pb2.TensorSpec(name="x", datatype=common_pb2.DATA_TYPE_FP32, shape=[4])],
@@ -125,11 +125,17 @@ async def test_bad_requests_are_refused_and_nothing_is_left(
 async def test_sources_that_cannot_be_optimized(trainer, registry, launcher) -> None:  # noqa: F811
     await registry.CreateModel(registry_pb2.CreateModelRequest(name="plain"))
     await upload(registry, "plain", onnx_bytes(), registry_pb2.ARTIFACT_FORMAT_ONNX)
-    await expect(CODE.INVALID_ARGUMENT, optimize(trainer, optimization(model="plain", **INT8)),
-                 "plain version 1 is ONNX: optimization starts from a TorchScript version")
+    await expect(CODE.INVALID_ARGUMENT, optimize(trainer, optimization(model="plain", export=trainer_pb2.ExportMethod())),
+                 "plain version 1 is already ONNX: export starts from a TorchScript version")
     await upload(registry, "plain", torchscript_bytes(), registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT)
-    await expect(CODE.FAILED_PRECONDITION, optimize(trainer, optimization(2, model="plain", **INT8)),
-                 "has no training_spec metadata")
+    await expect(CODE.INVALID_ARGUMENT, optimize(trainer, optimization(2, model="plain", **distill())),
+                 "distillation needs a dataset: pass --dataset NAME")
+    await expect(CODE.INVALID_ARGUMENT, optimize(trainer, optimization(
+        2, model="plain", dataset=trainer_pb2.DatasetSource(builtin="digits"), **INT8)),
+        "digits has samples of shape [8, 8]; plain version 2 takes x of shape [4]")
+    await expect(CODE.INVALID_ARGUMENT, optimize(trainer, optimization(
+        2, model="plain", dataset=trainer_pb2.DatasetSource(builtin="wine"), **INT8)),
+        "wine has samples of shape [13]")
     await trained_source(trainer, launcher)
     metadata = dict((await registry.GetVersion(registry_pb2.GetVersionRequest(model="iris", version=1))).version.metadata)
     await upload(registry, "iris", torchscript_bytes(), registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, "int8", metadata)
@@ -181,6 +187,52 @@ async def test_a_job_fetches_its_source_registers_its_result_with_lineage(
     assert version.metadata["optimization"] == "quantize int8" and version.metadata["parent"] == "iris:1"
     assert version.metadata["training_spec"] == source.metadata["training_spec"]  # it can be optimized further
     assert version.lineage.hyperparameters["precision"] == "int8"
+
+
+async def test_an_uploaded_version_is_optimized_as_the_artifact_it_is(
+    trainer, registry, launcher, settings  # noqa: F811
+) -> None:
+    await registry.CreateModel(registry_pb2.CreateModelRequest(name="plain"))
+    await upload(registry, "plain", torchscript_bytes(), registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
+                 metadata={"owner": "team-a"})
+    launcher.scripts.append((lambda folder: [{**torchscript_result(folder), "precision": "int8", "metadata": {},
+                                              "metrics": {"artifact_bytes": 900.0},
+                                              "parent_metrics": {"artifact_bytes": 2000.0}}], 0))
+    job = await optimize(trainer, optimization(model="plain", **INT8))
+    config = json.loads((settings.trainer_jobs_dir / job.id / "job.json").read_text())
+    assert config["uploaded"] and config["spec"] is None  # no dataset: random inputs of its signature
+    assert config["source"]["format"] == "TORCHSCRIPT" and config["source"]["signature"] == RESULT_SIGNATURE
+    await wait_state(trainer, job.id, trainer_pb2.JOB_STATE_SUCCEEDED)
+    version = (await registry.GetVersion(registry_pb2.GetVersionRequest(model="plain", version=2))).version
+    assert version.precision == "int8" and version.lineage.parent_version == 1
+    assert version.metadata["parent"] == "plain:1" and version.metadata["owner"] == "team-a"
+    assert json.loads(version.metadata["parent_metrics"]) == {"artifact_bytes": 2000.0}
+    assert "dataset" not in version.metadata and "training_spec" not in version.metadata
+
+    # A dataset that fits the signature (iris: 4 features, 3 classes) is split with the job's seed.
+    launcher.scripts.append(([], None))
+    distilled = await optimize(trainer, optimization(model="plain", dataset=trainer_pb2.DatasetSource(builtin="iris"),
+                                                     seed=5, **distill()))
+    config = json.loads((settings.trainer_jobs_dir / distilled.id / "job.json").read_text())
+    assert (config["spec"]["dataset"], config["spec"]["seed"], config["spec"]["test_fraction"]) == ("iris", 5, 0.15)
+
+
+async def test_a_student_of_an_onnx_export_does_not_inherit_its_training_spec(
+    trainer, registry, launcher  # noqa: F811
+) -> None:
+    await trained_source(trainer, launcher)
+    training_spec = (await registry.GetVersion(registry_pb2.GetVersionRequest(model="iris", version=1))
+                     ).version.metadata["training_spec"]
+    # An ONNX export keeps its parent's metadata: it is measured on the parent's data split.
+    await upload(registry, "iris", onnx_bytes(), registry_pb2.ARTIFACT_FORMAT_ONNX,
+                 metadata={"training_spec": training_spec, "task": "classification"})
+    launcher.scripts.append((lambda folder: [{**torchscript_result(folder), "metadata": {"architecture": "mlp"},
+                                              "parent_metrics": {}}], 0))
+    job = await optimize(trainer, optimization(2, **distill()))
+    await wait_state(trainer, job.id, trainer_pb2.JOB_STATE_SUCCEEDED)
+    student = (await registry.GetVersion(registry_pb2.GetVersionRequest(model="iris", version=3))).version
+    # The teacher's spec would rebuild the wrong network: the student is optimized as an upload.
+    assert student.metadata["architecture"] == "mlp" and "training_spec" not in student.metadata
 
 
 async def test_another_target_model_and_an_onnx_result(trainer, registry, launcher) -> None:  # noqa: F811

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -15,10 +17,13 @@ from maas.registry.v1 import registry_pb2
 from maas.trainer.v1 import trainer_pb2
 from prometheus_client import REGISTRY
 
+from services.common.database import make_engine, upgrade
+from services.common.errors import InvalidArgument, NotFound
 from services.common.server import running
+from services.common.validation import MIN_ID_PREFIX
 from services.trainer.runner import pick_next
-from services.trainer.server import create_app
-from services.trainer.store import JobRecord, JobState, now
+from services.trainer.server import MIGRATIONS, create_app
+from services.trainer.store import JobRecord, JobState, JobStore, now
 from tests.unit.trainer.conftest import TenantStub, trainer_settings, watch
 from tests.unit.trainer.trainer_fakes import FakeLauncher, torchscript_result
 
@@ -183,6 +188,22 @@ async def test_a_job_runs_registers_and_a_late_watcher_gets_the_history(trainer,
     assert version.metrics["test_accuracy"] == pytest.approx(0.9)
 
 
+@pytest.mark.parametrize(("reported", "device"), [("cuda:1", "cuda"), ("cuda", "cuda"), ("cpu", "cpu")])
+async def test_the_job_names_the_kind_of_device_it_started_on(trainer, launcher, reported, device) -> None:
+    """What the gateway bills training time by: CPU-seconds or GPU-seconds."""
+    launcher.scripts.append(([{"type": "started", "device": reported, "workers": 1, "resumed_from_epoch": 0}], None))
+    job = await create(trainer, spec())
+    assert job.device == ""  # queued: not started anywhere yet
+    for _ in range(250):
+        job = (await trainer.GetJob(trainer_pb2.GetJobRequest(id=job.id))).job
+        if job.device:
+            break
+        await asyncio.sleep(0.02)
+    assert job.device == device
+    await trainer.CancelJob(trainer_pb2.CancelJobRequest(id=job.id))
+    assert (await trainer.GetJob(trainer_pb2.GetJobRequest(id=job.id))).job.device == device
+
+
 async def test_a_failed_registration_leaves_no_model(trainer, registry, launcher) -> None:
     def broken(folder: Path):
         result = torchscript_result(folder)
@@ -289,3 +310,44 @@ async def test_restart_requeues_running_jobs_or_fails_them(tmp_path, registry_se
             stub = TenantStub(trainer_pb2_grpc.TrainerServiceStub(channel), "tenant-a")
             failed = await wait_state(stub, resumable.id, trainer_pb2.JOB_STATE_FAILED)
             assert "2 times: giving up" in failed.message
+
+
+async def test_a_unique_prefix_names_a_job_within_the_tenant(trainer, other_trainer) -> None:
+    first, second = await create(trainer, spec()), await create(trainer, spec())
+    foreign = await create(other_trainer, spec())
+    shared = os.path.commonprefix([first.id, second.id, foreign.id])
+    assert len(shared) >= len("job-") + MIN_ID_PREFIX  # created a moment apart: the same time digits
+    # Everything but the last character is this job's alone: get, cancel and watch accept it.
+    prefix = second.id[:-1]
+    assert (await trainer.GetJob(trainer_pb2.GetJobRequest(id=prefix))).job.id == second.id
+    cancelled = (await trainer.CancelJob(trainer_pb2.CancelJobRequest(id=prefix))).job
+    assert cancelled.id == second.id and cancelled.state == trainer_pb2.JOB_STATE_CANCELLED
+    assert (await watch(trainer, prefix))[-1].finished.state == trainer_pb2.JOB_STATE_CANCELLED
+    # A prefix of two is refused, naming both.
+    details = await expect(CODE.INVALID_ARGUMENT, trainer.GetJob(trainer_pb2.GetJobRequest(id=shared)), "give more")
+    assert first.id in details and second.id in details and foreign.id not in details
+    # Another tenant's job is as unknown as a missing one, and never makes a prefix ambiguous.
+    missing = await expect(CODE.NOT_FOUND, trainer.GetJob(trainer_pb2.GetJobRequest(id=foreign.id)))
+    assert missing == f"job {foreign.id!r} not found"
+    await expect(CODE.NOT_FOUND, trainer.CancelJob(trainer_pb2.CancelJobRequest(id=foreign.id[:-1])))
+    mine = await other_trainer.GetJob(trainer_pb2.GetJobRequest(id=shared))
+    assert mine.job.id == foreign.id
+    # Too short a prefix is refused with the rule.
+    await expect(CODE.INVALID_ARGUMENT, trainer.GetJob(trainer_pb2.GetJobRequest(id="job-01")), "at least 8")
+
+
+def test_the_job_store_takes_a_prefix_literally(tmp_path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    upgrade(engine, MIGRATIONS)
+    store = JobStore(engine)
+    for job_id in ("job-ab%cd", "job-abxcd", "job-ab_cd", "job-abycd"):
+        store.create(replace(job("acme", 0), id=job_id), ("queued", {}))
+    # `%` and `_` are no wildcards: each names the one job that holds it.
+    assert store.get("acme", "job-ab%").id == "job-ab%cd"
+    assert store.get("acme", "job-ab_").id == "job-ab_cd"
+    with pytest.raises(NotFound):
+        store.get("acme", "job-a%d")
+    with pytest.raises(InvalidArgument, match="job-abxcd, job-abycd"):
+        store.get("acme", "job-ab")  # `_`, `%`, x and y: four matches
+    with pytest.raises(NotFound):
+        store.get("other", "job-abxcd")

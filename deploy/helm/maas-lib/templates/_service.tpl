@@ -21,6 +21,11 @@ data:
   MAAS_TRITON_TLS: "false"
   {{ $c.addrEnv }}: "0.0.0.0:{{ $c.grpcPort }}"
   {{ $c.metricsAddrEnv }}: "0.0.0.0:{{ $c.metricsPort }}"
+  {{- if $c.httpPort }}
+  {{ $c.httpAddrEnv }}: "0.0.0.0:{{ $c.httpPort }}"
+  {{- else if $c.httpAddrEnv }}
+  {{ $c.httpAddrEnv }}: ""
+  {{- end }}
   {{- if ne $c.name "registry" }}
   MAAS_REGISTRY_ADDR: {{ include "maas-lib.peer" (list . "registry" 50052) | quote }}
   {{- end }}
@@ -37,6 +42,10 @@ data:
   {{- if .Values.tls.requireClientCertificates }}
   MAAS_TLS_CLIENT_CA_FILE: /etc/maas/tls/ca.crt
   {{- end }}
+  {{- end }}
+  {{- if $secrets.kek }}
+  # The key-encryption key that wraps the registry's blob data keys: the Secret mounted below.
+  MAAS_REGISTRY_KEK_FILE: /etc/maas/kek/kek
   {{- end }}
   {{- with .Values.triton }}
   # The Triton nodes of the chart's StatefulSet (see _triton.tpl). Models reach a node in its
@@ -98,6 +107,10 @@ spec:
               containerPort: {{ $c.grpcPort }}
             - name: metrics
               containerPort: {{ $c.metricsPort }}
+            {{- if $c.httpPort }}
+            - name: http
+              containerPort: {{ $c.httpPort }}
+            {{- end }}
           envFrom:
             - configMapRef:
                 name: {{ $fullname }}
@@ -165,6 +178,11 @@ spec:
               mountPath: /etc/maas/tls
               readOnly: true
             {{- end }}
+            {{- if $secrets.kek }}
+            - name: kek
+              mountPath: /etc/maas/kek
+              readOnly: true
+            {{- end }}
             {{- with .Values.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -182,6 +200,16 @@ spec:
         - name: tls
           secret:
             secretName: {{ required "tls.secretName: a Secret with tls.crt, tls.key and ca.crt" .Values.tls.secretName }}
+        {{- end }}
+        {{- with $secrets.kek }}
+        - name: kek
+          secret:
+            secretName: {{ required "secrets.kek.name: a Secret holding the key-encryption key" .name }}
+            # Only this pod's user reads it (fsGroup may add group read; the registry refuses more).
+            defaultMode: 0400
+            items:
+              - key: {{ .key | default "kek" }}
+                path: kek
         {{- end }}
         {{- with .Values.extraVolumes }}
         {{- toYaml . | nindent 8 }}
@@ -213,6 +241,12 @@ spec:
     - name: metrics
       port: {{ $c.metricsPort }}
       targetPort: metrics
+    {{- if $c.httpPort }}
+    - name: http
+      port: {{ $c.httpPort }}
+      targetPort: http
+      appProtocol: http
+    {{- end }}
 {{- if .Values.autoscaling.enabled }}
 ---
 apiVersion: autoscaling/v2

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -211,6 +212,9 @@ class SetApiKeyRateLimitRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The key's id, or a unique prefix of it (at least 4 characters) among the keys the caller
+    administers; an ambiguous prefix is INVALID_ARGUMENT naming the keys it matches.
+    """
     @_builtins.property
     def rate_limit(self) -> Global___RateLimit:
         """Unset clears the key's own limit."""
@@ -254,16 +258,26 @@ class SetQuotaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     QUOTA_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def quota(self) -> Global___Quota: ...
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, the others keep their values: requests_per_day, requests_per_month,
+        tokens_per_day, tokens_per_month, training_minutes_per_day, training_minutes_per_month,
+        max_replicas, rate_limit (all three) or rate_limit.requests_per_second, rate_limit.burst,
+        rate_limit.tokens_per_minute. Empty replaces the whole quota.
+        """
+
     def __init__(
         self,
         *,
         quota: Global___Quota | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -446,6 +460,7 @@ class AuditEvent(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     RESOURCE_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
     api_key_id: _builtins.str
@@ -456,6 +471,10 @@ class AuditEvent(_message.Message):
     """The resource the call named, e.g. a model, deployment, tenant or key id; may be empty."""
     code: _builtins.str
     """The call's gRPC status code name, e.g. OK or NOT_FOUND."""
+    bytes: _builtins.int
+    """A download's artifact or dataset bytes sent to the caller, also when it ended early;
+    unset for every other call.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -468,12 +487,15 @@ class AuditEvent(_message.Message):
         method: _builtins.str = ...,
         resource: _builtins.str = ...,
         code: _builtins.str = ...,
+        bytes: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_bytes", b"_bytes", "bytes", b"bytes", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "code", b"code", "id", b"id", "method", b"method", "resource", b"resource", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bytes", b"_bytes", "api_key_id", b"api_key_id", "bytes", b"bytes", "code", b"code", "id", b"id", "method", b"method", "resource", b"resource", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__bytes: _TypeAlias = _typing.Literal["bytes"]  # noqa: Y015
+    _WhichOneofArgType__bytes: _TypeAlias = _typing.Literal["_bytes", b"_bytes"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__bytes) -> _WhichOneofReturnType__bytes | None: ...
 
 Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
 
@@ -770,6 +792,9 @@ class RevokeApiKeyRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The key's id, or a unique prefix of it (at least 4 characters) among the keys the caller
+    administers; an ambiguous prefix is INVALID_ARGUMENT naming the keys it matches.
+    """
     def __init__(
         self,
         *,
@@ -950,3 +975,45 @@ class ResumeNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeNodeResponse: _TypeAlias = ResumeNodeResponse  # noqa: Y015
+
+@_typing.final
+class RotateKekRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKekRequest: _TypeAlias = RotateKekRequest  # noqa: Y015
+
+@_typing.final
+class RotateKekResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REWRAPPED_KEYS_FIELD_NUMBER: _builtins.int
+    KEK_ID_FIELD_NUMBER: _builtins.int
+    PREVIOUS_KEK_ID_FIELD_NUMBER: _builtins.int
+    rewrapped_keys: _builtins.int
+    """Data keys re-wrapped with the new KEK."""
+    kek_id: _builtins.str
+    """The new KEK's id and the replaced one's (derived from the keys; never the keys)."""
+    previous_kek_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        rewrapped_keys: _builtins.int = ...,
+        kek_id: _builtins.str = ...,
+        previous_kek_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kek_id", b"kek_id", "previous_kek_id", b"previous_kek_id", "rewrapped_keys", b"rewrapped_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKekResponse: _TypeAlias = RotateKekResponse  # noqa: Y015

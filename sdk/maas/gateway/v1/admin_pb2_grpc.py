@@ -111,6 +111,11 @@ class AdminServiceStub:
                 request_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ResumeNodeRequest.SerializeToString,
                 response_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ResumeNodeResponse.FromString,
                 _registered_method=True)
+        self.RotateKek = channel.unary_unary(
+                '/maas.gateway.v1.AdminService/RotateKek',
+                request_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.RotateKekRequest.SerializeToString,
+                response_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.RotateKekResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -171,7 +176,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetQuota(self, request, context):
-        """Replaces a tenant's quota and tenant-wide rate limit. Takes effect within a second.
+        """Replaces a tenant's quota and tenant-wide rate limit, or with an update_mask changes only the
+        fields it names. Takes effect within a second.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -214,6 +220,15 @@ class AdminServiceServicer:
 
     def ResumeNode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateKek(self, request, context):
+        """A new key-encryption key for the registry: every blob's data key is re-wrapped with it
+        (no blob is re-encrypted) and it replaces the KEK file. Platform admins only; audited.
+        Keep the previous KEK as long as backups taken before the rotation are kept.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -295,6 +310,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ResumeNode,
                     request_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ResumeNodeRequest.FromString,
                     response_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.ResumeNodeResponse.SerializeToString,
+            ),
+            'RotateKek': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKek,
+                    request_deserializer=maas_dot_gateway_dot_v1_dot_admin__pb2.RotateKekRequest.FromString,
+                    response_serializer=maas_dot_gateway_dot_v1_dot_admin__pb2.RotateKekResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -704,6 +724,33 @@ class AdminService:
             '/maas.gateway.v1.AdminService/ResumeNode',
             maas_dot_gateway_dot_v1_dot_admin__pb2.ResumeNodeRequest.SerializeToString,
             maas_dot_gateway_dot_v1_dot_admin__pb2.ResumeNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKek(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.gateway.v1.AdminService/RotateKek',
+            maas_dot_gateway_dot_v1_dot_admin__pb2.RotateKekRequest.SerializeToString,
+            maas_dot_gateway_dot_v1_dot_admin__pb2.RotateKekResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,7 +48,9 @@ class AdminServiceStub:
     SetApiKeyRateLimit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetApiKeyRateLimitRequest, _admin_pb2.SetApiKeyRateLimitResponse]
     """Sets a key's own rate limit (overrides the gateway's default per-key limit)."""
     SetQuota: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetQuotaRequest, _admin_pb2.SetQuotaResponse]
-    """Replaces a tenant's quota and tenant-wide rate limit. Takes effect within a second."""
+    """Replaces a tenant's quota and tenant-wide rate limit, or with an update_mask changes only the
+    fields it names. Takes effect within a second.
+    """
     GetQuota: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetQuotaRequest, _admin_pb2.GetQuotaResponse]
     """A tenant's quota; all zeros (unlimited) when none was set."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetUsageRequest, _admin_pb2.GetUsageResponse]
@@ -60,6 +62,11 @@ class AdminServiceStub:
     DrainNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DrainNodeRequest, _admin_pb2.DrainNodeResponse]
     """Moves the node's replicas to other nodes, then keeps it out of placement until ResumeNode."""
     ResumeNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResumeNodeRequest, _admin_pb2.ResumeNodeResponse]
+    RotateKek: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateKekRequest, _admin_pb2.RotateKekResponse]
+    """A new key-encryption key for the registry: every blob's data key is re-wrapped with it
+    (no blob is re-encrypted) and it replaces the KEK file. Platform admins only; audited.
+    Keep the previous KEK as long as backups taken before the rotation are kept.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -81,7 +88,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     SetApiKeyRateLimit: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetApiKeyRateLimitRequest, _admin_pb2.SetApiKeyRateLimitResponse]  # type: ignore[assignment]
     """Sets a key's own rate limit (overrides the gateway's default per-key limit)."""
     SetQuota: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetQuotaRequest, _admin_pb2.SetQuotaResponse]  # type: ignore[assignment]
-    """Replaces a tenant's quota and tenant-wide rate limit. Takes effect within a second."""
+    """Replaces a tenant's quota and tenant-wide rate limit, or with an update_mask changes only the
+    fields it names. Takes effect within a second.
+    """
     GetQuota: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetQuotaRequest, _admin_pb2.GetQuotaResponse]  # type: ignore[assignment]
     """A tenant's quota; all zeros (unlimited) when none was set."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetUsageRequest, _admin_pb2.GetUsageResponse]  # type: ignore[assignment]
@@ -93,6 +102,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     DrainNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.DrainNodeRequest, _admin_pb2.DrainNodeResponse]  # type: ignore[assignment]
     """Moves the node's replicas to other nodes, then keeps it out of placement until ResumeNode."""
     ResumeNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResumeNodeRequest, _admin_pb2.ResumeNodeResponse]  # type: ignore[assignment]
+    RotateKek: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateKekRequest, _admin_pb2.RotateKekResponse]  # type: ignore[assignment]
+    """A new key-encryption key for the registry: every blob's data key is re-wrapped with it
+    (no blob is re-encrypted) and it replaces the KEK file. Platform admins only; audited.
+    Keep the previous KEK as long as backups taken before the rotation are kept.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tenants, API keys, quotas, usage and the audit log. Served by the gateway; every method but
@@ -165,7 +179,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetQuotaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SetQuotaResponse, _abc.Awaitable[_admin_pb2.SetQuotaResponse]]:
-        """Replaces a tenant's quota and tenant-wide rate limit. Takes effect within a second."""
+        """Replaces a tenant's quota and tenant-wide rate limit, or with an update_mask changes only the
+        fields it names. Takes effect within a second.
+        """
 
     @_abc_1.abstractmethod
     def GetQuota(
@@ -213,5 +229,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ResumeNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ResumeNodeResponse, _abc.Awaitable[_admin_pb2.ResumeNodeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RotateKek(
+        self,
+        request: _admin_pb2.RotateKekRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RotateKekResponse, _abc.Awaitable[_admin_pb2.RotateKekResponse]]:
+        """A new key-encryption key for the registry: every blob's data key is re-wrapped with it
+        (no blob is re-encrypted) and it replaces the KEK file. Platform admins only; audited.
+        Keep the previous KEK as long as backups taken before the rotation are kept.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

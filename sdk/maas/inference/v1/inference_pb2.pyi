@@ -168,6 +168,7 @@ class Deployment(_message.Message):
     DESIRED_REPLICAS_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     SCALING_EVENTS_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Lower-case letters, digits and dashes; unique within the tenant. Clients predict by it."""
     model: _builtins.str
@@ -206,6 +207,11 @@ class Deployment(_message.Message):
     """
     desired_replicas: _builtins.int
     """Output only: how many replicas the autoscaler wants now."""
+    tier: _builtins.str
+    """Output only: the price tier of the version resolved_version names, which picks the price of
+    its requests: "distilled" for a version a distillation produced, else its precision ("fp32",
+    "fp16", "int8"; a version without a precision, or with another tag, is "fp32").
+    """
     @_builtins.property
     def signature(self) -> _common_pb2.Signature: ...
     @_builtins.property
@@ -251,10 +257,11 @@ class Deployment(_message.Message):
         desired_replicas: _builtins.int = ...,
         replicas: _abc.Iterable[Global___Replica] | None = ...,
         scaling_events: _abc.Iterable[Global___ScalingEvent] | None = ...,
+        tier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_min_replicas", b"_min_replicas", "alias", b"alias", "canary", b"canary", "create_time", b"create_time", "min_replicas", b"min_replicas", "signature", b"signature", "target", b"target", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_replicas", b"_min_replicas", "alias", b"alias", "cacheable", b"cacheable", "canary", b"canary", "create_time", b"create_time", "desired_replicas", b"desired_replicas", "device", b"device", "execution_limit_seconds", b"execution_limit_seconds", "instances", b"instances", "max_batch_size", b"max_batch_size", "max_replicas", b"max_replicas", "message", b"message", "min_replicas", b"min_replicas", "model", b"model", "name", b"name", "precision", b"precision", "replicas", b"replicas", "resolved_version", b"resolved_version", "scaling_events", b"scaling_events", "signature", b"signature", "state", b"state", "target", b"target", "target_in_flight", b"target_in_flight", "task", b"task", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_replicas", b"_min_replicas", "alias", b"alias", "cacheable", b"cacheable", "canary", b"canary", "create_time", b"create_time", "desired_replicas", b"desired_replicas", "device", b"device", "execution_limit_seconds", b"execution_limit_seconds", "instances", b"instances", "max_batch_size", b"max_batch_size", "max_replicas", b"max_replicas", "message", b"message", "min_replicas", b"min_replicas", "model", b"model", "name", b"name", "precision", b"precision", "replicas", b"replicas", "resolved_version", b"resolved_version", "scaling_events", b"scaling_events", "signature", b"signature", "state", b"state", "target", b"target", "target_in_flight", b"target_in_flight", "task", b"task", "tier", b"tier", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_replicas: _TypeAlias = _typing.Literal["min_replicas"]  # noqa: Y015
     _WhichOneofArgType__min_replicas: _TypeAlias = _typing.Literal["_min_replicas", b"_min_replicas"]  # noqa: Y015
@@ -339,6 +346,7 @@ class Canary(_message.Message):
     MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     weight_percent: _builtins.int
     """Percent of requests the canary answers, 1 to 99. A request's x-request-id, when the
@@ -351,6 +359,8 @@ class Canary(_message.Message):
     state: Global___DeploymentState.ValueType
     """LOADING until it takes traffic; FAILED when it could not load."""
     message: _builtins.str
+    tier: _builtins.str
+    """Output only: the price tier of the canary's version (Deployment.tier)."""
     def __init__(
         self,
         *,
@@ -359,10 +369,11 @@ class Canary(_message.Message):
         max_error_rate: _builtins.float = ...,
         state: Global___DeploymentState.ValueType = ...,
         message: _builtins.str = ...,
+        tier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_error_rate", b"max_error_rate", "message", b"message", "state", b"state", "version", b"version", "weight_percent", b"weight_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_error_rate", b"max_error_rate", "message", b"message", "state", b"state", "tier", b"tier", "version", b"version", "weight_percent", b"weight_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -778,6 +789,7 @@ class Route(_message.Message):
     REPLICA_ADDRESSES_FIELD_NUMBER: _builtins.int
     SCALED_TO_ZERO_FIELD_NUMBER: _builtins.int
     LAST_SCALING_EVENT_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     deployment: _builtins.str
     model: _builtins.str
@@ -792,6 +804,10 @@ class Route(_message.Message):
     task: Global___ServingTask.ValueType
     scaled_to_zero: _builtins.bool
     """No replica is loaded (min_replicas 0, idle): call Wake, then wait for the route to be ready."""
+    tier: _builtins.str
+    """The price tier of `version` (Deployment.tier): the gateway meters the requests and tokens
+    this version answers under it.
+    """
     @_builtins.property
     def signature(self) -> _common_pb2.Signature: ...
     @_builtins.property
@@ -826,10 +842,11 @@ class Route(_message.Message):
         replica_addresses: _abc.Iterable[_builtins.str] | None = ...,
         scaled_to_zero: _builtins.bool = ...,
         last_scaling_event: Global___ScalingEvent | None = ...,
+        tier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "last_scaling_event", b"last_scaling_event", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cacheable", b"cacheable", "canary", b"canary", "deployment", b"deployment", "last_scaling_event", b"last_scaling_event", "max_batch_size", b"max_batch_size", "model", b"model", "ready", b"ready", "replica_addresses", b"replica_addresses", "scaled_to_zero", b"scaled_to_zero", "signature", b"signature", "task", b"task", "tenant", b"tenant", "triton_address", b"triton_address", "triton_model", b"triton_model", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cacheable", b"cacheable", "canary", b"canary", "deployment", b"deployment", "last_scaling_event", b"last_scaling_event", "max_batch_size", b"max_batch_size", "model", b"model", "ready", b"ready", "replica_addresses", b"replica_addresses", "scaled_to_zero", b"scaled_to_zero", "signature", b"signature", "task", b"task", "tenant", b"tenant", "tier", b"tier", "triton_address", b"triton_address", "triton_model", b"triton_model", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -843,9 +860,12 @@ class CanaryRoute(_message.Message):
     TRITON_MODEL_FIELD_NUMBER: _builtins.int
     WEIGHT_PERCENT_FIELD_NUMBER: _builtins.int
     REPLICA_ADDRESSES_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     triton_model: _builtins.str
     weight_percent: _builtins.int
+    tier: _builtins.str
+    """The price tier of the canary's version."""
     @_builtins.property
     def replica_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -855,10 +875,11 @@ class CanaryRoute(_message.Message):
         triton_model: _builtins.str = ...,
         weight_percent: _builtins.int = ...,
         replica_addresses: _abc.Iterable[_builtins.str] | None = ...,
+        tier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica_addresses", b"replica_addresses", "triton_model", b"triton_model", "version", b"version", "weight_percent", b"weight_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica_addresses", b"replica_addresses", "tier", b"tier", "triton_model", b"triton_model", "version", b"version", "weight_percent", b"weight_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1117,6 +1138,7 @@ class GenerateRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
     prompt: _builtins.str
     """Must not be empty; characters outside the model's vocabulary are refused."""
@@ -1136,6 +1158,12 @@ class GenerateRequest(_message.Message):
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generation stops before the first of these strings would be emitted; at most 8."""
 
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """A conversation instead of a prompt: the model's own chat template turns it into the prompt
+        (INVALID_ARGUMENT for a model without one). Give prompt or messages, not both.
+        """
+
     def __init__(
         self,
         *,
@@ -1147,10 +1175,11 @@ class GenerateRequest(_message.Message):
         top_p: _builtins.float | None = ...,
         seed: _builtins.int | None = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "deployment", b"deployment", "max_tokens", b"max_tokens", "prompt", b"prompt", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "deployment", b"deployment", "max_tokens", b"max_tokens", "messages", b"messages", "prompt", b"prompt", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -1170,6 +1199,29 @@ class GenerateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """"system", "user", "assistant" or "tool"."""
+    content: _builtins.str
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
 
 @_typing.final
 class GenerateResponse(_message.Message):
@@ -1357,3 +1409,78 @@ class GetDeploymentLoadResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetDeploymentLoadResponse: _TypeAlias = GetDeploymentLoadResponse  # noqa: Y015
+
+@_typing.final
+class GetReplicaUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_DAY_FIELD_NUMBER: _builtins.int
+    END_DAY_FIELD_NUMBER: _builtins.int
+    start_day: _builtins.str
+    """Inclusive range of UTC days, YYYY-MM-DD, at most 400 days."""
+    end_day: _builtins.str
+    def __init__(
+        self,
+        *,
+        start_day: _builtins.str = ...,
+        end_day: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_day", b"end_day", "start_day", b"start_day"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReplicaUsageRequest: _TypeAlias = GetReplicaUsageRequest  # noqa: Y015
+
+@_typing.final
+class GetReplicaUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaUsageRow]:
+        """Ordered by day, deployment and tier; days without usage have no row."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___ReplicaUsageRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReplicaUsageResponse: _TypeAlias = GetReplicaUsageResponse  # noqa: Y015
+
+@_typing.final
+class ReplicaUsageRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    REPLICA_SECONDS_FIELD_NUMBER: _builtins.int
+    day: _builtins.str
+    deployment: _builtins.str
+    """The deployment's name."""
+    tier: _builtins.str
+    """The replicas' version tier: fp32, fp16, int8 or distilled."""
+    replica_seconds: _builtins.int
+    def __init__(
+        self,
+        *,
+        day: _builtins.str = ...,
+        deployment: _builtins.str = ...,
+        tier: _builtins.str = ...,
+        replica_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "deployment", b"deployment", "replica_seconds", b"replica_seconds", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaUsageRow: _TypeAlias = ReplicaUsageRow  # noqa: Y015

@@ -95,6 +95,11 @@ class InferenceServiceStub:
                 request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentLoadRequest.SerializeToString,
                 response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentLoadResponse.FromString,
                 _registered_method=True)
+        self.GetReplicaUsage = channel.unary_unary(
+                '/maas.inference.v1.InferenceService/GetReplicaUsage',
+                request_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.GetReplicaUsageRequest.SerializeToString,
+                response_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.GetReplicaUsageResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -186,6 +191,15 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReplicaUsage(self, request, context):
+        """Internal: for the gateway's billing, which asserts the tenant; the gateway never serves it
+        to clients. Replica-seconds the tenant's deployments held READY, per UTC day, deployment
+        and price tier, from start_day to end_day.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -248,6 +262,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetDeploymentLoad,
                     request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentLoadRequest.FromString,
                     response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentLoadResponse.SerializeToString,
+            ),
+            'GetReplicaUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReplicaUsage,
+                    request_deserializer=maas_dot_inference_dot_v1_dot_inference__pb2.GetReplicaUsageRequest.FromString,
+                    response_serializer=maas_dot_inference_dot_v1_dot_inference__pb2.GetReplicaUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,6 +594,33 @@ class InferenceService:
             '/maas.inference.v1.InferenceService/GetDeploymentLoad',
             maas_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentLoadRequest.SerializeToString,
             maas_dot_inference_dot_v1_dot_inference__pb2.GetDeploymentLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReplicaUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.inference.v1.InferenceService/GetReplicaUsage',
+            maas_dot_inference_dot_v1_dot_inference__pb2.GetReplicaUsageRequest.SerializeToString,
+            maas_dot_inference_dot_v1_dot_inference__pb2.GetReplicaUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,11 @@ class InferenceServiceStub:
     queue and compute time, batch sizes; one entry per served version (two during a canary
     or a roll).
     """
+    GetReplicaUsage: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetReplicaUsageRequest, _inference_pb2.GetReplicaUsageResponse]
+    """Internal: for the gateway's billing, which asserts the tenant; the gateway never serves it
+    to clients. Replica-seconds the tenant's deployments held READY, per UTC day, deployment
+    and price tier, from start_day to end_day.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -94,6 +99,11 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """What a deployment is doing now, read from Triton's statistics: requests in flight,
     queue and compute time, batch sizes; one entry per served version (two during a canary
     or a roll).
+    """
+    GetReplicaUsage: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetReplicaUsageRequest, _inference_pb2.GetReplicaUsageResponse]  # type: ignore[assignment]
+    """Internal: for the gateway's billing, which asserts the tenant; the gateway never serves it
+    to clients. Replica-seconds the tenant's deployments held READY, per UTC day, deployment
+    and price tier, from start_day to end_day.
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -197,6 +207,17 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """What a deployment is doing now, read from Triton's statistics: requests in flight,
         queue and compute time, batch sizes; one entry per served version (two during a canary
         or a roll).
+        """
+
+    @_abc_1.abstractmethod
+    def GetReplicaUsage(
+        self,
+        request: _inference_pb2.GetReplicaUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.GetReplicaUsageResponse, _abc.Awaitable[_inference_pb2.GetReplicaUsageResponse]]:
+        """Internal: for the gateway's billing, which asserts the tenant; the gateway never serves it
+        to clients. Replica-seconds the tenant's deployments held READY, per UTC day, deployment
+        and price tier, from start_day to end_day.
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

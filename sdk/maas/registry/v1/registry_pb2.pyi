@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -31,6 +32,12 @@ class _ArtifactFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifa
     ARTIFACT_FORMAT_TORCHSCRIPT: _ArtifactFormat.ValueType  # 1
     """A torch.jit.save archive (scripted or traced). Plain torch.save pickles are refused."""
     ARTIFACT_FORMAT_ONNX: _ArtifactFormat.ValueType  # 2
+    ARTIFACT_FORMAT_SAFETENSORS: _ArtifactFormat.ValueType  # 3
+    """One .safetensors file holding a Hugging Face decoder-only language model (GPT-2, Llama,
+    Qwen2): the weights, and in its header's __metadata__ the model's config.json, tokenizer.json,
+    tokenizer_config.json and chat template (`maas models import-hf` writes it). Data only:
+    nothing in it is ever executed or unpickled; a chat template renders in a sandbox.
+    """
 
 class ArtifactFormat(_ArtifactFormat, metaclass=_ArtifactFormatEnumTypeWrapper): ...
 
@@ -38,6 +45,12 @@ ARTIFACT_FORMAT_UNSPECIFIED: ArtifactFormat.ValueType  # 0
 ARTIFACT_FORMAT_TORCHSCRIPT: ArtifactFormat.ValueType  # 1
 """A torch.jit.save archive (scripted or traced). Plain torch.save pickles are refused."""
 ARTIFACT_FORMAT_ONNX: ArtifactFormat.ValueType  # 2
+ARTIFACT_FORMAT_SAFETENSORS: ArtifactFormat.ValueType  # 3
+"""One .safetensors file holding a Hugging Face decoder-only language model (GPT-2, Llama,
+Qwen2): the weights, and in its header's __metadata__ the model's config.json, tokenizer.json,
+tokenizer_config.json and chat template (`maas models import-hf` writes it). Data only:
+nothing in it is ever executed or unpickled; a chat template renders in a sandbox.
+"""
 Global___ArtifactFormat: _TypeAlias = ArtifactFormat  # noqa: Y015
 
 class _VersionState:
@@ -128,10 +141,15 @@ class Model(_message.Message):
     LATEST_VERSION_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    NO_DOWNLOAD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     latest_version: _builtins.int
     """Highest version number uploaded so far; 0 when there is none."""
+    no_download: _builtins.bool
+    """Only an admin key may download this model's versions (DownloadVersion); developers still
+    deploy and optimize it, and every model an optimization of it registers is marked so too.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -149,10 +167,11 @@ class Model(_message.Message):
         latest_version: _builtins.int = ...,
         aliases: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        no_download: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "create_time", b"create_time", "description", b"description", "labels", b"labels", "latest_version", b"latest_version", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "create_time", b"create_time", "description", b"description", "labels", b"labels", "latest_version", b"latest_version", "name", b"name", "no_download", b"no_download"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -338,9 +357,12 @@ class CreateModelRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    NO_DOWNLOAD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Lower-case letters, digits and dashes; starts with a letter; at most 63 characters."""
     description: _builtins.str
+    no_download: _builtins.bool
+    """Mark the model no-download from the start (see Model.no_download)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -349,10 +371,11 @@ class CreateModelRequest(_message.Message):
         name: _builtins.str = ...,
         description: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        no_download: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "labels", b"labels", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "labels", b"labels", "name", b"name", "no_download", b"no_download"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -461,6 +484,54 @@ class ListModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model:
+        """Identified by model.name."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change: description, labels, no_download."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelRequest: _TypeAlias = UpdateModelRequest  # noqa: Y015
+
+@_typing.final
+class UpdateModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model: ...
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelResponse: _TypeAlias = UpdateModelResponse  # noqa: Y015
 
 @_typing.final
 class DeleteModelRequest(_message.Message):
@@ -1286,3 +1357,184 @@ class DownloadDatasetVersionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
 Global___DownloadDatasetVersionResponse: _TypeAlias = DownloadDatasetVersionResponse  # noqa: Y015
+
+@_typing.final
+class GetStorageUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_DAY_FIELD_NUMBER: _builtins.int
+    END_DAY_FIELD_NUMBER: _builtins.int
+    start_day: _builtins.str
+    """Inclusive range of UTC days, YYYY-MM-DD, at most 400 days."""
+    end_day: _builtins.str
+    def __init__(
+        self,
+        *,
+        start_day: _builtins.str = ...,
+        end_day: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_day", b"end_day", "start_day", b"start_day"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStorageUsageRequest: _TypeAlias = GetStorageUsageRequest  # noqa: Y015
+
+@_typing.final
+class GetStorageUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def days(self) -> _containers.RepeatedCompositeFieldContainer[Global___StorageUsageDay]:
+        """Oldest first: every day of the range from the tenant's first sample up to today (UTC)."""
+
+    def __init__(
+        self,
+        *,
+        days: _abc.Iterable[Global___StorageUsageDay] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["days", b"days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStorageUsageResponse: _TypeAlias = GetStorageUsageResponse  # noqa: Y015
+
+@_typing.final
+class StorageUsageDay(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    day: _builtins.str
+    bytes: _builtins.int
+    """The day's largest sample of the sizes of the tenant's versions (archived ones included)
+    and dataset versions; a blob two versions share counts for each. A day without a sample
+    carries the latest earlier one forward.
+    """
+    def __init__(
+        self,
+        *,
+        day: _builtins.str = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "day", b"day"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StorageUsageDay: _TypeAlias = StorageUsageDay  # noqa: Y015
+
+@_typing.final
+class RotateKekRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKekRequest: _TypeAlias = RotateKekRequest  # noqa: Y015
+
+@_typing.final
+class RotateKekResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REWRAPPED_KEYS_FIELD_NUMBER: _builtins.int
+    KEK_ID_FIELD_NUMBER: _builtins.int
+    PREVIOUS_KEK_ID_FIELD_NUMBER: _builtins.int
+    rewrapped_keys: _builtins.int
+    """Data keys this call re-wrapped: all of them (and those a cut-short rotation had left)."""
+    kek_id: _builtins.str
+    """The KEK now in use and the one it replaced: ids derived from the keys, never the keys.
+    Backups taken before this call need the previous KEK to be restored.
+    """
+    previous_kek_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        rewrapped_keys: _builtins.int = ...,
+        kek_id: _builtins.str = ...,
+        previous_kek_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kek_id", b"kek_id", "previous_kek_id", b"previous_kek_id", "rewrapped_keys", b"rewrapped_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKekResponse: _TypeAlias = RotateKekResponse  # noqa: Y015
+
+@_typing.final
+class UpdateVersionMetadataRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateVersionMetadataRequest: _TypeAlias = UpdateVersionMetadataRequest  # noqa: Y015
+
+@_typing.final
+class UpdateVersionMetadataResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def version(self) -> Global___Version: ...
+    def __init__(
+        self,
+        *,
+        version: Global___Version | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateVersionMetadataResponse: _TypeAlias = UpdateVersionMetadataResponse  # noqa: Y015

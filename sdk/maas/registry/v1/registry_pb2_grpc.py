@@ -51,6 +51,11 @@ class RegistryServiceStub:
                 request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/maas.registry.v1.RegistryService/UpdateModel',
+                request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.UpdateModelResponse.FromString,
+                _registered_method=True)
         self.DeleteModel = channel.unary_unary(
                 '/maas.registry.v1.RegistryService/DeleteModel',
                 request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.DeleteModelRequest.SerializeToString,
@@ -75,6 +80,11 @@ class RegistryServiceStub:
                 '/maas.registry.v1.RegistryService/ArchiveVersion',
                 request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.ArchiveVersionRequest.SerializeToString,
                 response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.ArchiveVersionResponse.FromString,
+                _registered_method=True)
+        self.UpdateVersionMetadata = channel.unary_unary(
+                '/maas.registry.v1.RegistryService/UpdateVersionMetadata',
+                request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.UpdateVersionMetadataRequest.SerializeToString,
+                response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.UpdateVersionMetadataResponse.FromString,
                 _registered_method=True)
         self.DownloadVersion = channel.unary_stream(
                 '/maas.registry.v1.RegistryService/DownloadVersion',
@@ -121,6 +131,16 @@ class RegistryServiceStub:
                 request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.DownloadDatasetVersionRequest.SerializeToString,
                 response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.DownloadDatasetVersionResponse.FromString,
                 _registered_method=True)
+        self.GetStorageUsage = channel.unary_unary(
+                '/maas.registry.v1.RegistryService/GetStorageUsage',
+                request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetStorageUsageRequest.SerializeToString,
+                response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetStorageUsageResponse.FromString,
+                _registered_method=True)
+        self.RotateKek = channel.unary_unary(
+                '/maas.registry.v1.RegistryService/RotateKek',
+                request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.RotateKekRequest.SerializeToString,
+                response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.RotateKekResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -142,6 +162,14 @@ class RegistryServiceServicer:
 
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateModel(self, request, context):
+        """Changes the fields the update_mask names: description, labels, no_download. Clearing
+        no_download needs an admin key; setting it, a developer's.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -175,6 +203,15 @@ class RegistryServiceServicer:
 
     def ArchiveVersion(self, request, context):
         """An archived version stays downloadable but can no longer be newly deployed or aliased.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateVersionMetadata(self, request, context):
+        """Merges entries into a version's metadata (an empty value removes the key), e.g. the
+        verdict of a retraining run's evaluation. Keys starting with "maas." other than
+        "maas.retrain." are the platform's and cannot be set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,6 +272,25 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStorageUsage(self, request, context):
+        """Internal: for the gateway's billing, which asserts the tenant; the gateway never serves it
+        to clients. The bytes the tenant stored on each UTC day from start_day to end_day.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateKek(self, request, context):
+        """Internal: for AdminService.RotateKek, which only the platform admin may call; the gateway
+        never serves it to clients. Generates a new key-encryption key, re-wraps every blob's data
+        key with it (no blob is re-encrypted) and makes it the KEK. Finishes an interrupted
+        rotation instead of starting another. FAILED_PRECONDITION when the KEK file cannot be
+        replaced (e.g. a read-only Secret mount) or a rotation is already running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +308,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.ListModelsRequest.FromString,
                     response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.UpdateModelRequest.FromString,
+                    response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.UpdateModelResponse.SerializeToString,
             ),
             'DeleteModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteModel,
@@ -277,6 +338,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ArchiveVersion,
                     request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.ArchiveVersionRequest.FromString,
                     response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.ArchiveVersionResponse.SerializeToString,
+            ),
+            'UpdateVersionMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateVersionMetadata,
+                    request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.UpdateVersionMetadataRequest.FromString,
+                    response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.UpdateVersionMetadataResponse.SerializeToString,
             ),
             'DownloadVersion': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadVersion,
@@ -322,6 +388,16 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.DownloadDatasetVersion,
                     request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.DownloadDatasetVersionRequest.FromString,
                     response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.DownloadDatasetVersionResponse.SerializeToString,
+            ),
+            'GetStorageUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStorageUsage,
+                    request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetStorageUsageRequest.FromString,
+                    response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetStorageUsageResponse.SerializeToString,
+            ),
+            'RotateKek': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKek,
+                    request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.RotateKekRequest.FromString,
+                    response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.RotateKekResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,6 +483,33 @@ class RegistryService:
             '/maas.registry.v1.RegistryService/ListModels',
             maas_dot_registry_dot_v1_dot_registry__pb2.ListModelsRequest.SerializeToString,
             maas_dot_registry_dot_v1_dot_registry__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.registry.v1.RegistryService/UpdateModel',
+            maas_dot_registry_dot_v1_dot_registry__pb2.UpdateModelRequest.SerializeToString,
+            maas_dot_registry_dot_v1_dot_registry__pb2.UpdateModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -542,6 +645,33 @@ class RegistryService:
             '/maas.registry.v1.RegistryService/ArchiveVersion',
             maas_dot_registry_dot_v1_dot_registry__pb2.ArchiveVersionRequest.SerializeToString,
             maas_dot_registry_dot_v1_dot_registry__pb2.ArchiveVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateVersionMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.registry.v1.RegistryService/UpdateVersionMetadata',
+            maas_dot_registry_dot_v1_dot_registry__pb2.UpdateVersionMetadataRequest.SerializeToString,
+            maas_dot_registry_dot_v1_dot_registry__pb2.UpdateVersionMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -785,6 +915,60 @@ class RegistryService:
             '/maas.registry.v1.RegistryService/DownloadDatasetVersion',
             maas_dot_registry_dot_v1_dot_registry__pb2.DownloadDatasetVersionRequest.SerializeToString,
             maas_dot_registry_dot_v1_dot_registry__pb2.DownloadDatasetVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStorageUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.registry.v1.RegistryService/GetStorageUsage',
+            maas_dot_registry_dot_v1_dot_registry__pb2.GetStorageUsageRequest.SerializeToString,
+            maas_dot_registry_dot_v1_dot_registry__pb2.GetStorageUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKek(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.registry.v1.RegistryService/RotateKek',
+            maas_dot_registry_dot_v1_dot_registry__pb2.RotateKekRequest.SerializeToString,
+            maas_dot_registry_dot_v1_dot_registry__pb2.RotateKekResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,10 @@ class RegistryServiceStub:
     CreateModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateModelRequest, _registry_pb2.CreateModelResponse]
     GetModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetModelRequest, _registry_pb2.GetModelResponse]
     ListModels: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListModelsRequest, _registry_pb2.ListModelsResponse]
+    UpdateModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UpdateModelRequest, _registry_pb2.UpdateModelResponse]
+    """Changes the fields the update_mask names: description, labels, no_download. Clearing
+    no_download needs an admin key; setting it, a developer's.
+    """
     DeleteModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteModelRequest, _registry_pb2.DeleteModelResponse]
     """Deletes a model with all its versions and aliases."""
     UploadVersion: _grpc.StreamUnaryMultiCallable[_registry_pb2.UploadVersionRequest, _registry_pb2.UploadVersionResponse]
@@ -48,6 +52,11 @@ class RegistryServiceStub:
     ListVersions: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListVersionsRequest, _registry_pb2.ListVersionsResponse]
     ArchiveVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ArchiveVersionRequest, _registry_pb2.ArchiveVersionResponse]
     """An archived version stays downloadable but can no longer be newly deployed or aliased."""
+    UpdateVersionMetadata: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UpdateVersionMetadataRequest, _registry_pb2.UpdateVersionMetadataResponse]
+    """Merges entries into a version's metadata (an empty value removes the key), e.g. the
+    verdict of a retraining run's evaluation. Keys starting with "maas." other than
+    "maas.retrain." are the platform's and cannot be set.
+    """
     DownloadVersion: _grpc.UnaryStreamMultiCallable[_registry_pb2.DownloadVersionRequest, _registry_pb2.DownloadVersionResponse]
     """Server streaming: the first message carries the version, every later one a chunk."""
     SetAlias: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetAliasRequest, _registry_pb2.SetAliasResponse]
@@ -58,6 +67,17 @@ class RegistryServiceStub:
     UploadDatasetVersion: _grpc.StreamUnaryMultiCallable[_registry_pb2.UploadDatasetVersionRequest, _registry_pb2.UploadDatasetVersionResponse]
     ListDatasetVersions: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListDatasetVersionsRequest, _registry_pb2.ListDatasetVersionsResponse]
     DownloadDatasetVersion: _grpc.UnaryStreamMultiCallable[_registry_pb2.DownloadDatasetVersionRequest, _registry_pb2.DownloadDatasetVersionResponse]
+    GetStorageUsage: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetStorageUsageRequest, _registry_pb2.GetStorageUsageResponse]
+    """Internal: for the gateway's billing, which asserts the tenant; the gateway never serves it
+    to clients. The bytes the tenant stored on each UTC day from start_day to end_day.
+    """
+    RotateKek: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RotateKekRequest, _registry_pb2.RotateKekResponse]
+    """Internal: for AdminService.RotateKek, which only the platform admin may call; the gateway
+    never serves it to clients. Generates a new key-encryption key, re-wraps every blob's data
+    key with it (no blob is re-encrypted) and makes it the KEK. Finishes an interrupted
+    rotation instead of starting another. FAILED_PRECONDITION when the KEK file cannot be
+    replaced (e.g. a read-only Secret mount) or a rotation is already running.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -69,6 +89,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     CreateModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateModelRequest, _registry_pb2.CreateModelResponse]  # type: ignore[assignment]
     GetModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetModelRequest, _registry_pb2.GetModelResponse]  # type: ignore[assignment]
     ListModels: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListModelsRequest, _registry_pb2.ListModelsResponse]  # type: ignore[assignment]
+    UpdateModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.UpdateModelRequest, _registry_pb2.UpdateModelResponse]  # type: ignore[assignment]
+    """Changes the fields the update_mask names: description, labels, no_download. Clearing
+    no_download needs an admin key; setting it, a developer's.
+    """
     DeleteModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteModelRequest, _registry_pb2.DeleteModelResponse]  # type: ignore[assignment]
     """Deletes a model with all its versions and aliases."""
     UploadVersion: _aio.StreamUnaryMultiCallable[_registry_pb2.UploadVersionRequest, _registry_pb2.UploadVersionResponse]  # type: ignore[assignment]
@@ -79,6 +103,11 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     ListVersions: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListVersionsRequest, _registry_pb2.ListVersionsResponse]  # type: ignore[assignment]
     ArchiveVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.ArchiveVersionRequest, _registry_pb2.ArchiveVersionResponse]  # type: ignore[assignment]
     """An archived version stays downloadable but can no longer be newly deployed or aliased."""
+    UpdateVersionMetadata: _aio.UnaryUnaryMultiCallable[_registry_pb2.UpdateVersionMetadataRequest, _registry_pb2.UpdateVersionMetadataResponse]  # type: ignore[assignment]
+    """Merges entries into a version's metadata (an empty value removes the key), e.g. the
+    verdict of a retraining run's evaluation. Keys starting with "maas." other than
+    "maas.retrain." are the platform's and cannot be set.
+    """
     DownloadVersion: _aio.UnaryStreamMultiCallable[_registry_pb2.DownloadVersionRequest, _registry_pb2.DownloadVersionResponse]  # type: ignore[assignment]
     """Server streaming: the first message carries the version, every later one a chunk."""
     SetAlias: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetAliasRequest, _registry_pb2.SetAliasResponse]  # type: ignore[assignment]
@@ -89,6 +118,17 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     UploadDatasetVersion: _aio.StreamUnaryMultiCallable[_registry_pb2.UploadDatasetVersionRequest, _registry_pb2.UploadDatasetVersionResponse]  # type: ignore[assignment]
     ListDatasetVersions: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListDatasetVersionsRequest, _registry_pb2.ListDatasetVersionsResponse]  # type: ignore[assignment]
     DownloadDatasetVersion: _aio.UnaryStreamMultiCallable[_registry_pb2.DownloadDatasetVersionRequest, _registry_pb2.DownloadDatasetVersionResponse]  # type: ignore[assignment]
+    GetStorageUsage: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetStorageUsageRequest, _registry_pb2.GetStorageUsageResponse]  # type: ignore[assignment]
+    """Internal: for the gateway's billing, which asserts the tenant; the gateway never serves it
+    to clients. The bytes the tenant stored on each UTC day from start_day to end_day.
+    """
+    RotateKek: _aio.UnaryUnaryMultiCallable[_registry_pb2.RotateKekRequest, _registry_pb2.RotateKekResponse]  # type: ignore[assignment]
+    """Internal: for AdminService.RotateKek, which only the platform admin may call; the gateway
+    never serves it to clients. Generates a new key-encryption key, re-wraps every blob's data
+    key with it (no blob is re-encrypted) and makes it the KEK. Finishes an interrupted
+    rotation instead of starting another. FAILED_PRECONDITION when the KEK file cannot be
+    replaced (e.g. a read-only Secret mount) or a rotation is already running.
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Models, their immutable versions, aliases that point at versions, and datasets.
@@ -115,6 +155,16 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ListModelsResponse, _abc.Awaitable[_registry_pb2.ListModelsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateModel(
+        self,
+        request: _registry_pb2.UpdateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.UpdateModelResponse, _abc.Awaitable[_registry_pb2.UpdateModelResponse]]:
+        """Changes the fields the update_mask names: description, labels, no_download. Clearing
+        no_download needs an admin key; setting it, a developer's.
+        """
 
     @_abc_1.abstractmethod
     def DeleteModel(
@@ -155,6 +205,17 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ArchiveVersionResponse, _abc.Awaitable[_registry_pb2.ArchiveVersionResponse]]:
         """An archived version stays downloadable but can no longer be newly deployed or aliased."""
+
+    @_abc_1.abstractmethod
+    def UpdateVersionMetadata(
+        self,
+        request: _registry_pb2.UpdateVersionMetadataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.UpdateVersionMetadataResponse, _abc.Awaitable[_registry_pb2.UpdateVersionMetadataResponse]]:
+        """Merges entries into a version's metadata (an empty value removes the key), e.g. the
+        verdict of a retraining run's evaluation. Keys starting with "maas." other than
+        "maas.retrain." are the platform's and cannot be set.
+        """
 
     @_abc_1.abstractmethod
     def DownloadVersion(
@@ -219,5 +280,28 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.DownloadDatasetVersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.DownloadDatasetVersionResponse], _abc.AsyncIterator[_registry_pb2.DownloadDatasetVersionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetStorageUsage(
+        self,
+        request: _registry_pb2.GetStorageUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.GetStorageUsageResponse, _abc.Awaitable[_registry_pb2.GetStorageUsageResponse]]:
+        """Internal: for the gateway's billing, which asserts the tenant; the gateway never serves it
+        to clients. The bytes the tenant stored on each UTC day from start_day to end_day.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateKek(
+        self,
+        request: _registry_pb2.RotateKekRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.RotateKekResponse, _abc.Awaitable[_registry_pb2.RotateKekResponse]]:
+        """Internal: for AdminService.RotateKek, which only the platform admin may call; the gateway
+        never serves it to clients. Generates a new key-encryption key, re-wraps every blob's data
+        key with it (no blob is re-encrypted) and makes it the KEK. Finishes an interrupted
+        rotation instead of starting another. FAILED_PRECONDITION when the KEK file cannot be
+        replaced (e.g. a read-only Secret mount) or a rotation is already running.
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -20,6 +20,85 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RetrainTrigger:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RetrainTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RetrainTrigger.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RETRAIN_TRIGGER_UNSPECIFIED: _RetrainTrigger.ValueType  # 0
+    RETRAIN_TRIGGER_NEW_DATASET_VERSION: _RetrainTrigger.ValueType  # 1
+    """A new version of the policy's dataset was uploaded."""
+    RETRAIN_TRIGGER_SCHEDULE: _RetrainTrigger.ValueType  # 2
+    """Every interval_seconds."""
+    RETRAIN_TRIGGER_DRIFT: _RetrainTrigger.ValueType  # 3
+    """The deployment's drift reached drift_threshold."""
+
+class RetrainTrigger(_RetrainTrigger, metaclass=_RetrainTriggerEnumTypeWrapper): ...
+
+RETRAIN_TRIGGER_UNSPECIFIED: RetrainTrigger.ValueType  # 0
+RETRAIN_TRIGGER_NEW_DATASET_VERSION: RetrainTrigger.ValueType  # 1
+"""A new version of the policy's dataset was uploaded."""
+RETRAIN_TRIGGER_SCHEDULE: RetrainTrigger.ValueType  # 2
+"""Every interval_seconds."""
+RETRAIN_TRIGGER_DRIFT: RetrainTrigger.ValueType  # 3
+"""The deployment's drift reached drift_threshold."""
+Global___RetrainTrigger: _TypeAlias = RetrainTrigger  # noqa: Y015
+
+class _RetrainAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RetrainActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RetrainAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RETRAIN_ACTION_UNSPECIFIED: _RetrainAction.ValueType  # 0
+    """Register the winner, nothing more."""
+    RETRAIN_ACTION_ALIAS: _RetrainAction.ValueType  # 1
+    """Move `alias` to the winner (a deployment following the alias rolls to it)."""
+    RETRAIN_ACTION_CANARY: _RetrainAction.ValueType  # 2
+    """Start a canary of the winner on `deployment`, promoted once it held for the window."""
+
+class RetrainAction(_RetrainAction, metaclass=_RetrainActionEnumTypeWrapper): ...
+
+RETRAIN_ACTION_UNSPECIFIED: RetrainAction.ValueType  # 0
+"""Register the winner, nothing more."""
+RETRAIN_ACTION_ALIAS: RetrainAction.ValueType  # 1
+"""Move `alias` to the winner (a deployment following the alias rolls to it)."""
+RETRAIN_ACTION_CANARY: RetrainAction.ValueType  # 2
+"""Start a canary of the winner on `deployment`, promoted once it held for the window."""
+Global___RetrainAction: _TypeAlias = RetrainAction  # noqa: Y015
+
+class _RetrainRunState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RetrainRunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RetrainRunState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RETRAIN_RUN_STATE_UNSPECIFIED: _RetrainRunState.ValueType  # 0
+    RETRAIN_RUN_STATE_TRAINING: _RetrainRunState.ValueType  # 1
+    RETRAIN_RUN_STATE_EVALUATING: _RetrainRunState.ValueType  # 2
+    RETRAIN_RUN_STATE_ROLLING_OUT: _RetrainRunState.ValueType  # 3
+    """A winner's canary is holding for its window."""
+    RETRAIN_RUN_STATE_PROMOTED: _RetrainRunState.ValueType  # 4
+    """The candidate won and was rolled out as the policy says."""
+    RETRAIN_RUN_STATE_REJECTED: _RetrainRunState.ValueType  # 5
+    """The candidate lost the evaluation (or its canary was rolled back); the serving version stays."""
+    RETRAIN_RUN_STATE_FAILED: _RetrainRunState.ValueType  # 6
+
+class RetrainRunState(_RetrainRunState, metaclass=_RetrainRunStateEnumTypeWrapper): ...
+
+RETRAIN_RUN_STATE_UNSPECIFIED: RetrainRunState.ValueType  # 0
+RETRAIN_RUN_STATE_TRAINING: RetrainRunState.ValueType  # 1
+RETRAIN_RUN_STATE_EVALUATING: RetrainRunState.ValueType  # 2
+RETRAIN_RUN_STATE_ROLLING_OUT: RetrainRunState.ValueType  # 3
+"""A winner's canary is holding for its window."""
+RETRAIN_RUN_STATE_PROMOTED: RetrainRunState.ValueType  # 4
+"""The candidate won and was rolled out as the policy says."""
+RETRAIN_RUN_STATE_REJECTED: RetrainRunState.ValueType  # 5
+"""The candidate lost the evaluation (or its canary was rolled back); the serving version stays."""
+RETRAIN_RUN_STATE_FAILED: RetrainRunState.ValueType  # 6
+Global___RetrainRunState: _TypeAlias = RetrainRunState  # noqa: Y015
+
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -187,6 +266,399 @@ PRECISION_INT8: Precision.ValueType  # 1
 PRECISION_FP16: Precision.ValueType  # 2
 """Half-precision weights and activations."""
 Global___Precision: _TypeAlias = Precision  # noqa: Y015
+
+@_typing.final
+class RetrainPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    MIN_GAIN_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    CANARY_WEIGHT_PERCENT_FIELD_NUMBER: _builtins.int
+    CANARY_WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    CANARY_MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    DRIFT_THRESHOLD_FIELD_NUMBER: _builtins.int
+    COOLDOWN_SECONDS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_DATASET_VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    trigger: Global___RetrainTrigger.ValueType
+    dataset: _builtins.str
+    """The registry dataset of the caller's tenant each run trains on, at its newest version."""
+    from_version: _builtins.int
+    """The version whose training spec is reused (its dataset replaced by `dataset`); 0: the
+    newest version of `model` that training made.
+    """
+    interval_seconds: _builtins.int
+    """SCHEDULE: seconds between runs, at least 60."""
+    deployment: _builtins.str
+    """The deployment serving the model: its version is the one to beat (without one, the
+    newest READY version is), drift is watched on it, and canaries start on it.
+    """
+    metric: _builtins.str
+    """The test metric compared, higher is better: "accuracy" (the default for classifiers) or
+    "r2" (for regressors).
+    """
+    min_gain: _builtins.float
+    """A candidate wins when its metric beats the serving version's by at least this much."""
+    action: Global___RetrainAction.ValueType
+    alias: _builtins.str
+    """ALIAS: the alias moved to a winner."""
+    canary_weight_percent: _builtins.int
+    """CANARY: its share of requests (default 10), the seconds it must hold before promotion
+    (default 60), and the failed fraction that rolls it back (default 0.05).
+    """
+    canary_window_seconds: _builtins.int
+    canary_max_error_rate: _builtins.float
+    drift_threshold: _builtins.float
+    """DRIFT: the PSI that starts a run (default 0.2)."""
+    cooldown_seconds: _builtins.int
+    """The least seconds between two runs of this policy whatever triggers them (default 600)."""
+    last_dataset_version: _builtins.int
+    """Output only: the newest dataset version a run took."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        trigger: Global___RetrainTrigger.ValueType = ...,
+        dataset: _builtins.str = ...,
+        from_version: _builtins.int = ...,
+        interval_seconds: _builtins.int = ...,
+        deployment: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        min_gain: _builtins.float = ...,
+        action: Global___RetrainAction.ValueType = ...,
+        alias: _builtins.str = ...,
+        canary_weight_percent: _builtins.int = ...,
+        canary_window_seconds: _builtins.int = ...,
+        canary_max_error_rate: _builtins.float = ...,
+        drift_threshold: _builtins.float = ...,
+        cooldown_seconds: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        last_dataset_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "alias", b"alias", "canary_max_error_rate", b"canary_max_error_rate", "canary_weight_percent", b"canary_weight_percent", "canary_window_seconds", b"canary_window_seconds", "cooldown_seconds", b"cooldown_seconds", "create_time", b"create_time", "dataset", b"dataset", "deployment", b"deployment", "drift_threshold", b"drift_threshold", "from_version", b"from_version", "interval_seconds", b"interval_seconds", "last_dataset_version", b"last_dataset_version", "metric", b"metric", "min_gain", b"min_gain", "model", b"model", "trigger", b"trigger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrainPolicy: _TypeAlias = RetrainPolicy  # noqa: Y015
+
+@_typing.final
+class RetrainRun(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DATASET_VERSION_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VERSION_FIELD_NUMBER: _builtins.int
+    SERVING_VERSION_FIELD_NUMBER: _builtins.int
+    CANDIDATE_METRIC_FIELD_NUMBER: _builtins.int
+    SERVING_METRIC_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """run-<time ordered hex>."""
+    state: Global___RetrainRunState.ValueType
+    reason: _builtins.str
+    """What started it: "new dataset version 3", "schedule", "drift 0.31 on x[4]", "manual"."""
+    dataset_version: _builtins.int
+    job_id: _builtins.str
+    candidate_version: _builtins.int
+    serving_version: _builtins.int
+    candidate_metric: _builtins.float
+    """The policy's metric of each, on the same held-out split of the run's dataset version."""
+    serving_metric: _builtins.float
+    message: _builtins.str
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        state: Global___RetrainRunState.ValueType = ...,
+        reason: _builtins.str = ...,
+        dataset_version: _builtins.int = ...,
+        job_id: _builtins.str = ...,
+        candidate_version: _builtins.int = ...,
+        serving_version: _builtins.int = ...,
+        candidate_metric: _builtins.float = ...,
+        serving_metric: _builtins.float = ...,
+        message: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_metric", b"candidate_metric", "candidate_version", b"candidate_version", "create_time", b"create_time", "dataset_version", b"dataset_version", "end_time", b"end_time", "id", b"id", "job_id", b"job_id", "message", b"message", "reason", b"reason", "serving_metric", b"serving_metric", "serving_version", b"serving_version", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrainRun: _TypeAlias = RetrainRun  # noqa: Y015
+
+@_typing.final
+class RetrainEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    step: _builtins.str
+    """triggered, training, trained, evaluated, rejected, registered, alias_moved,
+    canary_started, promoted, rolled_back or failed.
+    """
+    message: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        step: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "run_id", b"run_id", "step", b"step", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrainEvent: _TypeAlias = RetrainEvent  # noqa: Y015
+
+@_typing.final
+class SetRetrainPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___RetrainPolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___RetrainPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRetrainPolicyRequest: _TypeAlias = SetRetrainPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetRetrainPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___RetrainPolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___RetrainPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRetrainPolicyResponse: _TypeAlias = SetRetrainPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetRetrainPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRetrainPolicyRequest: _TypeAlias = GetRetrainPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetRetrainPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___RetrainPolicy: ...
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetrainRun]:
+        """Newest first, at most 20."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetrainEvent]:
+        """Oldest first, the latest 100."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___RetrainPolicy | None = ...,
+        runs: _abc.Iterable[Global___RetrainRun] | None = ...,
+        events: _abc.Iterable[Global___RetrainEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "policy", b"policy", "runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRetrainPolicyResponse: _TypeAlias = GetRetrainPolicyResponse  # noqa: Y015
+
+@_typing.final
+class DeleteRetrainPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRetrainPolicyRequest: _TypeAlias = DeleteRetrainPolicyRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRetrainPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRetrainPolicyResponse: _TypeAlias = DeleteRetrainPolicyResponse  # noqa: Y015
+
+@_typing.final
+class TriggerRetrainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TriggerRetrainRequest: _TypeAlias = TriggerRetrainRequest  # noqa: Y015
+
+@_typing.final
+class TriggerRetrainResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___RetrainRun: ...
+    def __init__(
+        self,
+        *,
+        run: Global___RetrainRun | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TriggerRetrainResponse: _TypeAlias = TriggerRetrainResponse  # noqa: Y015
+
+@_typing.final
+class ReportDriftRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    PSI_FIELD_NUMBER: _builtins.int
+    FEATURE_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    deployment: _builtins.str
+    psi: _builtins.float
+    """The worst PSI of the window, and where: a feature ("x[4]") or "outputs"."""
+    feature: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        deployment: _builtins.str = ...,
+        psi: _builtins.float = ...,
+        feature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "feature", b"feature", "psi", b"psi", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportDriftRequest: _TypeAlias = ReportDriftRequest  # noqa: Y015
+
+@_typing.final
+class ReportDriftResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetrainRun]:
+        """Runs the report started."""
+
+    def __init__(
+        self,
+        *,
+        runs: _abc.Iterable[Global___RetrainRun] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportDriftResponse: _TypeAlias = ReportDriftResponse  # noqa: Y015
 
 @_typing.final
 class LinearArchitecture(_message.Message):
@@ -740,6 +1212,7 @@ class Job(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     DATASET_VERSION_FIELD_NUMBER: _builtins.int
     OPTIMIZATION_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """job-<time ordered hex>."""
     kind: Global___JobKind.ValueType
@@ -754,6 +1227,10 @@ class Job(_message.Message):
     """How many times a worker was started (a trainer restart resumes from the checkpoint)."""
     dataset_version: _builtins.int
     """The dataset version actually used (resolved from "newest" at creation)."""
+    device: _builtins.str
+    """What the job runs on, "cpu" or "cuda", as its latest start reported it (the started event);
+    empty until it starts. Training time is billed per CPU-second or GPU-second by it.
+    """
     @_builtins.property
     def spec(self) -> Global___TrainingSpec: ...
     @_builtins.property
@@ -790,10 +1267,11 @@ class Job(_message.Message):
         attempts: _builtins.int = ...,
         dataset_version: _builtins.int = ...,
         optimization: Global___OptimizationSpec | None = ...,
+        device: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "optimization", b"optimization", "progress", b"progress", "result", b"result", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "dataset_version", b"dataset_version", "end_time", b"end_time", "id", b"id", "kind", b"kind", "message", b"message", "model", b"model", "optimization", b"optimization", "parent_version", b"parent_version", "progress", b"progress", "result", b"result", "spec", b"spec", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "dataset_version", b"dataset_version", "device", b"device", "end_time", b"end_time", "id", b"id", "kind", b"kind", "message", b"message", "model", b"model", "optimization", b"optimization", "parent_version", b"parent_version", "progress", b"progress", "result", b"result", "spec", b"spec", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1043,6 +1521,9 @@ class GetJobRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The job's id, or a unique prefix of it among the caller's jobs ("job-" and at least 4 more
+    characters); an ambiguous prefix is INVALID_ARGUMENT naming the jobs it matches.
+    """
     def __init__(
         self,
         *,
@@ -1131,6 +1612,9 @@ class CancelJobRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The job's id, or a unique prefix of it among the caller's jobs ("job-" and at least 4 more
+    characters); an ambiguous prefix is INVALID_ARGUMENT naming the jobs it matches.
+    """
     def __init__(
         self,
         *,
@@ -1171,6 +1655,9 @@ class WatchJobRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The job's id, or a unique prefix of it among the caller's jobs ("job-" and at least 4 more
+    characters); an ambiguous prefix is INVALID_ARGUMENT naming the jobs it matches.
+    """
     after_sequence: _builtins.int
     """Skip events up to and including this sequence number (resume a broken watch)."""
     def __init__(
@@ -1352,8 +1839,9 @@ class OptimizationSpec(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The version to optimize (the teacher, for distillation). It must be a TorchScript
-    version the trainer produced, or carry the same metadata.
+    """The version to optimize (the teacher, for distillation): any fp32 TorchScript or ONNX
+    version. One the trainer produced is rebuilt from its training_spec metadata; any other is
+    optimized as the artifact it is (one FP32 input of fixed shape, one FP32 output).
     """
     version: _builtins.int
     seed: _builtins.int
@@ -1370,7 +1858,8 @@ class OptimizationSpec(_message.Message):
     @_builtins.property
     def dataset(self) -> Global___DatasetSource:
         """Data for fine-tuning, distillation and the accuracy measurement; default: the
-        dataset the source version was trained on (its metadata), with the same split.
+        dataset the source version was trained on (its metadata), with the same split. A version
+        without training_spec has no default: distillation and fine-tuning then need one.
         """
 
     def __init__(
@@ -1444,3 +1933,77 @@ class CreateOptimizationJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateOptimizationJobResponse: _TypeAlias = CreateOptimizationJobResponse  # noqa: Y015
+
+@_typing.final
+class ListRetrainEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    after_id: _builtins.int
+    """Events with a larger id; 0 for all."""
+    limit: _builtins.int
+    """Default 500, at most 5000."""
+    def __init__(
+        self,
+        *,
+        after_id: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRetrainEventsRequest: _TypeAlias = ListRetrainEventsRequest  # noqa: Y015
+
+@_typing.final
+class TenantRetrainEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Increasing in the order the events were written."""
+    tenant: _builtins.str
+    model: _builtins.str
+    @_builtins.property
+    def event(self) -> Global___RetrainEvent: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        tenant: _builtins.str = ...,
+        model: _builtins.str = ...,
+        event: Global___RetrainEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "id", b"id", "model", b"model", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantRetrainEvent: _TypeAlias = TenantRetrainEvent  # noqa: Y015
+
+@_typing.final
+class ListRetrainEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantRetrainEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___TenantRetrainEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRetrainEventsResponse: _TypeAlias = ListRetrainEventsResponse  # noqa: Y015

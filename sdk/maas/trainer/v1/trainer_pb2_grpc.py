@@ -67,6 +67,36 @@ class TrainerServiceStub:
                 request_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.CreateOptimizationJobRequest.SerializeToString,
                 response_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.CreateOptimizationJobResponse.FromString,
                 _registered_method=True)
+        self.SetRetrainPolicy = channel.unary_unary(
+                '/maas.trainer.v1.TrainerService/SetRetrainPolicy',
+                request_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.SetRetrainPolicyRequest.SerializeToString,
+                response_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.SetRetrainPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetRetrainPolicy = channel.unary_unary(
+                '/maas.trainer.v1.TrainerService/GetRetrainPolicy',
+                request_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.GetRetrainPolicyRequest.SerializeToString,
+                response_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.GetRetrainPolicyResponse.FromString,
+                _registered_method=True)
+        self.DeleteRetrainPolicy = channel.unary_unary(
+                '/maas.trainer.v1.TrainerService/DeleteRetrainPolicy',
+                request_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.DeleteRetrainPolicyRequest.SerializeToString,
+                response_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.DeleteRetrainPolicyResponse.FromString,
+                _registered_method=True)
+        self.TriggerRetrain = channel.unary_unary(
+                '/maas.trainer.v1.TrainerService/TriggerRetrain',
+                request_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.TriggerRetrainRequest.SerializeToString,
+                response_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.TriggerRetrainResponse.FromString,
+                _registered_method=True)
+        self.ReportDrift = channel.unary_unary(
+                '/maas.trainer.v1.TrainerService/ReportDrift',
+                request_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.ReportDriftRequest.SerializeToString,
+                response_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.ReportDriftResponse.FromString,
+                _registered_method=True)
+        self.ListRetrainEvents = channel.unary_unary(
+                '/maas.trainer.v1.TrainerService/ListRetrainEvents',
+                request_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.ListRetrainEventsRequest.SerializeToString,
+                response_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.ListRetrainEventsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -119,6 +149,52 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRetrainPolicy(self, request, context):
+        """Stores (or replaces) the retraining policy of a model: what starts a run, the training spec
+        it reuses, the evaluation gate a candidate must pass against the serving version on the
+        same held-out split, and what happens to a winner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRetrainPolicy(self, request, context):
+        """The policy with its latest runs and events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRetrainPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TriggerRetrain(self, request, context):
+        """Runs a model's policy now, whatever its trigger; FAILED_PRECONDITION while a run is going.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportDrift(self, request, context):
+        """Internal: the gateway's drift monitor reports a deployment's drift; the policies with
+        trigger DRIFT on that deployment run when it reaches their threshold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRetrainEvents(self, request, context):
+        """Internal: every tenant's retraining events after a cursor, oldest first, for the gateway's
+        audit log; it stops before the first event younger than a second (a transaction that commits
+        late may still add a smaller id), so that a cursor never passes an event it did not see.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +227,36 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.CreateOptimizationJob,
                     request_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.CreateOptimizationJobRequest.FromString,
                     response_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.CreateOptimizationJobResponse.SerializeToString,
+            ),
+            'SetRetrainPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRetrainPolicy,
+                    request_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.SetRetrainPolicyRequest.FromString,
+                    response_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.SetRetrainPolicyResponse.SerializeToString,
+            ),
+            'GetRetrainPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRetrainPolicy,
+                    request_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.GetRetrainPolicyRequest.FromString,
+                    response_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.GetRetrainPolicyResponse.SerializeToString,
+            ),
+            'DeleteRetrainPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRetrainPolicy,
+                    request_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.DeleteRetrainPolicyRequest.FromString,
+                    response_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.DeleteRetrainPolicyResponse.SerializeToString,
+            ),
+            'TriggerRetrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.TriggerRetrain,
+                    request_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.TriggerRetrainRequest.FromString,
+                    response_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.TriggerRetrainResponse.SerializeToString,
+            ),
+            'ReportDrift': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportDrift,
+                    request_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.ReportDriftRequest.FromString,
+                    response_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.ReportDriftResponse.SerializeToString,
+            ),
+            'ListRetrainEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRetrainEvents,
+                    request_deserializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.ListRetrainEventsRequest.FromString,
+                    response_serializer=maas_dot_trainer_dot_v1_dot_trainer__pb2.ListRetrainEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -318,6 +424,168 @@ class TrainerService:
             '/maas.trainer.v1.TrainerService/CreateOptimizationJob',
             maas_dot_trainer_dot_v1_dot_trainer__pb2.CreateOptimizationJobRequest.SerializeToString,
             maas_dot_trainer_dot_v1_dot_trainer__pb2.CreateOptimizationJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRetrainPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.trainer.v1.TrainerService/SetRetrainPolicy',
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.SetRetrainPolicyRequest.SerializeToString,
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.SetRetrainPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRetrainPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.trainer.v1.TrainerService/GetRetrainPolicy',
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.GetRetrainPolicyRequest.SerializeToString,
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.GetRetrainPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRetrainPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.trainer.v1.TrainerService/DeleteRetrainPolicy',
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.DeleteRetrainPolicyRequest.SerializeToString,
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.DeleteRetrainPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TriggerRetrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.trainer.v1.TrainerService/TriggerRetrain',
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.TriggerRetrainRequest.SerializeToString,
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.TriggerRetrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportDrift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.trainer.v1.TrainerService/ReportDrift',
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.ReportDriftRequest.SerializeToString,
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.ReportDriftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRetrainEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.trainer.v1.TrainerService/ListRetrainEvents',
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.ListRetrainEventsRequest.SerializeToString,
+            maas_dot_trainer_dot_v1_dot_trainer__pb2.ListRetrainEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

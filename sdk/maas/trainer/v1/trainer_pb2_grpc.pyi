@@ -52,6 +52,25 @@ class TrainerServiceStub:
     new version with lineage (parent), precision, size, parameter counts, test accuracy and
     latency per sample, each beside the parent's (JobResult.parent_metrics).
     """
+    SetRetrainPolicy: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.SetRetrainPolicyRequest, _trainer_pb2.SetRetrainPolicyResponse]
+    """Stores (or replaces) the retraining policy of a model: what starts a run, the training spec
+    it reuses, the evaluation gate a candidate must pass against the serving version on the
+    same held-out split, and what happens to a winner.
+    """
+    GetRetrainPolicy: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetRetrainPolicyRequest, _trainer_pb2.GetRetrainPolicyResponse]
+    """The policy with its latest runs and events."""
+    DeleteRetrainPolicy: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.DeleteRetrainPolicyRequest, _trainer_pb2.DeleteRetrainPolicyResponse]
+    TriggerRetrain: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.TriggerRetrainRequest, _trainer_pb2.TriggerRetrainResponse]
+    """Runs a model's policy now, whatever its trigger; FAILED_PRECONDITION while a run is going."""
+    ReportDrift: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ReportDriftRequest, _trainer_pb2.ReportDriftResponse]
+    """Internal: the gateway's drift monitor reports a deployment's drift; the policies with
+    trigger DRIFT on that deployment run when it reaches their threshold.
+    """
+    ListRetrainEvents: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListRetrainEventsRequest, _trainer_pb2.ListRetrainEventsResponse]
+    """Internal: every tenant's retraining events after a cursor, oldest first, for the gateway's
+    audit log; it stops before the first event younger than a second (a transaction that commits
+    late may still add a smaller id), so that a cursor never passes an event it did not see.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -76,6 +95,25 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """Quantizes, prunes, distils or exports an existing version. The result is registered as a
     new version with lineage (parent), precision, size, parameter counts, test accuracy and
     latency per sample, each beside the parent's (JobResult.parent_metrics).
+    """
+    SetRetrainPolicy: _aio.UnaryUnaryMultiCallable[_trainer_pb2.SetRetrainPolicyRequest, _trainer_pb2.SetRetrainPolicyResponse]  # type: ignore[assignment]
+    """Stores (or replaces) the retraining policy of a model: what starts a run, the training spec
+    it reuses, the evaluation gate a candidate must pass against the serving version on the
+    same held-out split, and what happens to a winner.
+    """
+    GetRetrainPolicy: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetRetrainPolicyRequest, _trainer_pb2.GetRetrainPolicyResponse]  # type: ignore[assignment]
+    """The policy with its latest runs and events."""
+    DeleteRetrainPolicy: _aio.UnaryUnaryMultiCallable[_trainer_pb2.DeleteRetrainPolicyRequest, _trainer_pb2.DeleteRetrainPolicyResponse]  # type: ignore[assignment]
+    TriggerRetrain: _aio.UnaryUnaryMultiCallable[_trainer_pb2.TriggerRetrainRequest, _trainer_pb2.TriggerRetrainResponse]  # type: ignore[assignment]
+    """Runs a model's policy now, whatever its trigger; FAILED_PRECONDITION while a run is going."""
+    ReportDrift: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ReportDriftRequest, _trainer_pb2.ReportDriftResponse]  # type: ignore[assignment]
+    """Internal: the gateway's drift monitor reports a deployment's drift; the policies with
+    trigger DRIFT on that deployment run when it reaches their threshold.
+    """
+    ListRetrainEvents: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListRetrainEventsRequest, _trainer_pb2.ListRetrainEventsResponse]  # type: ignore[assignment]
+    """Internal: every tenant's retraining events after a cursor, oldest first, for the gateway's
+    audit log; it stops before the first event younger than a second (a transaction that commits
+    late may still add a smaller id), so that a cursor never passes an event it did not see.
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -134,6 +172,61 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Quantizes, prunes, distils or exports an existing version. The result is registered as a
         new version with lineage (parent), precision, size, parameter counts, test accuracy and
         latency per sample, each beside the parent's (JobResult.parent_metrics).
+        """
+
+    @_abc_1.abstractmethod
+    def SetRetrainPolicy(
+        self,
+        request: _trainer_pb2.SetRetrainPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.SetRetrainPolicyResponse, _abc.Awaitable[_trainer_pb2.SetRetrainPolicyResponse]]:
+        """Stores (or replaces) the retraining policy of a model: what starts a run, the training spec
+        it reuses, the evaluation gate a candidate must pass against the serving version on the
+        same held-out split, and what happens to a winner.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRetrainPolicy(
+        self,
+        request: _trainer_pb2.GetRetrainPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.GetRetrainPolicyResponse, _abc.Awaitable[_trainer_pb2.GetRetrainPolicyResponse]]:
+        """The policy with its latest runs and events."""
+
+    @_abc_1.abstractmethod
+    def DeleteRetrainPolicy(
+        self,
+        request: _trainer_pb2.DeleteRetrainPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.DeleteRetrainPolicyResponse, _abc.Awaitable[_trainer_pb2.DeleteRetrainPolicyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def TriggerRetrain(
+        self,
+        request: _trainer_pb2.TriggerRetrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.TriggerRetrainResponse, _abc.Awaitable[_trainer_pb2.TriggerRetrainResponse]]:
+        """Runs a model's policy now, whatever its trigger; FAILED_PRECONDITION while a run is going."""
+
+    @_abc_1.abstractmethod
+    def ReportDrift(
+        self,
+        request: _trainer_pb2.ReportDriftRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ReportDriftResponse, _abc.Awaitable[_trainer_pb2.ReportDriftResponse]]:
+        """Internal: the gateway's drift monitor reports a deployment's drift; the policies with
+        trigger DRIFT on that deployment run when it reaches their threshold.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRetrainEvents(
+        self,
+        request: _trainer_pb2.ListRetrainEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ListRetrainEventsResponse, _abc.Awaitable[_trainer_pb2.ListRetrainEventsResponse]]:
+        """Internal: every tenant's retraining events after a cursor, oldest first, for the gateway's
+        audit log; it stops before the first event younger than a second (a transaction that commits
+        late may still add a smaller id), so that a cursor never passes an event it did not see.
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
