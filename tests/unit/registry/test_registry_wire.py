@@ -65,6 +65,18 @@ def raw_upload(channel: grpc.aio.Channel, messages: list[bytes], tenant: str = "
     return call(iter(messages), metadata=internal_metadata(TOKEN, tenant))
 
 
+async def upload_ending_with_a_stray(channel: grpc.aio.Channel, messages: list[bytes]) -> pb.UploadVersionResponse:
+    """Send `messages`, the last of them one the registry must refuse, and wait for its answer
+    without sending more. A client that goes on writing after the server has answered races it:
+    grpc-aio reports such a failed send as INTERNAL, whatever status the server sent."""
+    call = channel.stream_unary(UPLOAD_VERSION, response_deserializer=pb.UploadVersionResponse.FromString)(
+        metadata=internal_metadata(TOKEN, "tenant-a")
+    )
+    for message in messages:
+        await call.write(message)
+    return await call
+
+
 async def test_chunks_protobuf_would_accept_are_accepted_however_encoded(
     stub: TenantStub, channel: grpc.aio.Channel, torchscript_bytes: bytes
 ) -> None:
@@ -82,20 +94,20 @@ async def test_stray_messages_are_refused_as_before(
     stub: TenantStub, channel: grpc.aio.Channel, registry_settings: RegistrySettings, torchscript_bytes: bytes
 ) -> None:
     await stub.create_model("m")
-    header, first, *rest = [m.SerializeToString() for m in upload_requests("m", torchscript_bytes, chunk_bytes=100)]
+    header, first, *_ = [m.SerializeToString() for m in upload_requests("m", torchscript_bytes, chunk_bytes=100)]
     await expect_status(
         grpc.StatusCode.INVALID_ARGUMENT,
-        raw_upload(channel, [header, first, header, *rest]),
+        upload_ending_with_a_stray(channel, [header, first, header]),
         "only the first message may carry the header",
     )
     await expect_status(
         grpc.StatusCode.INVALID_ARGUMENT,
-        raw_upload(channel, [header, first, b"\x12\x80", *rest]),
+        upload_ending_with_a_stray(channel, [header, first, b"\x12\x80"]),
         f"the request is not a valid protobuf message for {UPLOAD_VERSION}",
     )
     await expect_status(
         grpc.StatusCode.INVALID_ARGUMENT,
-        raw_upload(channel, [b"\xff"]),
+        upload_ending_with_a_stray(channel, [b"\xff"]),
         f"the request is not a valid protobuf message for {UPLOAD_VERSION}",
     )
     assert temp_files(registry_settings) == []
