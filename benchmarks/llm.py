@@ -31,7 +31,7 @@ from benchmarks.run import add_section, machine
 from services.common.generation import Sampling, generate_response_of_stream, stream_request
 from services.common.serving import GENERATE
 from services.inference.repository import ModelRepository, ModelSpec
-from services.inference.triton import TritonClient, TritonSupervisor
+from services.inference.triton import TritonClient, TritonLaunch, TritonSupervisor
 from tests.integration.test_inference_triton import free_port
 from tests.support.hf_models import hf_model_dir
 from tests.unit.inference.llm_runner_support import packed
@@ -128,9 +128,10 @@ async def measure(args, scratch: Path) -> tuple[dict, dict, int, dict, int]:
     parameters = sum(p.numel() for p in model.parameters())
     tokenizer = AutoTokenizer.from_pretrained(directory)
     grpc_port = free_port()
+    launch = TritonLaunch(directory=scratch / "triton", grpc_port=grpc_port, http_port=free_port(),
+                          metrics_port=free_port())
     supervisor = TritonSupervisor(
-        directory=scratch / "triton", client=TritonClient(f"127.0.0.1:{grpc_port}"), external=False,
-        grpc_port=grpc_port, http_port=free_port(), metrics_port=free_port(), start_timeout=60,
+        launch=launch, client=TritonClient(f"127.0.0.1:{grpc_port}"), external=False, start_timeout=60,
         on_start=nothing, on_exit=nothing,
     )
     await supervisor.start()

@@ -37,7 +37,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from benchmarks.run import ROOT, add_section, machine
 from services.common.channels import TRITON_TOKEN_HEADER
 from services.inference.repository import ARTIFACT_FILE, RUNNER_FILES, ModelRepository, ModelSpec, config_text
-from services.inference.triton import TritonClient, TritonSupervisor
+from services.inference.triton import TritonClient, TritonLaunch, TritonSupervisor
 from services.stack.ephemeral import free_port
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, run_s3_server
 
@@ -105,17 +105,18 @@ async def start_node(directory: Path, token: str, repository: str | None = None,
     async def nothing() -> None:
         return None
 
+    launch = TritonLaunch(directory=directory, grpc_port=ports[0], http_port=ports[1], metrics_port=ports[2],
+                          token=token)
     supervisor = TritonSupervisor(
-        directory=directory, client=client, external=False, grpc_port=ports[0], http_port=ports[1],
-        metrics_port=ports[2], start_timeout=60, on_start=nothing, on_exit=nothing, token=token,
+        launch=launch, client=client, external=False, start_timeout=60, on_start=nothing, on_exit=nothing
     )
     if repository is None:
         await supervisor.start()
         return supervisor, client, None
     await asyncio.to_thread(supervisor._prepare)
-    command = [repository if arg.startswith("--model-repository=") else arg for arg in supervisor._command()]
+    command = [repository if arg.startswith("--model-repository=") else arg for arg in supervisor.launch.command()]
     log = (directory / "triton.log").open("ab")
-    process = subprocess.Popen(command, env={**supervisor._environment(), **(env or {})}, stdout=log, stderr=log)
+    process = subprocess.Popen(command, env={**supervisor.launch.environment(), **(env or {})}, stdout=log, stderr=log)
     deadline = time.monotonic() + 60
     while not await client.is_live():
         if process.poll() is not None or time.monotonic() > deadline:

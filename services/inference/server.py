@@ -25,7 +25,7 @@ from services.inference.nodes import Capacity, Node, NodeSet
 from services.inference.repository import ModelRepository
 from services.inference.servicer import FleetServicer, InferenceServicer, RoutingServicer
 from services.inference.store import DeploymentStore, NodeStore
-from services.inference.triton import TritonClient, TritonSupervisor, TritonTls
+from services.inference.triton import TritonClient, TritonLaunch, TritonSupervisor, TritonTls
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +100,22 @@ class Fleet:
         settings = self.settings
         for index, node in enumerate(self.nodes):
             grpc_port, http_port, metrics_port = settings.embedded_ports(index)
-            supervisor = TritonSupervisor(
+            launch = TritonLaunch(
                 directory=node.repository.root.parent,
-                client=node.triton,  # type: ignore[arg-type]
-                external=self.external,
                 grpc_port=grpc_port,
                 http_port=http_port,
                 metrics_port=metrics_port,
-                start_timeout=settings.triton_start_timeout_seconds,
-                on_start=functools.partial(converger.node_up, node),
-                on_exit=functools.partial(converger.node_down, node),
                 token=settings.triton_token,
                 fence_models=settings.model_fence == "required",
                 tls=triton_tls(settings),
+            )
+            supervisor = TritonSupervisor(
+                launch=launch,
+                client=node.triton,  # type: ignore[arg-type]
+                external=self.external,
+                start_timeout=settings.triton_start_timeout_seconds,
+                on_start=functools.partial(converger.node_up, node),
+                on_exit=functools.partial(converger.node_down, node),
             )
             self.supervisors.append((node, supervisor))
 

@@ -219,6 +219,107 @@ def _clean(message: str) -> str:
     return message[:2000]
 
 
+@dataclass(frozen=True)
+class TritonLaunch:
+    """How one tritonserver starts: its directory (models and backends), where it listens and what
+    it lets in. The supervisor runs it under the inference service; a node container or pod runs it
+    on its own (services/inference/node.py)."""
+
+    directory: Path
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+    # Loopback under the service; a node of its own listens on its pod's or container's addresses.
+    listen_host: str = "127.0.0.1"
+    token: str = ""
+    fence_models: bool = True
+    tls: TritonTls | None = None
+
+    @property
+    def model_repository(self) -> Path:
+        return self.directory / "models"
+
+    @property
+    def backend_dir(self) -> Path:
+        return self.directory / "backends"
+
+    def prepare(self) -> None:
+        """The python backend from the wheel, with the stub built for this interpreter."""
+        python_dir = self.backend_dir / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = WHEEL_DIR / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.exists():
+            raise TritonStartError(
+                f"the nvidia-pytriton wheel ships no python backend stub for Python {version}"
+            )
+        wheel_backend = WHEEL_DIR / "backends" / "python"
+        for source, name in (
+            (wheel_backend / "libtriton_python.so", "libtriton_python.so"),
+            (wheel_backend / "triton_python_backend_utils.py", "triton_python_backend_utils.py"),
+            (stub, stub_fence.REAL_STUB),
+        ):
+            target = python_dir / name
+            if not target.exists() or target.stat().st_size != source.stat().st_size:
+                shutil.copyfile(source, target)
+                target.chmod(0o700)
+        # The backend starts the stub by this name: the launcher that fences it and then execs it.
+        launcher = python_dir / stub_fence.LAUNCHER_NAME
+        launcher.write_text(f"#!{sys.executable}\nfrom services.inference.stub_fence import main\n\nmain()\n")
+        launcher.chmod(0o700)
+        self.model_repository.mkdir(parents=True, exist_ok=True)
+
+    def command(self) -> list[str]:
+        command = [
+            str(BINARY),
+            f"--model-repository={self.model_repository}",
+            "--model-control-mode=explicit",
+            f"--backend-directory={self.backend_dir}",
+            f"--grpc-address={self.listen_host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.listen_host}",
+            f"--http-port={self.http_port}",
+            "--allow-metrics=true",
+            f"--metrics-address={self.listen_host}",
+            f"--metrics-port={self.metrics_port}",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=5",
+            *KEEPALIVE.triton_flags(),
+        ]
+        if self.tls is not None:
+            command += [
+                "--grpc-use-ssl=true",
+                f"--grpc-server-cert={self.tls.cert_file}",
+                f"--grpc-server-key={self.tls.key_file}",
+            ]
+            if self.tls.client_ca_file is not None:
+                command += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.tls.client_ca_file}"]
+        if self.token:
+            restriction = f"{RESTRICTED_PROTOCOLS}:{TRITON_TOKEN_KEY}={self.token}"
+            command += [f"--grpc-restricted-protocol={restriction}", f"--http-restricted-api={restriction}"]
+        return command
+
+    def environment(self) -> dict[str, str]:
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if name in TRITON_ENVIRONMENT or name.startswith(TRITON_ENVIRONMENT_PREFIXES)
+        }
+        env["HOME"] = str(self.model_repository)
+        env[stub_fence.FENCE_SETTING] = "required" if self.fence_models else "off"
+        # The stub links libpython: this interpreter's own copy must win over any system one.
+        libraries = [
+            sysconfig.get_config_var("LIBDIR"),
+            str(WHEEL_DIR.parent.parent / "nvidia_pytriton.libs"),
+        ]
+        if env.get("LD_LIBRARY_PATH"):
+            libraries.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries)
+        # The stub finds its site-packages (torch, onnxruntime) through `python` on PATH.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+
 class TritonSupervisor:
     """Runs tritonserver and keeps it running, or watches an external Triton's liveness.
 
@@ -234,33 +335,22 @@ class TritonSupervisor:
     def __init__(
         self,
         *,
-        directory: Path,
+        launch: TritonLaunch,
         client: TritonClient,
         external: bool,
-        grpc_port: int,
-        http_port: int,
-        metrics_port: int,
         start_timeout: float,
         on_start: Callable[[], Awaitable[None]],
         on_exit: Callable[[], Awaitable[None]],
-        token: str = "",
-        fence_models: bool = True,
-        tls: TritonTls | None = None,
     ) -> None:
-        self.directory = directory
+        self.launch = launch
         self.client = client
         self.external = external
-        self.ports = (grpc_port, http_port, metrics_port)
         self.start_timeout = start_timeout
         self.on_start = on_start
         self.on_exit = on_exit
-        self.token = token
-        self.fence_models = fence_models
-        self.tls = tls
-        self.model_repository = directory / "models"
-        self.backend_dir = directory / "backends"
-        self.log_path = directory / "triton.log"
-        self.pid_path = directory / "triton.pid"
+        self.model_repository = launch.model_repository
+        self.log_path = launch.directory / "triton.log"
+        self.pid_path = launch.directory / "triton.pid"
         self._process: asyncio.subprocess.Process | None = None
         self._watcher: asyncio.Task | None = None
 
@@ -300,30 +390,7 @@ class TritonSupervisor:
         self.pid_path.unlink(missing_ok=True)
 
     def _prepare(self) -> None:
-        """The python backend from the wheel, with the stub built for this interpreter."""
-        python_dir = self.backend_dir / "python"
-        python_dir.mkdir(parents=True, exist_ok=True)
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        stub = WHEEL_DIR / "python_backend_stubs" / version / "triton_python_backend_stub"
-        if not stub.exists():
-            raise TritonStartError(
-                f"the nvidia-pytriton wheel ships no python backend stub for Python {version}"
-            )
-        wheel_backend = WHEEL_DIR / "backends" / "python"
-        for source, name in (
-            (wheel_backend / "libtriton_python.so", "libtriton_python.so"),
-            (wheel_backend / "triton_python_backend_utils.py", "triton_python_backend_utils.py"),
-            (stub, stub_fence.REAL_STUB),
-        ):
-            target = python_dir / name
-            if not target.exists() or target.stat().st_size != source.stat().st_size:
-                shutil.copyfile(source, target)
-                target.chmod(0o700)
-        # The backend starts the stub by this name: the launcher that fences it and then execs it.
-        launcher = python_dir / stub_fence.LAUNCHER_NAME
-        launcher.write_text(f"#!{sys.executable}\nfrom services.inference.stub_fence import main\n\nmain()\n")
-        launcher.chmod(0o700)
-        self.model_repository.mkdir(parents=True, exist_ok=True)
+        self.launch.prepare()
         self._kill_leftover()
 
     def _kill_leftover(self) -> None:
@@ -342,68 +409,17 @@ class TritonSupervisor:
                     break
                 time.sleep(0.05)
 
-    def _command(self) -> list[str]:
-        grpc_port, http_port, metrics_port = self.ports
-        command = [
-            str(BINARY),
-            f"--model-repository={self.model_repository}",
-            "--model-control-mode=explicit",
-            f"--backend-directory={self.backend_dir}",
-            "--grpc-address=127.0.0.1",
-            f"--grpc-port={grpc_port}",
-            "--http-address=127.0.0.1",
-            f"--http-port={http_port}",
-            "--allow-metrics=true",
-            "--metrics-address=127.0.0.1",
-            f"--metrics-port={metrics_port}",
-            "--strict-readiness=true",
-            "--exit-timeout-secs=5",
-            *KEEPALIVE.triton_flags(),
-        ]
-        if self.tls is not None:
-            command += [
-                "--grpc-use-ssl=true",
-                f"--grpc-server-cert={self.tls.cert_file}",
-                f"--grpc-server-key={self.tls.key_file}",
-            ]
-            if self.tls.client_ca_file is not None:
-                command += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.tls.client_ca_file}"]
-        if self.token:
-            restriction = f"{RESTRICTED_PROTOCOLS}:{TRITON_TOKEN_KEY}={self.token}"
-            command += [f"--grpc-restricted-protocol={restriction}", f"--http-restricted-api={restriction}"]
-        return command
-
-    def _environment(self) -> dict[str, str]:
-        env = {
-            name: value
-            for name, value in os.environ.items()
-            if name in TRITON_ENVIRONMENT or name.startswith(TRITON_ENVIRONMENT_PREFIXES)
-        }
-        env["HOME"] = str(self.model_repository)
-        env[stub_fence.FENCE_SETTING] = "required" if self.fence_models else "off"
-        # The stub links libpython: this interpreter's own copy must win over any system one.
-        libraries = [
-            sysconfig.get_config_var("LIBDIR"),
-            str(WHEEL_DIR.parent.parent / "nvidia_pytriton.libs"),
-        ]
-        if env.get("LD_LIBRARY_PATH"):
-            libraries.append(env["LD_LIBRARY_PATH"])
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries)
-        # The stub finds its site-packages (torch, onnxruntime) through `python` on PATH.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        return env
-
     async def _spawn(self) -> None:
         with open(self.log_path, "ab") as log_file:
             log_file.write(f"\n==== starting tritonserver at {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             log_file.flush()
             # Its own session: a Ctrl-C meant for the service must not kill Triton behind our back.
             self._process = await asyncio.create_subprocess_exec(
-                *self._command(),
+                *self.launch.command(),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
-                env=self._environment(),
+                env=self.launch.environment(),
                 # Nothing but models where Triton and its stubs run: no MAAS_HOME, no secrets.
                 cwd=self.model_repository,
                 start_new_session=True,

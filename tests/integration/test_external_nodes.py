@@ -21,7 +21,7 @@ from services.common.channels import internal_metadata
 from services.common.server import running
 from services.inference.config import InferenceSettings
 from services.inference.server import create_app
-from services.inference.triton import TritonClient, TritonSupervisor
+from services.inference.triton import TritonClient, TritonLaunch, TritonSupervisor
 from tests.integration.test_inference_triton import (
     TENANT,
     TOKEN,
@@ -47,16 +47,14 @@ async def external_triton(directory: Path):
     """A tritonserver the inference service does not run: its own folder, its own ports."""
     grpc_port = free_port()
     supervisor = TritonSupervisor(
-        directory=directory,
+        launch=TritonLaunch(
+            directory=directory, grpc_port=grpc_port, http_port=free_port(), metrics_port=free_port(), token=TRITON_TOKEN
+        ),
         client=TritonClient(f"127.0.0.1:{grpc_port}", TRITON_TOKEN),
         external=False,
-        grpc_port=grpc_port,
-        http_port=free_port(),
-        metrics_port=free_port(),
         start_timeout=60,
         on_start=nothing,
         on_exit=nothing,
-        token=TRITON_TOKEN,
     )
     await supervisor.start()
     try:

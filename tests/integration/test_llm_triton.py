@@ -21,7 +21,7 @@ from services.common.errors import InvalidArgument
 from services.common.generation import Sampling, generate_response_of_stream, stream_request
 from services.common.serving import GENERATE
 from services.inference.repository import ModelRepository, ModelSpec
-from services.inference.triton import TritonClient, TritonSupervisor
+from services.inference.triton import TritonClient, TritonLaunch, TritonSupervisor
 from tests.integration.test_inference_triton import free_port
 from tests.support.hf_models import hf_model_dir
 from tests.unit.inference.llm_runner_support import packed
@@ -39,9 +39,10 @@ async def nothing() -> None:
 @contextlib.asynccontextmanager
 async def triton(directory: Path):
     grpc_port = free_port()
+    launch = TritonLaunch(directory=directory, grpc_port=grpc_port, http_port=free_port(), metrics_port=free_port())
     supervisor = TritonSupervisor(
-        directory=directory, client=TritonClient(f"127.0.0.1:{grpc_port}"), external=False, grpc_port=grpc_port,
-        http_port=free_port(), metrics_port=free_port(), start_timeout=60, on_start=nothing, on_exit=nothing,
+        launch=launch, client=TritonClient(f"127.0.0.1:{grpc_port}"), external=False, start_timeout=60,
+        on_start=nothing, on_exit=nothing,
     )
     await supervisor.start()
     try:

@@ -13,7 +13,14 @@ import pytest
 
 from services.common import errors
 from services.inference import stub_fence
-from services.inference.triton import TritonStartError, TritonSupervisor, TritonTls, _clean, _infer_error
+from services.inference.triton import (
+    TritonLaunch,
+    TritonStartError,
+    TritonSupervisor,
+    TritonTls,
+    _clean,
+    _infer_error,
+)
 
 
 class FakeClient:
@@ -38,16 +45,17 @@ def supervisor_arguments(
         events.append("exit")
 
     return dict(
-        directory=tmp_path,
+        launch=launch(tmp_path),
         client=client or FakeClient(),
         external=external,
-        grpc_port=18001,
-        http_port=18002,
-        metrics_port=18003,
         start_timeout=start_timeout,
         on_start=started,
         on_exit=exited,
     )
+
+
+def launch(tmp_path: Path, **options) -> TritonLaunch:
+    return TritonLaunch(directory=tmp_path, grpc_port=18001, http_port=18002, metrics_port=18003, **options)
 
 
 def supervisor(tmp_path: Path, *positional, **arguments) -> TritonSupervisor:
@@ -55,7 +63,7 @@ def supervisor(tmp_path: Path, *positional, **arguments) -> TritonSupervisor:
 
 
 def test_command_binds_loopback_in_explicit_mode(tmp_path: Path):
-    command = supervisor(tmp_path)._command()
+    command = launch(tmp_path).command()
     assert command[0].endswith("/bin/tritonserver")
     for flag in (
         f"--model-repository={tmp_path / 'models'}",
@@ -76,9 +84,14 @@ def test_command_binds_loopback_in_explicit_mode(tmp_path: Path):
         assert flag in command
 
 
+def test_a_node_of_its_own_listens_on_every_address(tmp_path: Path):
+    command = launch(tmp_path, listen_host="0.0.0.0").command()
+    assert {"--grpc-address=0.0.0.0", "--http-address=0.0.0.0", "--metrics-address=0.0.0.0"} <= set(command)
+
+
 def test_environment_puts_this_interpreter_first(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("LD_LIBRARY_PATH", "/somewhere/else")
-    env = supervisor(tmp_path)._environment()
+    env = launch(tmp_path).environment()
     libraries = env["LD_LIBRARY_PATH"].split(":")
     assert libraries[0] == sysconfig.get_config_var("LIBDIR")
     assert libraries[1].endswith("nvidia_pytriton.libs") and libraries[-1] == "/somewhere/else"
@@ -106,14 +119,14 @@ def test_triton_gets_no_secret_of_the_service(monkeypatch, tmp_path: Path):
     for name, value in (("MAAS_INTERNAL_TOKEN", "internal"), ("MAAS_TRITON_TOKEN", "triton"),
                         ("MAAS_REDIS_URL", "redis://:pw@x"), ("AWS_SECRET_ACCESS_KEY", "aws")):
         monkeypatch.setenv(name, value)
-    env = supervisor(tmp_path)._environment()
+    env = launch(tmp_path).environment()
     assert not {"MAAS_INTERNAL_TOKEN", "MAAS_TRITON_TOKEN", "MAAS_REDIS_URL", "AWS_SECRET_ACCESS_KEY"} & set(env)
     assert not any(value in ("internal", "triton", "aws") for value in env.values())
     assert env[stub_fence.FENCE_SETTING] == "required"
 
 
 def test_every_protocol_but_health_needs_the_token(tmp_path: Path):
-    command = TritonSupervisor(**{**supervisor_arguments(tmp_path), "token": "s3cret"})._command()
+    command = launch(tmp_path, token="s3cret").command()
     grpc_flag = next(flag for flag in command if flag.startswith("--grpc-restricted-protocol="))
     http_flag = next(flag for flag in command if flag.startswith("--http-restricted-api="))
     for flag in (grpc_flag, http_flag):
@@ -121,12 +134,12 @@ def test_every_protocol_but_health_needs_the_token(tmp_path: Path):
         assert "health" not in protocols.split(",")
         assert {"inference", "model-repository", "model-config", "metadata"} <= set(protocols.split(","))
         assert header == "maas-triton-token=s3cret"
-    assert not any("restricted" in flag for flag in supervisor(tmp_path)._command())
+    assert not any("restricted" in flag for flag in launch(tmp_path).command())
 
 
 def test_tls_flags_serve_the_services_certificate(tmp_path: Path):
     tls = TritonTls(tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "clients.pem")
-    command = TritonSupervisor(**{**supervisor_arguments(tmp_path), "tls": tls})._command()
+    command = launch(tmp_path, tls=tls).command()
     for flag in ("--grpc-use-ssl=true", f"--grpc-server-cert={tmp_path / 'cert.pem'}",
                  f"--grpc-server-key={tmp_path / 'key.pem'}", "--grpc-use-ssl-mutual=true",
                  f"--grpc-root-cert={tmp_path / 'clients.pem'}"):
