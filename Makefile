@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up down status test test-fast protos lint-protos bench install clean
+.PHONY: up down status test test-fast images containers-up containers-down protos lint-protos bench install clean
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -36,11 +36,33 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow"
 
+# Every image from Debian alone (deploy/docker/build.sh), and the platform in containers.
+images: $(STAMP)
+	./scripts/install-docker.sh
+	MAAS_PYTHON=$(BIN)/python ./deploy/docker/build.sh
+
+containers-up: images
+	./deploy/docker/stack.sh up
+
+containers-down:
+	./deploy/docker/stack.sh down
+
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 	cd protos && ../.tools/node_modules/.bin/buf format -w && ../.tools/node_modules/.bin/buf lint
 
-lint-protos: $(STAMP)
+lint-# Every image from Debian alone (deploy/docker/build.sh), and the platform in containers.
+images: $(STAMP)
+	./scripts/install-docker.sh
+	MAAS_PYTHON=$(BIN)/python ./deploy/docker/build.sh
+
+containers-up: images
+	./deploy/docker/stack.sh up
+
+containers-down:
+	./deploy/docker/stack.sh down
+
+protos: $(STAMP)
 	cd protos && ../.tools/node_modules/.bin/buf lint && ../.tools/node_modules/.bin/buf format --exit-code >/dev/null
 	$(BIN)/python scripts/gen_protos.py --check
 

@@ -3,4 +3,6 @@
 ARG BASE=maas/base:0.1.0
 FROM ${BASE}
 EXPOSE 50054 9154
+HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["python", "-m", "services.common.healthcheck", "127.0.0.1:50054"]
 CMD ["-m", "services.trainer"]

@@ -1,6 +1,6 @@
 """python -m services.gateway                      serve the gateway (MAAS_GATEWAY_WORKERS processes)
 python -m services.gateway bootstrap-admin --key-file PATH   issue the first admin key
-python -m services.gateway worker --index N       one of the workers (started by the gateway)"""
+python -m services.gateway worker --index N --primary PID   one of the workers (started by the gateway)"""
 
 from __future__ import annotations
 
@@ -31,13 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     worker = commands.add_parser("worker", help="serve as one of the gateway's workers (internal)")
     worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--primary", type=int, required=True, help="the primary's pid")
     args = parser.parse_args(argv)
     settings = GatewaySettings()
     if args.command == "bootstrap-admin":
         configure_logging("gateway", settings.log_level)
         asyncio.run(bootstrap_admin(settings, args.key_file, args.force))
     elif args.command == "worker":
-        die_with_parent()
+        die_with_parent(args.primary)
         # The primary serves the workers' merged metrics.
         run_service(f"gateway-{args.index}", settings, create_app, metrics_address=None)
     elif settings.gateway_workers > 1:

@@ -54,13 +54,15 @@ def metrics_dir(settings: GatewaySettings) -> Path:
     return settings.home / "run" / "gateway-metrics"
 
 
-def die_with_parent() -> None:
+def die_with_parent(primary_pid: int) -> None:
     """In a worker: be killed when the primary dies unasked (kill -9, a crash), as a one-process
     gateway would be, so that no orphan keeps serving the port. A primary that is stopped
     stops its workers gracefully first."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the primary died before the line above
+    # The primary died before the line above. Compared with its pid, not with 1: in a container
+    # the primary itself is pid 1.
+    if os.getppid() != primary_pid:
         sys.exit(0)
 
 
@@ -112,7 +114,7 @@ def serve_workers(settings: GatewaySettings) -> None:
 
 def _start(index: int, env: dict[str, str]) -> Worker:
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.gateway", "worker", "--index", str(index)],
+        [sys.executable, "-m", "services.gateway", "worker", "--index", str(index), "--primary", str(os.getpid())],
         env=env,
         stdin=subprocess.DEVNULL,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,13 @@ def yaml():  # type: ignore[no-untyped-def]
     except ImportError:
         missing("PyYAML")
     return module
+
+
+@pytest.fixture(scope="module")
+def charts(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of deploy/ with every chart's file:// dependencies vendored (offline)."""
+    deploy = tmp_path_factory.mktemp("deploy") / "deploy"
+    shutil.copytree(REPO / "deploy", deploy, symlinks=True, ignore=shutil.ignore_patterns("charts", "Chart.lock"))
+    subprocess.run([str(deploy / "helm" / "build-deps.sh")], env={"HELM": helm, "PATH": "/usr/bin:/bin"},
+                   check=True, capture_output=True)
+    return deploy / "helm"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,6 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("gateway", "registry", "inference", "trainer")
 PORTS = {"gateway": 50051, "registry": 50052, "inference": 50053, "trainer": 50054}
 SETTINGS = (GatewaySettings, RegistrySettings, InferenceSettings, TrainerSettings)
-
-
-@pytest.fixture(scope="module")
-def charts(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of deploy/ with every chart's file:// dependencies vendored (offline)."""
-    deploy = tmp_path_factory.mktemp("deploy") / "deploy"
-    shutil.copytree(REPO / "deploy", deploy, symlinks=True, ignore=shutil.ignore_patterns("charts", "Chart.lock"))
-    subprocess.run([str(deploy / "helm" / "build-deps.sh")], env={"HELM": helm, "PATH": "/usr/bin:/bin"},
-                   check=True, capture_output=True)
-    return deploy / "helm"
 
 
 def render(helm: str, yaml: Any, chart: Path, *values: str, namespace: str = "") -> list[dict]:
@@ -215,8 +204,8 @@ def test_a_gpu_fleet_of_three_triton_nodes_is_named_to_the_inference_service(
     assert not by_kind(objects, "PersistentVolumeClaim")
     assert all("emptyDir" in volume for volume in triton["volumes"]), triton["volumes"]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    repository = next(e["value"] for e in container["env"] if e["name"] == "TRITON_MODEL_REPOSITORY")
-    assert any(repository.startswith(mount + "/") for mount in mounts)
+    node_dir = next(e["value"] for e in container["env"] if e["name"] == "MAAS_TRITON_NODE_DIR")
+    assert node_dir in mounts and container["args"] == ["-m", "services.inference.node"]
     inference = pod_spec(objects, "Deployment", "t-inference")
     assert {v["name"] for v in inference["volumes"]} == {"data", "tmp"}
     assert not any("persistentVolumeClaim" in v for v in inference["volumes"])
