@@ -51,18 +51,7 @@ protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 	cd protos && ../.tools/node_modules/.bin/buf format -w && ../.tools/node_modules/.bin/buf lint
 
-lint-# Every image from Debian alone (deploy/docker/build.sh), and the platform in containers.
-images: $(STAMP)
-	./scripts/install-docker.sh
-	MAAS_PYTHON=$(BIN)/python ./deploy/docker/build.sh
-
-containers-up: images
-	./deploy/docker/stack.sh up
-
-containers-down:
-	./deploy/docker/stack.sh down
-
-protos: $(STAMP)
+lint-protos: $(STAMP)
 	cd protos && ../.tools/node_modules/.bin/buf lint && ../.tools/node_modules/.bin/buf format --exit-code >/dev/null
 	$(BIN)/python scripts/gen_protos.py --check
 

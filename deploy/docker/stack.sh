@@ -48,6 +48,11 @@ secrets() {
     . "$SECRETS"
 }
 
+volume() {  # volume ROLE: the stack's named volume for ROLE, labelled so that `down --volumes` finds it
+    docker volume create --label "maas.stack=$NAME" "$NAME-$1" > /dev/null
+    echo "$NAME-$1"
+}
+
 run() {  # run ROLE IMAGE [docker run options...] -- [command...]
     local role=$1 image=$2
     shift 2
@@ -104,8 +109,8 @@ up() {
 
     run postgres maas/postgres "${HARDENED[@]}" \
         -e POSTGRES_PASSWORD="$POSTGRES_PASSWORD" -e POSTGRES_DATABASES="registry inference trainer gateway" \
-        -v "$NAME-postgres:/var/lib/postgresql/data"
-    run redis maas/redis "${HARDENED[@]}" -e REDIS_PASSWORD="$REDIS_PASSWORD" -v "$NAME-redis:/data"
+        -v "$(volume postgres):/var/lib/postgresql/data"
+    run redis maas/redis "${HARDENED[@]}" -e REDIS_PASSWORD="$REDIS_PASSWORD" -v "$(volume redis):/data"
     wait_healthy 120 "$NAME-postgres" "$NAME-redis"
 
     local urls=() i
@@ -124,18 +129,18 @@ up() {
     local env
     mapfile -d '' env < <(service_env registry)
     run registry maas/registry "${HARDENED[@]}" "${env[@]}" -e MAAS_REGISTRY_ADDR=0.0.0.0:50052 \
-        -e MAAS_REGISTRY_METRICS_ADDR=0.0.0.0:9152 -v "$NAME-registry:/var/lib/maas"
+        -e MAAS_REGISTRY_METRICS_ADDR=0.0.0.0:9152 -v "$(volume registry):/var/lib/maas"
     mapfile -d '' env < <(service_env inference)
     run inference maas/inference "${HARDENED[@]}" "${env[@]}" -e MAAS_INFERENCE_ADDR=0.0.0.0:50053 \
         -e MAAS_INFERENCE_METRICS_ADDR=0.0.0.0:9153 -e MAAS_TRITON_URLS="$joined" -e MAAS_TRITON_METRICS_PORT=8002 \
-        -e MAAS_GPU_AVAILABLE=false -v "$NAME-inference:/var/lib/maas"
+        -e MAAS_GPU_AVAILABLE=false -v "$(volume inference):/var/lib/maas"
     mapfile -d '' env < <(service_env trainer)
     run trainer maas/trainer "${HARDENED[@]}" "${env[@]}" -e MAAS_TRAINER_ADDR=0.0.0.0:50054 \
-        -e MAAS_TRAINER_METRICS_ADDR=0.0.0.0:9154 -v "$NAME-trainer:/var/lib/maas"
+        -e MAAS_TRAINER_METRICS_ADDR=0.0.0.0:9154 -v "$(volume trainer):/var/lib/maas"
     mapfile -d '' env < <(service_env gateway)
     run gateway maas/gateway "${HARDENED[@]}" "${env[@]}" -e MAAS_GATEWAY_ADDR=0.0.0.0:50051 \
         -e MAAS_GATEWAY_HTTP_ADDR=0.0.0.0:50080 -e MAAS_GATEWAY_METRICS_ADDR=0.0.0.0:9151 \
-        -p "127.0.0.1:$GATEWAY_PORT:50051" -p "127.0.0.1:$HTTP_PORT:50080" -v "$NAME-gateway:/var/lib/maas"
+        -p "127.0.0.1:$GATEWAY_PORT:50051" -p "127.0.0.1:$HTTP_PORT:50080" -v "$(volume gateway):/var/lib/maas"
 
     local nodes=()
     for ((i = 0; i < NODES; i++)); do nodes+=("$NAME-triton-$i"); done
@@ -159,7 +164,7 @@ down() {
     [ -z "$names" ] || docker rm -f $names > /dev/null
     docker network rm "$NETWORK" > /dev/null 2>&1 || true
     if [ "${1:-}" = --volumes ]; then
-        docker volume ls -q --filter "name=^$NAME-" | xargs -r docker volume rm > /dev/null
+        docker volume ls -q --filter "label=maas.stack=$NAME" | xargs -r docker volume rm > /dev/null
         rm -f "$SECRETS"
     fi
     echo "stack '$NAME' is down"
