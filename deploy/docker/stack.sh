@@ -6,7 +6,8 @@
 #   deploy/docker/stack.sh down     removes the containers and the network (--volumes: the data too)
 # Only the gateway is reachable from the host, on 127.0.0.1. `up` writes $MAAS_HOME/admin.key and
 # prints the exports that point the `maas` CLI and the SDK at it. Settings (environment):
-#   MAAS_HOME                  where admin.key and the stack's generated secrets go (default .maas)
+#   MAAS_HOME                  where admin.key and the stack's generated secrets go (default
+#                              .maas-containers: not `maas up`'s .maas, whose admin key it would replace)
 #   MAAS_STACK_NAME            prefix of every container, volume and the network (default maas)
 #   MAAS_CONTAINER_NODES       Triton node containers (default 2)
 #   MAAS_GATEWAY_PORT          host port of the gateway's gRPC endpoint (default 50051)
@@ -17,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 NAME=${MAAS_STACK_NAME:-maas}
-HOME_DIR=${MAAS_HOME:-.maas}
+HOME_DIR=${MAAS_HOME:-.maas-containers}
 NODES=${MAAS_CONTAINER_NODES:-2}
 GATEWAY_PORT=${MAAS_GATEWAY_PORT:-50051}
 HTTP_PORT=${MAAS_GATEWAY_HTTP_PORT:-50080}
@@ -149,7 +150,14 @@ up() {
     # The first admin key (idempotent): issued inside the gateway, copied out 0600.
     docker exec "$NAME-gateway" python -m services.gateway bootstrap-admin --key-file /var/lib/maas/admin.key
     mkdir -p "$HOME_DIR"
-    (umask 077 && docker exec "$NAME-gateway" cat /var/lib/maas/admin.key > "$HOME_DIR/admin.key")
+    local key
+    key=$(docker exec "$NAME-gateway" cat /var/lib/maas/admin.key)
+    if [ -s "$HOME_DIR/admin.key" ] && [ "$(cat "$HOME_DIR/admin.key")" != "$key" ]; then
+        # Another stack's key (a `maas up` stack's, say): replacing it would lose that admin key.
+        echo "stack.sh: $HOME_DIR/admin.key holds another stack's admin key; set MAAS_HOME to a folder of this stack's own" >&2
+        exit 1
+    fi
+    (umask 077 && printf '%s\n' "$key" > "$HOME_DIR/admin.key")
     echo "stack '$NAME' is up: $NODES Triton node containers; the gateway on 127.0.0.1:$GATEWAY_PORT"
     echo "export MAAS_HOME=$HOME_DIR MAAS_GATEWAY_ADDR=127.0.0.1:$GATEWAY_PORT"
 }
