@@ -72,6 +72,23 @@ class Summary:
             samples=int(data.get("samples", 0)),
         )
 
+    def absorb(self, other: Summary) -> None:
+        """Add `other`'s counts into this one's, where both are binned alike (a part binned
+        otherwise, from a baseline that changed, is left out)."""
+        for name, histogram in self.features.items():
+            theirs = other.features.get(name)
+            if theirs is not None and len(theirs.counts) == len(histogram.counts):
+                histogram.counts = [a + b for a, b in zip(histogram.counts, theirs.counts, strict=True)]
+        if self.classes is not None and other.classes is not None and len(other.classes) == len(self.classes):
+            self.classes = [a + b for a, b in zip(self.classes, other.classes, strict=True)]
+        if (
+            self.outputs is not None
+            and other.outputs is not None
+            and len(other.outputs.counts) == len(self.outputs.counts)
+        ):
+            self.outputs.counts = [a + b for a, b in zip(self.outputs.counts, other.outputs.counts, strict=True)]
+        self.samples += other.samples
+
     def empty_like(self) -> Summary:
         """A summary with this one's bins and no counts: a window to count into."""
         return Summary(

@@ -88,18 +88,7 @@ def merge(baseline: Summary, stored: Sequence[str]) -> Summary:
     otherwise (a baseline that changed) is left out."""
     window = baseline.empty_like()
     for text in stored:
-        part = Summary.from_json(text)
-        for name, histogram in window.features.items():
-            other = part.features.get(name)
-            if other is not None and len(other.counts) == len(histogram.counts):
-                histogram.counts = [a + b for a, b in zip(histogram.counts, other.counts, strict=True)]
-        if window.classes is not None and part.classes is not None and len(part.classes) == len(window.classes):
-            window.classes = [a + b for a, b in zip(window.classes, part.classes, strict=True)]
-        if window.outputs is not None and part.outputs is not None and len(part.outputs.counts) == len(
-            window.outputs.counts
-        ):
-            window.outputs.counts = [a + b for a, b in zip(window.outputs.counts, part.outputs.counts, strict=True)]
-        window.samples += part.samples
+        window.absorb(Summary.from_json(text))
     return window
 
 

@@ -7,7 +7,7 @@ Redis, no decoding. A background task decodes the tensors, keeps the predicted c
 of every sampled call, the payloads when the deployment keeps them, and counts the inputs and
 outputs into the summary of the call's time bucket, binned as its version's baseline is (read
 once per version from the registry). Every `flush_seconds` what was logged is written to SQL,
-each gateway process writing its own rows of a bucket's summary. A full queue drops the sample
+each gateway process adding to its own rows of a bucket's summary. A full queue drops the sample
 and counts it.
 
 Each deployment's logging settings are read from SQL every `refresh_seconds` (and at once in
@@ -255,10 +255,11 @@ class PredictionLog:
         # (tenant, deployment) -> its settings, and its sample rate when above 0 (the call path's).
         self._settings: dict[tuple[str, str], LoggingRecord] = {}
         self._rates: dict[tuple[str, str], float] = {}
-        # Counted, not yet written: samples, and the summaries of buckets counted into since.
+        # Counted, not yet written: samples, and by bucket what was counted into it since the
+        # last flush (the store adds it to the bucket's row: a call counted late, after its
+        # bucket was written, adds to it and never replaces it).
         self._samples: list[SampleRecord] = []
-        self._buckets: dict[tuple[str, str, int, datetime], Summary] = {}
-        self._dirty: set[tuple[str, str, int, datetime]] = set()
+        self._counted: dict[tuple[str, str, int, datetime], Summary] = {}
         self._writing = asyncio.Lock()
         # Clear while the recorder holds calls it took off the queue and has not counted yet.
         self._idle = asyncio.Event()
@@ -370,39 +371,37 @@ class PredictionLog:
             )
             if info.baseline is not None and decoded.outputs:
                 key = (call.tenant, call.deployment, call.version, bucket_of(call.time, self.bucket_seconds))
-                if key not in self._buckets:
-                    self._buckets[key] = info.baseline.empty_like()
-                groups.setdefault(key, []).append(decoded)
-        for key, decoded_calls in groups.items():
-            _count_into(self._buckets[key], decoded_calls)
-            self._dirty.add(key)
+                groups.setdefault(key, ([], info.baseline))[0].append(decoded)
+        for key, (decoded_calls, base) in groups.items():
+            if key not in self._counted:
+                self._counted[key] = base.empty_like()
+            _count_into(self._counted[key], decoded_calls)
 
     async def flush(self) -> None:
         """Write what was counted since the last flush; kept for the next one if SQL fails."""
         async with self._writing:
             samples, self._samples = self._samples, []
-            dirty, self._dirty = self._dirty, set()
-            written = [
-                SummaryRecord(*key, self._buckets[key].samples, self._buckets[key].to_json()) for key in dirty
-            ]
-            if samples or written:
-                budgets = {key: settings.byte_budget_per_day for key, settings in self._settings.items()}
-                try:
-                    dropped = await asyncio.to_thread(self.store.write, samples, budgets, written, self.writer)
-                except Exception:
-                    log.exception("writing logged predictions failed; retrying with the next flush")
-                    # Held for the next flush, as many as the queue holds (the newest).
-                    waiting = samples + self._samples
-                    self._samples = waiting[-self._queue.maxsize :]
-                    WRITE_FAILED.inc(len(waiting) - len(self._samples))
-                    self._dirty |= dirty
-                    return
-                LOGGED.inc(len(samples))
-                OVER_BUDGET.inc(dropped)
-            # A bucket is complete once the clock has left it and it is written.
-            current = bucket_of(time.time(), self.bucket_seconds)
-            for key in [key for key in self._buckets if key[3] < current and key not in self._dirty]:
-                del self._buckets[key]
+            # Taken whole: what is counted while they are written goes into fresh summaries.
+            counted, self._counted = self._counted, {}
+            written = [SummaryRecord(*key, summary.samples, summary.to_json()) for key, summary in counted.items()]
+            if not samples and not written:
+                return
+            budgets = {key: settings.byte_budget_per_day for key, settings in self._settings.items()}
+            try:
+                dropped = await asyncio.to_thread(self.store.write, samples, budgets, written, self.writer)
+            except Exception:
+                log.exception("writing logged predictions failed; retrying with the next flush")
+                # Held for the next flush, as many as the queue holds (the newest).
+                waiting = samples + self._samples
+                self._samples = waiting[-self._queue.maxsize :]
+                WRITE_FAILED.inc(len(waiting) - len(self._samples))
+                for key, summary in counted.items():
+                    if key in self._counted:
+                        summary.absorb(self._counted[key])
+                    self._counted[key] = summary
+                return
+            LOGGED.inc(len(samples))
+            OVER_BUDGET.inc(dropped)
 
 
 def _count_into(window: Summary, calls: list[Decoded]) -> None:

@@ -37,6 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from services.common.summaries import Summary
 from services.gateway.store import _utc
 
 metadata = MetaData()
@@ -202,7 +203,8 @@ class MonitoringStore:
         summaries: Sequence[SummaryRecord],
         writer: str,
     ) -> int:
-        """Adds the samples and replaces this writer's rows of the summaries, in one transaction.
+        """Adds the samples, and the summaries into this writer's rows of their buckets, in one
+        transaction.
         A sample's payloads are kept only while its deployment's bytes of the sample's UTC day stay
         within `budgets[(tenant, deployment)]`; returns how many payloads the budget dropped."""
         dropped = 0
@@ -229,7 +231,24 @@ class MonitoringStore:
             if rows:
                 session.execute(insert(prediction_samples), rows)
             for summary in summaries:
-                upsert = self._insert(prediction_summaries).values(
+                self._add_summary(session, summary, writer)
+        return dropped
+
+    def _add_summary(self, session: Session, summary: SummaryRecord, writer: str) -> None:
+        """Count a summary into this writer's row of its bucket. Only the writer's own process
+        writes the row, so reading it and writing it back in one transaction loses nothing."""
+        table = prediction_summaries
+        key = (
+            (table.c.tenant == summary.tenant)
+            & (table.c.deployment == summary.deployment)
+            & (table.c.version == summary.version)
+            & (table.c.bucket_start == summary.bucket_start)
+            & (table.c.writer == writer)
+        )
+        stored = session.execute(select(table.c.summary).where(key).with_for_update()).scalar_one_or_none()
+        if stored is None:
+            session.execute(
+                insert(table).values(
                     tenant=summary.tenant,
                     deployment=summary.deployment,
                     version=summary.version,
@@ -238,13 +257,11 @@ class MonitoringStore:
                     samples=summary.samples,
                     summary=summary.summary,
                 )
-                session.execute(
-                    upsert.on_conflict_do_update(
-                        index_elements=["tenant", "deployment", "version", "bucket_start", "writer"],
-                        set_={"samples": upsert.excluded.samples, "summary": upsert.excluded.summary},
-                    )
-                )
-        return dropped
+            )
+            return
+        combined = Summary.from_json(stored)
+        combined.absorb(Summary.from_json(summary.summary))
+        session.execute(update(table).where(key).values(samples=combined.samples, summary=combined.to_json()))
 
     def _spend(self, session: Session, sample: SampleRecord, budget: int) -> bool:
         """Counts the sample's payload bytes against its deployment's day if they fit the budget

@@ -22,6 +22,7 @@ from services.common import summaries
 from services.common.database import make_engine, upgrade
 from services.common.logs import request_id_var
 from services.common.summaries import Summary
+from services.gateway import monitoring_log
 from services.gateway.monitoring_log import (
     LoggedCall,
     PredictionLog,
@@ -189,6 +190,40 @@ async def test_a_failed_write_is_kept_for_the_next_flush(store, monkeypatch):
     await log.flush()
     assert store.window_rows("acme", "mlp", 1, NOW.replace(year=2000)) == 1
     assert len(store.window_summaries("acme", "mlp", 1, NOW.replace(year=2000))) == 1
+
+
+async def test_calls_counted_after_their_bucket_was_written_add_to_it(store, monkeypatch):
+    """A call made in a bucket's last moment is counted after the clock has left the bucket and
+    after the bucket was written: it adds to the stored summary and never replaces it (a late
+    call once overwrote the whole minute's counts with its own)."""
+    log = new_log(store, VersionInfo(baseline4(), classifier=True))
+    log.apply([logging()])
+    clock = [NOW.timestamp() + 59.9]
+    monkeypatch.setattr(monitoring_log.time, "time", lambda: clock[0])
+    for _ in range(5):
+        offer(log, "early", predict_pair(np.ones((1, 4), np.float32)))
+    await log.drain()
+    await log.flush()
+    offer(log, "late", predict_pair(np.ones((1, 4), np.float32)))  # still 12:00:59.9
+    clock[0] += 0.2  # the clock leaves the bucket before the late call is counted
+    await log.flush()
+    await log.drain()
+    await log.flush()
+    (stored,) = store.window_summaries("acme", "mlp", 1, NOW.replace(year=2000))
+    assert Summary.from_json(stored).samples == 6
+
+
+def test_summaries_of_one_bucket_add_up_and_a_summary_binned_otherwise_is_left_out():
+    base = baseline4()
+    one, two = base.empty_like(), base.empty_like()
+    summaries.add_prediction(one, {"x": np.ones((2, 4), np.float32)}, np.ones((2, 4), np.float32))
+    summaries.add_prediction(two, {"x": np.zeros((3, 4), np.float32)}, np.zeros((3, 4), np.float32))
+    one.absorb(two)
+    assert one.samples == 5 and all(sum(h.counts) == 5 for h in one.features.values())
+    assert sum(one.classes) == 5
+    rebinned = Summary({"x[0]": summaries.Histogram([0.5])}, classes=[1, 1], samples=2)
+    one.absorb(rebinned)
+    assert sum(one.features["x[0]"].counts) == 5 and sum(one.classes) == 5 and one.samples == 7
 
 
 async def test_settings_changed_through_another_process_are_followed_after_a_refresh(store):

@@ -1,5 +1,5 @@
-"""The monitoring tables on SQLite and PostgreSQL: settings, the payload budget, summaries per
-writer, feedback matching, label sums, retention and tenant scoping."""
+"""The monitoring tables on SQLite and PostgreSQL: settings, the payload budget, summaries added up
+per writer, feedback matching, label sums, retention and tenant scoping."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from services.common.database import make_engine, upgrade
+from services.common.summaries import Summary
 from services.gateway.monitoring_store import LoggingRecord, MonitoringStore, SampleRecord, SummaryRecord
 from services.gateway.server import MIGRATIONS
 
@@ -58,15 +59,23 @@ def test_payloads_are_kept_while_the_days_budget_lasts(store):
     assert store.window_rows("acme", "mlp", 1, NOW) == 7
 
 
-def test_summaries_are_replaced_per_writer_and_read_back_per_window(store):
+def test_summaries_add_up_per_writer_and_are_read_back_per_window(store):
+    def counted(samples: int, classes: list[int]) -> str:
+        return Summary({}, classes=classes, samples=samples).to_json()
+
     bucket = NOW.replace(minute=0)
-    store.write([], {}, [SummaryRecord("acme", "mlp", 1, bucket, 5, "first")], "w1")
-    store.write([], {}, [SummaryRecord("acme", "mlp", 1, bucket, 9, "second")], "w1")
-    store.write([], {}, [SummaryRecord("acme", "mlp", 1, bucket, 2, "theirs")], "w2")
-    store.write([], {}, [SummaryRecord("acme", "mlp", 1, bucket - timedelta(hours=2), 2, "old")], "w2")
-    store.write([], {}, [SummaryRecord("acme", "mlp", 2, bucket, 2, "canary")], "w2")
-    store.write([], {}, [SummaryRecord("other", "mlp", 1, bucket, 2, "other tenant")], "w2")
-    assert sorted(store.window_summaries("acme", "mlp", 1, bucket - timedelta(hours=1))) == ["second", "theirs"]
+    store.write([], {}, [SummaryRecord("acme", "mlp", 1, bucket, 5, counted(5, [5, 0]))], "w1")
+    store.write([], {}, [SummaryRecord("acme", "mlp", 1, bucket, 4, counted(4, [1, 3]))], "w1")
+    store.write([], {}, [SummaryRecord("acme", "mlp", 1, bucket, 2, counted(2, [0, 2]))], "w2")
+    for stray in (
+        SummaryRecord("acme", "mlp", 1, bucket - timedelta(hours=2), 2, counted(2, [2, 0])),  # too old
+        SummaryRecord("acme", "mlp", 2, bucket, 2, counted(2, [2, 0])),  # another version
+        SummaryRecord("other", "mlp", 1, bucket, 2, counted(2, [2, 0])),  # another tenant
+    ):
+        store.write([], {}, [stray], "w2")
+    stored = sorted(Summary.from_json(text).classes for text in
+                    store.window_summaries("acme", "mlp", 1, bucket - timedelta(hours=1)))
+    assert stored == [[0, 2], [6, 3]]
 
 
 def test_labels_attach_by_request_id_to_calls_of_one_prediction(store):
