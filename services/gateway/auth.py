@@ -136,12 +136,28 @@ class ApiKeyAuthenticator:
         # key id -> (expiry, the key or None when unknown); both answers are reused until expiry.
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
         self._lookups: SingleFlight[KeyRecord | None] = SingleFlight()
+        # Keys whose secret matched: the bearer token -> (key id, the hash it matched). A known
+        # caller's next calls skip parsing and hashing it; the key itself is still looked up (and
+        # its revocation seen) as before. Only keys that matched are kept, so callers sending
+        # made-up keys add nothing here.
+        self._verified: dict[str, tuple[str, str]] = {}
 
     async def __call__(self, method: str, metadata: Mapping[str, str]) -> None:
-        key_id, secret = parse_key(bearer_token(metadata))
-        key = await self._lookup(key_id)
-        if key is None or not secret_matches(secret, key.secret_hash):
-            raise Unauthenticated(UNKNOWN_KEY)
+        token = bearer_token(metadata)
+        verified = self._verified.get(token)
+        if verified is not None:
+            key = await self._lookup(verified[0])
+            if key is None or key.secret_hash != verified[1]:
+                self._verified.pop(token, None)
+                raise Unauthenticated(UNKNOWN_KEY)
+        else:
+            key_id, secret = parse_key(token)
+            key = await self._lookup(key_id)
+            if key is None or not secret_matches(secret, key.secret_hash):
+                raise Unauthenticated(UNKNOWN_KEY)
+            if len(self._verified) >= MAX_CACHED_KEYS:
+                self._verified.clear()
+            self._verified[token] = (key.id, key.secret_hash)
         if key.revoked:
             raise Unauthenticated(
                 f"API key {key.id} was revoked; ask an admin of tenant {key.tenant!r} for a new one"

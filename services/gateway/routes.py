@@ -9,8 +9,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Collection, Hashable, Iterable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from typing import NoReturn
 
@@ -40,6 +40,9 @@ MAX_TRIES = 2
 # be joined. One: the calls that arrive while it runs go together next. With two, batches under
 # load held fewer than 2 calls on average, and the gateway's CPU per call barely fell.
 COALESCE_DEPTH_PER_REPLICA = 1
+# Distinct call shapes whose lanes a route keeps; past it they are built again (callers may send
+# any number of shapes where a signature has variable dimensions).
+MAX_LANES_PER_ROUTE = 256
 # How Triton says that it does not have a model loaded (or no longer: it is being unloaded).
 NOT_LOADED_MARKERS = ("unknown model", "is not ready")
 
@@ -87,6 +90,9 @@ class LiveRoute:
     signature: CompiledSignature  # compiled once per route, used on every request
     main: Target  # the deployment's own version
     canary: Target | None  # while a canary takes its share of the requests
+    # The coalescing lanes of its calls, by lane key (which names the target's Triton model),
+    # built on a shape's first call rather than on every call.
+    lanes: dict[Hashable, Lane] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def serving(self) -> bool:
@@ -272,12 +278,16 @@ class RouteTable:
         if joined is None or joined[1] >= live.route.max_batch_size:
             return await self._infer_alone(live, target, request, context)
         key, rows = joined
-        lane = Lane(
-            key,
-            live.route.max_batch_size,
-            COALESCE_DEPTH_PER_REPLICA * max(1, len(target.replicas)),
-            partial(self._send_joined, live, target),
-        )
+        lane = live.lanes.get(key)
+        if lane is None:
+            if len(live.lanes) >= MAX_LANES_PER_ROUTE:
+                live.lanes.clear()
+            lane = live.lanes[key] = Lane(
+                key,
+                live.route.max_batch_size,
+                COALESCE_DEPTH_PER_REPLICA * max(1, len(target.replicas)),
+                partial(self._send_joined, live, target),
+            )
         alone = partial(self._infer_alone, live, target, request, context)
         return await self._coalescer.infer(lane, request, rows, self._timeout(context), alone)  # type: ignore[union-attr]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import uuid
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tritonclient.grpc import service_pb2
 
-from services.common.interceptors import REQUEST_ID_KEY
+from services.common.interceptors import REQUEST_ID_KEY, new_request_id
 from services.gateway.http.dispatch import InProcessCalls, Metadata, RpcFailed, caller_metadata
 from services.gateway.http.errors import HttpError, http_error_of, validation_error
 
@@ -73,7 +72,7 @@ class KServeRoutes:
             self.router.add_api_route(f"{prefix}/infer", self.infer, methods=["POST"])
 
     async def _call(self, request: Request, method: str, message: Any, answer: type) -> Any:
-        metadata: Metadata = caller_metadata(request.headers, request.headers.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
+        metadata: Metadata = caller_metadata(request.headers, request.headers.get(REQUEST_ID_KEY) or new_request_id())
         try:
             return await self.calls.unary(f"{SERVICE}/{method}", message, answer, metadata)
         except RpcFailed as error:

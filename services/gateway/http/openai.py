@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -19,7 +18,7 @@ from maas.inference.v1 import inference_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.generation import is_final
-from services.common.interceptors import REQUEST_ID_KEY
+from services.common.interceptors import REQUEST_ID_KEY, new_request_id
 from services.gateway.http.dispatch import InProcessCalls, Metadata, RpcFailed, caller_metadata
 from services.gateway.http.errors import HttpError, http_error_of, openai_body
 
@@ -337,7 +336,7 @@ def _event(data: dict[str, Any]) -> bytes:
 
 
 def _caller(request: Request) -> tuple[Metadata, str]:
-    request_id = request.headers.get(REQUEST_ID_KEY) or uuid.uuid4().hex
+    request_id = request.headers.get(REQUEST_ID_KEY) or new_request_id()
     return caller_metadata(request.headers, request_id), request_id
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,8 +11,10 @@ from hypothesis import strategies as st
 
 from services.common.database import make_engine, upgrade
 from services.common.errors import PermissionDenied, Unauthenticated
+from services.gateway import auth
 from services.gateway.auth import INTERNAL_METHODS, REQUIRED_ROLE, ApiKeyAuthenticator, caller_var
 from services.gateway.keys import Role, generate_key, parse_key
+from services.gateway.keys import secret_matches as matches
 from services.gateway.server import MIGRATIONS
 from services.gateway.service import Admin
 from services.gateway.store import GatewayStore
@@ -121,6 +124,25 @@ async def test_forget_drops_a_cached_key(store, keys):
     await admin.revoke_key(created.key.id)
     with pytest.raises(Unauthenticated, match="revoked"):
         await authenticate(WHOAMI, bearer(created.plaintext))
+
+
+async def test_a_verified_key_is_not_hashed_again_but_still_checked_against_the_store(store, keys, monkeypatch):
+    hashed = []
+    monkeypatch.setattr(auth, "secret_matches", lambda secret, digest: hashed.append(secret) or matches(secret, digest))
+    authenticate = ApiKeyAuthenticator(store, 0.0)  # every call looks the key up
+    for _ in range(3):
+        await authenticate(WHOAMI, bearer(keys["READER"]))
+    assert len(hashed) == 1
+    # Another secret under the same key id is checked in full, and refused.
+    key_id, secret = parse_key(keys["READER"])
+    forged = f"maas_{key_id}_{'A' if secret[0] != 'A' else 'B'}{secret[1:]}"
+    with pytest.raises(Unauthenticated, match="not recognised"):
+        await authenticate(WHOAMI, bearer(forged))
+    # The key as stored changes (a new secret under its id): the remembered token no longer passes.
+    found = store.get_key
+    monkeypatch.setattr(store, "get_key", lambda wanted: dataclasses.replace(found(wanted), secret_hash="0" * 64))
+    with pytest.raises(Unauthenticated, match="not recognised"):
+        await authenticate(WHOAMI, bearer(keys["READER"]))
 
 
 metadata_values = st.one_of(
