@@ -179,6 +179,8 @@ return #KEYS
 
 DAY_TTL = 2 * 86400
 MONTH_TTL = 32 * 86400
+# Keys whose request plans a Gate keeps (one per key that called); past it they are built again.
+MAX_PLANS = 100_000
 
 # What an alert on a quota near exhaustion reads; above 1 when settled usage overshot the budget.
 QUOTA_USED = Gauge(
@@ -731,6 +733,8 @@ class Gate:
         self.limiter = limiter
         self.default_key_limit = default_key_limit
         self._periods = Periods.at(time.time())
+        # key id -> (its limit, its quota, the periods, the plan built from them): _request_plan.
+        self._plans: dict[str, tuple[RateLimit, QuotaRecord, Periods, tuple[list[Bucket], list[Counter], str]]] = {}
 
     def periods(self) -> Periods:
         now = time.time()
@@ -750,20 +754,14 @@ class Gate:
         """Reserve one request (and `tokens` generated tokens) for a call; RateLimited if over.
         With `lease`, a call no limit binds may be admitted from a lease (Leases)."""
         limit = key_limit or self.default_key_limit
-        buckets = []
-        if limit.requests_per_second > 0:
-            key = f"maas:{{{tenant}}}:rl:key:{key_id}"
-            buckets.append(_requests_bucket(key, limit, f"API key {key_id}", f"key:{key_id}"))
-        if quota.rate_limit.requests_per_second > 0:
-            key = f"maas:{{{tenant}}}:rl:tenant"
-            buckets.append(_requests_bucket(key, quota.rate_limit, f"tenant {tenant}", f"tenant:{tenant}"))
-        counters = self._counters(tenant, "requests", quota.requests_per_day, quota.requests_per_month, 1)
+        buckets, counters, usage = self._request_plan(tenant, key_id, limit, quota)
         if tokens:
-            buckets += self._token_buckets(tenant, key_id, limit, quota, tokens)
-            counters += self._counters(tenant, "tokens", quota.tokens_per_day, quota.tokens_per_month, tokens)
+            buckets = [*buckets, *self._token_buckets(tenant, key_id, limit, quota, tokens)]
+            counters = [
+                *counters, *self._counters(tenant, "tokens", quota.tokens_per_day, quota.tokens_per_month, tokens)
+            ]
         # Even a call without limits goes through the limiter: its usage is counted in Redis, in
         # the same pipeline as the calls admitted in the same event-loop turn, or from a lease.
-        usage = usage_key(self.periods().day, tenant, key_id)
         denial = await self.limiter.reserve(buckets, counters, usage, lease=lease and not tokens)
         if denial is not None:
             raise RateLimited(denial)
@@ -813,6 +811,30 @@ class Gate:
             quota.training_minutes_per_month * 60,
             seconds,
         )
+
+    def _request_plan(
+        self, tenant: str, key_id: str, limit: RateLimit, quota: QuotaRecord
+    ) -> tuple[list[Bucket], list[Counter], str]:
+        """The buckets and counters one request of this key is reserved against, and its usage
+        key: built once per key and reused while its limit, its tenant's quota (the same cached
+        objects) and the day stay the same."""
+        periods = self.periods()
+        cached = self._plans.get(key_id)
+        if cached is not None and cached[0] is limit and cached[1] is quota and cached[2] is periods:
+            return cached[3]
+        buckets = []
+        if limit.requests_per_second > 0:
+            key = f"maas:{{{tenant}}}:rl:key:{key_id}"
+            buckets.append(_requests_bucket(key, limit, f"API key {key_id}", f"key:{key_id}"))
+        if quota.rate_limit.requests_per_second > 0:
+            key = f"maas:{{{tenant}}}:rl:tenant"
+            buckets.append(_requests_bucket(key, quota.rate_limit, f"tenant {tenant}", f"tenant:{tenant}"))
+        counters = self._counters(tenant, "requests", quota.requests_per_day, quota.requests_per_month, 1)
+        plan = (buckets, counters, usage_key(periods.day, tenant, key_id))
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[key_id] = (limit, quota, periods, plan)
+        return plan
 
     def _counters(self, tenant: str, unit: str, per_day: int, per_month: int, cost: int) -> list[Counter]:
         periods = self.periods()

@@ -376,3 +376,33 @@ async def test_write_back_repairs_a_counter_redis_lost(redis_server):
     finally:
         await client.aclose()
         await link.close()
+
+
+async def test_a_keys_request_plan_is_built_once_and_rebuilt_when_its_limits_or_the_day_change(monkeypatch):
+    """Gate.admit reuses what one request of a key is reserved against while the key's limit,
+    its tenant's quota (the cached objects) and the day are the same ones."""
+    seen: list[tuple[list[Bucket], list[Counter], str]] = []
+
+    class Recording:
+        async def reserve(self, buckets, counters, usage="", lease=False):
+            seen.append((buckets, counters, usage))
+
+    gate = Gate(Recording(), RateLimit(requests_per_second=5))  # type: ignore[arg-type]
+    limit, quota = RateLimit(requests_per_second=5), QuotaRecord("acme", requests_per_day=100)
+    await gate.admit("acme", "k1", limit, quota)
+    await gate.admit("acme", "k1", limit, quota)
+    assert seen[0][0] is seen[1][0] and seen[0][1] is seen[1][1]
+    await gate.admit("acme", "k2", limit, quota)  # another key: its own buckets
+    assert seen[2][0][0].key == "maas:{acme}:rl:key:k2" and seen[2][2] != seen[1][2]
+    tighter = QuotaRecord("acme", requests_per_day=10)  # SetQuota: a new record from the cache
+    await gate.admit("acme", "k1", limit, tighter)
+    assert seen[3][1][0].limit == 10
+    slower = RateLimit(requests_per_second=1)
+    await gate.admit("acme", "k1", slower, tighter)
+    assert seen[4][0][0].rate == 1
+    await gate.admit("acme", "k1", slower, tighter, tokens=7)  # a text call: its token limits added
+    assert seen[5][0][0].rate == 1 and len(seen[4][0]) == 1 and seen[4][0] is not seen[5][0]
+    tomorrow = time.time() + 86400
+    monkeypatch.setattr(time, "time", lambda: tomorrow)
+    await gate.admit("acme", "k1", slower, tighter)
+    assert seen[6][2] != seen[4][2] and seen[6][1][0].key != seen[4][1][0].key
