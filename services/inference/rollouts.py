@@ -4,6 +4,7 @@ deployments that follow an alias (rolled when the alias moves)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import TYPE_CHECKING
@@ -55,11 +56,15 @@ class Rollouts:
             )
         route = self.routes.add(current)
         if current.canary is not None and current.canary.version == version:
-            held = current.canary.replace(weight=weight, max_error_rate=max_error_rate)
-            updated = await self.deployments.save(current.replace(canary=held, update_time=now()))
-            route.deployment = updated
+            updated = await asyncio.to_thread(
+                self.deployments.store.set_canary_weight, current.id, current.canary.triton_model, weight, max_error_rate
+            )
+            if updated is None or updated.canary is None:
+                raise FailedPrecondition(f"the canary of {name!r} was rolled back or replaced meanwhile: start it again")
+            # Keep what changed on the main revision meanwhile; take the canary as stored.
+            route.deployment = route.deployment.replace(canary=updated.canary)
             if route.canary is not None:
-                route.canary = held
+                route.canary = updated.canary
             self.routes.changed()
             return updated
         check_target(version, None)

@@ -348,6 +348,23 @@ class DeploymentStore:
             row = connection.execute(select(deployments).where(deployments.c.id == deployment_id)).first()
         return _deployment(row) if row else None
 
+    def set_canary_weight(
+        self, deployment_id: str, triton_model: str, weight: int, max_error_rate: float
+    ) -> Deployment | None:
+        """Change a canary's share and error threshold only, leaving its state to its load (a
+        whole-row save of a copy read before the load ended would put LOADING back); None when
+        that canary is gone meanwhile."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(deployments)
+                .where(deployments.c.id == deployment_id, deployments.c.canary_triton_model == triton_model)
+                .values(canary_weight=weight, canary_max_error_rate=max_error_rate, update_time=now())
+            )
+            if result.rowcount != 1:
+                return None
+            row = connection.execute(select(deployments).where(deployments.c.id == deployment_id)).first()
+        return _deployment(row) if row else None
+
     def set_desired_replicas(self, deployment_id: str, replicas: int, event: ScalingEvent) -> Deployment | None:
         """Record an autoscaling decision with its reason; None when the deployment is gone."""
         with self.engine.begin() as connection:

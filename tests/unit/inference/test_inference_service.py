@@ -554,6 +554,31 @@ async def test_a_canary_takes_its_share_the_same_way_for_each_request_id(deploym
     assert list((await versions_answering(deployments, range(200))).values()).count(2) > 150
 
 
+async def test_a_new_weight_read_before_the_canary_loaded_does_not_put_it_back_to_loading(
+    deployments, triton, monkeypatch
+):
+    """The weight change's read of the deployment may predate the load's end: it changes the
+    weight and leaves the state as the load recorded it (it once saved the whole stale row back,
+    so the canary stayed LOADING for good)."""
+    await deploy(deployments)
+    loading = await deployments.rollouts.start_canary(TENANT, "web", 2, 20, 0.0)
+    await start_canary(deployments, weight=20)  # READY now
+    read = deployments.get
+
+    async def read_before_the_load_ended(tenant: str, name: str):
+        await read(tenant, name)
+        return loading
+
+    monkeypatch.setattr(deployments, "get", read_before_the_load_ended)
+    held = await deployments.rollouts.start_canary(TENANT, "web", 2, 60, 0.25)
+    monkeypatch.undo()
+    stored = (await deployments.get(TENANT, "web")).canary
+    assert (held.canary.state, stored.state) == (READY, READY)
+    assert (stored.weight, stored.max_error_rate) == (60, 0.25)
+    (route,) = await anext(deployments.routes.watch())
+    assert route.canary is not None and route.canary.weight == 60
+
+
 async def test_promote_makes_the_canary_the_deployment_and_drains_the_old_version(deployments, triton):
     await deploy(deployments)
     deployments.converger.drain_seconds = 0.1
