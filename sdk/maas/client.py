@@ -354,6 +354,11 @@ class Client:
     def get_dataset(self, name: str) -> registry_pb2.Dataset:
         return self._unary(self.registry.GetDataset, registry_pb2.GetDatasetRequest(name=name)).dataset
 
+    def delete_dataset(self, name: str) -> None:
+        """Deletes the dataset and all its versions. Training jobs and retraining policies that
+        name it fail with NOT_FOUND from then on."""
+        self._unary(self.registry.DeleteDataset, registry_pb2.DeleteDatasetRequest(name=name))
+
     def list_datasets(self) -> list[registry_pb2.Dataset]:
         return self._paged(lambda token: self._unary(
             self.registry.ListDatasets, registry_pb2.ListDatasetsRequest(page_token=token)), "datasets")

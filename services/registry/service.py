@@ -333,6 +333,14 @@ class Registry:
         check_name("dataset", name)
         return await asyncio.to_thread(self._store.get_dataset, tenant, name)
 
+    async def delete_dataset(self, tenant: str, name: str) -> None:
+        check_name("dataset", name)
+        await asyncio.to_thread(self._delete_dataset, tenant, name)
+
+    def _delete_dataset(self, tenant: str, name: str) -> None:
+        for sha256 in self._store.delete_dataset(tenant, name):
+            self._delete_blob_if_unused(sha256)
+
     async def list_datasets(
         self, tenant: str, page_size: int, page_token: str
     ) -> tuple[list[DatasetRecord], str]:

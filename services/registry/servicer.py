@@ -179,6 +179,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         dataset = await self.registry.get_dataset(tenant_of(context), request.name)
         return registry_pb2.GetDatasetResponse(dataset=dataset_pb(dataset))
 
+    async def DeleteDataset(self, request, context):  # noqa: N802
+        await self.registry.delete_dataset(tenant_of(context), request.name)
+        return registry_pb2.DeleteDatasetResponse()
+
     async def ListDatasets(self, request, context):  # noqa: N802
         datasets, token = await self.registry.list_datasets(
             tenant_of(context), request.page_size, request.page_token

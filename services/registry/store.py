@@ -573,6 +573,25 @@ class RegistryStore:
             raise AlreadyExists(f"dataset {name!r} already exists") from None
         return _dataset_record(row)
 
+    def delete_dataset(self, tenant: str, name: str) -> set[str]:
+        """Deletes the dataset and its versions; returns the sha256 of every deleted version."""
+        with self._sessions.begin() as session:
+            row = self._dataset_row(session, tenant, name)
+            digests = set(
+                session.scalars(
+                    select(DatasetVersionRow.sha256).where(
+                        DatasetVersionRow.tenant == tenant, DatasetVersionRow.dataset_id == row.id
+                    )
+                )
+            )
+            session.execute(
+                delete(DatasetVersionRow).where(
+                    DatasetVersionRow.tenant == tenant, DatasetVersionRow.dataset_id == row.id
+                )
+            )
+            session.execute(delete(DatasetRow).where(DatasetRow.tenant == tenant, DatasetRow.id == row.id))
+        return digests
+
     def get_dataset(self, tenant: str, name: str) -> DatasetRecord:
         with self._sessions() as session:
             return _dataset_record(self._dataset_row(session, tenant, name))

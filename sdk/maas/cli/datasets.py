@@ -126,6 +126,16 @@ def dataset_get(
     console.print(datasets_table([dataset]))
 
 
+@datasets_app.command("delete")
+def dataset_delete(name: str, api_key: ApiKeyOption = None, address: AddressOption = None) -> None:
+    """Delete a dataset and every version of it (developer role)."""
+    try:
+        client(api_key, address).delete_dataset(name)
+    except ApiError as error:
+        raise fail(error) from None
+    console.print(f"deleted dataset {name}")
+
+
 def _prepare_dataset(
     maas: Client, name: str, file: Path, kind: str, target_column: str, description: str, create: bool
 ) -> bool:

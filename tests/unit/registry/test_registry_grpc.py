@@ -404,6 +404,8 @@ async def test_tenants_cannot_reach_each_other(
     await expect_status(not_found, other_stub.DeleteModel(pb.DeleteModelRequest(name="secret")))
     await expect_status(not_found, other_stub.upload("secret", torchscript_bytes))
     await expect_status(not_found, other_stub.GetDataset(pb.GetDatasetRequest(name="data")))
+    await expect_status(not_found, other_stub.DeleteDataset(pb.DeleteDatasetRequest(name="data")))
+    assert (await stub.GetDataset(pb.GetDatasetRequest(name="data"))).dataset.target_column == "y"
     assert (await other_stub.ListModels(pb.ListModelsRequest())).models == []
     assert (await other_stub.ListDatasets(pb.ListDatasetsRequest())).datasets == []
     # The same name is free in the other tenant.
@@ -469,6 +471,40 @@ async def test_dataset_lifecycle(stub: TenantStub) -> None:
     assert responses[0].version.version == 2
     assert b"".join(r.chunk for r in responses[1:]) == arrays[1]
     assert (await stub.GetDataset(pb.GetDatasetRequest(name="digits"))).dataset.latest_version == 2
+
+
+async def test_delete_dataset_takes_its_versions_and_only_unshared_bytes(
+    stub: TenantStub, other_stub: TenantStub, registry_settings: RegistrySettings
+) -> None:
+    own, shared = npz_bytes(4), npz_bytes(6)
+    for owner in (stub, other_stub):
+        await owner.CreateDataset(pb.CreateDatasetRequest(name="rows", format=pb.DATASET_FORMAT_NPZ))
+    await stub.UploadDatasetVersion(dataset_requests("rows", own))
+    await stub.UploadDatasetVersion(dataset_requests("rows", shared))
+    await other_stub.UploadDatasetVersion(dataset_requests("rows", shared))
+    assert committed_blobs(registry_settings) == {sha256_of(own), sha256_of(shared)}
+
+    await stub.DeleteDataset(pb.DeleteDatasetRequest(name="rows"))
+    await expect_status(grpc.StatusCode.NOT_FOUND, stub.GetDataset(pb.GetDatasetRequest(name="rows")))
+    await expect_status(
+        grpc.StatusCode.NOT_FOUND,
+        stub.DownloadDatasetVersion(pb.DownloadDatasetVersionRequest(dataset="rows", version=2)).read(),
+    )
+    # The other tenant's dataset of the same name, and the bytes it shares, stay whole.
+    assert committed_blobs(registry_settings) == {sha256_of(shared)}
+    responses = [
+        r async for r in other_stub.DownloadDatasetVersion(pb.DownloadDatasetVersionRequest(dataset="rows", version=1))
+    ]
+    assert b"".join(r.chunk for r in responses[1:]) == shared
+    await expect_status(
+        grpc.StatusCode.NOT_FOUND, stub.DeleteDataset(pb.DeleteDatasetRequest(name="rows")), "not found"
+    )
+    await expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT, stub.DeleteDataset(pb.DeleteDatasetRequest(name="../rows")), "dataset name"
+    )
+    # The name is free again, numbered from 1.
+    await stub.CreateDataset(pb.CreateDatasetRequest(name="rows", format=pb.DATASET_FORMAT_NPZ))
+    assert (await stub.UploadDatasetVersion(dataset_requests("rows", own))).version.version == 1
 
 
 async def test_bad_datasets_are_refused(stub: TenantStub, registry_settings: RegistrySettings) -> None:

@@ -193,6 +193,29 @@ async def test_readers_list_but_neither_upload_nor_download(stack: Stack, tmp_pa
         assert [d.name for d in await asyncio.to_thread(developer.list_datasets)] == ["iris"]
 
 
+async def test_delete_takes_a_developer_is_audited_and_leaves_other_tenants_alone(stack: Stack, tmp_path) -> None:
+    data = tmp_path / "iris.csv"
+    data.write_bytes(iris_csv())
+    for who in ("developer", "other"):
+        with sdk(stack, who) as owner:
+            await asyncio.to_thread(owner.upload_dataset_version, "iris", data, format="csv", target_column="species")
+    denied = await maas(stack, "reader", "datasets", "delete", "iris")
+    assert denied.exit_code == 1 and "PERMISSION_DENIED" in denied.output
+    deleted = await maas(stack, "developer", "datasets", "delete", "iris")
+    assert deleted.exit_code == 0 and "deleted dataset iris" in deleted.output, deleted.output
+    again = await maas(stack, "developer", "datasets", "delete", "iris")
+    assert again.exit_code == 1 and "NOT_FOUND: dataset 'iris' not found" in said(again)
+    with sdk(stack, "developer") as developer:
+        assert await asyncio.to_thread(developer.list_datasets) == []
+    with sdk(stack, "other") as other:
+        assert [v.version for v in await asyncio.to_thread(other.list_dataset_versions, "iris")] == [1]
+    with sdk(stack, "admin") as admin:
+        events = await asyncio.to_thread(admin.list_audit_events, method="DeleteDataset")
+    assert [(e.resource, e.code) for e in events] == [
+        ("iris", "NOT_FOUND"), ("iris", "OK"), ("", "PERMISSION_DENIED")
+    ]
+
+
 async def test_tables_keep_ids_whole_and_print_server_text_as_it_is(stack: Stack, tmp_path, monkeypatch) -> None:
     name = "iris-measurements-gaspe-peninsula-1935"
     hostile = "[red]red[/] [bold]bold[/bold] [batch, 64] a description long enough to wrap at eighty columns"

@@ -131,6 +131,11 @@ class RegistryServiceStub:
                 request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.DownloadDatasetVersionRequest.SerializeToString,
                 response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.DownloadDatasetVersionResponse.FromString,
                 _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/maas.registry.v1.RegistryService/DeleteDataset',
+                request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
         self.GetStorageUsage = channel.unary_unary(
                 '/maas.registry.v1.RegistryService/GetStorageUsage',
                 request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetStorageUsageRequest.SerializeToString,
@@ -272,6 +277,14 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteDataset(self, request, context):
+        """Deletes the dataset and every version of it; the bytes go too unless another dataset
+        version or model version holds the same file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStorageUsage(self, request, context):
         """Internal: for the gateway's billing, which asserts the tenant; the gateway never serves it
         to clients. The bytes the tenant stored on each UTC day from start_day to end_day.
@@ -388,6 +401,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.DownloadDatasetVersion,
                     request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.DownloadDatasetVersionRequest.FromString,
                     response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.DownloadDatasetVersionResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.DeleteDatasetResponse.SerializeToString,
             ),
             'GetStorageUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStorageUsage,
@@ -915,6 +933,33 @@ class RegistryService:
             '/maas.registry.v1.RegistryService/DownloadDatasetVersion',
             maas_dot_registry_dot_v1_dot_registry__pb2.DownloadDatasetVersionRequest.SerializeToString,
             maas_dot_registry_dot_v1_dot_registry__pb2.DownloadDatasetVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.registry.v1.RegistryService/DeleteDataset',
+            maas_dot_registry_dot_v1_dot_registry__pb2.DeleteDatasetRequest.SerializeToString,
+            maas_dot_registry_dot_v1_dot_registry__pb2.DeleteDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,10 @@ class RegistryServiceStub:
     UploadDatasetVersion: _grpc.StreamUnaryMultiCallable[_registry_pb2.UploadDatasetVersionRequest, _registry_pb2.UploadDatasetVersionResponse]
     ListDatasetVersions: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListDatasetVersionsRequest, _registry_pb2.ListDatasetVersionsResponse]
     DownloadDatasetVersion: _grpc.UnaryStreamMultiCallable[_registry_pb2.DownloadDatasetVersionRequest, _registry_pb2.DownloadDatasetVersionResponse]
+    DeleteDataset: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteDatasetRequest, _registry_pb2.DeleteDatasetResponse]
+    """Deletes the dataset and every version of it; the bytes go too unless another dataset
+    version or model version holds the same file.
+    """
     GetStorageUsage: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetStorageUsageRequest, _registry_pb2.GetStorageUsageResponse]
     """Internal: for the gateway's billing, which asserts the tenant; the gateway never serves it
     to clients. The bytes the tenant stored on each UTC day from start_day to end_day.
@@ -118,6 +122,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     UploadDatasetVersion: _aio.StreamUnaryMultiCallable[_registry_pb2.UploadDatasetVersionRequest, _registry_pb2.UploadDatasetVersionResponse]  # type: ignore[assignment]
     ListDatasetVersions: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListDatasetVersionsRequest, _registry_pb2.ListDatasetVersionsResponse]  # type: ignore[assignment]
     DownloadDatasetVersion: _aio.UnaryStreamMultiCallable[_registry_pb2.DownloadDatasetVersionRequest, _registry_pb2.DownloadDatasetVersionResponse]  # type: ignore[assignment]
+    DeleteDataset: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteDatasetRequest, _registry_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
+    """Deletes the dataset and every version of it; the bytes go too unless another dataset
+    version or model version holds the same file.
+    """
     GetStorageUsage: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetStorageUsageRequest, _registry_pb2.GetStorageUsageResponse]  # type: ignore[assignment]
     """Internal: for the gateway's billing, which asserts the tenant; the gateway never serves it
     to clients. The bytes the tenant stored on each UTC day from start_day to end_day.
@@ -280,6 +288,16 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.DownloadDatasetVersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.DownloadDatasetVersionResponse], _abc.AsyncIterator[_registry_pb2.DownloadDatasetVersionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteDataset(
+        self,
+        request: _registry_pb2.DeleteDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.DeleteDatasetResponse, _abc.Awaitable[_registry_pb2.DeleteDatasetResponse]]:
+        """Deletes the dataset and every version of it; the bytes go too unless another dataset
+        version or model version holds the same file.
+        """
 
     @_abc_1.abstractmethod
     def GetStorageUsage(
