@@ -205,6 +205,7 @@ class _TritonStream:
         # Sent with the first text, so that a caller that leaves before the end is billed the
         # prompt's real tokens (the last response counts them too).
         self.prompt_tokens = 0
+        self.answered = False  # whether its first text went (it goes at once, not with a round)
 
     def cancelled(self) -> bool:
         return self.left
@@ -247,41 +248,63 @@ class _Outbox:
         self._thread.join()
 
     def _send_all(self) -> None:
+        """Rounds: the texts of a round go together at its end. While every open stream has had
+        its first text, the thread sleeps between rounds (a wakeup per token would cost the
+        cores that decode); while one waits for its first, each item is taken as it comes, so
+        that first text goes at once; with no stream open, it waits for the next request."""
+        pending: dict[_TritonStream, list[str]] = {}
+        next_round = time.monotonic() + SECONDS_BETWEEN_ROUNDS
         while True:
-            started = time.monotonic()
-            try:
-                items = [self._queue.get(timeout=SECONDS_BETWEEN_ROUNDS)]
-            except queue.Empty:
+            if not self._open and not pending:
+                items = [self._queue.get()]
+                next_round = time.monotonic() + SECONDS_BETWEEN_ROUNDS
+            elif any(not stream.answered for stream in self._open):
+                try:
+                    items = [self._queue.get(timeout=max(0.0, next_round - time.monotonic()))]
+                except queue.Empty:
+                    items = []
+            else:
+                time.sleep(max(0.0, next_round - time.monotonic()))
                 items = []
-            while True:
+            while time.monotonic() >= next_round or not items:
                 try:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            pending: dict[_TritonStream, list[str]] = {}
             for item in items:
                 if item is None:
                     self._flush(pending)
                     return
-                stream, kind, payload = item
-                if kind == _OPEN:
-                    self._open[stream] = None
-                    continue
-                if kind == _TEXT:
-                    pending.setdefault(stream, []).append(payload)
-                    continue
-                self._open.pop(stream, None)
-                self._flush({stream: pending.pop(stream)} if stream in pending else {})
-                try:
-                    _send_last(stream.sender, kind, payload)
-                except Exception:  # noqa: BLE001, S112 - a stream Triton closed already; the others go on
-                    continue
+                self._take(item, pending)
+            if time.monotonic() < next_round:
+                continue
             self._flush(pending)
+            pending = {}
+            started = time.monotonic()
             if started - self._checked >= SECONDS_BETWEEN_CANCEL_CHECKS:
                 self._checked = started
                 for stream in self._open:
                     stream.left = stream.left or stream.sender.is_cancelled()
-            time.sleep(max(0.0, started + SECONDS_BETWEEN_ROUNDS - time.monotonic()))
+            next_round = started + SECONDS_BETWEEN_ROUNDS
+
+    def _take(self, item: tuple, pending: dict) -> None:
+        """One item off the queue: a stream's first text goes at once (the caller's time to first
+        token), later texts wait for the round, and a stream's end goes after its texts."""
+        stream, kind, payload = item
+        if kind == _OPEN:
+            self._open[stream] = None
+        elif kind == _TEXT:
+            pending.setdefault(stream, []).append(payload)
+            if not stream.answered:
+                stream.answered = True
+                self._flush({stream: pending.pop(stream)})
+        else:
+            self._open.pop(stream, None)
+            self._flush({stream: pending.pop(stream)} if stream in pending else {})
+            try:
+                _send_last(stream.sender, kind, payload)
+            except Exception:  # noqa: BLE001 - a stream Triton closed already; the others go on
+                pass
 
     @staticmethod
     def _flush(pending: dict) -> None:

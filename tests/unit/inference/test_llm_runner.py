@@ -102,13 +102,18 @@ class Request:
         return self._parameters
 
 
-def start_runner(monkeypatch, tmp_path: Path, chat_template: bool, **parameters):
+def install_backend_utils(monkeypatch) -> None:
+    """The stand-in for triton_python_backend_utils that the runner imports."""
     utils = types.ModuleType("triton_python_backend_utils")
     utils.Tensor, utils.InferenceResponse, utils.TritonError = Tensor, InferenceResponse, TritonError
     utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
     utils.Logger = Logger
     utils.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+
+
+def start_runner(monkeypatch, tmp_path: Path, chat_template: bool, **parameters):
+    install_backend_utils(monkeypatch)
     monkeypatch.setattr(sys, "path", list(sys.path))
     version_dir = tmp_path / "1"
     version_dir.mkdir()
@@ -205,3 +210,51 @@ def test_the_character_gpts_runner_refuses_messages(runner):  # noqa: F811 - the
     assert response.error.message == (
         "invalid input: this model has no chat template: send a prompt (/v1/completions) instead of messages"
     )
+
+
+class TimedSender(Sender):
+    """A Sender that notes when each response went."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def send(self, response=None, flags: int = 0) -> None:
+        self.times.append(time.monotonic())
+        super().send(response, flags)
+
+
+def test_a_streams_first_text_goes_at_once_and_later_texts_in_rounds(monkeypatch):
+    """Time to first token does not wait for the outbox's round; what follows still goes in
+    rounds, joined."""
+    install_backend_utils(monkeypatch)
+    spec = importlib.util.spec_from_file_location("maas_llm_outbox_under_test", LLM_RUNNER_FILES["model.py"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "SECONDS_BETWEEN_ROUNDS", 2.0)
+    outbox = module._Outbox()
+    try:
+        first, second = TimedSender(), TimedSender()
+        streams = [module._TritonStream(sender, outbox) for sender in (first, second)]
+        for stream in streams:
+            outbox.put(stream, module._OPEN, None)
+        time.sleep(0.05)
+        asked = time.monotonic()
+        streams[0].text("a")
+        streams[0].text("b")  # taken after the first went: waits for the round
+        streams[1].text("x")
+        deadline = time.monotonic() + 1.0
+        while len(first.times) < 1 or len(second.times) < 1:
+            assert time.monotonic() < deadline, "a first text waited for the round"
+            time.sleep(0.005)
+        assert first.times[0] - asked < 1.0 and len(first.sent) == 1
+        streams[0].text("c")
+        streams[0].finish("length", 2, 3)
+        streams[1].finish("stop", 2, 1)
+        first.wait(), second.wait()
+        texts = [r.outputs["text"][0].decode() for r, flags in first.sent if flags != FINAL]
+        assert texts == ["a", "bc"] and first.text == "abc" and second.text == "x"
+        assert first.final["completion_tokens"][0] == 3
+    finally:
+        outbox.close()
+
