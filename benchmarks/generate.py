@@ -1,11 +1,13 @@
 """`make bench`: streaming text generation from the trainer's character-level GPT through the
 gateway's Generate (auth, token reservation and settlement in Redis, Triton's decoupled python
-backend sending one response per token) vs. the same TorchScript and the same sampling code
-(services/inference/runner/sampling.py) in this process. Writes its section into BENCHMARKS.md.
+backend: the continuous-batching runner, runner/llm.py) vs. the same TorchScript sampled one
+token at a time in this process (services/inference/runner/sampling.py). Writes its section into
+BENCHMARKS.md.
 
 Time to first token: from the call to the first token in the caller's hands. Tokens/s: tokens
-generated over the whole call. Both paths sample with the same settings and seeds, so they
-generate the same text; runs alternate between the paths, so load elsewhere hits both.
+generated over the whole call. Both paths sample with the same settings from the same
+distributions, but the served runner draws by inverse CDF, so their texts differ; runs alternate
+between the paths, so load elsewhere hits both.
 """
 
 from __future__ import annotations
@@ -97,11 +99,12 @@ def main() -> None:
         f"Model: the trainer's character-level GPT ({TRAINING['num_layers']} layers, {TRAINING['embedding_dim']} "
         f"dims, block {TRAINING['block_size']}) trained 1 epoch on 20,000 characters of Shakespeare. Each run "
         f"generates {args.tokens} tokens (temperature 1, seed = run) from {PROMPT!r}; median of {args.runs} runs per "
-        f"path, alternating, after {WARMUP} warm-up runs; {THREADS} torch thread in both. In process: the same TorchScript and sampling code, called directly. Gateway: "
+        f"path, alternating, after {WARMUP} warm-up runs; {THREADS} torch thread in both. In process: the same TorchScript, sampled one token at a time in this process. Gateway: "
         "`Client.generate` -> gateway (auth, token reservation and settlement) -> Triton decoupled model "
-        f"-> the tokens streamed back (median {statistics.median(run[3] for run in gateway):.0f} messages per "
-        f"generation, the last one with the counts: the runner joins the tokens sampled while a message "
-        f"travels). Same text on both paths in {same_text} of {args.runs} runs.",
+        "(the continuous-batching runner) -> the tokens streamed back (median "
+        f"{statistics.median(run[3] for run in gateway):.0f} messages per generation, the last one with the "
+        "counts: the first text goes at once, later ones in rounds of 20 ms). The served runner draws by "
+        f"inverse CDF, so the texts differ (the same in {same_text} of {args.runs} runs); the token counts do not.",
         "",
         "| path | time to first token ms | tokens/s | TTFT ratio | tokens/s ratio |",
         "|---|---:|---:|---:|---:|",
