@@ -337,16 +337,7 @@ class DeploymentStore:
         self, deployment_id: str, triton_model: str, state: str, message: str
     ) -> Deployment | None:
         """Record a canary load's outcome; None when that canary is gone meanwhile."""
-        with self.engine.begin() as connection:
-            result = connection.execute(
-                update(deployments)
-                .where(deployments.c.id == deployment_id, deployments.c.canary_triton_model == triton_model)
-                .values(canary_state=state, canary_message=message, update_time=now())
-            )
-            if result.rowcount != 1:
-                return None
-            row = connection.execute(select(deployments).where(deployments.c.id == deployment_id)).first()
-        return _deployment(row) if row else None
+        return self._update_canary(deployment_id, triton_model, canary_state=state, canary_message=message)
 
     def set_canary_weight(
         self, deployment_id: str, triton_model: str, weight: int, max_error_rate: float
@@ -354,11 +345,18 @@ class DeploymentStore:
         """Change a canary's share and error threshold only, leaving its state to its load (a
         whole-row save of a copy read before the load ended would put LOADING back); None when
         that canary is gone meanwhile."""
+        return self._update_canary(
+            deployment_id, triton_model, canary_weight=weight, canary_max_error_rate=max_error_rate
+        )
+
+    def _update_canary(self, deployment_id: str, triton_model: str, **columns: object) -> Deployment | None:
+        """Set these canary columns of the deployment if `triton_model` is still its canary; the
+        row as it then is, or None."""
         with self.engine.begin() as connection:
             result = connection.execute(
                 update(deployments)
                 .where(deployments.c.id == deployment_id, deployments.c.canary_triton_model == triton_model)
-                .values(canary_weight=weight, canary_max_error_rate=max_error_rate, update_time=now())
+                .values(**columns, update_time=now())
             )
             if result.rowcount != 1:
                 return None
