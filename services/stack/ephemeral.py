@@ -31,6 +31,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int, excluding: range) -> list[int]:
+    """`count` different free loopback ports, none of them in `excluding`."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in excluding and port not in ports:
+            ports.append(port)
+    return ports
+
+
 def free_port_block(count: int) -> int:
     """The first of `count` consecutive loopback ports that are all free now."""
     for _ in range(200):
@@ -51,11 +61,15 @@ class EphemeralStack:
         self._tempdir = None if home else tempfile.TemporaryDirectory(prefix="maas-")
         self.home = home or Path(self._tempdir.name)  # type: ignore[union-attr]
         self.env = dict(os.environ)
-        self.env.update({name: f"127.0.0.1:{free_port()}" for name in PORT_SETTINGS})
         triton_ports = free_port_block(3 * MAX_TRITON_NODES)
+        # Nothing holds these ports until the stack starts, so each is checked against the others:
+        # a service port inside the Triton block would make a node fail to bind.
+        *service_ports, redis_port = free_ports(len(PORT_SETTINGS) + 1,
+                                               excluding=range(triton_ports, triton_ports + 3 * MAX_TRITON_NODES))
+        self.env.update({name: f"127.0.0.1:{port}" for name, port in zip(PORT_SETTINGS, service_ports, strict=True)})
         self.env.update({
             "MAAS_HOME": str(self.home),
-            "MAAS_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "MAAS_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
             "MAAS_TRITON_GRPC_PORT": str(triton_ports),
             "MAAS_TRITON_HTTP_PORT": str(triton_ports + 1),
             "MAAS_TRITON_METRICS_PORT": str(triton_ports + 2),
