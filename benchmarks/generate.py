@@ -1,7 +1,8 @@
 """`make bench`: streaming text generation from the trainer's character-level GPT through the
 gateway's Generate (auth, token reservation and settlement in Redis, Triton's decoupled python
-backend: the continuous-batching runner, runner/llm.py) vs. the same TorchScript sampled one
-token at a time in this process (services/inference/runner/sampling.py). Writes its section into
+backend: the continuous-batching runner, runner/llm.py) vs. the same request straight to Triton's
+ModelStreamInfer (what the gateway adds), vs. the same TorchScript sampled one token at a time in
+this process (services/inference/runner/sampling.py: what Triton adds). Writes its section into
 BENCHMARKS.md.
 
 Time to first token: from the call to the first token in the caller's hands. Tokens/s: tokens
@@ -19,10 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import torch
 from maas import Client
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from benchmarks.run import add_section, bench_key, machine
+from services.common.channels import triton_metadata
+from services.common.generation import Sampling, stream_request
 from services.inference.runner.sampling import THREADS, Settings, Vocabulary, block_size_of, generate
 from services.stack.ephemeral import EphemeralStack
 
@@ -57,6 +62,34 @@ def through_gateway(client: Client, deployment: str, settings: Settings) -> tupl
     return first, time.perf_counter() - started, "".join(pieces), len(pieces)
 
 
+class TritonDirect:
+    """The deployment's Triton model, called the way the gateway calls it, with the stack's token."""
+
+    def __init__(self, stack: EphemeralStack) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{stack.env['MAAS_TRITON_GRPC_PORT']}")
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        # Triton answers nothing but health without the stack's token (its restricted protocols).
+        self.token = triton_metadata((stack.home / "triton.token").read_text().strip())
+        index = self.stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), metadata=self.token)
+        self.model = next(model.name for model in index.models if model.state == "READY")
+
+    def generate(self, settings: Settings) -> tuple[float, float, str, int]:
+        """(seconds to the first token, seconds in all, text, messages) of one generation."""
+        sampling = Sampling(max_tokens=settings.max_tokens, temperature=settings.temperature, seed=settings.seed)
+        request = stream_request(PROMPT, sampling, self.model)
+        started = time.perf_counter()
+        first, pieces = 0.0, []
+        for response in self.stub.ModelStreamInfer(iter([request]), metadata=self.token):
+            if not first:
+                first = time.perf_counter() - started
+            if response.error_message:
+                raise RuntimeError(response.error_message)
+            outputs = [output.name for output in response.infer_response.outputs]
+            text = response.infer_response.raw_output_contents[outputs.index("text")]
+            pieces.append(text[4:].decode())  # a BYTES element: its length, then its bytes
+        return first, time.perf_counter() - started, "".join(pieces), len(pieces)
+
+
 def row(path: str, runs: list[tuple], tokens: int, base: tuple[float, float] | None) -> str:
     ttft = statistics.median(run[0] for run in runs) * 1000
     rate = tokens / statistics.median(run[1] for run in runs)
@@ -82,14 +115,22 @@ def main() -> None:
         module = torch.jit.load(str(artifact)).eval()
         torch.set_num_threads(THREADS)  # as the runner does
         vocabulary = Vocabulary(record.metadata["vocabulary"])
-        local, gateway = [], []
+        triton = TritonDirect(stack)
+        local, direct, gateway = [], [], []
         for run in range(args.runs + WARMUP):
             settings = Settings(max_tokens=args.tokens, temperature=1.0, seed=run)
-            measured = in_process(module, vocabulary, settings), through_gateway(client, "bench-gpt", settings)
+            measured = (
+                in_process(module, vocabulary, settings),
+                triton.generate(settings),
+                through_gateway(client, "bench-gpt", settings),
+            )
             if run >= WARMUP:  # TorchScript specialises on the first calls' shapes
                 local.append(measured[0])
-                gateway.append(measured[1])
+                direct.append(measured[1])
+                gateway.append(measured[2])
         same_text = sum(a[2] == b[2] for a, b in zip(local, gateway, strict=True))
+        same_served = sum(a[2] == b[2] for a, b in zip(direct, gateway, strict=True))
+        triton.channel.close()
         client.close()
     base = (statistics.median(r[0] for r in local) * 1000, args.tokens / statistics.median(r[1] for r in local))
     section = "\n".join([
@@ -104,11 +145,14 @@ def main() -> None:
         "(the continuous-batching runner) -> the tokens streamed back (median "
         f"{statistics.median(run[3] for run in gateway):.0f} messages per generation, the last one with the "
         "counts: the first text goes at once, later ones in rounds of 20 ms). The served runner draws by "
-        f"inverse CDF, so the texts differ (the same in {same_text} of {args.runs} runs); the token counts do not.",
+        f"inverse CDF, so the texts differ from in process (the same in {same_text} of {args.runs} runs); the token "
+        f"counts do not. Triton direct: the gateway's request to the same Triton model over gRPC "
+        f"ModelStreamInfer, with the stack's token; its texts equal the gateway's in {same_served} of {args.runs} runs.",
         "",
         "| path | time to first token ms | tokens/s | TTFT ratio | tokens/s ratio |",
         "|---|---:|---:|---:|---:|",
         row("in process", local, args.tokens, None),
+        row("Triton direct (ModelStreamInfer)", direct, args.tokens, base),
         row("gateway Generate (streamed)", gateway, args.tokens, base),
         "",
     ])
