@@ -210,6 +210,18 @@ class DatasetRow(Base):
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class RetiredDatasetNumberRow(Base):
+    """The last version number a deleted dataset gave, kept under its name: a dataset created
+    again under that name numbers on from it, so that a name and a number always mean the same
+    bytes (a retraining policy that saw version 3 sees the new dataset's first version as new)."""
+
+    __tablename__ = "retired_dataset_numbers"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer)
+
+
 class DatasetVersionRow(Base):
     __tablename__ = "dataset_versions"
     __table_args__ = (
@@ -590,6 +602,11 @@ class RegistryStore:
                 )
             )
             session.execute(delete(DatasetRow).where(DatasetRow.tenant == tenant, DatasetRow.id == row.id))
+            retired = session.get(RetiredDatasetNumberRow, (tenant, name))
+            if retired is None:
+                session.add(RetiredDatasetNumberRow(tenant=tenant, name=name, last_version=row.latest_version))
+            else:  # a name deleted before: its versions numbered on from that one's
+                retired.last_version = max(retired.last_version, row.latest_version)
         return digests
 
     def get_dataset(self, tenant: str, name: str) -> DatasetRecord:
@@ -610,10 +627,16 @@ class RegistryStore:
         self, tenant: str, dataset: str, sha256: str, size_bytes: int
     ) -> DatasetVersionRecord:
         with self._sessions.begin() as session:
+            retired = session.get(RetiredDatasetNumberRow, (tenant, dataset))
+            floor = retired.last_version if retired else 0
             bumped = session.execute(
                 update(DatasetRow)
                 .where(DatasetRow.tenant == tenant, DatasetRow.name == dataset)
-                .values(latest_version=DatasetRow.latest_version + 1)
+                .values(
+                    latest_version=case(
+                        (DatasetRow.latest_version >= floor, DatasetRow.latest_version), else_=floor
+                    ) + 1
+                )
                 .returning(DatasetRow.id, DatasetRow.latest_version)
                 .execution_options(synchronize_session=False)
             ).one_or_none()

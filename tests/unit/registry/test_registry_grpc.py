@@ -502,9 +502,20 @@ async def test_delete_dataset_takes_its_versions_and_only_unshared_bytes(
     await expect_status(
         grpc.StatusCode.INVALID_ARGUMENT, stub.DeleteDataset(pb.DeleteDatasetRequest(name="../rows")), "dataset name"
     )
-    # The name is free again, numbered from 1.
+    # The name is free again; its versions number on from the deleted dataset's (2), so that
+    # "rows@2" never names other bytes, and nothing is shown as a version before the first upload.
     await stub.CreateDataset(pb.CreateDatasetRequest(name="rows", format=pb.DATASET_FORMAT_NPZ))
-    assert (await stub.UploadDatasetVersion(dataset_requests("rows", own))).version.version == 1
+    assert (await stub.GetDataset(pb.GetDatasetRequest(name="rows"))).dataset.latest_version == 0
+    assert (await stub.UploadDatasetVersion(dataset_requests("rows", own))).version.version == 3
+    assert (await stub.GetDataset(pb.GetDatasetRequest(name="rows"))).dataset.latest_version == 3
+    # Deleted again with no upload in between, and created a third time: still on from 3; the
+    # other tenant's dataset of the same name keeps its own numbers.
+    await stub.DeleteDataset(pb.DeleteDatasetRequest(name="rows"))
+    await stub.CreateDataset(pb.CreateDatasetRequest(name="rows", format=pb.DATASET_FORMAT_NPZ))
+    await stub.DeleteDataset(pb.DeleteDatasetRequest(name="rows"))
+    await stub.CreateDataset(pb.CreateDatasetRequest(name="rows", format=pb.DATASET_FORMAT_NPZ))
+    assert (await stub.UploadDatasetVersion(dataset_requests("rows", shared))).version.version == 4
+    assert (await other_stub.UploadDatasetVersion(dataset_requests("rows", own))).version.version == 2
 
 
 async def test_bad_datasets_are_refused(stub: TenantStub, registry_settings: RegistrySettings) -> None:
