@@ -601,7 +601,9 @@ class RegistryStore:
                     DatasetVersionRow.tenant == tenant, DatasetVersionRow.dataset_id == row.id
                 )
             )
-            session.execute(delete(DatasetRow).where(DatasetRow.tenant == tenant, DatasetRow.id == row.id))
+            deleted = session.execute(delete(DatasetRow).where(DatasetRow.tenant == tenant, DatasetRow.id == row.id))
+            if not deleted.rowcount:  # a concurrent delete took it first: only one records its number
+                raise NotFound(f"dataset {name!r} not found")
             retired = session.get(RetiredDatasetNumberRow, (tenant, name))
             if retired is None:
                 session.add(RetiredDatasetNumberRow(tenant=tenant, name=name, last_version=row.latest_version))

@@ -1,11 +1,12 @@
-"""The registry's SQL paths against a real PostgreSQL: migration, numbering under concurrency,
-aliases, tenant isolation. Each run gets a throwaway database, dropped at the end."""
+"""The registry's SQL paths against a real PostgreSQL: migration, numbering under concurrency
+(dataset deletes too), aliases, tenant isolation. Each run gets a throwaway database, dropped at the end."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from services.registry.blobs import LocalBlobStore
 from services.registry.encryption import BlobEncryption, open_keyring
 from services.registry.server import MIGRATIONS
 from services.registry.service import Registry, VersionUpload
-from services.registry.store import ArtifactFormat, RegistryStore
+from services.registry.store import ArtifactFormat, DatasetFormat, RegistryStore
 
 pytestmark = pytest.mark.postgres
 
@@ -134,3 +135,31 @@ async def test_one_data_key_for_bytes_uploaded_at_once_and_a_rotation_keeps_them
         for number in (1, 2, 3):
             _, chunks = await registry.download_version(tenant, "digits", number)
             assert b"".join([chunk async for chunk in chunks]) == data
+
+
+def test_concurrent_deletes_of_a_dataset_end_once_and_its_name_numbers_on(postgres_url: str) -> None:
+    """Racing deletes: one takes the dataset and records its last number, the others hear
+    NOT_FOUND; racing uploads to the dataset made again under the name number on from it."""
+    engine = make_engine(postgres_url)
+    upgrade(engine, MIGRATIONS)
+    store = RegistryStore(engine)
+    store.create_dataset("racer", "rows", "", DatasetFormat.NPZ, "")
+    for index in range(3):
+        store.add_dataset_version("racer", "rows", f"{index:064x}", 10)
+
+    def delete_once(_: int) -> str:
+        try:
+            store.delete_dataset("racer", "rows")
+        except NotFound:
+            return "not found"
+        return "deleted"
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(delete_once, range(4)))
+    assert sorted(outcomes) == ["deleted", "not found", "not found", "not found"]
+
+    store.create_dataset("racer", "rows", "", DatasetFormat.NPZ, "")
+    with ThreadPoolExecutor(4) as pool:
+        added = list(pool.map(lambda index: store.add_dataset_version("racer", "rows", f"{index + 9:064x}", 10), range(4)))
+    assert sorted(version.version for version in added) == [4, 5, 6, 7]
+    engine.dispose()
