@@ -31,7 +31,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def free_ports(count: int, excluding: range) -> list[int]:
+def free_ports(count: int, excluding: range = range(0)) -> list[int]:
     """`count` different free loopback ports, none of them in `excluding`."""
     ports: list[int] = []
     while len(ports) < count:

@@ -70,7 +70,7 @@ def images() -> None:
 @pytest.fixture(scope="session")
 def container_stack(images, tmp_path_factory) -> Iterator[ContainerStack]:
     home = tmp_path_factory.mktemp("container-home")
-    gateway_port, http_port = free_ports(2, excluding=range(0))
+    gateway_port, http_port = free_ports(2)
     name = f"maas-test-{uuid.uuid4().hex[:6]}"
     env = dict(os.environ)
     env.pop("MAAS_API_KEY", None)

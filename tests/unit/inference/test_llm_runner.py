@@ -212,18 +212,6 @@ def test_the_character_gpts_runner_refuses_messages(runner):  # noqa: F811 - the
     )
 
 
-class TimedSender(Sender):
-    """A Sender that notes when each response went."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.times: list[float] = []
-
-    def send(self, response=None, flags: int = 0) -> None:
-        self.times.append(time.monotonic())
-        super().send(response, flags)
-
-
 def test_a_streams_first_text_goes_at_once_and_later_texts_in_rounds(monkeypatch):
     """Time to first token waits neither for the outbox's round nor for its thread; what follows
     still goes in rounds, joined."""
@@ -234,7 +222,7 @@ def test_a_streams_first_text_goes_at_once_and_later_texts_in_rounds(monkeypatch
     monkeypatch.setattr(module, "SECONDS_BETWEEN_ROUNDS", 2.0)
     outbox = module._Outbox()
     try:
-        first, second = TimedSender(), TimedSender()
+        first, second = Sender(), Sender()
         streams = [module._TritonStream(sender, outbox) for sender in (first, second)]
         for stream in streams:
             outbox.put(stream, module._OPEN, None)
